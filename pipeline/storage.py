@@ -1,0 +1,94 @@
+"""Atomic artifact writes under one storage root.
+
+Every artifact is written to a temporary sibling and renamed into place, so a killed run never leaves a
+half-written Parquet file or checkpoint where a reader looks.  Paths may be local paths or fsspec URLs
+(``memory://...``, ``s3://...``) through universal-pathlib; on object stores a single PUT is already atomic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+from upath import UPath
+
+PathLike = str | os.PathLike
+
+
+def as_path(path: PathLike) -> UPath | Path:
+    """A local Path for plain paths and file://, a UPath for any other fsspec protocol."""
+    if isinstance(path, UPath):
+        return Path(path.path) if path.protocol in ("", "file", "local") else path
+    text = str(path)
+    if "://" in text and not text.startswith("file://"):
+        return UPath(text)
+    return Path(text.removeprefix("file://"))
+
+
+def is_local(path: PathLike) -> bool:
+    return isinstance(as_path(path), Path)
+
+
+@contextlib.contextmanager
+def atomic_local_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary local path; on success it is renamed (or uploaded) to ``target``.
+
+    On failure the temporary file is removed and ``target`` is left as it was.
+    """
+    dest = as_path(target)
+    if isinstance(dest, Path):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex}.tmp{suffix}"
+        try:
+            yield tmp
+            os.replace(tmp, dest)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    else:
+        fd, name = tempfile.mkstemp(suffix=suffix or dest.suffix)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            yield tmp
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "rb") as src, dest.open("wb") as out:
+                while chunk := src.read(1 << 22):
+                    out.write(chunk)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def write_parquet(frame: pl.DataFrame | pa.Table, target: PathLike, compression: str = "zstd") -> None:
+    """Write a polars frame or arrow table as Parquet, atomically."""
+    table = frame.to_arrow() if isinstance(frame, pl.DataFrame) else frame
+    with atomic_local_path(target, suffix=".parquet") as tmp:
+        pq.write_table(table, tmp, compression=compression)
+
+
+def write_bytes(data: bytes, target: PathLike) -> None:
+    with atomic_local_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(text: str, target: PathLike) -> None:
+    write_bytes(text.encode("utf-8"), target)
+
+
+def read_parquet(path: PathLike, columns: list[str] | None = None) -> pl.DataFrame:
+    p = as_path(path)
+    if isinstance(p, Path):
+        return pl.read_parquet(p, columns=columns)
+    with p.open("rb") as f:
+        return pl.read_parquet(f, columns=columns)
+
+
+def exists(path: PathLike) -> bool:
+    return as_path(path).exists()

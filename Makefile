@@ -20,17 +20,13 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
-	mkdir -p $(DAGSTER_HOME)
-	cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
-
-run: install $(DAGSTER_HOME)/dagster.yaml
+run: install
 	$(BIN)/reverse-sd materialize
 
 test: install
 	$(BIN)/python -m pytest -q
 
-ui: install $(DAGSTER_HOME)/dagster.yaml
+ui: install
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $${PORT:-3000}
 
 bench: install

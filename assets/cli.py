@@ -1,0 +1,99 @@
+"""`reverse-sd`: materialize the graph in the configured Dagster instance (and, later, predict prompts).
+
+User errors (wrong settings, missing models, unreadable files) print one line and exit non-zero, with
+no Python traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _materialize(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from resources.settings import check_storage_root, ensure_dagster_home, load_settings
+
+    settings = load_settings()
+    check_storage_root(settings)
+    ensure_dagster_home(settings)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1" if settings.is_sample else os.environ.get("HF_HUB_OFFLINE", "0"))
+
+    import dagster as dg
+
+    from assets.data import register_parts
+    from assets.definitions import defs
+    from assets.orchestration import plan_stages, run_stages
+
+    instance = dg.DagsterInstance.get()
+    resources = defs.resources
+    new_parts = register_parts(instance, resources["diffusiondb"])
+    print(f"profile={settings.profile} source={settings.diffusiondb} storage={settings.home}")
+    if new_parts:
+        print(f"registered {len(new_parts)} new DiffusionDB parts: {new_parts[0]} .. {new_parts[-1]}")
+    stages = plan_stages(defs, instance, selection=args.select, stale_only=args.stale)
+    total = sum(len(s.partition_keys) for s in stages)
+    if total == 0:
+        print("nothing to materialize: every selected asset is up to date")
+        return 0
+    started = time.perf_counter()
+    bar = tqdm(total=total, unit="run", desc="materialize", file=sys.stderr)
+
+    def on_run(stage, partition_key):
+        names = ",".join(k.to_user_string() for k in stage.asset_keys)
+        bar.set_postfix_str(f"{names}" + (f"[{partition_key}]" if partition_key else ""))
+
+    results = []
+    for stage in stages:
+        stage_results = run_stages(defs, instance, [stage], on_run=on_run)
+        results.extend(stage_results)
+        bar.update(len(stage_results))
+        if stage_results and not stage_results[-1].success:
+            break
+    bar.close()
+    failed = [r for r in results if not r.success]
+    if failed:
+        run = failed[0]
+        messages = [
+            e.message for e in run.all_events if e.is_failure and e.message
+        ] or ["see the run in the UI"]
+        print(f"error: run {run.run_id} failed: {messages[-1]}", file=sys.stderr)
+        return 1
+    print(f"materialized {total} asset runs in {time.perf_counter() - started:.0f} s")
+    print(f"artifacts under {settings.home}; Dagster instance in {settings.dagster_home} (make ui to browse)")
+    report = os.path.join(settings.home, "reports", "evaluation.md")
+    if os.path.exists(report):
+        print(open(report, encoding="utf-8").read().split("\n## ", 2)[0])
+        print(f"report: {os.path.join(settings.home, 'reports', 'evaluation.html')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reverse-sd", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    mat = sub.add_parser("materialize", help="materialize an asset selection (default: everything)")
+    mat.add_argument("--select", default=None, help="asset selection, as `dagster asset materialize --select`")
+    mat.add_argument("--stale", action="store_true", help="only what is missing or stale")
+    mat.set_defaults(func=_materialize)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from resources.settings import SettingsError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Shared wiring helpers: the active settings, code versions that include result-changing config,
+and Markdown rendering for UI metadata."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from resources import load_settings, profile_config
+
+SETTINGS = load_settings()
+PROFILE_CONFIG = profile_config(SETTINGS)
+
+# Bump an entry when the code of that stage changes what it computes.
+CODE_REVISIONS = {
+    "diffusiondb_parts": 1,
+    "filtered_pairs": 1,
+    "prompt_embeddings": 1,
+    "vocabulary": 1,
+    "vocabulary_labels": 1,
+    "difficulty_scores": 1,
+    "trained_models": 1,
+    "model_predictions": 1,
+    "ensemble_predictions": 1,
+    "kmeans_centroids": 1,
+    "dakl_predictions": 1,
+    "evaluation_report": 1,
+    "prompt_bank": 1,
+}
+
+
+def code_version(stage: str, **config) -> str:
+    """'v<revision>-<hash of config>': a setting that changes results makes the asset stale in the UI."""
+    payload = json.dumps(config, sort_keys=True, default=str)
+    digest = hashlib.sha1(payload.encode()).hexdigest()[:10]
+    return f"v{CODE_REVISIONS[stage]}-{digest}"
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        text = f"{value:.4f}"
+    elif isinstance(value, (bytes, bytearray)):
+        text = f"<{len(value)} bytes>"
+    else:
+        text = str(value)
+    text = text.replace("|", "\\|").replace("\n", " ")
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def markdown_table(rows: list[dict]) -> str:
+    if not rows:
+        return "_(empty)_"
+    headers = list(rows[0].keys())
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    lines += ["| " + " | ".join(_cell(row.get(h)) for h in headers) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,251 @@
+"""Data stages: DiffusionDB source -> parts -> filtered pairs -> prompt embeddings, vocabulary, labels.
+
+Thin wiring: read inputs through resources, call pipeline/, write artifacts atomically, attach metadata.
+Tables are written by the assets themselves (not an IO manager) so that downstream stages can scan
+just the columns they need: filtered_pairs never loads image bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import dagster as dg
+import numpy as np
+import polars as pl
+
+from assets.common import PROFILE_CONFIG, code_version, markdown_table
+from pipeline import filtering, vocabulary as vocab
+from pipeline.embedding import embed_incremental
+from resources import DiffusionDBResource, SentenceEncoderResource, StorageResource
+
+DATA_GROUP = "data"
+parts_partitions = dg.DynamicPartitionsDefinition(name="diffusiondb_part")
+
+
+@dg.observable_source_asset(
+    group_name=DATA_GROUP,
+    description="The DiffusionDB revision: the hub commit sha, or a content hash of a local mirror.",
+)
+def diffusiondb_source(diffusiondb: DiffusionDBResource) -> dg.DataVersion:
+    return dg.DataVersion(diffusiondb.source().revision_id())
+
+
+def register_parts(instance: dg.DagsterInstance, diffusiondb: DiffusionDBResource) -> list[str]:
+    """Add every part the source lists as a partition of diffusiondb_parts; return the new ones."""
+    listed = sorted(diffusiondb.source().list_parts())
+    known = set(instance.get_dynamic_partitions(parts_partitions.name))
+    new = [p for p in listed if p not in known]
+    if new:
+        instance.add_dynamic_partitions(parts_partitions.name, new)
+    return new
+
+
+def _file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dg.asset(
+    partitions_def=parts_partitions,
+    deps=[diffusiondb_source],
+    group_name=DATA_GROUP,
+    kinds={"polars", "parquet"},
+    code_version=code_version("diffusiondb_parts", image_size=PROFILE_CONFIG.image_size),
+    description="One DiffusionDB part: images decoded once, resized, re-encoded, with prompt and metadata.",
+)
+def diffusiondb_parts(
+    context: dg.AssetExecutionContext, diffusiondb: DiffusionDBResource, storage: StorageResource
+) -> dg.MaterializeResult:
+    from pipeline.diffusiondb import read_part
+
+    part = context.partition_key
+    source = diffusiondb.source()
+    started = time.perf_counter()
+    zip_path = source.fetch_part(part, cache_dir=storage.path("downloads"))
+    result = read_part(zip_path, part, image_size=PROFILE_CONFIG.image_size)
+    target = storage.write_table(result.frame, "diffusiondb_parts", part)
+    elapsed = time.perf_counter() - started
+    for skipped in result.skipped[:50]:
+        context.log.warning(f"{part}: skipped {skipped['id']}: {skipped['reason']}")
+    context.log.info(f"{part}: {result.frame.height} records kept, {len(result.skipped)} skipped, {elapsed:.1f} s")
+    skipped_md = markdown_table(
+        [{"id": s["id"], "reason": s["reason"]} for s in result.skipped[:100]] or [{"id": "-", "reason": "none"}]
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "records": result.frame.height,
+            "skipped": len(result.skipped),
+            "skipped_by_reason": dict(result.counts),
+            "skipped_records": dg.MetadataValue.md(skipped_md),
+            "seconds": round(elapsed, 2),
+            "path": dg.MetadataValue.path(target),
+            "preview": dg.MetadataValue.md(
+                markdown_table(result.frame.select("image_id", "prompt", "seed", "cfg").head(5).to_dicts())
+            ),
+        },
+        data_version=dg.DataVersion(_file_sha256(zip_path)),
+    )
+
+
+def materialized_parts(context: dg.AssetExecutionContext, storage: StorageResource) -> list[str]:
+    """The registered parts that have a table, in part order (input order = filter priority)."""
+    parts = sorted(context.instance.get_dynamic_partitions(parts_partitions.name))
+    present = [p for p in parts if storage.has_table("diffusiondb_parts", p)]
+    missing = sorted(set(parts) - set(present))
+    if missing:
+        context.log.warning(f"{len(missing)} registered parts have no table yet and are left out: {missing[:10]}")
+    if not present:
+        raise dg.Failure("No diffusiondb_parts table exists: materialize diffusiondb_parts first.")
+    return present
+
+
+@dg.asset(
+    deps=[diffusiondb_parts],
+    group_name=DATA_GROUP,
+    kinds={"polars", "parquet"},
+    code_version=code_version(
+        "filtered_pairs", ratios=PROFILE_CONFIG.split_ratios, seed=PROFILE_CONFIG.split_seed
+    ),
+    description="The paper's prompt filter over all parts, and a deterministic train/val/test split.",
+)
+def filtered_pairs(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+    parts = materialized_parts(context, storage)
+    paths = [storage.table_path("diffusiondb_parts", p) for p in parts]
+    frame = pl.concat(
+        [storage.read_table("diffusiondb_parts", p, columns=["image_id", "part", "prompt"]) for p in parts]
+    )
+    kept, counts = filtering.filter_report(frame)
+    pairs = filtering.assign_split(kept, ratios=PROFILE_CONFIG.split_ratios, seed=PROFILE_CONFIG.split_seed)
+    target = storage.write_table(pairs, "filtered_pairs")
+    split_counts = dict(pairs.group_by("split").len().sort("split").iter_rows())
+    context.log.info(f"filtered_pairs: {frame.height} in, {pairs.height} kept, removed {counts}, split {split_counts}")
+    return dg.MaterializeResult(
+        metadata={
+            "parts": len(paths),
+            "rows_in": frame.height,
+            "rows_kept": pairs.height,
+            **{f"removed_{rule}": int(n) for rule, n in counts.items() if rule != "kept"},
+            **{f"split_{name}": int(n) for name, n in split_counts.items()},
+            "path": dg.MetadataValue.path(target),
+            "preview": dg.MetadataValue.md(markdown_table(pairs.head(8).to_dicts())),
+        }
+    )
+
+
+@dg.asset(
+    deps=[filtered_pairs],
+    group_name=DATA_GROUP,
+    kinds={"pytorch", "parquet"},
+    code_version=code_version("prompt_embeddings", model=PROFILE_CONFIG.encoder_model),
+    description="all-MiniLM-L6-v2 embedding of every kept prompt; only prompts not embedded before are encoded.",
+)
+def prompt_embeddings(
+    context: dg.AssetExecutionContext, storage: StorageResource, sentence_encoder: SentenceEncoderResource
+) -> dg.MaterializeResult:
+    prompts = storage.read_table("filtered_pairs", columns=["prompt"])["prompt"]
+    cache = storage.read_table("prompt_embeddings") if storage.has_table("prompt_embeddings") else None
+    encoder = sentence_encoder.encoder()
+    started = time.perf_counter()
+    embeddings, stats = embed_incremental(prompts, cache, encoder, model_id=sentence_encoder.model)
+    elapsed = time.perf_counter() - started
+    target = storage.write_table(embeddings, "prompt_embeddings")
+    context.log.info(f"prompt_embeddings: {stats} in {elapsed:.1f} s")
+    return dg.MaterializeResult(
+        metadata={
+            "prompts": embeddings.height,
+            **{k: v for k, v in stats.items() if isinstance(v, (int, float, str))},
+            "seconds": round(elapsed, 2),
+            "prompts_per_s_encoded": round(stats.get("encoded", 0) / elapsed, 1) if elapsed > 0 else 0.0,
+            "dimension": int(embeddings["embedding"].dtype.size) if embeddings.height else 0,
+            "path": dg.MetadataValue.path(target),
+        }
+    )
+
+
+@dg.asset(
+    deps=[filtered_pairs],
+    group_name=DATA_GROUP,
+    kinds={"scikitlearn", "parquet"},
+    code_version=code_version("vocabulary", k=PROFILE_CONFIG.vocabulary_size),
+    description="The top-K content words of the training prompts (the MLC head's classes).",
+)
+def vocabulary(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+    pairs = storage.read_table("filtered_pairs", columns=["prompt", "split"])
+    train_prompts = pairs.filter(pl.col("split") == "train")["prompt"]
+    words = vocab.build_vocabulary(train_prompts, k=PROFILE_CONFIG.vocabulary_size)
+    target = storage.write_table(words, "vocabulary")
+    return dg.MaterializeResult(
+        metadata={
+            "words": words.height,
+            "training_prompts": train_prompts.len(),
+            "top_words": dg.MetadataValue.md(markdown_table(words.head(20).to_dicts())),
+            "path": dg.MetadataValue.path(target),
+        }
+    )
+
+
+@dg.asset(
+    deps=[filtered_pairs, vocabulary],
+    group_name=DATA_GROUP,
+    kinds={"scikitlearn", "parquet"},
+    code_version=code_version("vocabulary_labels"),
+    description="Sparse multi-hot vocabulary labels (sorted word indices) for every kept pair.",
+)
+def vocabulary_labels(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+    pairs = storage.read_table("filtered_pairs", columns=["image_id", "prompt"])
+    words = storage.read_table("vocabulary")
+    labels = vocab.label_indices(pairs["prompt"], words)
+    table = pairs.select("image_id").with_columns(pl.Series("label_indices", labels, dtype=pl.List(pl.Int32)))
+    target = storage.write_table(table, "vocabulary_labels")
+    sizes = table["label_indices"].list.len()
+    return dg.MaterializeResult(
+        metadata={
+            "pairs": table.height,
+            "mean_labels_per_pair": round(float(sizes.mean() or 0.0), 2),
+            "pairs_without_label": int((sizes == 0).sum()),
+            "path": dg.MetadataValue.path(target),
+        }
+    )
+
+
+# ---- checks beside the assets ---------------------------------------------------------------------
+
+
+@dg.asset_check(asset=prompt_embeddings, blocking=True, description="Finite, 384-d, unit-norm embeddings.")
+def prompt_embeddings_are_unit_vectors(storage: StorageResource) -> dg.AssetCheckResult:
+    frame = storage.read_table("prompt_embeddings", columns=["embedding"])
+    matrix = frame["embedding"].to_numpy()
+    finite = bool(np.isfinite(matrix).all())
+    dim = int(matrix.shape[1]) if matrix.ndim == 2 else -1
+    norms = np.linalg.norm(matrix.astype(np.float64), axis=1) if matrix.size else np.ones(1)
+    worst = float(np.abs(norms - 1.0).max())
+    return dg.AssetCheckResult(
+        passed=finite and dim == 384 and worst < 1e-3,
+        metadata={"finite": finite, "dimension": dim, "max_norm_error": worst, "rows": frame.height},
+    )
+
+
+@dg.asset_check(asset=filtered_pairs, blocking=True, description="No prompt appears in two splits.")
+def no_prompt_in_two_splits(storage: StorageResource) -> dg.AssetCheckResult:
+    pairs = storage.read_table("filtered_pairs", columns=["prompt", "split"])
+    leaking = pairs.group_by("prompt").agg(pl.col("split").n_unique().alias("splits")).filter(pl.col("splits") > 1)
+    return dg.AssetCheckResult(
+        passed=leaking.height == 0,
+        metadata={"prompts_in_several_splits": leaking.height, "examples": str(leaking["prompt"].head(5).to_list())},
+    )
+
+
+@dg.asset_check(asset=vocabulary_labels, blocking=True, description="Every label index is a vocabulary word.")
+def labels_within_vocabulary(storage: StorageResource) -> dg.AssetCheckResult:
+    labels = storage.read_table("vocabulary_labels", columns=["label_indices"])["label_indices"].explode().drop_nulls()
+    size = storage.read_table("vocabulary", columns=["word"]).height
+    bad = int(((labels < 0) | (labels >= size)).sum())
+    return dg.AssetCheckResult(passed=bad == 0, metadata={"out_of_range": bad, "vocabulary_size": size})
+
+
+DATA_ASSETS = [diffusiondb_source, diffusiondb_parts, filtered_pairs, prompt_embeddings, vocabulary, vocabulary_labels]
+DATA_CHECKS = [prompt_embeddings_are_unit_vectors, no_prompt_in_two_splits, labels_within_vocabulary]

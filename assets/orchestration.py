@@ -1,0 +1,134 @@
+"""Materialize an asset selection in the configured instance, partition by partition, in graph order.
+
+`dagster asset materialize` runs one partition (or one range) per call; the graph mixes per-part, per-
+backbone and unpartitioned assets, so this walks it in topological stages: each stage is a run of the
+assets that share a partitions definition, once per partition key.  Every run is recorded in the
+instance, so the UI shows exactly what the CLI did, and --stale keeps only missing or stale partitions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import dagster as dg
+from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+
+
+@dataclass
+class Stage:
+    asset_keys: list[dg.AssetKey]
+    partitions_def: dg.PartitionsDefinition | None
+    partition_keys: list[str | None] = field(default_factory=list)
+
+
+def _topological_keys(asset_graph, keys: set[dg.AssetKey]) -> list[dg.AssetKey]:
+    ordered = []
+    for level in asset_graph.toposorted_asset_keys_by_level:
+        ordered.extend(sorted(k for k in level if k in keys))
+    return ordered
+
+
+def plan_stages(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    selection: str | None = None,
+    stale_only: bool = False,
+) -> list[Stage]:
+    asset_graph = defs.resolve_asset_graph()
+    materializable = {k for k in asset_graph.materializable_asset_keys}
+    if selection:
+        selected = set(dg.AssetSelection.from_string(selection).resolve(asset_graph)) & materializable
+    else:
+        selected = materializable
+    resolver = None
+    if stale_only:
+        from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
+        from dagster._time import get_current_datetime
+
+        view = AssetGraphView(
+            temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
+            instance=instance,
+            asset_graph=asset_graph,
+        )
+        resolver = CachingStaleStatusResolver(instance=instance, asset_graph=asset_graph, loading_context=view)
+
+    stages: list[Stage] = []
+    for key in _topological_keys(asset_graph, selected):
+        pdef = asset_graph.get(key).partitions_def
+        if stages and stages[-1].partitions_def == pdef:
+            stages[-1].asset_keys.append(key)
+        else:
+            stages.append(Stage([key], pdef))
+    for stage in stages:
+        keys: list[str | None] = (
+            list(stage.partitions_def.get_partition_keys(dynamic_partitions_store=instance))
+            if stage.partitions_def
+            else [None]
+        )
+        stage.partition_keys = keys
+    if resolver is not None:
+        stages = _keep_stale(stages, resolver)
+    return [s for s in stages if s.asset_keys and s.partition_keys]
+
+
+def _keep_stale(stages: list[Stage], resolver: CachingStaleStatusResolver) -> list[Stage]:
+    """Keep (asset, partition) pairs that are missing or stale, or downstream of one kept earlier.
+
+    Downstream of a pair that will be rebuilt now is stale *after* the rebuild even if it looks fresh
+    before it, so a stage whose upstream is rebuilt is kept whole.
+    """
+    kept: list[Stage] = []
+    rebuilding: set[dg.AssetKey] = set()
+    for stage in stages:
+        upstream_rebuilt = any(
+            parent in rebuilding
+            for key in stage.asset_keys
+            for parent in resolver.asset_graph.get(key).parent_keys
+        )
+        if upstream_rebuilt:
+            kept.append(stage)
+            rebuilding.update(stage.asset_keys)
+            continue
+        keys = [
+            pk
+            for pk in stage.partition_keys
+            if any(resolver.get_status(k, pk) != StaleStatus.FRESH for k in stage.asset_keys)
+        ]
+        if keys:
+            kept.append(Stage(stage.asset_keys, stage.partitions_def, keys))
+            rebuilding.update(stage.asset_keys)
+    return kept
+
+
+def run_stages(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    stages: Iterable[Stage],
+    on_run: Callable[[Stage, str | None], None] | None = None,
+) -> list[dg.ExecuteInProcessResult]:
+    """One in-process run per (stage, partition key), recorded in `instance`; stops at the first failure."""
+    asset_graph = defs.resolve_asset_graph()
+    assets_defs = list(asset_graph.assets_defs)
+    resources = defs.resources or {}
+    results = []
+    for stage in stages:
+        selection = dg.AssetSelection.assets(*stage.asset_keys) | dg.AssetSelection.checks_for_assets(
+            *stage.asset_keys
+        )
+        for partition_key in stage.partition_keys:
+            if on_run:
+                on_run(stage, partition_key)
+            result = dg.materialize(
+                assets_defs,
+                selection=selection,
+                partition_key=partition_key,
+                instance=instance,
+                resources=resources,
+                raise_on_error=False,
+                tags={"reverse-sd/launched-by": "cli"},
+            )
+            results.append(result)
+            if not result.success:
+                return results
+    return results

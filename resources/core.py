@@ -1,0 +1,144 @@
+"""ConfigurableResources.  Values come from the environment (resources/settings.py); hub tokens only
+through EnvVar, never from config files, never logged."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+
+from pipeline import storage
+from resources.profiles import profile_config
+from resources.settings import Settings, load_settings
+
+
+class StorageResource(dg.ConfigurableResource):
+    """The one storage root of every artifact: a local directory or an fsspec URL (memory://, s3://)."""
+
+    root: str
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def table_path(self, asset_key: str, partition: str | None = None) -> str:
+        """<root>/<asset key>.parquet, or <root>/<asset key>/<partition key>.parquet."""
+        if partition is None:
+            return self.path(f"{asset_key}.parquet")
+        return self.path(asset_key, f"{partition}.parquet")
+
+    def write_table(self, frame, asset_key: str, partition: str | None = None) -> str:
+        target = self.table_path(asset_key, partition)
+        storage.write_parquet(frame, target)
+        return target
+
+    def read_table(
+        self, asset_key: str, partition: str | None = None, columns: list[str] | None = None
+    ) -> pl.DataFrame:
+        target = self.table_path(asset_key, partition)
+        if not storage.exists(target):
+            raise FileNotFoundError(
+                f"{target} does not exist: materialize asset {asset_key!r}"
+                + (f" partition {partition!r}" if partition else "")
+                + " first"
+            )
+        return storage.read_parquet(target, columns=columns)
+
+    def has_table(self, asset_key: str, partition: str | None = None) -> bool:
+        return storage.exists(self.table_path(asset_key, partition))
+
+
+class DiffusionDBResource(dg.ConfigurableResource):
+    """Where DiffusionDB comes from: a hub dataset id at a revision, or a local mirror directory.
+
+    On the sample profile the mirror is generated (deterministically) at `location` on first use.
+    """
+
+    location: str
+    revision: str = "main"
+    token: str | None = None
+    generate_sample: bool = False
+    sample_parts: int = 4
+    sample_images_per_part: int = 250
+    sample_seed: int = 0
+
+    def source(self):
+        from pipeline.diffusiondb import DiffusionDBSource
+
+        if self.generate_sample:
+            self._ensure_sample()
+        return DiffusionDBSource(self.location, revision=self.revision, token=self.token)
+
+    def _ensure_sample(self) -> None:
+        from pipeline.sample_data import generate_sample_mirror
+
+        root = Path(self.location)
+        with _SAMPLE_LOCK:
+            if (root / "metadata.parquet").exists():
+                return
+            # Generate beside the target and rename, so a killed run never leaves half a mirror.
+            tmp = root.with_name(root.name + ".partial")
+            if tmp.exists():
+                import shutil
+
+                shutil.rmtree(tmp)
+            generate_sample_mirror(
+                tmp,
+                n_parts=self.sample_parts,
+                images_per_part=self.sample_images_per_part,
+                seed=self.sample_seed,
+            )
+            root.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, root)
+
+
+_SAMPLE_LOCK = threading.Lock()
+
+
+class SentenceEncoderResource(dg.ConfigurableResource):
+    """The SBERT model of the targets: a local directory, the offline package, or a hub name."""
+
+    model: str = "all-MiniLM-L6-v2"
+    device: str = "cpu"
+    batch_size: int = 128
+
+    def encoder(self):
+        from pipeline.embedding import PromptEncoder
+
+        return PromptEncoder(self.model, device=self.device, batch_size=self.batch_size)
+
+
+class ComputeResource(dg.ConfigurableResource):
+    """Which device trains, with which backbone variant and how many data-loading workers."""
+
+    device: str = "auto"
+    backbone_variant: str = "tiny"
+    pretrained: bool = False
+    num_workers: int = 0
+    nproc_per_node: int = 1
+
+
+def build_resources(settings: Settings | None = None) -> dict[str, dg.ConfigurableResource]:
+    settings = settings or load_settings()
+    config = profile_config(settings)
+    token = dg.EnvVar("HF_TOKEN") if os.environ.get("HF_TOKEN") else None
+    return {
+        "storage": StorageResource(root=settings.home),
+        "diffusiondb": DiffusionDBResource(
+            location=settings.diffusiondb,
+            revision=settings.diffusiondb_revision,
+            token=token,
+            generate_sample=settings.uses_generated_sample,
+            sample_parts=config.sample.n_parts,
+            sample_images_per_part=config.sample.images_per_part,
+            sample_seed=config.sample.seed,
+        ),
+        "sentence_encoder": SentenceEncoderResource(
+            model=config.encoder_model, batch_size=config.encoder_batch_size
+        ),
+        "compute": ComputeResource(
+            backbone_variant=settings.backbone_variant, pretrained=not settings.is_sample
+        ),
+    }

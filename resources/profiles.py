@@ -22,6 +22,21 @@ class SampleSpec:
 
 
 @dataclass(frozen=True)
+class TrainingSpec:
+    """Training settings shared by every backbone; each one changes results (part of code versions)."""
+
+    epochs: int = 3
+    preliminary_epochs: int = 2
+    batch_size: int = 64
+    lr: float = 1e-4
+    lambda_vocab: float = 0.1
+    seed: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class ProfileConfig:
     sample: SampleSpec = field(default_factory=SampleSpec)
     image_size: int = 256  # what the largest backbone (swin, 256 px) needs
@@ -30,6 +45,8 @@ class ProfileConfig:
     vocabulary_size: int = 1000
     encoder_model: str = "all-MiniLM-L6-v2"
     encoder_batch_size: int = 128
+    training: TrainingSpec = field(default_factory=TrainingSpec)
+    kmeans_k: int = 10_000
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -55,5 +72,11 @@ def profile_config(settings: Settings) -> ProfileConfig:
             images_per_part=_env_int("REVERSE_SD_SAMPLE_IMAGES_PER_PART", 250),
         )
         # A small sample needs a larger share of val/test for the figures to mean anything.
-        return ProfileConfig(sample=sample, split_ratios=(80, 10, 10), vocabulary_size=300)
+        # Tiny random-init backbones learn in a few epochs only with a larger learning rate.
+        training = TrainingSpec(
+            epochs=_env_int("REVERSE_SD_TRAIN_EPOCHS", 4), preliminary_epochs=2, batch_size=32, lr=2e-3
+        )
+        return ProfileConfig(
+            sample=sample, split_ratios=(80, 10, 10), vocabulary_size=300, training=training, kmeans_k=64
+        )
     return ProfileConfig()

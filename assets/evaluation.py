@@ -1,0 +1,304 @@
+"""Ensemble, k-means centroids, DAKL, the evaluation report and the prompt bank."""
+
+from __future__ import annotations
+
+import time
+
+import dagster as dg
+import numpy as np
+import polars as pl
+
+from assets.common import PROFILE_CONFIG, SETTINGS, code_version, markdown_table
+from assets.data import filtered_pairs, prompt_embeddings
+from assets.plots import bar_plot_png, data_uri, histogram_png, line_plot_png, md_image
+from assets.training import BACKBONES, RECIPES, difficulty_scores, model_predictions
+from pipeline import storage as store
+from pipeline.evaluation import Report, knn_baseline, row_cosines
+from pipeline.training_data import join_pairs
+from resources import StorageResource
+
+EVAL_GROUP = "evaluation"
+ENSEMBLE_METHODS = ("median", "mean")
+DAKL_GAMMAS = (0.001, 0.01, 0.1, 1.0, 10.0)
+DAKL_ALPHAS = (0.01, 0.1, 1.0)
+
+
+def _targets(storage: StorageResource) -> pl.DataFrame:
+    joined = join_pairs(storage.read_table("filtered_pairs"), storage.read_table("prompt_embeddings"), None)
+    return joined.select("image_id", "split", "prompt", pl.col("embedding").alias("target"))
+
+
+def _matrix(frame: pl.DataFrame, column: str) -> np.ndarray:
+    return frame[column].to_numpy().astype(np.float32, copy=False)
+
+
+def _predictions(storage: StorageResource, backbone: str, recipe: str) -> pl.DataFrame:
+    return storage.read_table("model_predictions", f"{backbone}|{recipe}").sort("image_id")
+
+
+def _embedding_series(name: str, matrix: np.ndarray) -> pl.Series:
+    return pl.Series(name, matrix.astype(np.float32), dtype=pl.Array(pl.Float32, matrix.shape[1]))
+
+
+def _normalise(matrix: np.ndarray) -> np.ndarray:
+    return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+
+
+@dg.asset(
+    deps=[model_predictions],
+    group_name=EVAL_GROUP,
+    kinds={"numpy", "parquet"},
+    code_version=code_version("ensemble_predictions"),
+    description="Element-wise median and mean over backbones: per recipe, and over each backbone's best recipe on val.",
+)
+def ensemble_predictions(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+    targets = _targets(storage)
+    ids = targets.sort("image_id")
+    val_mask = (ids["split"] == "val").to_numpy()
+    val_targets = _matrix(ids, "target")[val_mask]
+    per_model: dict[tuple[str, str], np.ndarray] = {}
+    for backbone in BACKBONES:
+        for recipe in RECIPES:
+            if storage.has_table("model_predictions", f"{backbone}|{recipe}"):
+                preds = _predictions(storage, backbone, recipe)
+                aligned = ids.select("image_id").join(preds.select("image_id", "embedding"), on="image_id", how="left")
+                if aligned["embedding"].null_count():
+                    raise dg.Failure(f"model_predictions[{backbone}|{recipe}] does not cover every pair: re-materialize it")
+                per_model[(backbone, recipe)] = _matrix(aligned, "embedding")
+    if not per_model:
+        raise dg.Failure("no model_predictions: materialize trained_models and model_predictions first")
+    best_recipe = {}
+    for backbone in BACKBONES:
+        scored = {r: float(row_cosines(per_model[(backbone, r)][val_mask], val_targets).mean())
+                  for r in RECIPES if (backbone, r) in per_model}
+        if scored:
+            best_recipe[backbone] = max(scored, key=scored.get)
+    columns = {"image_id": ids["image_id"], "split": ids["split"]}
+    groups = {r: [per_model[(b, r)] for b in BACKBONES if (b, r) in per_model] for r in RECIPES}
+    groups["best"] = [per_model[(b, r)] for b, r in best_recipe.items()]
+    metadata = {}
+    for group, members in groups.items():
+        if not members:
+            continue
+        stack = np.stack(members)
+        for method in ENSEMBLE_METHODS:
+            combined = _normalise(np.median(stack, axis=0) if method == "median" else stack.mean(axis=0))
+            name = f"{method}_{group}"
+            columns[name] = _embedding_series(name, combined)
+            metadata[f"val_cosine_{name}"] = float(row_cosines(combined[val_mask], val_targets).mean())
+    table = pl.DataFrame(columns)
+    target = storage.write_table(table, "ensemble_predictions")
+    return dg.MaterializeResult(
+        metadata={
+            **metadata,
+            "best_recipe_per_backbone": dg.MetadataValue.json(best_recipe),
+            "models": len(per_model),
+            "path": dg.MetadataValue.path(target),
+        }
+    )
+
+
+def _best_ensemble_column(storage: StorageResource) -> str:
+    """The ensemble the DAKL stage starts from: the best-recipe ensemble (median, as in the paper)."""
+    return "median_best"
+
+
+@dg.asset(
+    deps=[ensemble_predictions],
+    group_name=EVAL_GROUP,
+    kinds={"faiss", "parquet"},
+    code_version=code_version("kmeans_centroids", k=PROFILE_CONFIG.kmeans_k),
+    description="k-means on the ensemble's training predictions; each centroid labelled with the true "
+    "embedding of the training sample whose prediction is nearest.",
+)
+def kmeans_centroids(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+    from pipeline.clustering import inertia, kmeans_centroids as fit_kmeans, label_centroids
+
+    column = _best_ensemble_column(storage)
+    ensemble = storage.read_table("ensemble_predictions").filter(pl.col("split") == "train").sort("image_id")
+    targets = ensemble.select("image_id").join(_targets(storage), on="image_id", how="left")
+    train_preds = _matrix(ensemble, column)
+    train_targets = _matrix(targets, "target")
+    k = min(PROFILE_CONFIG.kmeans_k, len(train_preds))
+    started = time.perf_counter()
+    centroids = fit_kmeans(train_preds, k, seed=0)
+    labels, nearest = label_centroids(centroids, train_preds, train_targets)
+    elapsed = time.perf_counter() - started
+    table = pl.DataFrame(
+        {
+            "centroid": _embedding_series("centroid", centroids),
+            "label": _embedding_series("label", labels),
+            "nearest_image_id": [ensemble["image_id"][int(i)] for i in nearest],
+        }
+    )
+    target = storage.write_table(table, "kmeans_centroids")
+    return dg.MaterializeResult(
+        metadata={
+            "k": k,
+            "train_points": len(train_preds),
+            "inertia": float(inertia(train_preds, centroids)),
+            "seconds": round(elapsed, 2),
+            "ensemble": column,
+            "path": dg.MetadataValue.path(target),
+        }
+    )
+
+
+@dg.asset(
+    deps=[kmeans_centroids, ensemble_predictions],
+    group_name=EVAL_GROUP,
+    kinds={"scikitlearn", "parquet"},
+    code_version=code_version("dakl_predictions", gammas=DAKL_GAMMAS, alphas=DAKL_ALPHAS),
+    description="Domain-adaptive kernel regression of the ensemble: gamma and alpha chosen on val "
+    "(val as the unlabeled target), then refit with test as the unlabeled target.",
+)
+def dakl_predictions(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+    from pipeline.dakl import DAKLRegressor
+
+    column = _best_ensemble_column(storage)
+    centroids = storage.read_table("kmeans_centroids")
+    X, Y = _matrix(centroids, "centroid"), _matrix(centroids, "label")
+    ensemble = storage.read_table("ensemble_predictions").sort("image_id")
+    targets = ensemble.select("image_id").join(_targets(storage), on="image_id", how="left")
+    by_split = {
+        s: (ensemble.filter(pl.col("split") == s), targets.filter(pl.col("split") == s)) for s in ("val", "test")
+    }
+    val_x = _matrix(by_split["val"][0], column)
+    val_y = _matrix(by_split["val"][1], "target")
+    sweep = []
+    for gamma in DAKL_GAMMAS:
+        for alpha in DAKL_ALPHAS:
+            model = DAKLRegressor(gamma=gamma, alpha=alpha).fit(X, Y, val_x)
+            sweep.append({"gamma": gamma, "alpha": alpha, "val_cosine": float(row_cosines(model.predict(val_x), val_y).mean())})
+    best = max(sweep, key=lambda r: r["val_cosine"])
+    context.log.info(f"DAKL sweep best on val: {best}")
+    frames = []
+    for split, (frame, _) in by_split.items():
+        x = _matrix(frame, column)
+        model = DAKLRegressor(gamma=best["gamma"], alpha=best["alpha"]).fit(X, Y, x)
+        frames.append(frame.select("image_id", "split").with_columns(_embedding_series("embedding", _normalise(model.predict(x)))))
+    table = pl.concat(frames)
+    target = storage.write_table(table, "dakl_predictions")
+    val_plain = float(row_cosines(val_x, val_y).mean())
+    curves = {f"alpha={a}": [r["val_cosine"] for r in sweep if r["alpha"] == a] for a in DAKL_ALPHAS}
+    sweep_plot = md_image(line_plot_png(curves, f"DAKL on val (x: gamma {DAKL_GAMMAS})", "gamma index", "val cosine"))
+    return dg.MaterializeResult(
+        metadata={
+            "gamma": best["gamma"],
+            "alpha": best["alpha"],
+            "val_cosine_dakl": best["val_cosine"],
+            "val_cosine_ensemble": val_plain,
+            "sweep": dg.MetadataValue.md(markdown_table(sweep) + "\n\n" + sweep_plot),
+            "path": dg.MetadataValue.path(target),
+        }
+    )
+
+
+def _knn_features(storage: StorageResource, image_ids: list[str], parts: list[str]) -> np.ndarray:
+    """16 x 16 RGB thumbnails as image features: a model-free k-NN baseline that any profile can run."""
+    from PIL import Image
+    import io
+
+    wanted = pl.DataFrame({"image_id": image_ids, "part": parts})
+    chunks = []
+    for (part,), group in wanted.group_by("part", maintain_order=True):
+        frame = storage.read_table("diffusiondb_parts", part, columns=["image_id", "image"])
+        chunks.append(group.join(frame, on="image_id", how="left"))
+    merged = wanted.join(pl.concat(chunks).select("image_id", "image"), on="image_id", how="left")
+    features = [
+        np.asarray(Image.open(io.BytesIO(b)).convert("RGB").resize((16, 16), Image.BILINEAR), np.float32).ravel() / 255.0
+        for b in merged["image"].to_list()
+    ]
+    matrix = np.stack(features)
+    return matrix - matrix.mean(axis=1, keepdims=True)
+
+
+@dg.asset(
+    deps=[ensemble_predictions, dakl_predictions, difficulty_scores, model_predictions, filtered_pairs, prompt_embeddings],
+    group_name=EVAL_GROUP,
+    kinds={"markdown", "html"},
+    code_version=code_version("evaluation_report"),
+    description="The paper's Table 1 on this data (mean cosine on test), baselines and plots; "
+    "reports/evaluation.{md,html,json} under the storage root.",
+)
+def evaluation_report(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+    pairs = storage.read_table("filtered_pairs", columns=["image_id", "part", "split"])
+    targets = _targets(storage).sort("image_id")
+    test = targets.filter(pl.col("split") == "test")
+    train = targets.filter(pl.col("split") == "train")
+    test_y, train_y = _matrix(test, "target"), _matrix(train, "target")
+    cosine: dict[str, float] = {}
+    histograms = {}
+    for backbone in BACKBONES:
+        for recipe in RECIPES:
+            if storage.has_table("model_predictions", f"{backbone}|{recipe}"):
+                preds = test.select("image_id").join(_predictions(storage, backbone, recipe), on="image_id", how="left")
+                values = row_cosines(_matrix(preds, "embedding"), test_y)
+                cosine[f"{backbone}/{recipe}"] = float(values.mean())
+                histograms[f"{backbone}/{recipe}"] = values
+    ensemble = test.select("image_id").join(storage.read_table("ensemble_predictions"), on="image_id", how="left")
+    for method in ENSEMBLE_METHODS:
+        for group in (*RECIPES, "best"):
+            name = f"{method}_{group}"
+            if name in ensemble.columns:
+                value = float(row_cosines(_matrix(ensemble, name), test_y).mean())
+                cosine[f"ensemble/{method}" if group == "best" else f"ensemble/{method}/{group}"] = value
+    dakl = test.select("image_id").join(storage.read_table("dakl_predictions"), on="image_id", how="left")
+    cosine["ensemble+dakl"] = float(row_cosines(_matrix(dakl, "embedding"), test_y).mean())
+    mean = train_y.mean(axis=0)
+    cosine["baseline/mean_embedding"] = float((test_y @ (mean / np.linalg.norm(mean))).mean())
+    id_parts = dict(pairs.select("image_id", "part").iter_rows())
+    train_features = _knn_features(storage, train["image_id"].to_list(), [id_parts[i] for i in train["image_id"]])
+    test_features = _knn_features(storage, test["image_id"].to_list(), [id_parts[i] for i in test["image_id"]])
+    cosine["baseline/knn"] = float(row_cosines(knn_baseline(train_features, train_y, test_features), test_y).mean())
+
+    figures = {
+        "Test cosine per model": data_uri(bar_plot_png(cosine, "test mean cosine", "cosine")),
+    }
+    for backbone in BACKBONES:
+        subset = {k: v for k, v in histograms.items() if k.startswith(backbone + "/")}
+        if subset:
+            figures[f"Cosine histogram: {backbone}"] = data_uri(histogram_png(subset, backbone))
+    notes = [
+        f"profile: {SETTINGS.profile}; backbones: {'tiny random-init twins' if SETTINGS.is_sample else 'pretrained'}",
+        "k-NN baseline: 5 nearest training images by 16x16 RGB thumbnail features (the paper uses CLIP ViT-H/14 features).",
+        "unet: the caption context is empty on the sample profile (no captioning model offline); a learned null context is used.",
+    ]
+    report = Report(
+        profile=SETTINGS.profile,
+        split="test",
+        cosine=cosine,
+        counts=dict(pairs.group_by("split").len().sort("split").iter_rows()),
+        notes=notes,
+        figures=figures,
+    )
+    reports = storage.path("reports")
+    store.write_text(report.markdown(), f"{reports}/evaluation.md")
+    store.write_text(report.html(), f"{reports}/evaluation.html")
+    store.write_text(report.to_json(), f"{reports}/evaluation.json")
+    table_md = report.markdown().split("\n## ")[0]
+    return dg.MaterializeResult(
+        metadata={
+            "evaluation_table": dg.MetadataValue.md(table_md),
+            **{f"test_cosine/{k}": v for k, v in cosine.items()},
+            "html": dg.MetadataValue.path(f"{reports}/evaluation.html"),
+            "json": dg.MetadataValue.path(f"{reports}/evaluation.json"),
+        }
+    )
+
+
+@dg.asset(
+    deps=[filtered_pairs, prompt_embeddings],
+    group_name=EVAL_GROUP,
+    kinds={"parquet"},
+    code_version=code_version("prompt_bank"),
+    description="Training prompts and their embeddings: the retrieval bank of `reverse-sd predict`.",
+)
+def prompt_bank(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+    targets = _targets(storage).filter(pl.col("split") == "train")
+    bank = targets.select("prompt", pl.col("target").alias("embedding")).unique("prompt", maintain_order=True)
+    target = storage.write_table(bank, "prompt_bank")
+    return dg.MaterializeResult(metadata={"prompts": bank.height, "path": dg.MetadataValue.path(target)})
+
+
+EVALUATION_ASSETS = [ensemble_predictions, kmeans_centroids, dakl_predictions, evaluation_report, prompt_bank]

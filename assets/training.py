@@ -1,0 +1,264 @@
+"""Training stages: preliminary-epoch difficulty per backbone, then baseline / mlc / mlc_cl models per
+backbone x recipe, and their predicted embeddings.  Training runs in the "gpu" concurrency pool."""
+
+from __future__ import annotations
+
+import time
+
+import dagster as dg
+import numpy as np
+import polars as pl
+
+from assets.common import PROFILE_CONFIG, code_version, markdown_table
+from assets.data import filtered_pairs, prompt_embeddings, vocabulary, vocabulary_labels
+from assets.plots import histogram_png, line_plot_png, md_image
+from pipeline.training_data import SplitData, join_pairs, load_split, mean_cosine, mean_embedding_baseline
+from resources import ComputeResource, StorageResource
+
+TRAIN_GROUP = "training"
+BACKBONES = ["vit", "swin", "clip", "unet"]
+RECIPES = ["baseline", "mlc", "mlc_cl"]
+backbone_partitions = dg.StaticPartitionsDefinition(BACKBONES)
+model_partitions = dg.MultiPartitionsDefinition(
+    {"backbone": backbone_partitions, "recipe": dg.StaticPartitionsDefinition(RECIPES)}
+)
+TRAIN = PROFILE_CONFIG.training
+
+
+def _read_images(storage: StorageResource):
+    def read(part: str, ids: list[str]) -> pl.DataFrame:
+        frame = storage.read_table("diffusiondb_parts", part, columns=["image_id", "image"])
+        return frame.filter(pl.col("image_id").is_in(ids))
+
+    return read
+
+
+def load_splits(storage: StorageResource, splits=("train", "val", "test")) -> dict[str, SplitData]:
+    joined = join_pairs(
+        storage.read_table("filtered_pairs"),
+        storage.read_table("prompt_embeddings"),
+        storage.read_table("vocabulary_labels"),
+    )
+    return {s: load_split(joined, s, _read_images(storage)) for s in splits}
+
+
+def _vocab_size(storage: StorageResource) -> int:
+    return storage.read_table("vocabulary", columns=["word"]).height
+
+
+def _train_config(compute: ComputeResource, recipe: str, **overrides):
+    from pipeline.training import TrainConfig
+
+    return TrainConfig(
+        epochs=overrides.pop("epochs", TRAIN.epochs),
+        batch_size=TRAIN.batch_size,
+        lr=TRAIN.lr,
+        lambda_vocab=0.0 if recipe == "baseline" else TRAIN.lambda_vocab,
+        seed=TRAIN.seed,
+        device=compute.device,
+        num_workers=compute.num_workers,
+        **overrides,
+    )
+
+
+def _make_dataset(split: SplitData, model):
+    from pipeline.data import PairDataset
+
+    return PairDataset(split.images, split.targets, split.labels, image_size=model.image_size, mean=model.mean, std=model.std, vocab_size=model.vocab_size)
+
+
+def _create(backbone: str, compute: ComputeResource, vocab_size: int):
+    from pipeline.models import create_model
+
+    return create_model(
+        backbone, variant=compute.backbone_variant, vocab_size=vocab_size, pretrained=compute.pretrained
+    )
+
+
+@dg.asset(
+    partitions_def=backbone_partitions,
+    deps=[filtered_pairs, prompt_embeddings, vocabulary_labels],
+    group_name=TRAIN_GROUP,
+    kinds={"pytorch", "parquet"},
+    pool="gpu",
+    code_version=code_version("difficulty_scores", epochs=TRAIN.preliminary_epochs, **TRAIN.as_dict()),
+    description="Preliminary epochs recording each training sample's cosine; difficulty = mean (higher = easier).",
+)
+def difficulty_scores(
+    context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource
+) -> dg.MaterializeResult:
+    from pipeline.curriculum import bucket_by_difficulty, difficulty_from_history
+    from pipeline.training import preliminary_cosines
+
+    backbone = context.partition_key
+    splits = load_splits(storage, ("train",))
+    train = splits["train"]
+    model = _create(backbone, compute, _vocab_size(storage))
+    config = _train_config(compute, "mlc", epochs=TRAIN.preliminary_epochs)
+    started = time.perf_counter()
+    history = preliminary_cosines(model, _make_dataset(train, model), config, epochs=TRAIN.preliminary_epochs)
+    difficulty = difficulty_from_history(history)
+    buckets = bucket_by_difficulty(difficulty)
+    table = pl.DataFrame(
+        {"image_id": train.image_ids, "difficulty": difficulty.astype(np.float32), "bucket": list(buckets)}
+    )
+    target = storage.write_table(table, "difficulty_scores", backbone)
+    counts = dict(table.group_by("bucket").len().iter_rows())
+    context.log.info(f"difficulty_scores[{backbone}]: {counts} in {time.perf_counter() - started:.1f} s")
+    return dg.MaterializeResult(
+        metadata={
+            "samples": table.height,
+            **{f"bucket_{k}": int(v) for k, v in counts.items()},
+            "epoch_mean_cosines": [float(x) for x in history.mean(axis=1)],
+            "histogram": dg.MetadataValue.md(
+                md_image(histogram_png({"difficulty (mean cosine)": difficulty}, f"{backbone}: difficulty"))
+            ),
+            "seconds": round(time.perf_counter() - started, 1),
+            "path": dg.MetadataValue.path(target),
+        }
+    )
+
+
+def _split_key(context) -> tuple[str, str]:
+    keys = context.partition_key.keys_by_dimension
+    return keys["backbone"], keys["recipe"]
+
+
+@dg.asset(
+    partitions_def=model_partitions,
+    deps=[
+        filtered_pairs,
+        prompt_embeddings,
+        vocabulary,
+        vocabulary_labels,
+        dg.AssetDep(
+            difficulty_scores,
+            partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="backbone"),
+        ),
+    ],
+    group_name=TRAIN_GROUP,
+    kinds={"pytorch", "safetensors"},
+    pool="gpu",
+    code_version=code_version("trained_models", **TRAIN.as_dict()),
+    description="A backbone trained from scratch with one recipe: baseline (cosine), mlc (+ vocabulary head), "
+    "mlc_cl (+ curriculum: easy, easy+medium, all, all).",
+)
+def trained_models(
+    context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource
+) -> dg.MaterializeResult:
+    from pipeline.curriculum import curriculum_stages
+    from pipeline.training import train_model
+
+    backbone, recipe = _split_key(context)
+    splits = load_splits(storage, ("train", "val"))
+    train, val = splits["train"], splits["val"]
+    vocab_size = 0 if recipe == "baseline" else _vocab_size(storage)
+    model = _create(backbone, compute, vocab_size)
+    stages = None
+    if recipe == "mlc_cl":
+        scores = storage.read_table("difficulty_scores", backbone)
+        position = {image_id: i for i, image_id in enumerate(train.image_ids)}
+        buckets = np.array(["hard"] * len(train), dtype=object)
+        for image_id, bucket in scores.select("image_id", "bucket").iter_rows():
+            if image_id in position:
+                buckets[position[image_id]] = bucket
+        stages = curriculum_stages(buckets)
+    config = _train_config(compute, recipe)
+    checkpoint_dir = storage.path("trained_models", backbone, recipe)
+
+    def on_log(record: dict) -> None:
+        context.log.info(f"{backbone}/{recipe}: " + ", ".join(f"{k}={v}" for k, v in record.items()))
+
+    result = train_model(
+        model,
+        _make_dataset(train, model),
+        _make_dataset(val, model),
+        config,
+        checkpoint_dir,
+        stages=stages,
+        on_log=on_log,
+    )
+    history = result.history
+    curves = {
+        "val cosine": [h["val_cosine"] for h in history],
+        "train cosine": [h["train_cosine"] for h in history],
+    }
+    return dg.MaterializeResult(
+        metadata={
+            "best_val_cosine": float(result.best_val_cosine),
+            "final_val_cosine": float(result.final_val_cosine),
+            "images_per_s": float(result.images_per_s),
+            "epochs": len(history),
+            "checkpoint": dg.MetadataValue.path(str(result.checkpoint_path)),
+            "curves": dg.MetadataValue.md(md_image(line_plot_png(curves, f"{backbone}/{recipe}", "epoch", "cosine"))),
+            "history": dg.MetadataValue.md(markdown_table(history)),
+        }
+    )
+
+
+@dg.asset(
+    partitions_def=model_partitions,
+    deps=[dg.AssetDep(trained_models)],
+    group_name=TRAIN_GROUP,
+    kinds={"pytorch", "parquet"},
+    code_version=code_version("model_predictions"),
+    description="Predicted embeddings of a trained model for every train / val / test pair.",
+)
+def model_predictions(
+    context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource
+) -> dg.MaterializeResult:
+    from pipeline.checkpoint import latest_checkpoint, load_model_weights
+    from pipeline.models import create_model
+    from pipeline.training import predict_embeddings
+
+    backbone, recipe = _split_key(context)
+    checkpoint = latest_checkpoint(storage.path("trained_models", backbone, recipe))
+    if checkpoint is None:
+        raise dg.Failure(f"no checkpoint for {backbone}/{recipe}: materialize trained_models first")
+    state, config = load_model_weights(checkpoint)
+    model = create_model(**config)
+    model.load_state_dict(state)
+    splits = load_splits(storage)
+    frames, metadata = [], {}
+    for name, split in splits.items():
+        predictions = predict_embeddings(model, _make_dataset(split, model), TRAIN.batch_size, compute.device)
+        metadata[f"{name}_cosine"] = mean_cosine(predictions, split.targets) if len(split) else float("nan")
+        frames.append(
+            pl.DataFrame({"image_id": split.image_ids, "split": [name] * len(split)}).with_columns(
+                pl.Series("embedding", predictions.astype(np.float32), dtype=pl.Array(pl.Float32, predictions.shape[1] if predictions.ndim == 2 else 384))
+            )
+        )
+    table = pl.concat(frames)
+    target = storage.write_table(table, "model_predictions", f"{backbone}|{recipe}")
+    metadata["val_mean_embedding_baseline"] = mean_embedding_baseline(splits["train"].targets, splits["val"].targets)
+    return dg.MaterializeResult(metadata={**metadata, "rows": table.height, "path": dg.MetadataValue.path(target)})
+
+
+@dg.asset_check(
+    asset=model_predictions,
+    blocking=True,
+    description="Every trained model beats the mean-training-embedding baseline on val.",
+)
+def beats_mean_embedding_baseline(storage: StorageResource) -> dg.AssetCheckResult:
+    joined = join_pairs(storage.read_table("filtered_pairs"), storage.read_table("prompt_embeddings"), None)
+    train = joined.filter(pl.col("split") == "train")["embedding"].to_numpy()
+    val = joined.filter(pl.col("split") == "val")
+    baseline = mean_embedding_baseline(train, val["embedding"].to_numpy())
+    rows = []
+    for backbone in BACKBONES:
+        for recipe in RECIPES:
+            key = f"{backbone}|{recipe}"
+            if not storage.has_table("model_predictions", key):
+                continue
+            preds = storage.read_table("model_predictions", key).filter(pl.col("split") == "val")
+            merged = preds.join(val.select("image_id", pl.col("embedding").alias("target")), on="image_id")
+            cosine = mean_cosine(merged["embedding"].to_numpy(), merged["target"].to_numpy())
+            rows.append({"model": key, "val_cosine": cosine, "baseline": baseline, "beats": cosine > baseline})
+    return dg.AssetCheckResult(
+        passed=bool(rows) and all(r["beats"] for r in rows),
+        metadata={"models": len(rows), "table": dg.MetadataValue.md(markdown_table(rows))},
+    )
+
+
+TRAINING_ASSETS = [difficulty_scores, trained_models, model_predictions]
+TRAINING_CHECKS = [beats_mean_embedding_baseline]

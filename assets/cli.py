@@ -1,4 +1,4 @@
-"""`reverse-sd`: materialize the graph in the configured Dagster instance (and, later, predict prompts).
+"""`reverse-sd`: materialize the graph in the configured Dagster instance, and predict prompts for images.
 
 User errors (wrong settings, missing models, unreadable files) print one line and exit non-zero, with
 no Python traceback.
@@ -71,6 +71,66 @@ def _materialize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    import csv
+    import json
+
+    from tqdm import tqdm
+
+    from pipeline.predictor import NotTrainedError, PromptPredictor, expand_inputs
+    from resources.settings import load_settings
+
+    settings = load_settings()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    files = expand_inputs(args.paths)
+    if not files:
+        print("error: no image files found in " + " ".join(args.paths), file=sys.stderr)
+        return 2
+    try:
+        predictor = PromptPredictor(settings.home, model=args.model, device=args.device, batch_size=args.batch_size)
+    except (NotTrainedError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    skipped = 0
+    out = sys.stdout
+    writer = csv.writer(out, lineterminator="\n") if args.format == "kaggle" else None
+    if writer:
+        writer.writerow(["imgId_eId", "val"])
+    records = []
+    for path, embedding, error in tqdm(
+        predictor.predict_files(files), total=len(files), unit="image", file=sys.stderr, disable=args.quiet
+    ):
+        if error is not None:
+            skipped += 1
+            print(f"skipped {path}: {error}", file=sys.stderr)
+            continue
+        if args.format == "kaggle":
+            for i, value in enumerate(embedding):
+                writer.writerow([f"{path.stem}_{i}", f"{float(value):.6f}"])
+            continue
+        top = predictor.top_k(embedding[None, :], args.top_k)[0]
+        if args.format == "json":
+            records.append(
+                {
+                    "path": str(path),
+                    "model": predictor.method,
+                    "prompts": [{"prompt": p, "cosine": round(c, 6)} for p, c in top],
+                    "embedding": [round(float(v), 7) for v in embedding],
+                }
+            )
+        else:
+            print(f"{path}  [{predictor.method}]")
+            for rank, (prompt, score) in enumerate(top, 1):
+                print(f"  {rank}. {score:.4f}  {prompt}")
+    if args.format == "json":
+        json.dump(records, out, indent=2)
+        out.write("\n")
+    if skipped:
+        print(f"{skipped} of {len(files)} files skipped (unreadable or not an image)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reverse-sd", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     mat.add_argument("--select", default=None, help="asset selection, as `dagster asset materialize --select`")
     mat.add_argument("--stale", action="store_true", help="only what is missing or stale")
     mat.set_defaults(func=_materialize)
+    pred = sub.add_parser("predict", help="images or folders in, prompts out")
+    pred.add_argument("paths", nargs="+", help="image files, folders (recursive) or globs")
+    pred.add_argument("--top-k", type=int, default=5)
+    pred.add_argument("--format", choices=["table", "json", "kaggle"], default="table")
+    pred.add_argument("--model", default="auto", help="auto | ensemble | vit | swin | clip | unet")
+    pred.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    pred.add_argument("--batch-size", type=int, default=32)
+    pred.add_argument("--quiet", action="store_true", help="no progress bar")
+    pred.set_defaults(func=_predict)
     return parser
 
 

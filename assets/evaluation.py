@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import dagster as dg
@@ -88,6 +89,10 @@ def ensemble_predictions(context: dg.AssetExecutionContext, storage: StorageReso
             metadata[f"val_cosine_{name}"] = float(row_cosines(combined[val_mask], val_targets).mean())
     table = pl.DataFrame(columns)
     target = storage.write_table(table, "ensemble_predictions")
+    # What `reverse-sd predict` loads: each backbone's best recipe, combined by the median.
+    store.write_text(
+        json.dumps({"members": best_recipe, "method": "median"}, indent=2), storage.path("models", "ensemble.json")
+    )
     return dg.MaterializeResult(
         metadata={
             **metadata,
@@ -179,6 +184,10 @@ def dakl_predictions(context: dg.AssetExecutionContext, storage: StorageResource
         frames.append(frame.select("image_id", "split").with_columns(_embedding_series("embedding", _normalise(model.predict(x)))))
     table = pl.concat(frames)
     target = storage.write_table(table, "dakl_predictions")
+    store.write_text(
+        json.dumps({"gamma": best["gamma"], "alpha": best["alpha"], "ensemble": column}, indent=2),
+        storage.path("models", "dakl.json"),
+    )
     val_plain = float(row_cosines(val_x, val_y).mean())
     curves = {f"alpha={a}": [r["val_cosine"] for r in sweep if r["alpha"] == a] for a in DAKL_ALPHAS}
     sweep_plot = md_image(line_plot_png(curves, f"DAKL on val (x: gamma {DAKL_GAMMAS})", "gamma index", "val cosine"))

@@ -20,6 +20,14 @@ def test_asset_keys_present():
         "prompt_embeddings",
         "vocabulary",
         "vocabulary_labels",
+        "difficulty_scores",
+        "trained_models",
+        "model_predictions",
+        "ensemble_predictions",
+        "kmeans_centroids",
+        "dakl_predictions",
+        "evaluation_report",
+        "prompt_bank",
     }
     assert expected <= keys
 

@@ -1,0 +1,210 @@
+"""Load once, predict many: image in, predicted prompt embedding and nearest prompts out.
+
+Uses the latest trained artifacts under the storage root: the ensemble (+ DAKL when fitted), or one
+named backbone.  Images go through the same path as training data (decode, resize to 256, re-encode,
+then the backbone's own preprocessing), so predictions match what the models saw.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import storage as store
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+
+
+class NotTrainedError(RuntimeError):
+    """Nothing to predict with yet; the message names the asset to materialize."""
+
+
+def expand_inputs(paths: Sequence[str]) -> list[Path]:
+    """Files, folders (recursive) and globs -> image-looking files, in a stable order, without repeats."""
+    found: list[Path] = []
+    for raw in paths:
+        matches = glob.glob(raw, recursive=True) if any(c in raw for c in "*?[") else [raw]
+        for match in matches:
+            path = Path(match)
+            if path.is_dir():
+                found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            else:
+                found.append(path)
+    seen, unique = set(), []
+    for path in found:
+        key = os.path.abspath(path)
+        if key not in seen:
+            seen.add(key)
+            unique.append(path)
+    return unique
+
+
+@dataclass
+class LoadedModel:
+    backbone: str
+    recipe: str
+    model: object
+
+
+class PromptPredictor:
+    def __init__(self, home: str, model: str = "auto", device: str = "auto", batch_size: int = 32):
+        self.home = home.rstrip("/")
+        self.device = _resolve_device(device)
+        self.batch_size = batch_size
+        self.bank_prompts, self.bank_embeddings = self._load_bank()
+        self.members = self._choose_members(model)
+        self.dakl = self._load_dakl() if model in ("auto", "ensemble") and len(self.members) > 1 else None
+        self.method = "ensemble+dakl" if self.dakl else ("ensemble" if len(self.members) > 1 else self.members[0].backbone)
+
+    # -- loading ---------------------------------------------------------------------------------
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.home, *parts])
+
+    def _load_bank(self):
+        path = self._path("prompt_bank.parquet")
+        if not store.exists(path):
+            raise NotTrainedError(f"no prompt bank under {self.home}: materialize the asset prompt_bank (make run)")
+        bank = store.read_parquet(path)
+        return bank["prompt"].to_list(), bank["embedding"].to_numpy().astype(np.float32)
+
+    def _choose_members(self, model: str) -> list[LoadedModel]:
+        from pipeline.checkpoint import latest_checkpoint
+
+        ensemble_file = self._path("models", "ensemble.json")
+        if model in ("auto", "ensemble"):
+            if not store.exists(ensemble_file):
+                if model == "ensemble":
+                    raise NotTrainedError(
+                        f"no ensemble under {self.home}: materialize the asset ensemble_predictions"
+                    )
+                members = {}
+            else:
+                members = json.loads(Path(ensemble_file).read_text())["members"]
+            if not members:
+                raise NotTrainedError(f"no trained model under {self.home}: materialize trained_models and ensemble_predictions (make run)")
+        else:
+            recipes = ("mlc_cl", "mlc", "baseline")
+            chosen = next(
+                (r for r in recipes if latest_checkpoint(self._path("trained_models", model, r)) is not None), None
+            )
+            if chosen is None:
+                raise NotTrainedError(
+                    f"no trained {model!r} model under {self.home}: materialize trained_models for backbone {model}"
+                )
+            members = {model: chosen}
+        return [self._load_model(b, r) for b, r in members.items()]
+
+    def _load_model(self, backbone: str, recipe: str) -> LoadedModel:
+        from pipeline.checkpoint import latest_checkpoint, load_model_weights
+        from pipeline.models import create_model
+
+        checkpoint = latest_checkpoint(self._path("trained_models", backbone, recipe))
+        if checkpoint is None:
+            raise NotTrainedError(f"no checkpoint for {backbone}/{recipe}: materialize trained_models")
+        state, config = load_model_weights(checkpoint)
+        model = create_model(**config)
+        model.load_state_dict(state)
+        model.eval().to(self.device)
+        return LoadedModel(backbone, recipe, model)
+
+    def _load_dakl(self):
+        params_file = self._path("models", "dakl.json")
+        centroids_file = self._path("kmeans_centroids.parquet")
+        if not (store.exists(params_file) and store.exists(centroids_file)):
+            return None
+        params = json.loads(Path(params_file).read_text())
+        centroids = store.read_parquet(centroids_file)
+        return (
+            params,
+            centroids["centroid"].to_numpy().astype(np.float32),
+            centroids["label"].to_numpy().astype(np.float32),
+        )
+
+    # -- predicting ------------------------------------------------------------------------------
+    def embed(self, images: Sequence[bytes]) -> np.ndarray:
+        """Predicted, unit-length prompt embeddings for encoded images (a batch at a time)."""
+        from pipeline.images import reencode_image
+
+        return self.embed_stored([reencode_image(b, size=256) for b in images])
+
+    def embed_stored(self, stored: Sequence[bytes]) -> np.ndarray:
+        """As embed, for images already re-encoded the way diffusiondb_parts stores them."""
+        import torch
+
+        outputs = []
+        for member in self.members:
+            from pipeline.data import PairDataset
+
+            model = member.model
+            dataset = PairDataset(
+                stored,
+                np.zeros((len(stored), 384), np.float32),
+                None,
+                image_size=model.image_size,
+                mean=model.mean,
+                std=model.std,
+                vocab_size=0,
+            )
+            pixels = torch.stack([dataset[i][0] for i in range(len(dataset))]).to(self.device)
+            with torch.inference_mode():
+                embedding, _ = model(pixels)
+            outputs.append(embedding.float().cpu().numpy())
+        stack = np.stack(outputs)
+        combined = np.median(stack, axis=0) if len(outputs) > 1 else stack[0]
+        combined = combined / np.maximum(np.linalg.norm(combined, axis=1, keepdims=True), 1e-12)
+        if self.dakl is not None:
+            from pipeline.dakl import DAKLRegressor
+
+            params, X, Y = self.dakl
+            regressor = DAKLRegressor(gamma=params["gamma"], alpha=params["alpha"]).fit(X, Y, combined)
+            combined = regressor.predict(combined)
+            combined = combined / np.maximum(np.linalg.norm(combined, axis=1, keepdims=True), 1e-12)
+        return combined.astype(np.float32)
+
+    def top_k(self, embeddings: np.ndarray, k: int = 5) -> list[list[tuple[str, float]]]:
+        """The k bank prompts with the highest cosine, best first."""
+        scores = embeddings @ self.bank_embeddings.T
+        k = min(k, scores.shape[1])
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return [[(self.bank_prompts[j], float(scores[i, j])) for j in row] for i, row in enumerate(best)]
+
+    def predict_files(self, paths: Iterable[Path]):
+        """Yield (path, embedding or None, error or None) in input order, batch by batch."""
+        from pipeline.images import ImageError, reencode_image
+
+        batch: list[tuple[Path, bytes]] = []
+
+        def flush():
+            if not batch:
+                return []
+            embeddings = self.embed_stored([b for _, b in batch])
+            out = [(p, e, None) for (p, _), e in zip(batch, embeddings)]
+            batch.clear()
+            return out
+
+        for path in paths:
+            try:
+                data = reencode_image(Path(path).read_bytes(), size=256)
+            except (OSError, ImageError) as exc:
+                yield path, None, str(exc) or type(exc).__name__
+                continue
+            batch.append((path, data))
+            if len(batch) >= self.batch_size:
+                yield from flush()
+        yield from flush()
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    return device

@@ -150,7 +150,7 @@ def prompt_embeddings(
     cache = storage.read_table("prompt_embeddings") if storage.has_table("prompt_embeddings") else None
     encoder = sentence_encoder.encoder()
     started = time.perf_counter()
-    embeddings, stats = embed_incremental(prompts, cache, encoder, model_id=sentence_encoder.model)
+    embeddings, stats = embed_incremental(prompts, cache, encoder, model_id=encoder.model_id)
     elapsed = time.perf_counter() - started
     target = storage.write_table(embeddings, "prompt_embeddings")
     context.log.info(f"prompt_embeddings: {stats} in {elapsed:.1f} s")

@@ -114,16 +114,25 @@ class PromptPredictor:
         return LoadedModel(backbone, recipe, model)
 
     def _load_dakl(self):
+        """The DAKL regressor as dakl_predictions fitted it for test: centroids + the test split as U.
+
+        Fitted once here, so an image's prediction does not depend on what else is in its batch.
+        """
+        from pipeline.dakl import DAKLRegressor
+
         params_file = self._path("models", "dakl.json")
         centroids_file = self._path("kmeans_centroids.parquet")
-        if not (store.exists(params_file) and store.exists(centroids_file)):
+        ensemble_file = self._path("ensemble_predictions.parquet")
+        if not all(store.exists(f) for f in (params_file, centroids_file, ensemble_file)):
             return None
         params = json.loads(Path(params_file).read_text())
         centroids = store.read_parquet(centroids_file)
-        return (
-            params,
+        ensemble = store.read_parquet(ensemble_file)
+        target = ensemble.filter(ensemble["split"] == "test")[params["ensemble"]].to_numpy().astype(np.float32)
+        return DAKLRegressor(gamma=params["gamma"], alpha=params["alpha"]).fit(
             centroids["centroid"].to_numpy().astype(np.float32),
             centroids["label"].to_numpy().astype(np.float32),
+            target,
         )
 
     # -- predicting ------------------------------------------------------------------------------
@@ -159,11 +168,7 @@ class PromptPredictor:
         combined = np.median(stack, axis=0) if len(outputs) > 1 else stack[0]
         combined = combined / np.maximum(np.linalg.norm(combined, axis=1, keepdims=True), 1e-12)
         if self.dakl is not None:
-            from pipeline.dakl import DAKLRegressor
-
-            params, X, Y = self.dakl
-            regressor = DAKLRegressor(gamma=params["gamma"], alpha=params["alpha"]).fit(X, Y, combined)
-            combined = regressor.predict(combined)
+            combined = self.dakl.predict(combined)
             combined = combined / np.maximum(np.linalg.norm(combined, axis=1, keepdims=True), 1e-12)
         return combined.astype(np.float32)
 

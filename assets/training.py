@@ -64,12 +64,14 @@ def _train_config(compute: ComputeResource, recipe: str, **overrides):
 def _make_dataset(split: SplitData, model):
     from pipeline.data import PairDataset
 
-    return PairDataset(split.images, split.targets, split.labels, image_size=model.image_size, mean=model.mean, std=model.std, vocab_size=model.vocab_size)
+    return PairDataset.for_model(split.images, split.targets, split.labels, model)
 
 
 def _create(backbone: str, compute: ComputeResource, vocab_size: int):
     from pipeline.models import create_model
+    from pipeline.training import seed_everything
 
+    seed_everything(TRAIN.seed)  # the same initial weights on every run
     return create_model(
         backbone, variant=compute.backbone_variant, vocab_size=vocab_size, pretrained=compute.pretrained
     )
@@ -221,7 +223,9 @@ def model_predictions(
     splits = load_splits(storage)
     frames, metadata = [], {}
     for name, split in splits.items():
-        predictions = predict_embeddings(model, _make_dataset(split, model), TRAIN.batch_size, compute.device)
+        predictions = predict_embeddings(
+            model, _make_dataset(split, model), TRAIN.batch_size, compute.device, num_workers=compute.num_workers
+        )
         metadata[f"{name}_cosine"] = mean_cosine(predictions, split.targets) if len(split) else float("nan")
         frames.append(
             pl.DataFrame({"image_id": split.image_ids, "split": [name] * len(split)}).with_columns(

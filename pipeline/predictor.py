@@ -151,15 +151,7 @@ class PromptPredictor:
             from pipeline.data import PairDataset
 
             model = member.model
-            dataset = PairDataset(
-                stored,
-                np.zeros((len(stored), 384), np.float32),
-                None,
-                image_size=model.image_size,
-                mean=model.mean,
-                std=model.std,
-                vocab_size=0,
-            )
+            dataset = PairDataset.for_model(stored, np.zeros((len(stored), 384), np.float32), None, model)
             pixels = torch.stack([dataset[i][0] for i in range(len(dataset))]).to(self.device)
             with torch.inference_mode():
                 embedding, _ = model(pixels)

@@ -1,0 +1,265 @@
+"""Checkpoints: model weights as safetensors, trainer state beside them, both written atomically.
+
+Layout of a checkpoint directory (one per backbone x recipe):
+
+    ckpt-00003.safetensors   model.state_dict(); metadata: model_config (JSON), embedding_dim, train_config, progress
+    ckpt-00003.state.pt      optimizer, scheduler, RNG states and progress, tensors and plain containers only
+
+The number is the count of epochs completed over all stages.  The state file is written before the
+weights, so a weights file present means a complete checkpoint; ``latest_checkpoint`` returns the weights
+file of the newest one.  The state file holds nothing but tensors, numbers, strings, lists and dicts and
+is read with ``torch.load(weights_only=True)``: no pickled objects, nothing executable in a checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load_bytes
+from safetensors.torch import load_file as st_load_file
+from safetensors.torch import save_file as st_save_file
+
+from pipeline.storage import PathLike, as_path, atomic_local_path
+
+EMBEDDING_DIM = 384
+_NAME = re.compile(r"^ckpt-(\d+)\.safetensors$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit what is asked of it (wrong embedding size, missing state)."""
+
+
+# -- RNG state as tensors / plain lists ----------------------------------------------------------------
+def capture_rng_state() -> dict[str, Any]:
+    """Every RNG the trainer touches, as tensors and plain lists (weights_only-loadable)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_meta": [int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [int(py_state[0]), list(py_state[1]), py_state[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    pos, has_gauss, cached = state["numpy_meta"]
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- paths ---------------------------------------------------------------------------------------------
+def checkpoint_paths(directory: PathLike, index: int) -> tuple[Any, Any]:
+    root = as_path(directory)
+    return root / f"ckpt-{index:05d}.safetensors", root / f"ckpt-{index:05d}.state.pt"
+
+
+def list_checkpoints(directory: PathLike) -> list[tuple[int, Any]]:
+    """(index, weights path) of every complete checkpoint in ``directory``, oldest first."""
+    root = as_path(directory)
+    if not root.exists():
+        return []
+    found = []
+    for entry in root.iterdir():
+        match = _NAME.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), entry))
+    return sorted(found, key=lambda item: item[0])
+
+
+def latest_checkpoint(directory: PathLike) -> Any | None:
+    """The weights file (.safetensors) of the newest complete checkpoint, or None."""
+    found = list_checkpoints(directory)
+    return found[-1][1] if found else None
+
+
+def state_path_for(weights_path: PathLike) -> Any:
+    path = as_path(weights_path)
+    return path.with_name(path.name.removesuffix(".safetensors") + ".state.pt")
+
+
+# -- saving --------------------------------------------------------------------------------------------
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model.module, torch.nn.Module) else model
+
+
+def _plain_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """CPU, contiguous tensors; tensors sharing storage (tied weights) are cloned, which safetensors needs."""
+    out, seen = {}, set()
+    for name, tensor in _unwrap(model).state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if ptr is not None and ptr in seen:
+            t = t.clone()
+        elif ptr is not None:
+            seen.add(ptr)
+        out[name] = t
+    return out
+
+
+def model_config(model: torch.nn.Module) -> dict:
+    m = _unwrap(model)
+    return m.config_dict() if hasattr(m, "config_dict") else {}
+
+
+def save_checkpoint(
+    directory: PathLike,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    progress: dict | None = None,
+    config: dict | None = None,
+    index: int = 0,
+    embedding_dim: int | None = None,
+    rng: bool = True,
+    keep_last: int | None = 2,
+) -> Any:
+    """Write checkpoint number ``index`` (state first, then weights, each atomically); return the weights path.
+
+    ``progress`` is the trainer's position and history (plain values); ``config`` the training config.
+    ``keep_last`` older checkpoints are kept (None keeps all) so a long run does not fill the disk.
+    """
+    weights_path, state_path = checkpoint_paths(directory, index)
+    m_config = model_config(model)
+    dim = embedding_dim or getattr(_unwrap(model), "embedding_dim", None) or m_config.get("embedding_dim")
+    state: dict[str, Any] = {
+        "progress": progress or {},
+        "config": config or {},
+        "model_config": m_config,
+    }
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    if rng:
+        state["rng"] = capture_rng_state()
+    with atomic_local_path(state_path, suffix=".pt") as tmp:
+        torch.save(state, tmp)
+    metadata = {
+        "format": "pt",
+        "model_config": json.dumps(m_config, sort_keys=True),
+        "train_config": json.dumps(config or {}, sort_keys=True, default=str),
+        "progress": json.dumps({k: v for k, v in (progress or {}).items() if k != "history"}, default=str),
+    }
+    if dim:
+        metadata["embedding_dim"] = str(int(dim))
+    with atomic_local_path(weights_path, suffix=".safetensors") as tmp:
+        st_save_file(_plain_state_dict(model), str(tmp), metadata=metadata)
+    if keep_last is not None:
+        prune_checkpoints(directory, keep_last)
+    return weights_path
+
+
+def prune_checkpoints(directory: PathLike, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints (weights first, so no half checkpoint looks complete)."""
+    found = list_checkpoints(directory)
+    for _, weights in found[: max(len(found) - keep_last, 0)]:
+        state = state_path_for(weights)
+        weights.unlink()
+        if state.exists():
+            state.unlink()
+
+
+def remove_checkpoints(directory: PathLike) -> int:
+    """Delete every checkpoint of ``directory`` (a fresh run with another config); returns how many."""
+    found = list_checkpoints(directory)
+    prune_checkpoints(directory, 0)
+    return len(found)
+
+
+# -- loading -------------------------------------------------------------------------------------------
+def _read_safetensors(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    p = as_path(path)
+    if isinstance(p, Path):
+        with safe_open(str(p), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return st_load_file(str(p)), metadata
+    data = p.read_bytes()
+    # safetensors' header: 8-byte little-endian length, then JSON with "__metadata__".
+    header_len = int.from_bytes(data[:8], "little")
+    metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__", {}) or {}
+    return st_load_bytes(data), metadata
+
+
+def _resolve(path: PathLike) -> Any:
+    p = as_path(path)
+    if p.is_dir():
+        latest = latest_checkpoint(p)
+        if latest is None:
+            raise CheckpointError(f"no checkpoint in {p}")
+        return latest
+    return p
+
+
+def load_model_weights(
+    path: PathLike, expected_embedding_dim: int | None = EMBEDDING_DIM
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state_dict, model config) of a checkpoint (its weights file or its directory's newest).
+
+    The model config is what ``model.config_dict()`` returned, so ``create_model(**config)`` rebuilds the
+    model.  Raises CheckpointError when the checkpoint's embedding size is not ``expected_embedding_dim``.
+    """
+    weights_path = _resolve(path)
+    state, metadata = _read_safetensors(weights_path)
+    config = json.loads(metadata.get("model_config", "{}"))
+    dim = metadata.get("embedding_dim") or config.get("embedding_dim")
+    if expected_embedding_dim is not None and dim is not None and int(dim) != int(expected_embedding_dim):
+        raise CheckpointError(
+            f"checkpoint embedding size {int(dim)} != expected {int(expected_embedding_dim)} ({weights_path})"
+        )
+    return state, config
+
+
+def read_state(path: PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The trainer state beside a checkpoint's weights (``torch.load(weights_only=True)``), weights not read."""
+    state_file = state_path_for(_resolve(path))
+    if not state_file.exists():
+        raise CheckpointError(f"checkpoint has no trainer state ({state_file})")
+    if isinstance(state_file, Path):
+        return torch.load(state_file, map_location=map_location, weights_only=True)
+    return torch.load(io.BytesIO(state_file.read_bytes()), map_location=map_location, weights_only=True)
+
+
+def load_checkpoint(
+    path: PathLike,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    restore_rng: bool = True,
+    map_location: str | torch.device = "cpu",
+    expected_embedding_dim: int | None = EMBEDDING_DIM,
+) -> dict[str, Any]:
+    """Load a checkpoint into the given objects; return its state (progress, config, model_config).
+
+    The trainer state is read with ``torch.load(weights_only=True)``.
+    """
+    weights_path = _resolve(path)
+    weights, model_cfg = load_model_weights(weights_path, expected_embedding_dim)
+    if model is not None:
+        _unwrap(model).load_state_dict(weights)
+    state = read_state(weights_path, map_location)
+    if optimizer is not None and "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and "scheduler" in state:
+        scheduler.load_state_dict(state["scheduler"])
+    if restore_rng and "rng" in state:
+        restore_rng_state(state["rng"])
+    state.setdefault("model_config", model_cfg)
+    state["weights_path"] = str(weights_path)
+    return state

@@ -1,0 +1,138 @@
+"""Multi-process training entry point: ``torchrun --nproc_per_node N -m pipeline.ddp_train --spec spec.json``.
+
+An asset (or a person) writes a JSON spec naming everything the run needs as files, so the launched
+processes build identical models and datasets on their own:
+
+    {
+      "model": {"factory": "pipeline.models:create_model",     # optional, this is the default
+                "kwargs": {"name": "vit", "variant": "tiny", "vocab_size": 300}},
+      "train": "train.parquet",           # columns: image (bytes), embedding (list[float]), label_indices (list[int])
+      "val": "val.parquet",               # optional
+      "columns": {"image": "image", "target": "embedding", "labels": "label_indices"},   # optional
+      "stages": "stages.npz",             # optional: arrays stage_0, stage_1, ... (curriculum)
+      "loss": {"factory": "module:function"},   # optional: called with lambda_vocab; default ReverseSDLoss
+      "config": {... TrainConfig fields ...},
+      "checkpoint_dir": "checkpoints/vit/mlc_cl",
+      "metrics": "metrics.json",          # rank 0 writes TrainResult.to_dict() here
+      "resume": true
+    }
+
+Every rank seeds with config.seed before building the model, so the replicas start equal (DDP also
+broadcasts rank 0's weights).  Only rank 0 writes checkpoints and the metrics file.  Also runs as a single
+process (no torchrun), which is how the asset falls back when there is one device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch.distributed as dist
+
+from pipeline.data import PairDataset
+from pipeline.storage import write_text
+from pipeline.training import TrainConfig, seed_everything, train_model
+
+DEFAULT_COLUMNS = {"image": "image", "target": "embedding", "labels": "label_indices"}
+
+
+def load_factory(spec: str):
+    """"package.module:function" -> the function."""
+    module, _, name = spec.partition(":")
+    if not name:
+        raise ValueError(f"model factory must look like 'module:function', got {spec!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def _column_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    n = len(array)
+    if n == 0:
+        return np.zeros((0, 384), dtype=np.float32)
+    flat = array.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    return flat.reshape(n, -1)
+
+
+def read_pairs(path: str, columns: dict | None = None) -> tuple[pa.Array, np.ndarray, list | None]:
+    """(image bytes, targets (n, d) float32, label index lists or None) from a Parquet file."""
+    cols = {**DEFAULT_COLUMNS, **(columns or {})}
+    schema_names = pq.read_schema(path).names
+    wanted = [cols["image"], cols["target"]] + ([cols["labels"]] if cols["labels"] in schema_names else [])
+    table = pq.read_table(path, columns=wanted)
+    images = table.column(cols["image"]).combine_chunks()
+    targets = _column_matrix(table.column(cols["target"]))
+    labels = None
+    if cols["labels"] in table.column_names:
+        labels = [np.asarray(x or [], dtype=np.int64) for x in table.column(cols["labels"]).to_pylist()]
+    return images, targets, labels
+
+
+def read_stages(path: str | None) -> list[np.ndarray] | None:
+    if not path:
+        return None
+    with np.load(path) as data:
+        keys = sorted((k for k in data.files if k.startswith("stage_")), key=lambda k: int(k.split("_")[1]))
+        return [data[k].astype(np.int64) for k in keys]
+
+
+def run(spec: dict) -> dict:
+    """Build model and datasets from ``spec`` and train; returns TrainResult.to_dict()."""
+    config = TrainConfig(**spec.get("config", {}))
+    model_spec = spec.get("model", {})
+    factory = load_factory(model_spec.get("factory", "pipeline.models:create_model"))
+    seed_everything(config.seed)
+    model = factory(**model_spec.get("kwargs", {}))
+
+    def dataset(path):
+        if not path:
+            return None
+        images, targets, labels = read_pairs(path, spec.get("columns"))
+        return PairDataset.for_model(images, targets, labels, model)
+
+    train_set, val_set = dataset(spec["train"]), dataset(spec.get("val"))
+
+    def on_log(record: dict) -> None:
+        print(json.dumps(record, default=float), flush=True)
+
+    loss_fn = None
+    if spec.get("loss"):
+        loss_fn = load_factory(spec["loss"]["factory"])(config.lambda_vocab, **spec["loss"].get("kwargs", {}))
+    result = train_model(
+        model,
+        train_set,
+        val_set,
+        config,
+        spec["checkpoint_dir"],
+        stages=read_stages(spec.get("stages")),
+        on_log=on_log,
+        resume=spec.get("resume", True),
+        loss_fn=loss_fn,
+    )
+    out = result.to_dict()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0 and spec.get("metrics"):
+        write_text(json.dumps(out, indent=2, default=float), spec["metrics"])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--spec", required=True, help="JSON spec file (see module docstring)")
+    args = parser.parse_args(argv)
+    spec = json.loads(Path(args.spec).read_text())
+    try:
+        run(spec)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

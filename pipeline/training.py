@@ -1,0 +1,571 @@
+"""The trainer: AdamW + cosine schedule with warm-up, gradient accumulation, bf16 autocast on CUDA, a checkpoint
+every epoch and exact resume, curriculum stages, DistributedDataParallel under torchrun.
+
+Design choices that matter for results:
+- ``batch_size`` is the GLOBAL batch (over all DDP ranks and accumulation steps together is
+  ``batch_size * grad_accum_steps``), so a config means the same optimisation on 1 or 8 GPUs.
+- Stages: ``stages=None`` trains ``epochs`` epochs over the whole training set; a list of index arrays (the
+  curriculum) trains ``stage_epochs`` epochs on each stage in turn.  The learning-rate schedule spans the
+  optimizer steps of all stages together (one warm-up, one cosine decay), as in one uninterrupted run.
+- Every random choice of an epoch (the in-stage shuffle, dropout, workers) is seeded from
+  (seed, stage, epoch), so resuming from the checkpoint of epoch k gives the same weights as never stopping.
+- Checkpoints carry a fingerprint of what changes results (training config, model config, data, stages); a
+  checkpoint directory holding another run's checkpoints is cleared instead of resumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from pipeline.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    model_config,
+    read_state,
+    remove_checkpoints,
+    save_checkpoint,
+)
+from pipeline.data import StageSampler, epoch_seed, make_loader
+
+LossFn = Callable[..., tuple[torch.Tensor, dict]]
+
+
+@dataclass
+class TrainConfig:
+    """Training settings.  ``result_dict()`` are those that change the trained weights (for code versions)."""
+
+    epochs: int = 3  # epochs over the whole set when no curriculum stages are given
+    stage_epochs: int = 1  # epochs per curriculum stage when stages are given
+    batch_size: int = 64  # global batch per micro-step, over all ranks
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.05
+    lambda_vocab: float = 0.1
+    grad_accum_steps: int = 1
+    max_grad_norm: float | None = None
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    num_workers: int = 0
+    log_every: int = 50  # optimizer steps between progress logs (0: epoch logs only)
+    eval_batch_size: int | None = None
+    keep_checkpoints: int | None = 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def result_dict(self) -> dict:
+        """The settings that change the trained weights (not device, workers, logging)."""
+        ignore = {"device", "num_workers", "log_every", "eval_batch_size", "keep_checkpoints"}
+        return {k: v for k, v in asdict(self).items() if k not in ignore}
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]
+    best_val_cosine: float
+    final_val_cosine: float
+    checkpoint_path: str | None
+    images_per_s: float
+    resumed_epochs: int = 0  # epochs restored from a checkpoint instead of trained in this call
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# -- environment -----------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and random; call before building a model for reproducible init."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """"auto" is CUDA when present (the local rank's GPU under torchrun), else CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if is_distributed_env() else torch.cuda.current_device())
+    return dev
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision in ("auto", "bf16"):
+        return torch.bfloat16
+    raise ValueError(f"unknown precision {precision!r} (auto | bf16 | fp32)")
+
+
+def is_distributed_env() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def init_distributed(device: torch.device) -> DistContext:
+    """Join the torchrun process group (gloo on CPU, nccl on CUDA) when WORLD_SIZE > 1; idempotent."""
+    if not is_distributed_env():
+        return DistContext()
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend)
+    return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+# -- pieces ----------------------------------------------------------------------------------------------
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    params = model.trainable_parameters() if hasattr(model, "trainable_parameters") else model.parameters()
+    return [p for p in params if p.requires_grad]
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW on the trainable parameters; no weight decay on biases and norm scales (1-d tensors)."""
+    params = _trainable(model)
+    if not params:
+        raise ValueError("model has no trainable parameters")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def cosine_with_warmup(optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up then cosine decay to 0 over ``total_steps`` (transformers' get_cosine_schedule_with_warmup)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return float(step + 1) / float(warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def default_loss(lambda_vocab: float) -> LossFn:
+    from pipeline.models.loss import ReverseSDLoss
+
+    return ReverseSDLoss(lambda_vocab)
+
+
+def _unpack(batch, device: torch.device, non_blocking: bool):
+    pixels, target, labels, index = batch[:4]
+    context = batch[4] if len(batch) > 4 else None
+    move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+    return move(pixels), move(target), move(labels), index, (move(context) if context is not None else None)
+
+
+def _forward(model, unwrapped, pixels, context, amp_dtype, device):
+    ctx = context if getattr(unwrapped, "uses_context", False) else None
+    with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext():
+        embedding, logits = model(pixels, context=ctx)
+    return embedding.float(), (logits.float() if logits is not None else None)
+
+
+def _row_cosine(embedding: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cosine_similarity(embedding.float(), target.float(), dim=-1)
+
+
+def _hash_array(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+
+
+def run_fingerprint(config: TrainConfig, model: torch.nn.Module, train_set, stages: Sequence[np.ndarray]) -> str:
+    """What decides the trained weights: config, model config, training targets, stage membership."""
+    payload = {
+        "config": config.result_dict(),
+        "model": model_config(model),
+        "n": len(train_set),
+        "targets": _hash_array(getattr(train_set, "targets", np.zeros(0))),
+        "stages": [_hash_array(np.asarray(s, dtype=np.int64)) for s in stages],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+# -- the epoch loop --------------------------------------------------------------------------------------
+class _Loop:
+    """One training run's moving parts; shared by train_model and preliminary_cosines."""
+
+    def __init__(self, model, train_set, config: TrainConfig, stages, epochs_per_stage, loss_fn, on_log):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dist = init_distributed(self.device)
+        self.amp = autocast_dtype(config.precision, self.device)
+        self.unwrapped = model.to(self.device)
+        self.model = self.unwrapped
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(self.unwrapped, device_ids=ids)
+        self.train_set = train_set
+        self.stages = [np.asarray(s, dtype=np.int64) for s in stages]
+        self.plan = [(s, e) for s in range(len(self.stages)) for e in range(epochs_per_stage)]
+        world = self.dist.world_size
+        if config.batch_size % world:
+            raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world} DDP ranks")
+        self.rank_batch = config.batch_size // world
+        self.accum = max(1, int(config.grad_accum_steps))
+        self.sampler = StageSampler(self.stages[0] if self.stages else [], True, config.seed, self.dist.rank, world)
+        self.loader = make_loader(
+            train_set,
+            self.rank_batch,
+            seed=config.seed,
+            num_workers=config.num_workers,
+            sampler=self.sampler,
+            pin_memory=self.device.type == "cuda",
+        )
+        self.total_steps = sum(self._steps_in(len(self.stages[s])) for s, _ in self.plan)
+        self.optimizer = make_optimizer(self.unwrapped, config)
+        warmup = int(round(config.warmup_fraction * self.total_steps))
+        self.scheduler = cosine_with_warmup(self.optimizer, self.total_steps, warmup)
+        self.loss_fn = loss_fn if loss_fn is not None else default_loss(config.lambda_vocab)
+        self.on_log = on_log if self.dist.is_main else None
+        self.step = 0
+        self.embedding_dim: int | None = None
+
+    def _rank_samples(self, n_stage: int) -> int:
+        return -(-n_stage // self.dist.world_size) if n_stage else 0
+
+    def _steps_in(self, n_stage: int) -> int:
+        micro = -(-self._rank_samples(n_stage) // self.rank_batch)
+        return -(-micro // self.accum)
+
+    def train_epoch(self, stage: int, epoch: int, on_batch: Callable | None = None) -> dict:
+        """One epoch over stage ``stage``'s subset; returns loss / cosine / throughput figures."""
+        cfg, dev = self.config, self.device
+        self.sampler.set_stage(self.stages[stage])
+        self.sampler.set_epoch(stage, epoch)
+        self.loader.generator.manual_seed(epoch_seed(cfg.seed, stage, epoch, salt=10_000 + self.dist.rank))
+        # Dropout and any other randomness of this epoch depend only on (seed, stage, epoch, rank).
+        seed_everything(epoch_seed(cfg.seed, stage, epoch, salt=1 + self.dist.rank))
+        self.model.train()
+        n_rank = len(self.sampler)
+        group_span = self.rank_batch * self.accum
+        n_micro = len(self.loader)
+        loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
+        cos_sum = torch.zeros((), device=dev, dtype=torch.float64)
+        seen = 0
+        wait = 0.0
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        started = time.perf_counter()
+        iterator = iter(self.loader)
+        self.optimizer.zero_grad(set_to_none=True)
+        for i in range(n_micro):
+            t_wait = time.perf_counter()
+            batch = next(iterator)
+            wait += time.perf_counter() - t_wait
+            pixels, target, labels, index, context = _unpack(batch, dev, dev.type == "cuda")
+            group_start = (i // self.accum) * group_span
+            weight = pixels.shape[0] / min(group_span, n_rank - group_start)  # mean over the whole group
+            last_in_group = (i + 1) % self.accum == 0 or i == n_micro - 1
+            sync = contextlib.nullcontext()
+            if self.dist.enabled and not last_in_group:
+                sync = self.model.no_sync()
+            with sync:
+                embedding, logits = _forward(self.model, self.unwrapped, pixels, context, self.amp, dev)
+                if labels.shape[-1] == 0:
+                    labels_arg, logits_arg = None, None
+                else:
+                    labels_arg, logits_arg = labels, logits
+                loss, _ = self.loss_fn(embedding, target, logits_arg, labels_arg)
+                if logits is not None and (logits_arg is None or (self.dist.enabled and cfg.lambda_vocab == 0)):
+                    # Keep the vocabulary head in the graph with zero weight: DDP needs every parameter used.
+                    loss = loss + 0.0 * logits.sum()
+                (loss * weight).backward()
+            with torch.no_grad():
+                cosine = _row_cosine(embedding.detach(), target)
+                loss_sum += loss.detach().double() * pixels.shape[0]
+                cos_sum += cosine.double().sum()
+            seen += pixels.shape[0]
+            self.embedding_dim = int(embedding.shape[-1])
+            if on_batch is not None:
+                on_batch(index, cosine.detach())
+            if last_in_group:
+                if cfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(_trainable(self.unwrapped), cfg.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                if self.on_log and cfg.log_every and self.step % cfg.log_every == 0:
+                    self.on_log(
+                        {
+                            "event": "step",
+                            "stage": stage,
+                            "epoch": epoch,
+                            "step": self.step,
+                            "of": self.total_steps,
+                            "loss": round(float(loss.detach()), 5),
+                            "lr": self.scheduler.get_last_lr()[0],
+                        }
+                    )
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        elapsed = time.perf_counter() - started
+        totals = torch.stack([loss_sum, cos_sum, torch.tensor(float(seen), device=dev, dtype=torch.float64)])
+        if self.dist.enabled:
+            dist.all_reduce(totals)
+        count = max(float(totals[2]), 1.0)
+        return {
+            "train_loss": float(totals[0]) / count,
+            "train_cosine": float(totals[1]) / count,
+            "images_per_s": float(totals[2]) / max(elapsed, 1e-9),
+            "data_wait_fraction": wait / max(elapsed, 1e-9),
+            "gpu_mem_mb": (torch.cuda.max_memory_allocated(dev) / 2**20) if dev.type == "cuda" else 0.0,
+            "seconds": elapsed,
+        }
+
+    def evaluate(self, dataset) -> float:
+        """Mean cosine on ``dataset``, each rank scoring its own shard."""
+        if dataset is None or len(dataset) == 0:
+            return float("nan")
+        cfg = self.config
+        shard = np.arange(self.dist.rank, len(dataset), self.dist.world_size)
+        loader = make_loader(
+            torch.utils.data.Subset(dataset, shard.tolist()),
+            cfg.eval_batch_size or self.rank_batch,
+            num_workers=cfg.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        self.unwrapped.eval()
+        total = torch.zeros(2, device=self.device, dtype=torch.float64)
+        with torch.inference_mode():
+            for batch in loader:
+                pixels, target, _, _, context = _unpack(batch, self.device, self.device.type == "cuda")
+                embedding, _ = _forward(self.unwrapped, self.unwrapped, pixels, context, self.amp, self.device)
+                total[0] += _row_cosine(embedding, target).double().sum()
+                total[1] += pixels.shape[0]
+        if self.dist.enabled:
+            dist.all_reduce(total)
+        return float(total[0] / total[1]) if float(total[1]) else float("nan")
+
+
+def _check_stages(stages, n: int) -> list[np.ndarray]:
+    if stages is None:
+        return [np.arange(n)]
+    out = []
+    for k, s in enumerate(stages):
+        arr = np.asarray(s, dtype=np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() >= n):
+            raise ValueError(f"stage {k} has indices outside the training set of {n}")
+        if arr.size == 0:
+            raise ValueError(f"stage {k} is empty")
+        out.append(arr)
+    if not out:
+        raise ValueError("stages is an empty list")
+    return out
+
+
+# -- public API ------------------------------------------------------------------------------------------
+def train_model(
+    model: torch.nn.Module,
+    train_set,
+    val_set,
+    config: TrainConfig,
+    checkpoint_dir,
+    stages: list[np.ndarray] | None = None,
+    on_log: Callable[[dict], None] | None = None,
+    resume: bool = True,
+    loss_fn: LossFn | None = None,
+) -> TrainResult:
+    """Train ``model`` in place; a checkpoint after every epoch; resume from the latest matching checkpoint.
+
+    ``stages`` (curriculum index arrays, e.g. from curriculum_stages) are trained in order,
+    ``config.stage_epochs`` epochs each; without them ``config.epochs`` epochs over everything.
+    ``on_log`` gets every epoch's record (the history entries, plus "event": "epoch") and a progress record
+    every ``config.log_every`` optimizer steps; under DDP only rank 0 logs and writes checkpoints.
+    ``loss_fn`` defaults to pipeline.models.loss.ReverseSDLoss(config.lambda_vocab).
+    """
+    stage_list = _check_stages(stages, len(train_set))
+    per_stage = config.stage_epochs if stages is not None else config.epochs
+    loop = _Loop(model, train_set, config, stage_list, per_stage, loss_fn, on_log)
+    fingerprint = run_fingerprint(config, loop.unwrapped, train_set, stage_list)
+
+    history: list[dict] = []
+    start = 0
+    latest = latest_checkpoint(checkpoint_dir) if resume else None
+    if latest is not None:
+        progress = read_state(latest).get("progress", {})  # is it this run's?
+        if progress.get("fingerprint") == fingerprint:
+            load_checkpoint(latest, loop.unwrapped, loop.optimizer, loop.scheduler, restore_rng=True)
+            start = int(progress["completed"])
+            loop.step = int(progress["step"])
+            history = list(progress.get("history", []))
+            loop.embedding_dim = progress.get("embedding_dim")
+        else:
+            latest = None
+    if latest is None and list_checkpoints(checkpoint_dir):
+        loop.dist.barrier()
+        if loop.dist.is_main:
+            remove_checkpoints(checkpoint_dir)  # another run's (or resume=False): start clean
+        loop.dist.barrier()
+    checkpoint_path = str(latest) if latest is not None else None
+
+    trained_rates = []
+    for position, (stage, epoch) in enumerate(loop.plan):
+        if position < start:
+            continue
+        stats = loop.train_epoch(stage, epoch)
+        val_cosine = loop.evaluate(val_set)
+        record = {
+            "stage": stage,
+            "epoch": epoch,
+            "stage_size": int(len(stage_list[stage])),
+            "train_loss": stats["train_loss"],
+            "train_cosine": stats["train_cosine"],
+            "val_cosine": val_cosine,
+            "images_per_s": stats["images_per_s"],
+            "data_wait_fraction": stats["data_wait_fraction"],
+            "gpu_mem_mb": stats["gpu_mem_mb"],
+            "lr": loop.scheduler.get_last_lr()[0],
+            "step": loop.step,
+        }
+        history.append(record)
+        trained_rates.append(stats["images_per_s"])
+        progress = {
+            "completed": position + 1,
+            "stage": stage,
+            "epoch": epoch,
+            "step": loop.step,
+            "fingerprint": fingerprint,
+            "history": history,
+            "embedding_dim": loop.embedding_dim,
+        }
+        if loop.dist.is_main:
+            path = save_checkpoint(
+                checkpoint_dir,
+                loop.unwrapped,
+                loop.optimizer,
+                loop.scheduler,
+                progress=progress,
+                config=config.to_dict(),
+                index=position + 1,
+                embedding_dim=loop.embedding_dim,
+                keep_last=config.keep_checkpoints,
+            )
+            checkpoint_path = str(path)
+        loop.dist.barrier()
+        if loop.on_log:
+            loop.on_log({"event": "epoch", **record})
+
+    vals = [h["val_cosine"] for h in history if not math.isnan(h["val_cosine"])]
+    rates = trained_rates or [h["images_per_s"] for h in history]
+    extra = {"world_size": loop.dist.world_size, "total_steps": loop.total_steps, "fingerprint": fingerprint}
+    if loop.dist.enabled:
+        extra["replica_max_abs_diff"] = replica_max_abs_diff(loop.unwrapped)
+    return TrainResult(
+        history=history,
+        best_val_cosine=max(vals) if vals else float("nan"),
+        final_val_cosine=history[-1]["val_cosine"] if history else float("nan"),
+        checkpoint_path=checkpoint_path,
+        images_per_s=float(np.mean(rates)) if rates else 0.0,
+        resumed_epochs=start,
+        extra=extra,
+    )
+
+
+def replica_max_abs_diff(model: torch.nn.Module) -> float:
+    """Largest |weight - rank 0's weight| over all parameters and ranks (0.0 when the replicas agree)."""
+    worst = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
+    for p in model.parameters():
+        reference = p.detach().clone()
+        dist.broadcast(reference, src=0)
+        worst = torch.maximum(worst, (p.detach() - reference).abs().max().double())
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return float(worst)
+
+
+def preliminary_cosines(
+    model: torch.nn.Module, train_set, config: TrainConfig, epochs: int, loss_fn: LossFn | None = None
+) -> np.ndarray:
+    """Train ``epochs`` preliminary epochs over the whole set; return every sample's cosine per epoch [epochs, n].
+
+    The cosine is the one of the training forward pass of that epoch (the model as it is when the sample's
+    batch comes up, in train mode), recorded by the dataset index each item carries; this costs no extra
+    pass.  No checkpoints.  Under DDP the ranks' records are summed, so every rank returns the full matrix.
+    """
+    n = len(train_set)
+    loop = _Loop(model, train_set, config, [np.arange(n)], epochs, loss_fn, None)
+    out = np.full((epochs, n), np.nan, dtype=np.float64)
+    for position, (stage, epoch) in enumerate(loop.plan):
+        sums = torch.zeros(n, dtype=torch.float64, device=loop.device)
+        counts = torch.zeros(n, dtype=torch.float64, device=loop.device)
+
+        def record(index, cosine, sums=sums, counts=counts):
+            idx = torch.as_tensor(index, dtype=torch.long, device=loop.device)
+            sums.index_add_(0, idx, cosine.double())  # padded duplicates average out
+            counts.index_add_(0, idx, torch.ones_like(cosine, dtype=torch.float64))
+
+        loop.train_epoch(stage, epoch, on_batch=record)
+        if loop.dist.enabled:
+            dist.all_reduce(sums)
+            dist.all_reduce(counts)
+        c = counts.cpu().numpy()
+        out[position] = np.where(c > 0, sums.cpu().numpy() / np.maximum(c, 1), np.nan)
+    return out
+
+
+def predict_embeddings(
+    model: torch.nn.Module,
+    dataset,
+    batch_size: int = 64,
+    device: str | torch.device = "auto",
+    num_workers: int = 0,
+    precision: str = "auto",
+) -> np.ndarray:
+    """Predicted embeddings (n, D) float32 in dataset order; eval mode, no autograd."""
+    dev = resolve_device(device) if isinstance(device, str) else device
+    amp = autocast_dtype(precision, dev)
+    model = _unwrap(model).to(dev).eval()
+    loader = make_loader(dataset, batch_size, num_workers=num_workers, pin_memory=dev.type == "cuda")
+    chunks = []
+    with torch.inference_mode():
+        for batch in loader:
+            pixels, _, _, _, context = _unpack(batch, dev, dev.type == "cuda")
+            embedding, _ = _forward(model, model, pixels, context, amp, dev)
+            chunks.append(embedding.float().cpu().numpy())
+    if not chunks:
+        return np.zeros((0, getattr(model, "embedding_dim", 384)), dtype=np.float32)
+    return np.concatenate(chunks).astype(np.float32, copy=False)

@@ -27,7 +27,9 @@ test: install
 	$(BIN)/python -m pytest -q
 
 ui: install
-	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $${PORT:-3000}
+	mkdir -p $(DAGSTER_HOME)
+	test -e $(DAGSTER_HOME)/dagster.yaml || cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/dagster dev -w workspace.yaml -h $${HOST:-127.0.0.1} -p $${PORT:-3000}
 
 bench: install
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done

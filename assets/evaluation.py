@@ -141,7 +141,7 @@ def kmeans_centroids(context: dg.AssetExecutionContext, storage: StorageResource
         metadata={
             "k": k,
             "train_points": len(train_preds),
-            "inertia": float(inertia(train_preds, centroids)),
+            "inertia_cosine": float(inertia(train_preds, centroids, metric="cosine")),
             "seconds": round(elapsed, 2),
             "ensemble": column,
             "path": dg.MetadataValue.path(target),

@@ -89,7 +89,7 @@ class DAKLRegressor(RegressorMixin, BaseEstimator):
         """r = phi - c for rows Xn (already normalised) against U columns [start, stop), in the work dtype."""
         cos = Xn @ self.U_[start:stop].T
         cos -= self.k0_
-        cos *= self.gamma
+        cos *= self.gamma_
         r = np.expm1(cos, out=cos)
         r *= self.shift_
         return r
@@ -106,7 +106,6 @@ class DAKLRegressor(RegressorMixin, BaseEstimator):
             raise ValueError(
                 f"X_target has {X_target.shape[1]} features but X has {X.shape[1]}; they must match"
             )
-        self._y_1d = Y.ndim == 1
         Y2 = Y.reshape(len(Y), -1)
         n = len(X)
         Xn = cosine_normalise(X, dtype)
@@ -115,7 +114,8 @@ class DAKLRegressor(RegressorMixin, BaseEstimator):
         self.n_basis_ = N
         # k0 = mean cosine between X and U (exact: mean(Xn) . mean(U)); the split point of phi = c + r.
         self.k0_ = float(np.clip(Xn.mean(0, dtype=np.float64) @ self.U_.mean(0, dtype=np.float64), -1, 1))
-        self.shift_ = float(np.exp(-self.gamma * (1.0 - self.k0_)))
+        self.gamma_ = float(self.gamma)  # the gamma the fitted state belongs to (set_params cannot skew it)
+        self.shift_ = float(np.exp(-self.gamma_ * (1.0 - self.k0_)))
         c = self.shift_
         b = int(self.block_size)
 
@@ -140,7 +140,7 @@ class DAKLRegressor(RegressorMixin, BaseEstimator):
             A = scipy.linalg.lstsq(G, Y2)[0]
         del G, RRt
 
-        # Pass 2: what predict needs. W = r(X)^T A is N x p; a = 1^T A, bvec = s_X^T A.
+        # Pass 2: what predict needs: W = r(X)^T A (N x p), 1^T A and s_X^T A.
         A_w = A.astype(dtype)
         W = np.empty((N, Y2.shape[1]), dtype=np.float64)
         for start in range(0, N, b):
@@ -149,13 +149,13 @@ class DAKLRegressor(RegressorMixin, BaseEstimator):
         self.W_ = W.astype(dtype)
         self.coef_sum_ = A.sum(axis=0)
         self.coef_s_ = s_x @ A
-        self.dual_coef_ = A
+        self.dual_coef_ = A[:, 0] if Y.ndim == 1 else A  # (n,) for 1-d Y, as KernelRidge
         return self
 
     def predict(self, X):
         """phi(X) phi(X_fit)^T A, computed in blocks of rows of X and columns of U."""
         check_is_fitted(self, "dual_coef_")
-        dtype = self._check_params()
+        dtype = self.U_.dtype
         X = validate_data(self, X, reset=False, dtype=np.float64)
         c, N, b = self.shift_, self.n_basis_, int(self.block_size)
         out = np.empty((len(X), self.W_.shape[1]), dtype=np.float64)
@@ -172,4 +172,4 @@ class DAKLRegressor(RegressorMixin, BaseEstimator):
             acc += (N * c * c + c * s_z)[:, None] * self.coef_sum_[None, :]
             acc += c * self.coef_s_[None, :]
             out[r0 : r0 + rows] = acc
-        return out[:, 0] if self._y_1d else out
+        return out[:, 0] if self.dual_coef_.ndim == 1 else out

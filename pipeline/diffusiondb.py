@@ -1,0 +1,351 @@
+"""DiffusionDB: where the parts come from (hub or local mirror) and how one part is read.
+
+DiffusionDBSource names the data: a Hugging Face dataset id at a pinned revision, or a local mirror
+directory in DiffusionDB's layout (images/part-NNNNNN.zip).  Both lead to a local zip path
+(`fetch_part`); everything after that, `read_part`, is shared, so the local mirror is an honest
+offline twin of the hub path.
+
+read_part streams one archive: opened once, members read one at a time into memory (never extracted,
+no path is ever built from a member name, nothing is written anywhere), each image decoded once,
+resized and re-encoded by pipeline.images.  Bad records are skipped and counted with their ids, never
+crashing the part and never dropping a good record.  An archive that cannot be read at all raises
+CorruptArchiveError naming the part and the file; so does a part whose JSON cannot be trusted (missing,
+not UTF-8, not JSON, not an object of entries): without it no prompt in the part is known, so failing the
+part loudly is the honest outcome.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import stat
+import threading
+import zipfile
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from pipeline.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, reencode
+
+HUB_DATASET = "poloclub/diffusiondb"
+PART_KEY = re.compile(r"part-\d{6}")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_DRIVE = re.compile(r"^[A-Za-z]:")
+MAX_MEMBER_BYTES = 64 << 20  # one image; DiffusionDB's PNGs are well under 2 MB
+MAX_JSON_BYTES = 256 << 20  # a part's JSON is about 0.5 MB
+
+FRAME_SCHEMA = {
+    "image_id": pl.String,
+    "part": pl.String,
+    "prompt": pl.String,
+    "seed": pl.Int64,
+    "cfg": pl.Float64,
+    "steps": pl.Int64,
+    "sampler": pl.String,
+    "width": pl.Int64,
+    "height": pl.Int64,
+    "image": pl.Binary,
+}
+
+
+class CorruptArchiveError(RuntimeError):
+    """A part archive (or its JSON) that cannot be read at all; the message names the part and file."""
+
+
+def validate_part_key(part_key: str) -> str:
+    """Only part-NNNNNN: a hostile key can never build a path outside the mirror or a hub file name."""
+    if not isinstance(part_key, str) or not PART_KEY.fullmatch(part_key):
+        raise ValueError(f"not a DiffusionDB part key (part-NNNNNN): {part_key!r}")
+    return part_key
+
+
+# -- the source -------------------------------------------------------------------------------------
+
+_HASH_CACHE: dict[tuple[str, int, int], str] = {}
+_HASH_LOCK = threading.Lock()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, cached by (path, size, mtime) so a listing re-hashes only changed files."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    with _HASH_LOCK:
+        if key in _HASH_CACHE:
+            return _HASH_CACHE[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    with _HASH_LOCK:
+        _HASH_CACHE[key] = value
+    return value
+
+
+def _looks_local(location: str) -> bool:
+    """An existing directory, or anything path-like; otherwise an owner/name hub id."""
+    if location.startswith("file://"):
+        return True
+    path = Path(location).expanduser()
+    if path.is_dir():
+        return True
+    if path.is_absolute() or location.startswith((".", "~")) or "\\" in location or _DRIVE.match(location):
+        return True
+    return not _HUB_ID.fullmatch(location)
+
+
+@dataclass(frozen=True)
+class DiffusionDBSource:
+    """A DiffusionDB location: a hub dataset id at `revision`, or a local mirror directory.
+
+    `token` is only passed to huggingface_hub; it is left out of repr and comparisons so it is never logged.
+    """
+
+    location: str = HUB_DATASET
+    revision: str = "main"
+    token: str | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.is_local:
+            root = self.root
+            if not root.is_dir():
+                raise ValueError(f"DiffusionDB mirror directory does not exist: {root}")
+
+    @property
+    def is_local(self) -> bool:
+        return _looks_local(self.location)
+
+    @property
+    def root(self) -> Path:
+        """The local mirror directory (local sources only)."""
+        return Path(self.location.removeprefix("file://")).expanduser().resolve()
+
+    def _local_parts(self) -> dict[str, Path]:
+        images = self.root / "images"
+        if not images.is_dir():
+            return {}
+        found = {}
+        for path in images.iterdir():
+            # names are matched, never trusted: only part-NNNNNN.zip regular files (no symlinks out)
+            if path.suffix == ".zip" and PART_KEY.fullmatch(path.stem) and path.is_file() and not path.is_symlink():
+                found[path.stem] = path
+        return dict(sorted(found.items()))
+
+    # -- versions -----------------------------------------------------------------------------------
+    def revision_id(self) -> str:
+        """The data version: the hub commit sha of `revision`, or a hash of the mirror's part listing."""
+        if not self.is_local:
+            from huggingface_hub import HfApi
+
+            return HfApi(token=self.token).dataset_info(self.location, revision=self.revision).sha
+        digest = hashlib.sha256()
+        for key, path in self._local_parts().items():
+            digest.update(f"{key}.zip\t{path.stat().st_size}\t{file_sha256(path)}\n".encode())
+        return "mirror-" + digest.hexdigest()
+
+    def list_parts(self) -> dict[str, str]:
+        """part key -> content version (sha256 of the part's zip: local bytes, or the hub's LFS sha256)."""
+        if self.is_local:
+            return {key: file_sha256(path) for key, path in self._local_parts().items()}
+        from huggingface_hub import HfApi
+        from huggingface_hub.hf_api import RepoFile
+
+        api = HfApi(token=self.token)
+        parts = {}
+        for entry in api.list_repo_tree(
+            self.location, path_in_repo="images", repo_type="dataset", revision=self.revision
+        ):
+            if not isinstance(entry, RepoFile):
+                continue
+            name = entry.path.rsplit("/", 1)[-1]
+            if name.endswith(".zip") and PART_KEY.fullmatch(name[:-4]):
+                parts[name[:-4]] = entry.lfs.sha256 if entry.lfs is not None else entry.blob_id
+        return dict(sorted(parts.items()))
+
+    # -- data ---------------------------------------------------------------------------------------
+    def fetch_part(self, part_key: str, cache_dir: str | os.PathLike | None = None) -> Path:
+        """A local path to the part's zip: the mirror's own file (no copy), or a hub download.
+
+        Hub downloads go through huggingface_hub: resumable, checked against the hub's hash, cached in
+        `cache_dir` (a local directory) so a second fetch costs nothing.
+        """
+        validate_part_key(part_key)
+        if self.is_local:
+            path = self.root / "images" / f"{part_key}.zip"
+            if not path.is_file():
+                raise FileNotFoundError(f"{part_key}: no archive at {path}")
+            return path
+        from huggingface_hub import hf_hub_download
+
+        return Path(
+            hf_hub_download(
+                repo_id=self.location,
+                filename=f"images/{part_key}.zip",
+                repo_type="dataset",
+                revision=self.revision,
+                cache_dir=None if cache_dir is None else str(cache_dir),
+                token=self.token,
+            )
+        )
+
+
+# -- reading one part -------------------------------------------------------------------------------
+
+
+@dataclass
+class PartReadResult:
+    """The kept records (`frame`), the skipped ones with their reasons, and the count per reason."""
+
+    frame: pl.DataFrame
+    skipped: list[dict] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def _unsafe_reason(info: zipfile.ZipInfo) -> str | None:
+    """Why a member's name or kind is refused: it would leave the archive's folder, or is a link."""
+    name = info.filename
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return "symlink_member"
+    if name.startswith(("/", "\\")) or _DRIVE.match(name) or "\x00" in name:
+        return "unsafe_member_name"
+    if any(part == ".." for part in re.split(r"[\\/]", name)):
+        return "unsafe_member_name"
+    return None
+
+
+def _as_int(value) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not value.is_integer():
+        return None
+    value = int(value)
+    return value if -(2**63) <= value < 2**63 else None
+
+
+def _as_float(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if value == value and abs(value) != float("inf") else None
+
+
+def _load_entries(zf: zipfile.ZipFile, part_key: str, zip_path: Path) -> dict:
+    name = f"{part_key}.json"
+    try:
+        info = zf.getinfo(name)
+    except KeyError:
+        raise CorruptArchiveError(f"{part_key}: {zip_path} has no {name}, so no prompt in it is known") from None
+    if info.file_size > MAX_JSON_BYTES:
+        raise CorruptArchiveError(f"{part_key}: {name} in {zip_path} declares {info.file_size:,} bytes")
+    try:
+        with zf.open(info) as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+        entries = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise CorruptArchiveError(f"{part_key}: {name} in {zip_path} is not UTF-8: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise CorruptArchiveError(f"{part_key}: {name} in {zip_path} is not valid JSON: {exc}") from exc
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
+        raise CorruptArchiveError(f"{part_key}: cannot read {name} from {zip_path}: {exc}") from exc
+    if not isinstance(entries, dict):
+        raise CorruptArchiveError(
+            f"{part_key}: {name} in {zip_path} is a JSON {type(entries).__name__}, not an object of entries"
+        )
+    return entries
+
+
+def read_part(
+    zip_path: str | os.PathLike,
+    part_key: str,
+    image_size: int = 256,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    image_format: str = "JPEG",
+    quality: int = 95,
+) -> PartReadResult:
+    """Read one DiffusionDB part archive into a frame of FRAME_SCHEMA (one row per good image).
+
+    prompt is the raw JSON value (not stripped, not filtered: that is the filter's job, which also
+    counts null prompts); a prompt of another type (number, list ...) skips the record.  Invalid seed /
+    cfg / steps / sampler values become null rather than dropping a good image.  width and height are
+    the image as stored in the archive (before resizing); `image` holds the re-encoded bytes.
+    Skip reasons: symlink_member, unsafe_member_name, duplicate_member, member_too_large, corrupt_member,
+    image_without_entry, entry_without_image, entry_not_object, prompt_not_text, and the image reasons
+    of pipeline.images (empty_image, image_too_large, undecodable_image).
+    """
+    validate_part_key(part_key)
+    zip_path = Path(zip_path)
+    columns: dict[str, list] = {name: [] for name in FRAME_SCHEMA}
+    skipped: list[dict] = []
+
+    def skip(record_id: str, reason: str) -> None:
+        skipped.append({"id": f"{part_key}/{record_id}", "reason": reason})
+
+    try:
+        zf = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as exc:
+        raise CorruptArchiveError(f"{part_key}: {zip_path} is not a readable zip archive: {exc}") from exc
+    with zf:
+        entries = _load_entries(zf, part_key, zip_path)
+        json_name = f"{part_key}.json"
+        seen: set[str] = set()
+        refused: set[str] = set()  # names of refused members: their entries are not counted twice
+        for info in zf.infolist():
+            name = info.filename
+            if name == json_name or info.is_dir():
+                continue
+            reason = _unsafe_reason(info)
+            if reason is None and name in seen:
+                reason = "duplicate_member"
+            if reason is None and name not in entries:
+                reason = "image_without_entry"
+            if reason is None and info.file_size > MAX_MEMBER_BYTES:
+                reason = "member_too_large"
+            entry = entries.get(name)
+            if reason is None and not isinstance(entry, dict):
+                reason = "entry_not_object"
+            prompt = entry.get("p") if isinstance(entry, dict) else None
+            if reason is None and prompt is not None and not isinstance(prompt, str):
+                reason = "prompt_not_text"
+            if reason is not None:
+                if reason != "duplicate_member":
+                    refused.add(name)
+                skip(name, reason)
+                continue
+            seen.add(name)
+            try:
+                with zf.open(info) as f:
+                    data = f.read(MAX_MEMBER_BYTES + 1)
+            except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError, RuntimeError) as exc:
+                # bad CRC, unsupported compression or encryption: this member only
+                skip(name, "corrupt_member")
+                refused.add(name)
+                del exc
+                continue
+            try:
+                image, width, height = reencode(
+                    data, size=image_size, fmt=image_format, quality=quality, max_image_pixels=max_image_pixels
+                )
+            except ImageError as exc:
+                skip(name, f"{exc.reason}_image" if exc.reason != "too_large" else "image_too_large")
+                continue
+            sampler = entry.get("sa")
+            columns["image_id"].append(name)
+            columns["part"].append(part_key)
+            columns["prompt"].append(prompt)
+            columns["seed"].append(_as_int(entry.get("se")))
+            columns["cfg"].append(_as_float(entry.get("c")))
+            columns["steps"].append(_as_int(entry.get("st")))
+            columns["sampler"].append(sampler if isinstance(sampler, str) else None)
+            columns["width"].append(width)
+            columns["height"].append(height)
+            columns["image"].append(image)
+        for name in entries:
+            if name not in seen and name not in refused:
+                skip(name, "entry_without_image")
+    frame = pl.DataFrame(columns, schema=FRAME_SCHEMA)
+    return PartReadResult(frame, skipped, dict(Counter(s["reason"] for s in skipped)))

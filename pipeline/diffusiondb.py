@@ -283,7 +283,7 @@ def read_part(
     skipped: list[dict] = []
 
     def skip(record_id: str, reason: str) -> None:
-        skipped.append({"id": f"{part_key}/{record_id}", "reason": reason})
+        skipped.append({"id": record_id, "reason": reason})
 
     try:
         zf = zipfile.ZipFile(zip_path)
@@ -320,11 +320,10 @@ def read_part(
             try:
                 with zf.open(info) as f:
                     data = f.read(MAX_MEMBER_BYTES + 1)
-            except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError, RuntimeError) as exc:
+            except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError, RuntimeError):
                 # bad CRC, unsupported compression or encryption: this member only
                 skip(name, "corrupt_member")
                 refused.add(name)
-                del exc
                 continue
             try:
                 image, width, height = reencode(

@@ -5,7 +5,6 @@ Dagster starts schedules and sensors STOPPED unless told otherwise; these two st
 with `dagster schedule start observe_diffusiondb` / `dagster sensor start diffusiondb_new_parts`.
 """
 
-from __future__ import annotations
 
 import os
 

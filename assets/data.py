@@ -5,7 +5,6 @@ Tables are written by the assets themselves (not an IO manager) so that downstre
 just the columns they need: filtered_pairs never loads image bytes.
 """
 
-from __future__ import annotations
 
 import hashlib
 import time

@@ -1,6 +1,5 @@
 """Ensemble, k-means centroids, DAKL, the evaluation report and the prompt bank."""
 
-from __future__ import annotations
 
 import json
 import time

@@ -38,7 +38,12 @@ def plan_stages(
     asset_graph = defs.resolve_asset_graph()
     materializable = {k for k in asset_graph.materializable_asset_keys}
     if selection:
-        selected = set(dg.AssetSelection.from_string(selection).resolve(asset_graph)) & materializable
+        # A comma-separated list is a union, as `dagster asset materialize --select a,b` takes it.
+        selected = set()
+        for part in (p.strip() for p in selection.split(",")):
+            if part:
+                selected |= set(dg.AssetSelection.from_string(part).resolve(asset_graph))
+        selected &= materializable
     else:
         selected = materializable
     resolver = None
@@ -108,8 +113,9 @@ def run_stages(
     on_run: Callable[[Stage, str | None], None] | None = None,
 ) -> list[dg.ExecuteInProcessResult]:
     """One in-process run per (stage, partition key), recorded in `instance`; stops at the first failure."""
-    asset_graph = defs.resolve_asset_graph()
-    assets_defs = list(asset_graph.assets_defs)
+    from assets.definitions import ALL_ASSETS, ALL_CHECKS
+
+    assets_defs = [*ALL_ASSETS, *ALL_CHECKS]
     resources = defs.resources or {}
     results = []
     for stage in stages:

@@ -1,7 +1,6 @@
 """Training stages: preliminary-epoch difficulty per backbone, then baseline / mlc / mlc_cl models per
 backbone x recipe, and their predicted embeddings.  Training runs in the "gpu" concurrency pool."""
 
-from __future__ import annotations
 
 import time
 
@@ -83,7 +82,9 @@ def _create(backbone: str, compute: ComputeResource, vocab_size: int):
     group_name=TRAIN_GROUP,
     kinds={"pytorch", "parquet"},
     pool="gpu",
-    code_version=code_version("difficulty_scores", epochs=TRAIN.preliminary_epochs, **TRAIN.as_dict()),
+    code_version=code_version(
+        "difficulty_scores", **{k: v for k, v in TRAIN.as_dict().items() if k != "epochs"}
+    ),
     description="Preliminary epochs recording each training sample's cosine; difficulty = mean (higher = easier).",
 )
 def difficulty_scores(
@@ -258,9 +259,18 @@ def beats_mean_embedding_baseline(storage: StorageResource) -> dg.AssetCheckResu
             merged = preds.join(val.select("image_id", pl.col("embedding").alias("target")), on="image_id")
             cosine = mean_cosine(merged["embedding"].to_numpy(), merged["target"].to_numpy())
             rows.append({"model": key, "val_cosine": cosine, "baseline": baseline, "beats": cosine > baseline})
+    losers = [r["model"] for r in rows if not r["beats"]]
+    # ERROR (blocks the ensemble) when no model beats the baseline: nothing downstream would mean anything.
+    # WARN when some do not: the UI flags them, and the ensemble still runs on the rest of the graph.
+    severity = dg.AssetCheckSeverity.ERROR if len(losers) == len(rows) else dg.AssetCheckSeverity.WARN
     return dg.AssetCheckResult(
-        passed=bool(rows) and all(r["beats"] for r in rows),
-        metadata={"models": len(rows), "table": dg.MetadataValue.md(markdown_table(rows))},
+        passed=bool(rows) and not losers,
+        severity=severity,
+        metadata={
+            "models": len(rows),
+            "below_baseline": ", ".join(losers) or "none",
+            "table": dg.MetadataValue.md(markdown_table(rows)),
+        },
     )
 
 

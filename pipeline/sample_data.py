@@ -214,11 +214,19 @@ def _head(attrs: Attributes, rng: np.random.Generator) -> list[str]:
     return [subject] if style is None else [subject, style]
 
 
-def _tail(rng: np.random.Generator) -> list[str]:
-    mods = [MODIFIERS[i] for i in rng.choice(len(MODIFIERS), size=int(rng.integers(2, 5)), replace=False)]
-    artists = [ARTISTS[i] for i in rng.choice(len(ARTISTS), size=int(rng.integers(1, 3)), replace=False)]
-    tags = [TAGS[i] for i in rng.choice(len(TAGS), size=int(rng.integers(1, 3)), replace=False)]
-    return [*mods, "by " + " and ".join(artists), *tags]
+def _tail(rng: np.random.Generator, style: str | None = None) -> list[str]:
+    """Modifiers, artists and tags.  With a style, modifiers and artists come from that style's own
+    share of the lists (as real artists go with a look), so most of a prompt is visible in its image
+    and models can learn it; tags stay random, the part of a prompt no image shows."""
+    modifiers, artists_pool = MODIFIERS, ARTISTS
+    if style is not None:
+        i, n = list(STYLES).index(style), len(STYLES)
+        modifiers, artists_pool = MODIFIERS[i::n], ARTISTS[i::n]
+    mods = [modifiers[i] for i in rng.choice(len(modifiers), size=min(len(modifiers), int(rng.integers(2, 4))), replace=False)]
+    artists = [artists_pool[i] for i in rng.choice(len(artists_pool), size=1, replace=False)]
+    tags = [TAGS[i] for i in rng.choice(len(TAGS), size=1, replace=False)]
+    segments = [*mods, "by " + " and ".join(artists), *tags]
+    return [segments[i] for i in rng.permutation(len(segments))]
 
 
 def _join(segments: list[str]) -> str:
@@ -227,7 +235,7 @@ def _join(segments: list[str]) -> str:
 
 def _fresh(rng: np.random.Generator) -> _Record:
     attrs = _draw_attributes(rng)
-    head, tail = _head(attrs, rng), _tail(rng)
+    head, tail = _head(attrs, rng), _tail(rng, attrs.style)
     text = _join(head + tail)
     return _Record(attrs, text, text, head, tail)
 

@@ -111,6 +111,7 @@ def run_stages(
     instance: dg.DagsterInstance,
     stages: Iterable[Stage],
     on_run: Callable[[Stage, str | None], None] | None = None,
+    log_level: str = "WARNING",
 ) -> list[dg.ExecuteInProcessResult]:
     """One in-process run per (stage, partition key), recorded in `instance`; stops at the first failure."""
     from assets.definitions import ALL_ASSETS, ALL_CHECKS
@@ -132,6 +133,7 @@ def run_stages(
                 instance=instance,
                 resources=resources,
                 raise_on_error=False,
+                run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
                 tags={"reverse-sd/launched-by": "cli"},
             )
             results.append(result)

@@ -74,7 +74,7 @@ def profile_config(settings: Settings) -> ProfileConfig:
         # A small sample needs a larger share of val/test for the figures to mean anything.
         # Tiny random-init backbones learn in a few epochs only with a larger learning rate.
         training = TrainingSpec(
-            epochs=_env_int("REVERSE_SD_TRAIN_EPOCHS", 4), preliminary_epochs=2, batch_size=32, lr=2e-3
+            epochs=_env_int("REVERSE_SD_TRAIN_EPOCHS", 8), preliminary_epochs=2, batch_size=32, lr=2e-3
         )
         return ProfileConfig(
             sample=sample, split_ratios=(80, 10, 10), vocabulary_size=300, training=training, kmeans_k=64

@@ -35,7 +35,7 @@ def sample_run(tmp_path_factory):
         "REVERSE_SD_HOME": str(root / "data"),
         "DAGSTER_HOME": str(root / "dagster_home"),
         "REVERSE_SD_SAMPLE_PARTS": "2",
-        "REVERSE_SD_SAMPLE_IMAGES_PER_PART": "60",
+        "REVERSE_SD_SAMPLE_IMAGES_PER_PART": "150",
         "HF_HUB_OFFLINE": "1",
     }
     env.pop("REVERSE_SD_DIFFUSIONDB", None)
@@ -49,7 +49,7 @@ def test_whole_graph_materializes(sample_run):
     parts = sorted(p.name for p in (home / "diffusiondb_parts").glob("*.parquet"))
     assert parts == ["part-000001.parquet", "part-000002.parquet"]
     raw = pl.concat([pl.read_parquet(home / "diffusiondb_parts" / p) for p in parts])
-    assert raw.height == 120
+    assert raw.height == 300
     pairs = pl.read_parquet(home / "filtered_pairs.parquet")
     # the sample carries filter bait, so the filter must remove something, and keep most
     assert 0.5 * raw.height < pairs.height < raw.height

@@ -46,13 +46,7 @@ def _materialize(args: argparse.Namespace) -> int:
         names = ",".join(k.to_user_string() for k in stage.asset_keys)
         bar.set_postfix_str(f"{names}" + (f"[{partition_key}]" if partition_key else ""))
 
-    results = []
-    for stage in stages:
-        stage_results = run_stages(defs, instance, [stage], on_run=on_run)
-        results.extend(stage_results)
-        bar.update(len(stage_results))
-        if stage_results and not stage_results[-1].success:
-            break
+    results = run_stages(defs, instance, stages, on_run=on_run, on_done=lambda _: bar.update(1))
     bar.close()
     failed = [r for r in results if not r.success]
     if failed:

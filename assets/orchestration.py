@@ -112,6 +112,7 @@ def run_stages(
     stages: Iterable[Stage],
     on_run: Callable[[Stage, str | None], None] | None = None,
     log_level: str = "WARNING",
+    on_done: Callable[[dg.ExecuteInProcessResult], None] | None = None,
 ) -> list[dg.ExecuteInProcessResult]:
     """One in-process run per (stage, partition key), recorded in `instance`; stops at the first failure."""
     from assets.definitions import ALL_ASSETS, ALL_CHECKS
@@ -137,6 +138,8 @@ def run_stages(
                 tags={"reverse-sd/launched-by": "cli"},
             )
             results.append(result)
+            if on_done:
+                on_done(result)
             if not result.success:
                 return results
     return results

@@ -71,9 +71,10 @@ def _create(backbone: str, compute: ComputeResource, vocab_size: int):
     from pipeline.training import seed_everything
 
     seed_everything(TRAIN.seed)  # the same initial weights on every run
-    return create_model(
+    model = create_model(
         backbone, variant=compute.backbone_variant, vocab_size=vocab_size, pretrained=compute.pretrained
     )
+    return model
 
 
 @dg.asset(

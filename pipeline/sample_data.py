@@ -224,7 +224,10 @@ def _tail(rng: np.random.Generator, style: str | None = None) -> list[str]:
         modifiers, artists_pool = MODIFIERS[i::n], ARTISTS[i::n]
     mods = [modifiers[i] for i in rng.choice(len(modifiers), size=min(len(modifiers), int(rng.integers(2, 4))), replace=False)]
     artists = [artists_pool[i] for i in rng.choice(len(artists_pool), size=1, replace=False)]
-    tags = [TAGS[i] for i in rng.choice(len(TAGS), size=1, replace=False)]
+    # Tags ("trending on artstation") are the part no image shows: always on global tails, one in
+    # four on styled ones, so the sample keeps some noise without drowning the visible signal.
+    n_tags = 1 if style is None or rng.random() < 0.25 else 0
+    tags = [TAGS[i] for i in rng.choice(len(TAGS), size=n_tags, replace=False)]
     segments = [*mods, "by " + " and ".join(artists), *tags]
     return [segments[i] for i in rng.permutation(len(segments))]
 

@@ -225,8 +225,8 @@ def _tail(rng: np.random.Generator, style: str | None = None) -> list[str]:
     mods = [modifiers[i] for i in rng.choice(len(modifiers), size=min(len(modifiers), int(rng.integers(2, 4))), replace=False)]
     artists = [artists_pool[i] for i in rng.choice(len(artists_pool), size=1, replace=False)]
     # Tags ("trending on artstation") are the part no image shows: always on global tails, one in
-    # four on styled ones, so the sample keeps some noise without drowning the visible signal.
-    n_tags = 1 if style is None or rng.random() < 0.25 else 0
+    # two on styled ones, so the sample keeps some noise without drowning the visible signal.
+    n_tags = 1 if style is None or rng.random() < 0.5 else 0
     tags = [TAGS[i] for i in rng.choice(len(TAGS), size=n_tags, replace=False)]
     segments = [*mods, "by " + " and ".join(artists), *tags]
     return [segments[i] for i in rng.permutation(len(segments))]
@@ -239,6 +239,10 @@ def _join(segments: list[str]) -> str:
 def _fresh(rng: np.random.Generator) -> _Record:
     attrs = _draw_attributes(rng)
     head, tail = _head(attrs, rng), _tail(rng, attrs.style)
+    if rng.random() < 0.6:
+        # A palette note at the end, as many real prompts have: visible, and it keeps 50-character
+        # suffixes varied, so near-duplicates come mostly from the planned bait.
+        tail = [*tail, f"{attrs.color} and {attrs.background} color palette"]
     text = _join(head + tail)
     return _Record(attrs, text, text, head, tail)
 

@@ -126,7 +126,8 @@ def test_filter_bait_present_in_realistic_proportion(bait_prompts):
         assert 0 < count < 0.2 * n, f"{name}: {count} of {n}"
     # most prompts look like DiffusionDB's and survive
     assert 0.6 * n < (~clean.str.contains(r"[^\x00-\x7F]")).sum() <= n
-    assert clean.str.contains("trending on artstation|4k|8k|hd").mean() > 0.5
+    # tags no image shows are kept to a minority so that tiny models can learn (sample_data._tail)
+    assert 0.2 < clean.str.contains("trending on artstation|4k|8k|hd").mean() < 0.8
     assert clean.str.contains(r"\bby [a-z]").mean() > 0.9
 
 

@@ -140,19 +140,33 @@ class PromptPredictor:
         """Predicted, unit-length prompt embeddings for encoded images (a batch at a time)."""
         from pipeline.images import reencode_image
 
-        return self.embed_stored([reencode_image(b, size=256) for b in images])
+        return self.embed_stored(list(self._pool().map(lambda b: reencode_image(b, size=256), images)))
+
+    def _pool(self):
+        """Threads for image decoding and re-encoding: Pillow releases the GIL there, so a batch uses every core."""
+        if getattr(self, "_threads", None) is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._threads = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+        return self._threads
 
     def embed_stored(self, stored: Sequence[bytes]) -> np.ndarray:
         """As embed, for images already re-encoded the way diffusiondb_parts stores them."""
         import torch
 
-        outputs = []
-        for member in self.members:
-            from pipeline.data import PairDataset
+        from pipeline.data import decode_image
 
+        outputs = []
+        unit_pixels: dict[int, torch.Tensor] = {}  # decoded once per input size, normalised per model
+        for member in self.members:
             model = member.model
-            dataset = PairDataset.for_model(stored, np.zeros((len(stored), 384), np.float32), None, model)
-            pixels = torch.stack([dataset[i][0] for i in range(len(dataset))]).to(self.device)
+            size = model.image_size
+            if size not in unit_pixels:
+                decode = lambda b: decode_image(b, size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # noqa: E731
+                unit_pixels[size] = torch.stack(list(self._pool().map(decode, stored)))
+            mean = torch.tensor(model.mean).view(1, 3, 1, 1)
+            std = torch.tensor(model.std).view(1, 3, 1, 1)
+            pixels = ((unit_pixels[size] - mean) / std).to(self.device)
             with torch.inference_mode():
                 embedding, _ = model(pixels)
             outputs.append(embedding.float().cpu().numpy())

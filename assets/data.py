@@ -6,7 +6,6 @@ just the columns they need: filtered_pairs never loads image bytes.
 """
 
 
-import hashlib
 import time
 
 import dagster as dg
@@ -40,14 +39,6 @@ def register_parts(instance: dg.DagsterInstance, diffusiondb: DiffusionDBResourc
     return new
 
 
-def _file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @dg.asset(
     partitions_def=parts_partitions,
     deps=[diffusiondb_source],
@@ -59,7 +50,7 @@ def _file_sha256(path) -> str:
 def diffusiondb_parts(
     context: dg.AssetExecutionContext, diffusiondb: DiffusionDBResource, storage: StorageResource
 ) -> dg.MaterializeResult:
-    from pipeline.diffusiondb import read_part
+    from pipeline.diffusiondb import file_sha256, read_part
 
     part = context.partition_key
     source = diffusiondb.source()
@@ -86,7 +77,7 @@ def diffusiondb_parts(
                 markdown_table(result.frame.select("image_id", "prompt", "seed", "cfg").head(5).to_dicts())
             ),
         },
-        data_version=dg.DataVersion(_file_sha256(zip_path)),
+        data_version=dg.DataVersion(file_sha256(zip_path)),
     )
 
 

@@ -10,7 +10,7 @@ import polars as pl
 
 from assets.common import PROFILE_CONFIG, SETTINGS, code_version, markdown_table
 from assets.data import filtered_pairs, prompt_embeddings
-from assets.plots import bar_plot_png, data_uri, histogram_png, line_plot_png, md_image
+from assets.plots import bar_plot_png, data_uri, gallery_png, grouped_bars_png, histogram_png, line_plot_png, md_image
 from assets.training import BACKBONES, RECIPES, difficulty_scores, model_predictions
 from pipeline import storage as store
 from pipeline.evaluation import Report, knn_baseline, row_cosines
@@ -184,7 +184,7 @@ def dakl_predictions(context: dg.AssetExecutionContext, storage: StorageResource
     table = pl.concat(frames)
     target = storage.write_table(table, "dakl_predictions")
     store.write_text(
-        json.dumps({"gamma": best["gamma"], "alpha": best["alpha"], "ensemble": column}, indent=2),
+        json.dumps({"gamma": best["gamma"], "alpha": best["alpha"], "ensemble": column, "sweep": sweep}, indent=2),
         storage.path("models", "dakl.json"),
     )
     val_plain = float(row_cosines(val_x, val_y).mean())
@@ -222,7 +222,7 @@ def _knn_features(storage: StorageResource, image_ids: list[str], parts: list[st
 
 
 @dg.asset(
-    deps=[ensemble_predictions, dakl_predictions, difficulty_scores, model_predictions, filtered_pairs, prompt_embeddings],
+    deps=[ensemble_predictions, dakl_predictions, difficulty_scores, model_predictions, filtered_pairs, prompt_embeddings, "prompt_bank"],
     group_name=EVAL_GROUP,
     kinds={"markdown", "html"},
     code_version=code_version("evaluation_report"),
@@ -267,6 +267,23 @@ def evaluation_report(context: dg.AssetExecutionContext, storage: StorageResourc
         subset = {k: v for k, v in histograms.items() if k.startswith(backbone + "/")}
         if subset:
             figures[f"Cosine histogram: {backbone}"] = data_uri(histogram_png(subset, backbone))
+    bucket_cosines = _bucket_cosines(storage, train)
+    if bucket_cosines:
+        figures["Train cosine by difficulty bucket (mlc_cl models)"] = data_uri(
+            grouped_bars_png(bucket_cosines, "mean train cosine per difficulty bucket", "cosine")
+        )
+    dakl_params = json.loads(store.as_path(storage.path("models", "dakl.json")).read_text())
+    sweep = dakl_params.get("sweep", [])
+    if sweep:
+        curves = {
+            f"alpha={a}": [r["val_cosine"] for r in sweep if r["alpha"] == a] for a in sorted({r["alpha"] for r in sweep})
+        }
+        figures[f"DAKL sweep on val (gamma = {', '.join(str(g) for g in DAKL_GAMMAS)})"] = data_uri(
+            line_plot_png(curves, "DAKL: val cosine by gamma", "gamma (index)", "val cosine")
+        )
+    figures["Test images: true prompt and top-3 retrieved"] = data_uri(
+        _gallery(storage, test, dakl, id_parts, n=4)
+    )
     notes = [
         f"profile: {SETTINGS.profile}; backbones: {'tiny random-init twins' if SETTINGS.is_sample else 'pretrained'}",
         "k-NN baseline: 5 nearest training images by 16x16 RGB thumbnail features (the paper uses CLIP ViT-H/14 features).",
@@ -293,6 +310,43 @@ def evaluation_report(context: dg.AssetExecutionContext, storage: StorageResourc
             "json": dg.MetadataValue.path(f"{reports}/evaluation.json"),
         }
     )
+
+
+def _bucket_cosines(storage: StorageResource, train: pl.DataFrame) -> dict[str, dict[str, float]]:
+    """Per backbone: the mlc_cl model's mean train cosine in each difficulty bucket."""
+    out = {}
+    for backbone in BACKBONES:
+        if not (
+            storage.has_table("difficulty_scores", backbone)
+            and storage.has_table("model_predictions", f"{backbone}|mlc_cl")
+        ):
+            continue
+        frame = (
+            train.select("image_id", "target")
+            .join(storage.read_table("difficulty_scores", backbone).select("image_id", "bucket"), on="image_id")
+            .join(_predictions(storage, backbone, "mlc_cl").select("image_id", "embedding"), on="image_id")
+        )
+        cos = row_cosines(_matrix(frame, "embedding"), _matrix(frame, "target"))
+        buckets = frame["bucket"].to_numpy()
+        out[backbone] = {b: float(cos[buckets == b].mean()) for b in ("easy", "medium", "hard") if (buckets == b).any()}
+    return out
+
+
+def _gallery(storage: StorageResource, test: pl.DataFrame, predictions: pl.DataFrame, id_parts: dict, n: int) -> bytes:
+    """The first n test images with their true prompt and the top-3 prompt-bank prompts for the prediction."""
+    bank = storage.read_table("prompt_bank")
+    bank_matrix = _matrix(bank, "embedding")
+    rows = test.head(n)
+    preds = rows.select("image_id").join(predictions.select("image_id", "embedding"), on="image_id", how="left")
+    scores = _matrix(preds, "embedding") @ bank_matrix.T
+    images, captions = [], []
+    for i, (image_id, prompt) in enumerate(rows.select("image_id", "prompt").iter_rows()):
+        frame = storage.read_table("diffusiondb_parts", id_parts[image_id], columns=["image_id", "image"])
+        images.append(frame.filter(pl.col("image_id") == image_id)["image"][0])
+        top = np.argsort(-scores[i])[:3]
+        lines = [f"true: {prompt}"] + [f"{r + 1}. ({scores[i, j]:.3f}) {bank['prompt'][int(j)]}" for r, j in enumerate(top)]
+        captions.append("\n".join(lines))
+    return gallery_png(images, captions)
 
 
 @dg.asset(

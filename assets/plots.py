@@ -55,3 +55,34 @@ def bar_plot_png(values: dict[str, float], title: str, ylabel: str) -> bytes:
     ax.set_ylabel(ylabel)
     ax.tick_params(axis="x", rotation=45, labelsize=7)
     return _png(fig)
+
+
+def grouped_bars_png(groups: dict[str, dict[str, float]], title: str, ylabel: str) -> bytes:
+    """One cluster of bars per group (e.g. backbone), one bar per key (e.g. difficulty bucket)."""
+    fig, ax = plt.subplots(figsize=(6, 3))
+    names = list(groups)
+    keys = sorted({k for g in groups.values() for k in g}, key=lambda k: ["easy", "medium", "hard"].index(k) if k in ("easy", "medium", "hard") else 9)
+    width = 0.8 / max(1, len(keys))
+    for j, key in enumerate(keys):
+        ax.bar([i + j * width for i in range(len(names))], [groups[n].get(key, np.nan) for n in names], width, label=key)
+    ax.set_xticks([i + width * (len(keys) - 1) / 2 for i in range(len(names))], names)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def gallery_png(images: list[bytes], captions: list[str]) -> bytes:
+    """Images side by side with a caption under each (true prompt and retrieved prompts)."""
+    import io as _io
+    import textwrap
+
+    from PIL import Image
+
+    fig, axes = plt.subplots(1, len(images), figsize=(3.2 * len(images), 4.6), squeeze=False)
+    for ax, data, caption in zip(axes[0], images, captions):
+        ax.imshow(Image.open(_io.BytesIO(data)).convert("RGB"))
+        ax.set_axis_off()
+        wrapped = "\n".join(textwrap.fill(line, 42) for line in caption.splitlines())
+        ax.text(0, -0.02, wrapped, transform=ax.transAxes, va="top", fontsize=6)
+    return _png(fig)

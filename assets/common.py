@@ -16,8 +16,8 @@ CODE_REVISIONS = {
     "diffusiondb_parts": 1,
     "filtered_pairs": 1,
     "prompt_embeddings": 1,
-    "vocabulary": 1,
-    "vocabulary_labels": 1,
+    "vocabulary": 2,  # 2: words of two or more letters (was three)
+    "vocabulary_labels": 2,
     "difficulty_scores": 1,
     "trained_models": 1,
     "model_predictions": 1,

@@ -1,4 +1,30 @@
-"""The paper's prompt filter and the deterministic train / val / test split, vectorised in Polars."""
+"""The paper's prompt filter and the deterministic train / val / test split, vectorised in Polars.
+
+The filter (../shared/paper-notes.md), rules applied in this order, row order = priority:
+
+1. strip surrounding whitespace;
+2. "empty": drop null (or NaN) prompts and prompts with fewer than one word, i.e. nothing left after
+   stripping (a word is a run of non-whitespace characters, as str.split() sees it, so "at least one
+   word" and "not empty after strip" are the same test);
+3. "non_ascii": drop prompts holding any character outside ASCII (the paper's "non-English characters");
+4. "duplicate_prefix": among the rows that passed 1-3, keep only the first row of each 50-character prefix;
+5. "duplicate_suffix": among the rows that passed 4, keep only the first row of each 50-character suffix.
+
+A prompt shorter than 50 characters is its own prefix and suffix.
+
+Near-duplicate semantics, chosen on purpose: two passes, as the paper's pandas code does it
+(drop_duplicates on the first 50 characters, then on the last 50 characters).  A row dropped by an
+earlier rule (empty, non-ASCII, duplicate prefix) claims nothing: it never causes a later row to be
+dropped.  A row dropped by the suffix rule did survive the prefix pass, so its prefix was already taken
+and it still removes later rows with that prefix.  Example, rows (prefix, suffix): A (p1, s1),
+B (p2, s1), C (p2, s2) -> B shares A's suffix, C shares B's prefix: only A is kept.  (A one-pass
+"greedy" reading, where only finally kept rows claim keys, would keep A and C; it cannot be vectorised
+without iteration and does not reproduce the paper's counts.)  bench/filter.py's pandas reference and
+tests/test_filtering.py's pure-Python reference implement these same two passes.
+
+"Whitespace" is exactly Python's str.isspace() set (str.strip() semantics), handed to Polars as an
+explicit character set: Rust's own trim() differs from Python on U+001C..U+001F.
+"""
 
 from __future__ import annotations
 
@@ -9,66 +35,100 @@ import polars as pl
 
 NEAR_DUPLICATE_CHARS = 50
 SPLITS = ("train", "val", "test")
+# Python's str.isspace() characters (str.strip()'s default set), so every reference agrees.
+WHITESPACE = "".join(chr(c) for c in range(0x3001) if chr(c).isspace())
+RULES = ("empty", "non_ascii", "duplicate_prefix", "duplicate_suffix")
+
+
+def _prompt_text(frame: pl.DataFrame) -> pl.Expr:
+    """The "prompt" column as stripped String; NaN (a float column, e.g. from pandas) counts as null."""
+    if "prompt" not in frame.columns:
+        raise ValueError("filter_prompts needs a 'prompt' column")
+    col = pl.col("prompt")
+    if frame.schema["prompt"].is_float():
+        col = col.fill_nan(None)
+    return col.cast(pl.String).str.strip_chars(WHITESPACE)
+
+
+def _masks(frame: pl.DataFrame) -> pl.DataFrame:
+    """One boolean column per rule outcome ("nonempty", "ascii", "first_prefix", "kept") plus "p", the
+    stripped prompt, over all rows of `frame`, in one lazy query.
+
+    Speed: only the prompt column is touched; ASCII is "as many UTF-8 bytes as characters" (no regex);
+    near-duplicate keys are compared by 64-bit hashes of the 50-character slices, and rows that earlier
+    rules removed get a null key (one null group, never equal to a real key, and its first row is masked
+    out anyway), so no string column is ever filtered or gathered mid-way.  Two different 50-character
+    keys share a 64-bit hash with probability about n^2 / 2^65 (~1e-7 for 2M prompts); that is the only way
+    this can differ from the rules.  Polars' hash is not stable across versions, which is fine: it never
+    leaves this call.
+    """
+    p = pl.col("p")
+    n_bytes = p.str.len_bytes()
+    return (
+        frame.lazy()
+        .select(_prompt_text(frame).alias("p"))
+        .with_columns(nonempty=(n_bytes > 0).fill_null(False))
+        .with_columns(ascii=pl.col("nonempty") & (n_bytes == p.str.len_chars()))
+        .with_columns(
+            first_prefix=pl.col("ascii")
+            & pl.when("ascii").then(p.str.head(NEAR_DUPLICATE_CHARS).hash()).is_first_distinct()
+        )
+        .with_columns(
+            kept=pl.col("first_prefix")
+            & pl.when("first_prefix").then(p.str.tail(NEAR_DUPLICATE_CHARS).hash()).is_first_distinct()
+        )
+        .collect()
+    )
 
 
 def filter_report(frame: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
-    """filter_prompts plus removal counts per rule: empty, non_ascii, duplicate_prefix, duplicate_suffix, kept.
-
-    Near-duplicates run in two passes, like the paper's drop_duplicates on the first 50 characters and then
-    on the last 50: the prefix pass keeps the first row of each prefix among rows that passed the earlier
-    rules; the suffix pass keeps the first row of each suffix among the prefix pass's survivors.
-
-    Speed (bench/filter.py): only the prompt column and a row index go through the rules, ASCII is tested
-    as "as many UTF-8 bytes as characters" (no regex), and near-duplicate keys are compared by their 64-bit
-    hashes.  Two different 50-character keys share a hash with probability ~n^2 / 2^65 (about 1e-7 for 2M
-    prompts); that is the only way this filter could drop a row the rules keep.
-    """
-    if "prompt" not in frame.columns:
-        raise ValueError("filter_prompts needs a 'prompt' column")
-    n = frame.height
-    stripped = pl.col("prompt").cast(pl.String).str.strip_chars()
-    prompts = frame.lazy().select(stripped.alias("p")).with_row_index("row")
-    eligible = prompts.filter(pl.col("p").str.len_bytes() > 0).collect()
-    n_empty = n - eligible.height
-    eligible = eligible.filter(pl.col("p").str.len_bytes() == pl.col("p").str.len_chars())
-    n_non_ascii = n - n_empty - eligible.height
-    after_prefix = eligible.filter(pl.col("p").str.head(NEAR_DUPLICATE_CHARS).hash().is_first_distinct())
-    kept = after_prefix.filter(pl.col("p").str.tail(NEAR_DUPLICATE_CHARS).hash().is_first_distinct())
+    """filter_prompts(frame) plus how many rows each rule removed: {"empty", "non_ascii",
+    "duplicate_prefix", "duplicate_suffix", "kept"}; the five numbers sum to frame.height."""
+    masks = _masks(frame)
+    sums = masks.select(pl.col("nonempty", "ascii", "first_prefix", "kept").sum()).row(0)
+    n_nonempty, n_ascii, n_first_prefix, n_kept = (int(x) for x in sums)
     counts = {
-        "empty": n_empty,
-        "non_ascii": n_non_ascii,
-        "duplicate_prefix": eligible.height - after_prefix.height,
-        "duplicate_suffix": after_prefix.height - kept.height,
-        "kept": kept.height,
+        "empty": frame.height - n_nonempty,
+        "non_ascii": n_nonempty - n_ascii,
+        "duplicate_prefix": n_ascii - n_first_prefix,
+        "duplicate_suffix": n_first_prefix - n_kept,
+        "kept": n_kept,
     }
-    result = frame[kept["row"]].with_columns(kept["p"].alias("prompt")).select(frame.columns)
-    return result, counts
+    # Boolean filter, not a gather: Polars filters string views without copying the text.
+    kept = frame.with_columns(masks["p"].alias("prompt")).filter(masks["kept"])
+    return kept, counts
 
 
 def filter_prompts(frame: pl.DataFrame) -> pl.DataFrame:
-    """The rows of `frame` that survive the paper's filter, in input order, with "prompt" stripped."""
+    """The rows of `frame` (column "prompt", input order = priority; other columns pass through untouched)
+    that survive the paper's filter, in input order, with "prompt" stripped (see the module docstring)."""
     return filter_report(frame)[0]
 
 
-def _stable_bucket(prompts: list[str], seed: int, modulus: int) -> np.ndarray:
-    """blake2b of (seed, prompt) mod `modulus`: the same in every process, machine and library version."""
+def stable_hash64(texts: pl.Series, seed: int = 0) -> np.ndarray:
+    """uint64 blake2b-64 (little-endian) of b"<seed>\\0" + the UTF-8 text, per text: the same in every process,
+    machine and library version (unlike Polars' hash).  A Python-level loop (~0.7 s per million prompts on
+    one core) is acceptable here: it runs once per filtered table, not in the filter's hot path."""
+    if texts.null_count():
+        raise ValueError("cannot hash a null prompt; filter the frame first")
     salt = f"{seed}\x00".encode()
-    digests = [
-        int.from_bytes(hashlib.blake2b(salt + p.encode("utf-8"), digest_size=8).digest(), "little") % modulus
-        for p in prompts
-    ]
-    return np.asarray(digests, dtype=np.int64)
+    blake2b = hashlib.blake2b
+    values = texts.cast(pl.String).cast(pl.Binary).to_list()
+    digests = b"".join([blake2b(salt + v, digest_size=8).digest() for v in values])
+    return np.frombuffer(digests, dtype="<u8").copy()
 
 
 def assign_split(frame: pl.DataFrame, ratios: tuple[int, int, int] = (670, 30, 30), seed: int = 0) -> pl.DataFrame:
-    """Add "split" (train / val / test) from a stable hash of the prompt text.
+    """Add "split" (train / val / test, about ratios[0] : ratios[1] : ratios[2]) from a stable hash of the
+    stripped prompt text and `seed`.
 
-    Independent of row order and of other rows, so adding parts never moves an existing pair, and one
-    prompt can never land in two splits.
+    Each row's split depends on its own text only, never on row order or other rows, so adding parts never
+    moves an existing pair and one prompt text can never land in two splits.
     """
     if len(ratios) != 3 or min(ratios) < 0 or sum(ratios) <= 0:
         raise ValueError(f"split ratios must be three non-negative numbers, got {ratios!r}")
     total = int(sum(ratios))
-    bucket = _stable_bucket(frame["prompt"].to_list(), seed, total)
+    texts = frame.select(_prompt_text(frame))["prompt"]
+    bucket = stable_hash64(texts, seed) % np.uint64(total)
     split = np.where(bucket < ratios[0], "train", np.where(bucket < ratios[0] + ratios[1], "val", "test"))
     return frame.with_columns(pl.Series("split", split, dtype=pl.String))

@@ -20,7 +20,8 @@ def _materialize(args: argparse.Namespace) -> int:
     settings = load_settings()
     check_storage_root(settings)
     ensure_dagster_home(settings)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1" if settings.is_sample else os.environ.get("HF_HUB_OFFLINE", "0"))
+    if settings.is_sample:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the sample profile never needs the hub
 
     import dagster as dg
 

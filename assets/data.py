@@ -104,7 +104,6 @@ def materialized_parts(context: dg.AssetExecutionContext, storage: StorageResour
 )
 def filtered_pairs(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
     parts = materialized_parts(context, storage)
-    paths = [storage.table_path("diffusiondb_parts", p) for p in parts]
     frame = pl.concat(
         [storage.read_table("diffusiondb_parts", p, columns=["image_id", "part", "prompt"]) for p in parts]
     )
@@ -115,7 +114,7 @@ def filtered_pairs(context: dg.AssetExecutionContext, storage: StorageResource) 
     context.log.info(f"filtered_pairs: {frame.height} in, {pairs.height} kept, removed {counts}, split {split_counts}")
     return dg.MaterializeResult(
         metadata={
-            "parts": len(paths),
+            "parts": len(parts),
             "rows_in": frame.height,
             "rows_kept": pairs.height,
             **{f"removed_{rule}": int(n) for rule, n in counts.items() if rule != "kept"},
@@ -188,8 +187,7 @@ def vocabulary(context: dg.AssetExecutionContext, storage: StorageResource) -> d
 def vocabulary_labels(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
     pairs = storage.read_table("filtered_pairs", columns=["image_id", "prompt"])
     words = storage.read_table("vocabulary")
-    labels = vocab.label_indices(pairs["prompt"], words)
-    table = pairs.select("image_id").with_columns(pl.Series("label_indices", labels, dtype=pl.List(pl.Int32)))
+    table = pairs.select("image_id").with_columns(vocab.label_series(pairs["prompt"], words))
     target = storage.write_table(table, "vocabulary_labels")
     sizes = table["label_indices"].list.len()
     return dg.MaterializeResult(

@@ -13,8 +13,8 @@ from assets.data import filtered_pairs, prompt_embeddings
 from assets.plots import bar_plot_png, data_uri, gallery_png, grouped_bars_png, histogram_png, line_plot_png, md_image
 from assets.training import BACKBONES, RECIPES, difficulty_scores, model_predictions
 from pipeline import storage as store
-from pipeline.evaluation import Report, knn_baseline, row_cosines
-from pipeline.training_data import join_pairs
+from pipeline.evaluation import Report, knn_baseline, normalise_rows, row_cosines
+from pipeline.training_data import embedding_series, join_pairs, mean_embedding_baseline
 from resources import StorageResource
 
 EVAL_GROUP = "evaluation"
@@ -34,14 +34,6 @@ def _matrix(frame: pl.DataFrame, column: str) -> np.ndarray:
 
 def _predictions(storage: StorageResource, backbone: str, recipe: str) -> pl.DataFrame:
     return storage.read_table("model_predictions", f"{backbone}|{recipe}").sort("image_id")
-
-
-def _embedding_series(name: str, matrix: np.ndarray) -> pl.Series:
-    return pl.Series(name, matrix.astype(np.float32), dtype=pl.Array(pl.Float32, matrix.shape[1]))
-
-
-def _normalise(matrix: np.ndarray) -> np.ndarray:
-    return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
 
 
 @dg.asset(
@@ -82,9 +74,9 @@ def ensemble_predictions(context: dg.AssetExecutionContext, storage: StorageReso
             continue
         stack = np.stack(members)
         for method in ENSEMBLE_METHODS:
-            combined = _normalise(np.median(stack, axis=0) if method == "median" else stack.mean(axis=0))
+            combined = normalise_rows(np.median(stack, axis=0) if method == "median" else stack.mean(axis=0))
             name = f"{method}_{group}"
-            columns[name] = _embedding_series(name, combined)
+            columns[name] = embedding_series(name, combined)
             metadata[f"val_cosine_{name}"] = float(row_cosines(combined[val_mask], val_targets).mean())
     table = pl.DataFrame(columns)
     target = storage.write_table(table, "ensemble_predictions")
@@ -102,9 +94,8 @@ def ensemble_predictions(context: dg.AssetExecutionContext, storage: StorageReso
     )
 
 
-def _best_ensemble_column(storage: StorageResource) -> str:
-    """The ensemble the DAKL stage starts from: the best-recipe ensemble (median, as in the paper)."""
-    return "median_best"
+# The ensemble the DAKL stage starts from: each backbone's best recipe, combined by the median (the paper's).
+DAKL_INPUT = "median_best"
 
 
 @dg.asset(
@@ -118,7 +109,7 @@ def _best_ensemble_column(storage: StorageResource) -> str:
 def kmeans_centroids(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
     from pipeline.clustering import inertia, kmeans_centroids as fit_kmeans, label_centroids
 
-    column = _best_ensemble_column(storage)
+    column = DAKL_INPUT
     ensemble = storage.read_table("ensemble_predictions").filter(pl.col("split") == "train").sort("image_id")
     targets = ensemble.select("image_id").join(_targets(storage), on="image_id", how="left")
     train_preds = _matrix(ensemble, column)
@@ -130,8 +121,8 @@ def kmeans_centroids(context: dg.AssetExecutionContext, storage: StorageResource
     elapsed = time.perf_counter() - started
     table = pl.DataFrame(
         {
-            "centroid": _embedding_series("centroid", centroids),
-            "label": _embedding_series("label", labels),
+            "centroid": embedding_series("centroid", centroids),
+            "label": embedding_series("label", labels),
             "nearest_image_id": [ensemble["image_id"][int(i)] for i in nearest],
         }
     )
@@ -159,7 +150,7 @@ def kmeans_centroids(context: dg.AssetExecutionContext, storage: StorageResource
 def dakl_predictions(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
     from pipeline.dakl import DAKLRegressor
 
-    column = _best_ensemble_column(storage)
+    column = DAKL_INPUT
     centroids = storage.read_table("kmeans_centroids")
     X, Y = _matrix(centroids, "centroid"), _matrix(centroids, "label")
     ensemble = storage.read_table("ensemble_predictions").sort("image_id")
@@ -180,7 +171,7 @@ def dakl_predictions(context: dg.AssetExecutionContext, storage: StorageResource
     for split, (frame, _) in by_split.items():
         x = _matrix(frame, column)
         model = DAKLRegressor(gamma=best["gamma"], alpha=best["alpha"]).fit(X, Y, x)
-        frames.append(frame.select("image_id", "split").with_columns(_embedding_series("embedding", _normalise(model.predict(x)))))
+        frames.append(frame.select("image_id", "split").with_columns(embedding_series("embedding", normalise_rows(model.predict(x)))))
     table = pl.concat(frames)
     target = storage.write_table(table, "dakl_predictions")
     store.write_text(
@@ -253,8 +244,7 @@ def evaluation_report(context: dg.AssetExecutionContext, storage: StorageResourc
                 cosine[f"ensemble/{method}" if group == "best" else f"ensemble/{method}/{group}"] = value
     dakl = test.select("image_id").join(storage.read_table("dakl_predictions"), on="image_id", how="left")
     cosine["ensemble+dakl"] = float(row_cosines(_matrix(dakl, "embedding"), test_y).mean())
-    mean = train_y.mean(axis=0)
-    cosine["baseline/mean_embedding"] = float((test_y @ (mean / np.linalg.norm(mean))).mean())
+    cosine["baseline/mean_embedding"] = mean_embedding_baseline(train_y, test_y)
     id_parts = dict(pairs.select("image_id", "part").iter_rows())
     train_features = _knn_features(storage, train["image_id"].to_list(), [id_parts[i] for i in train["image_id"]])
     test_features = _knn_features(storage, test["image_id"].to_list(), [id_parts[i] for i in test["image_id"]])

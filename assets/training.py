@@ -11,7 +11,8 @@ import polars as pl
 from assets.common import PROFILE_CONFIG, code_version, markdown_table
 from assets.data import filtered_pairs, prompt_embeddings, vocabulary, vocabulary_labels
 from assets.plots import histogram_png, line_plot_png, md_image
-from pipeline.training_data import SplitData, join_pairs, load_split, mean_cosine, mean_embedding_baseline
+from pipeline.evaluation import mean_cosine
+from pipeline.training_data import SplitData, embedding_series, join_pairs, load_split, mean_embedding_baseline
 from resources import ComputeResource, StorageResource
 
 TRAIN_GROUP = "training"
@@ -25,9 +26,13 @@ TRAIN = PROFILE_CONFIG.training
 
 
 def _read_images(storage: StorageResource):
+    """read(part, ids): each part's image table is read once, however many splits ask for it."""
+    tables: dict[str, pl.DataFrame] = {}
+
     def read(part: str, ids: list[str]) -> pl.DataFrame:
-        frame = storage.read_table("diffusiondb_parts", part, columns=["image_id", "image"])
-        return frame.filter(pl.col("image_id").is_in(ids))
+        if part not in tables:
+            tables[part] = storage.read_table("diffusiondb_parts", part, columns=["image_id", "image"])
+        return tables[part].filter(pl.col("image_id").is_in(ids))
 
     return read
 
@@ -38,7 +43,8 @@ def load_splits(storage: StorageResource, splits=("train", "val", "test")) -> di
         storage.read_table("prompt_embeddings"),
         storage.read_table("vocabulary_labels"),
     )
-    return {s: load_split(joined, s, _read_images(storage)) for s in splits}
+    read_images = _read_images(storage)
+    return {s: load_split(joined, s, read_images) for s in splits}
 
 
 def _vocab_size(storage: StorageResource) -> int:
@@ -231,7 +237,7 @@ def model_predictions(
         metadata[f"{name}_cosine"] = mean_cosine(predictions, split.targets) if len(split) else float("nan")
         frames.append(
             pl.DataFrame({"image_id": split.image_ids, "split": [name] * len(split)}).with_columns(
-                pl.Series("embedding", predictions.astype(np.float32), dtype=pl.Array(pl.Float32, predictions.shape[1] if predictions.ndim == 2 else 384))
+                embedding_series("embedding", predictions)
             )
         )
     table = pl.concat(frames)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import storage as store
+from pipeline.evaluation import normalise_rows
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
@@ -172,10 +173,9 @@ class PromptPredictor:
             outputs.append(embedding.float().cpu().numpy())
         stack = np.stack(outputs)
         combined = np.median(stack, axis=0) if len(outputs) > 1 else stack[0]
-        combined = combined / np.maximum(np.linalg.norm(combined, axis=1, keepdims=True), 1e-12)
+        combined = normalise_rows(combined)
         if self.dakl is not None:
-            combined = self.dakl.predict(combined)
-            combined = combined / np.maximum(np.linalg.norm(combined, axis=1, keepdims=True), 1e-12)
+            combined = normalise_rows(self.dakl.predict(combined))
         return combined.astype(np.float32)
 
     def top_k(self, embeddings: np.ndarray, k: int = 5) -> list[list[tuple[str, float]]]:

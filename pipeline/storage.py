@@ -32,10 +32,6 @@ def as_path(path: PathLike) -> UPath | Path:
     return Path(text.removeprefix("file://"))
 
 
-def is_local(path: PathLike) -> bool:
-    return isinstance(as_path(path), Path)
-
-
 @contextlib.contextmanager
 def atomic_local_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary local path; on success it is renamed (or uploaded) to ``target``.

@@ -78,12 +78,12 @@ def load_split(
 
 def mean_embedding_baseline(train_targets: np.ndarray, eval_targets: np.ndarray) -> float:
     """Mean cosine of the (normalised) mean training embedding against each evaluation target."""
-    mean = train_targets.mean(axis=0)
-    mean = mean / max(np.linalg.norm(mean), 1e-12)
-    return float((eval_targets @ mean).mean())
+    from pipeline.evaluation import mean_cosine, normalise_rows
+
+    mean = normalise_rows(train_targets.mean(axis=0, keepdims=True))
+    return mean_cosine(np.broadcast_to(mean, eval_targets.shape), eval_targets)
 
 
-def mean_cosine(predictions: np.ndarray, targets: np.ndarray) -> float:
-    p = predictions / np.maximum(np.linalg.norm(predictions, axis=1, keepdims=True), 1e-12)
-    t = targets / np.maximum(np.linalg.norm(targets, axis=1, keepdims=True), 1e-12)
-    return float((p * t).sum(axis=1).mean())
+def embedding_series(name: str, matrix: np.ndarray) -> pl.Series:
+    """A (n, d) matrix as a fixed-size float32 array column, the layout of every embedding table."""
+    return pl.Series(name, matrix.astype(np.float32, copy=False), dtype=pl.Array(pl.Float32, matrix.shape[1]))

@@ -1,28 +1,43 @@
-"""Data-change rebuilds: observe the DiffusionDB source on a schedule, and register new parts.
+"""Data-change rebuilds: observe the sources on a schedule, register and read new parts, and rebuild
+what they feed.
 
-Dagster starts schedules and sensors STOPPED unless told otherwise; these two start stopped on purpose
-(a fresh checkout must not start downloading DiffusionDB).  Turn them on in the UI (Automation tab) or
-with `dagster schedule start observe_diffusiondb` / `dagster sensor start diffusiondb_new_parts`.
+- observe_diffusiondb (schedule, daily by default, REVERSE_SD_OBSERVE_CRON): observes diffusiondb_source
+  and training_settings; a new version shows as stale data downstream.
+- diffusiondb_new_parts (sensor): registers parts the source lists but the graph does not know, and
+  materializes exactly those partitions of diffusiondb_parts.
+- reverse_sd_automation (declarative automation sensor): every asset downstream of diffusiondb_parts
+  carries rebuild_condition(), eager() on its deepest parents plus "blocking checks of the parents
+  passed": it is requested once when what it reads is updated (never while a parent is still in progress
+  or missing), and the requests of one tick go out as one backfill, so stages run in graph order and
+  training starts once per data change, not once per updated parent.  A failed blocking check (e.g. a
+  model below the mean-embedding baseline) stops the rebuild there.  training_settings is observed once
+  on a new instance and then daily, so a UI-only deployment trains too.
+
+Dagster starts schedules and sensors STOPPED unless told otherwise; all three start stopped on purpose (a
+fresh checkout must not start downloading DiffusionDB or training).  Turn them on in the UI (Automation
+tab) or with `dagster schedule start observe_diffusiondb`, `dagster sensor start diffusiondb_new_parts`
+and `dagster sensor start reverse_sd_automation`.
 """
 
 
-import os
 
 import dagster as dg
 
+from assets.common import OBSERVE_CRON
 from assets.data import diffusiondb_parts, diffusiondb_source, parts_partitions
+from assets.training import training_settings
 from resources import DiffusionDBResource
 
-OBSERVE_CRON = os.environ.get("REVERSE_SD_OBSERVE_CRON", "0 3 * * *")  # daily by default
 
-observe_job = dg.define_asset_job("observe_diffusiondb_source", selection=[diffusiondb_source])
+observe_job = dg.define_asset_job("observe_sources", selection=[diffusiondb_source, training_settings])
 
 observe_diffusiondb = dg.ScheduleDefinition(
     name="observe_diffusiondb",
     job=observe_job,
     cron_schedule=OBSERVE_CRON,
     default_status=dg.DefaultScheduleStatus.STOPPED,
-    description="Observes diffusiondb_source (hub revision or mirror hash); a new version marks downstream stale.",
+    description="Observes diffusiondb_source (hub revision or mirror hash) and training_settings; "
+    "a new version marks downstream stale.",
 )
 
 
@@ -45,4 +60,80 @@ def diffusiondb_new_parts(context: dg.SensorEvaluationContext, diffusiondb: Diff
     )
 
 
-AUTOMATION = {"schedules": [observe_diffusiondb], "sensors": [diffusiondb_new_parts], "jobs": [observe_job]}
+def rebuild_condition(ignored: frozenset = frozenset()) -> dg.AutomationCondition:
+    """eager() that waits for the parents' blocking checks and ignores updates of ``ignored`` parents
+    (see _shadowed_parents)."""
+    eager = dg.AutomationCondition.eager()
+    if ignored:
+        eager = eager.replace(
+            "any_deps_updated", dg.AutomationCondition.any_deps_updated().ignore(dg.AssetSelection.assets(*ignored))
+        )
+    return (eager & dg.AutomationCondition.all_deps_blocking_checks_passed()).with_label(REBUILD_LABEL)
+
+
+REBUILD_LABEL = "rebuild: eager on the deepest parents, after blocking checks"
+# Everything fed by the parts; the parts themselves are requested by diffusiondb_new_parts.
+REBUILT = dg.AssetSelection.assets(diffusiondb_parts).downstream(include_self=False)
+
+rebuild_sensor = dg.AutomationConditionSensorDefinition(
+    "reverse_sd_automation",
+    target=REBUILT | dg.AssetSelection.assets(training_settings.key),
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    minimum_interval_seconds=60,
+    description="Rebuilds what new or changed DiffusionDB parts feed (REBUILD_CONDITION), as one backfill per tick.",
+)
+
+
+def _shadowed_parents(parents: dict) -> dict:
+    """key -> the direct parents whose updates also reach it through a deeper parent.
+
+    A parent P is shadowed by another parent Q that is deeper in the graph and shares an ancestor with P
+    (or has P as an ancestor): what updates P also updates Q later, so reacting to P would run the asset
+    early on half-updated inputs and then again.  evaluation_report thus reacts to dakl_predictions, not
+    to prompt_bank or model_predictions; trained_models to difficulty_scores and training_settings.
+    """
+    ancestors: dict = {}
+    depth: dict = {}
+
+    def ancestors_of(key):
+        if key not in ancestors:
+            ancestors[key] = set()
+            for parent in parents.get(key, ()):
+                ancestors[key] |= {parent} | ancestors_of(parent)
+        return ancestors[key]
+
+    def depth_of(key):
+        if key not in depth:
+            depth[key] = 1 + max((depth_of(p) for p in parents.get(key, ())), default=-1)
+        return depth[key]
+
+    def shadows(q, p):
+        return depth_of(q) > depth_of(p) and bool(({p} | ancestors_of(p)) & ancestors_of(q))
+
+    return {key: frozenset(p for p in ps if any(shadows(q, p) for q in ps if q != p)) for key, ps in parents.items()}
+
+
+def with_rebuild_conditions(assets: list) -> list:
+    """The assets with rebuild_condition() on every one downstream of diffusiondb_parts (one place, not per asset)."""
+    defs_only = [a for a in assets if isinstance(a, dg.AssetsDefinition)]
+    parents = {k: set(deps) for a in defs_only for k, deps in a.asset_deps.items()}
+    keys: set[dg.AssetKey] = set()
+    frontier = {diffusiondb_parts.key}
+    while frontier:  # everything that reads diffusiondb_parts, directly or not
+        frontier = {k for k, ps in parents.items() if ps & (frontier | keys)} - keys
+        keys |= frontier
+    shadowed = _shadowed_parents(parents)
+
+    def condition(spec: dg.AssetSpec) -> dg.AssetSpec:
+        if spec.key not in keys:
+            return spec
+        return spec.replace_attributes(automation_condition=rebuild_condition(shadowed[spec.key]))
+
+    return [a.map_asset_specs(condition) if isinstance(a, dg.AssetsDefinition) else a for a in assets]
+
+
+AUTOMATION = {
+    "schedules": [observe_diffusiondb],
+    "sensors": [diffusiondb_new_parts, rebuild_sensor],
+    "jobs": [observe_job],
+}

@@ -15,10 +15,13 @@ import time
 def _materialize(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from resources.settings import check_storage_root, ensure_dagster_home, load_settings
+    from resources.profiles import profile_config
+    from resources.settings import check_source, check_storage_root, ensure_dagster_home, load_settings
 
     settings = load_settings()
+    profile_config(settings)  # sample sizes and other numbers from the environment, before any heavy import
     check_storage_root(settings)
+    check_source(settings)
     ensure_dagster_home(settings)
     if settings.is_sample:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the sample profile never needs the hub
@@ -27,11 +30,14 @@ def _materialize(args: argparse.Namespace) -> int:
 
     from assets.data import register_parts
     from assets.definitions import defs
-    from assets.orchestration import plan_stages, run_stages
+    from assets.orchestration import observe_settings, plan_stages, run_stages
 
+    if args.select:
+        _check_selection(defs, args.select)
     instance = dg.DagsterInstance.get()
     resources = defs.resources
     new_parts = register_parts(instance, resources["diffusiondb"])
+    observe_settings(defs, instance)
     print(f"profile={settings.profile} source={settings.diffusiondb} storage={settings.home}")
     if new_parts:
         print(f"registered {len(new_parts)} new DiffusionDB parts: {new_parts[0]} .. {new_parts[-1]}")
@@ -39,6 +45,13 @@ def _materialize(args: argparse.Namespace) -> int:
     total = sum(len(s.partition_keys) for s in stages)
     if total == 0:
         print("nothing to materialize: every selected asset is up to date")
+        return 0
+    if args.dry_run:
+        print(f"would materialize {total} asset runs:")
+        for stage in stages:
+            names = ",".join(k.to_user_string() for k in stage.asset_keys)
+            keys = [k for k in stage.partition_keys if k is not None]
+            print(f"  {names} [{len(stage.partition_keys)}]" + (": " + " ".join(keys) if keys else ""))
         return 0
     started = time.perf_counter()
     bar = tqdm(total=total, unit="run", desc="materialize", file=sys.stderr)
@@ -66,6 +79,47 @@ def _materialize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_selection(defs, selection: str) -> None:
+    """Fail at start, naming --select, when a selection is malformed or names no materializable asset."""
+    import dagster as dg
+
+    from resources.settings import SettingsError
+
+    graph = defs.resolve_asset_graph()
+    materializable = set(graph.materializable_asset_keys)
+    names = ", ".join(sorted(k.to_user_string() for k in materializable))
+    for part in (p.strip() for p in selection.split(",")):
+        if not part:
+            continue
+        try:
+            keys = set(dg.AssetSelection.from_string(part).resolve(graph))
+        except dg.DagsterError as exc:
+            first = str(exc).split(". ")[0].splitlines()[0] if str(exc) else type(exc).__name__
+            raise SettingsError(f"--select {part!r} is not a valid selection ({first}); assets: {names}") from None
+        if not keys & materializable:
+            raise SettingsError(f"--select {part!r} selects no asset to materialize; assets: {names}")
+
+
+def _check_model(name: str) -> None:
+    """--model is auto, ensemble or a registered backbone; anything else (a typo, a path) fails at start."""
+    from pipeline.models.registry import available_backbones
+    from resources.settings import SettingsError
+
+    valid = ["auto", "ensemble", *available_backbones()]
+    if name not in valid:
+        raise SettingsError(f"--model {name!r} is not a model; use one of: {', '.join(valid)}")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
 def _predict(args: argparse.Namespace) -> int:
     import csv
     import json
@@ -76,14 +130,19 @@ def _predict(args: argparse.Namespace) -> int:
     from resources.settings import load_settings
 
     settings = load_settings()
+    _check_model(args.model)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     files = expand_inputs(args.paths)
     if not files:
         print("error: no image files found in " + " ".join(args.paths), file=sys.stderr)
         return 2
+    generate = args.generate and args.format != "kaggle"  # a submission holds embeddings only
     try:
-        predictor = PromptPredictor(settings.home, model=args.model, device=args.device, batch_size=args.batch_size)
-    except (NotTrainedError, ValueError) as exc:
+        predictor = PromptPredictor(
+            settings.home, model=args.model, device=args.device, batch_size=args.batch_size,
+            captioner="auto" if generate else None,
+        )
+    except (NotTrainedError, ValueError, OSError) as exc:  # CheckpointError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     skipped = 0
@@ -92,8 +151,9 @@ def _predict(args: argparse.Namespace) -> int:
     if writer:
         writer.writerow(["imgId_eId", "val"])
     records = []
-    for path, embedding, error in tqdm(
-        predictor.predict_files(files), total=len(files), unit="image", file=sys.stderr, disable=args.quiet
+    for path, embedding, error, *written in tqdm(
+        predictor.predict_files(files, generate=generate), total=len(files), unit="image", file=sys.stderr,
+        disable=args.quiet,
     ):
         if error is not None:
             skipped += 1
@@ -110,6 +170,7 @@ def _predict(args: argparse.Namespace) -> int:
                     "path": str(path),
                     "model": predictor.method,
                     "prompts": [{"prompt": p, "cosine": round(c, 6)} for p, c in top],
+                    **({"generated": written[0]} if written else {}),
                     "embedding": [round(float(v), 7) for v in embedding],
                 }
             )
@@ -117,6 +178,8 @@ def _predict(args: argparse.Namespace) -> int:
             print(f"{path}  [{predictor.method}]")
             for rank, (prompt, score) in enumerate(top, 1):
                 print(f"  {rank}. {score:.4f}  {prompt}")
+            if written:
+                print(f"  generated:  {written[0]}")
     if args.format == "json":
         json.dump(records, out, indent=2)
         out.write("\n")
@@ -132,15 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
     mat = sub.add_parser("materialize", help="materialize an asset selection (default: everything)")
     mat.add_argument("--select", default=None, help="asset selection, as `dagster asset materialize --select`")
     mat.add_argument("--stale", action="store_true", help="only what is missing or stale")
+    mat.add_argument(
+        "--dry-run", action="store_true", help="print what would run (after registering parts and observing settings)"
+    )
     mat.set_defaults(func=_materialize)
     pred = sub.add_parser("predict", help="images or folders in, prompts out")
     pred.add_argument("paths", nargs="+", help="image files, folders (recursive) or globs")
-    pred.add_argument("--top-k", type=int, default=5)
+    pred.add_argument("--top-k", type=_positive_int, default=5)
     pred.add_argument("--format", choices=["table", "json", "kaggle"], default="table")
     pred.add_argument("--model", default="auto", help="auto | ensemble | vit | swin | clip | unet")
     pred.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    pred.add_argument("--batch-size", type=int, default=32)
+    pred.add_argument("--batch-size", type=_positive_int, default=32)
     pred.add_argument("--quiet", action="store_true", help="no progress bar")
+    pred.add_argument(
+        "--generate", action="store_true", help="also print a prompt written by the trained captioner (not with kaggle)"
+    )
     pred.set_defaults(func=_predict)
     return parser
 

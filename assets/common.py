@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 from resources import load_settings, profile_config
 
 SETTINGS = load_settings()
+OBSERVE_CRON = os.environ.get("REVERSE_SD_OBSERVE_CRON", "0 3 * * *")  # when sources are observed (daily)
 PROFILE_CONFIG = profile_config(SETTINGS)
 
 # Bump an entry when the code of that stage changes what it computes.
@@ -19,6 +21,7 @@ CODE_REVISIONS = {
     "vocabulary": 2,  # 2: words of two or more letters (was three)
     "vocabulary_labels": 2,
     "difficulty_scores": 1,
+    "training_settings": 1,
     "trained_models": 1,
     "model_predictions": 1,
     "ensemble_predictions": 1,
@@ -26,6 +29,9 @@ CODE_REVISIONS = {
     "dakl_predictions": 1,
     "evaluation_report": 1,
     "prompt_bank": 1,
+    "trained_captioners": 1,
+    "caption_predictions": 1,
+    "unet_swap_report": 1,
 }
 
 

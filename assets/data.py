@@ -55,7 +55,7 @@ def diffusiondb_parts(
     part = context.partition_key
     source = diffusiondb.source()
     started = time.perf_counter()
-    zip_path = source.fetch_part(part, cache_dir=storage.path("downloads"))
+    zip_path = source.fetch_part(part, cache_dir=storage.local_dir("downloads"))
     result = read_part(zip_path, part, image_size=PROFILE_CONFIG.image_size)
     target = storage.write_table(result.frame, "diffusiondb_parts", part)
     elapsed = time.perf_counter() - started

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets.automation import AUTOMATION
+from assets.automation import AUTOMATION, with_rebuild_conditions
 from assets.common import SETTINGS
 from assets.data import DATA_ASSETS, DATA_CHECKS
 from assets.evaluation import EVALUATION_ASSETS
+from assets.generation import GENERATION_ASSETS
 from assets.training import TRAINING_ASSETS, TRAINING_CHECKS
 from resources import build_resources
 
-ALL_ASSETS = [*DATA_ASSETS, *TRAINING_ASSETS, *EVALUATION_ASSETS]
+ALL_ASSETS = [*DATA_ASSETS, *TRAINING_ASSETS, *EVALUATION_ASSETS, *GENERATION_ASSETS]
 ALL_CHECKS = [*DATA_CHECKS, *TRAINING_CHECKS]
 
 defs = dg.Definitions(
-    assets=ALL_ASSETS,
+    assets=with_rebuild_conditions(ALL_ASSETS),
     asset_checks=ALL_CHECKS,
     resources=build_resources(SETTINGS),
     **AUTOMATION,

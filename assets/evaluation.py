@@ -10,12 +10,13 @@ import polars as pl
 
 from assets.common import PROFILE_CONFIG, SETTINGS, code_version, markdown_table
 from assets.data import filtered_pairs, prompt_embeddings
+from assets.generation import caption_report_rows
 from assets.plots import bar_plot_png, data_uri, gallery_png, grouped_bars_png, histogram_png, line_plot_png, md_image
-from assets.training import BACKBONES, RECIPES, difficulty_scores, model_predictions
+from assets.training import BACKBONES, RECIPES, TRAIN, difficulty_scores, load_splits, model_predictions
 from pipeline import storage as store
 from pipeline.evaluation import Report, knn_baseline, normalise_rows, row_cosines
 from pipeline.training_data import embedding_series, join_pairs, mean_embedding_baseline
-from resources import StorageResource
+from resources import ComputeResource, StorageResource
 
 EVAL_GROUP = "evaluation"
 ENSEMBLE_METHODS = ("median", "mean")
@@ -193,34 +194,61 @@ def dakl_predictions(context: dg.AssetExecutionContext, storage: StorageResource
     )
 
 
-def _knn_features(storage: StorageResource, image_ids: list[str], parts: list[str]) -> np.ndarray:
-    """16 x 16 RGB thumbnails as image features: a model-free k-NN baseline that any profile can run."""
-    from PIL import Image
-    import io
+def _knn_baseline(storage: StorageResource, compute: ComputeResource) -> tuple[float | None, str]:
+    """The paper's k-NN baseline: 5 nearest training images by CLIP image features, their prompts' mean.
 
-    wanted = pl.DataFrame({"image_id": image_ids, "part": parts})
-    chunks = []
-    for (part,), group in wanted.group_by("part", maintain_order=True):
-        frame = storage.read_table("diffusiondb_parts", part, columns=["image_id", "image"])
-        chunks.append(group.join(frame, on="image_id", how="left"))
-    merged = wanted.join(pl.concat(chunks).select("image_id", "image"), on="image_id", how="left")
-    features = [
-        np.asarray(Image.open(io.BytesIO(b)).convert("RGB").resize((16, 16), Image.BILINEAR), np.float32).ravel() / 255.0
-        for b in merged["image"].to_list()
-    ]
-    matrix = np.stack(features)
-    return matrix - matrix.mean(axis=1, keepdims=True)
+    The features come from the clip backbone's frozen tower as stored in its checkpoint (the same for every
+    recipe): the pretrained ViT-H/14 on DiffusionDB, the tiny random-init twin on the sample profile.
+    """
+    from pipeline.checkpoint import latest_checkpoint, load_model_weights
+    from pipeline.models import create_model
+    from pipeline.data import PairDataset
+    from pipeline.training import backbone_features
+
+    checkpoint = next(
+        (c for r in RECIPES if (c := latest_checkpoint(storage.path("trained_models", "clip", r))) is not None), None
+    )
+    if checkpoint is None:
+        return None, "k-NN baseline: not computed (no trained clip model to take CLIP image features from)."
+    state, config = load_model_weights(checkpoint)
+    model = create_model(**config)
+    model.load_state_dict(state)
+    splits = load_splits(storage, ("train", "test"))
+    train, test = splits["train"], splits["test"]
+    features = {
+        name: backbone_features(
+            model, PairDataset.for_model(s.images, s.targets, None, model), TRAIN.batch_size, compute.device
+        )
+        for name, s in splits.items()
+    }
+    predicted = knn_baseline(features["train"], train.targets, features["test"], k=5)
+    variant = "pretrained CLIP" if config.get("variant") == "full" else "the tiny random-init CLIP twin's"
+    return (
+        float(row_cosines(predicted, test.targets).mean()),
+        f"k-NN baseline: 5 nearest training images by {variant} image features (the paper: CLIP ViT-H/14).",
+    )
 
 
 @dg.asset(
-    deps=[ensemble_predictions, dakl_predictions, difficulty_scores, model_predictions, filtered_pairs, prompt_embeddings, "prompt_bank"],
+    deps=[
+        ensemble_predictions,
+        dakl_predictions,
+        difficulty_scores,
+        model_predictions,
+        filtered_pairs,
+        prompt_embeddings,
+        "prompt_bank",
+        "caption_predictions",
+    ],
     group_name=EVAL_GROUP,
     kinds={"markdown", "html"},
     code_version=code_version("evaluation_report"),
     description="The paper's Table 1 on this data (mean cosine on test), baselines and plots; "
     "reports/evaluation.{md,html,json} under the storage root.",
 )
-def evaluation_report(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+def evaluation_report(
+    context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource
+) -> dg.MaterializeResult:
     pairs = storage.read_table("filtered_pairs", columns=["image_id", "part", "split"])
     targets = _targets(storage).sort("image_id")
     test = targets.filter(pl.col("split") == "test")
@@ -246,9 +274,9 @@ def evaluation_report(context: dg.AssetExecutionContext, storage: StorageResourc
     cosine["ensemble+dakl"] = float(row_cosines(_matrix(dakl, "embedding"), test_y).mean())
     cosine["baseline/mean_embedding"] = mean_embedding_baseline(train_y, test_y)
     id_parts = dict(pairs.select("image_id", "part").iter_rows())
-    train_features = _knn_features(storage, train["image_id"].to_list(), [id_parts[i] for i in train["image_id"]])
-    test_features = _knn_features(storage, test["image_id"].to_list(), [id_parts[i] for i in test["image_id"]])
-    cosine["baseline/knn"] = float(row_cosines(knn_baseline(train_features, train_y, test_features), test_y).mean())
+    knn_cosine, knn_note = _knn_baseline(storage, compute)
+    if knn_cosine is not None:
+        cosine["baseline/knn"] = knn_cosine
 
     figures = {
         "Test cosine per model": data_uri(bar_plot_png(cosine, "test mean cosine", "cosine")),
@@ -276,11 +304,19 @@ def evaluation_report(context: dg.AssetExecutionContext, storage: StorageResourc
     )
     notes = [
         f"profile: {SETTINGS.profile}; backbones: {'tiny random-init twins' if SETTINGS.is_sample else 'pretrained'}",
-        "k-NN baseline: 5 nearest training images by 16x16 RGB thumbnail features (the paper uses CLIP ViT-H/14 features).",
+        knn_note,
         "unet: the caption context is empty on the sample profile (no captioning model offline); a learned null context is used.",
     ]
+    generation = caption_report_rows(storage)
+    for row in generation:
+        cosine[f"caption/{row['captioner']}"] = row["sbert_cosine"]
+    if generation and SETTINGS.is_sample:
+        notes.append(
+            "generated prompts: tiny random-init captioner and CLIP (sample profile); RefCLIPScore then measures nothing."
+        )
     report = Report(
         profile=SETTINGS.profile,
+        generation=generation,
         split="test",
         cosine=cosine,
         counts=dict(pairs.group_by("split").len().sort("split").iter_rows()),

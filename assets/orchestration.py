@@ -59,12 +59,22 @@ def plan_stages(
         resolver = CachingStaleStatusResolver(instance=instance, asset_graph=asset_graph, loading_context=view)
 
     stages: list[Stage] = []
+    stage_of: dict[dg.AssetKey, int] = {}
     for key in _topological_keys(asset_graph, selected):
-        pdef = asset_graph.get(key).partitions_def
-        if stages and stages[-1].partitions_def == pdef:
-            stages[-1].asset_keys.append(key)
+        # Join the earliest stage with the same partitions that comes at or after every parent's stage (one
+        # run then materializes both, in dependency order), so trained_models and model_predictions share
+        # a run per partition even when an unrelated asset sits between them in topological order.
+        node = asset_graph.get(key)
+        after = max((stage_of[p] for p in node.parent_keys if p in stage_of), default=-1)
+        target = next(
+            (i for i in range(max(after, 0), len(stages)) if stages[i].partitions_def == node.partitions_def), None
+        )
+        if target is None:
+            stages.append(Stage([key], node.partitions_def))
+            target = len(stages) - 1
         else:
-            stages.append(Stage([key], pdef))
+            stages[target].asset_keys.append(key)
+        stage_of[key] = target
     for stage in stages:
         keys: list[str | None] = (
             list(stage.partitions_def.get_partition_keys(dynamic_partitions_store=instance))
@@ -73,37 +83,56 @@ def plan_stages(
         )
         stage.partition_keys = keys
     if resolver is not None:
-        stages = _keep_stale(stages, resolver)
+        stages = _keep_stale(stages, resolver, instance)
     return [s for s in stages if s.asset_keys and s.partition_keys]
 
 
-def _keep_stale(stages: list[Stage], resolver: CachingStaleStatusResolver) -> list[Stage]:
-    """Keep (asset, partition) pairs that are missing or stale, or downstream of one kept earlier.
+def _keep_stale(stages: list[Stage], resolver: CachingStaleStatusResolver, instance: dg.DagsterInstance) -> list[Stage]:
+    """Keep (asset, partition) pairs that are missing or stale, or that depend on a pair kept earlier.
 
-    Downstream of a pair that will be rebuilt now is stale *after* the rebuild even if it looks fresh
-    before it, so a stage whose upstream is rebuilt is kept whole.
+    A pair downstream of one that will be rebuilt now is stale *after* the rebuild even if it looks fresh
+    before it; partition mappings decide which downstream partitions that is (a new part -> the
+    unpartitioned filtered_pairs; difficulty_scores[unet] -> trained_models[unet|*] only).
     """
+    graph = resolver.asset_graph
     kept: list[Stage] = []
-    rebuilding: set[dg.AssetKey] = set()
-    for stage in stages:
-        upstream_rebuilt = any(
-            parent in rebuilding
-            for key in stage.asset_keys
-            for parent in resolver.asset_graph.get(key).parent_keys
-        )
-        if upstream_rebuilt:
-            kept.append(stage)
-            rebuilding.update(stage.asset_keys)
-            continue
-        keys = [
-            pk
-            for pk in stage.partition_keys
-            if any(resolver.get_status(k, pk) != StaleStatus.FRESH for k in stage.asset_keys)
-        ]
-        if keys:
-            kept.append(Stage(stage.asset_keys, stage.partitions_def, keys))
-            rebuilding.update(stage.asset_keys)
+    rebuilding: set[tuple[dg.AssetKey, str | None]] = set()
+
+    def depends_on_rebuild(key: dg.AssetKey, partition_key: str | None) -> bool:
+        parents = graph.get_parents_partitions(key, partition_key).parent_partitions
+        return any((p.asset_key, p.partition_key) in rebuilding for p in parents)
+
+    with dg.partition_loading_context(dynamic_partitions_store=instance):
+        for stage in stages:
+            keys = [
+                pk
+                for pk in stage.partition_keys
+                if any(
+                    depends_on_rebuild(k, pk) or resolver.get_status(k, pk) != StaleStatus.FRESH
+                    for k in stage.asset_keys
+                )
+            ]
+            if keys:
+                kept.append(Stage(stage.asset_keys, stage.partitions_def, keys))
+                rebuilding.update((k, pk) for k in stage.asset_keys for pk in keys)
     return kept
+
+
+def observe_settings(defs: dg.Definitions, instance: dg.DagsterInstance) -> None:
+    """Record the current data version of every settings source (training_settings), so that a changed
+    setting shows up as stale data before planning.  DiffusionDB itself is not observed here: new parts
+    are registered as partitions instead, which stales only what they feed."""
+    from dagster._core.definitions.observe import observe
+
+    from assets.training import training_settings
+
+    observe(
+        [training_settings],
+        instance=instance,
+        raise_on_error=True,
+        run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+        tags={"reverse-sd/launched-by": "cli"},
+    )
 
 
 def run_stages(

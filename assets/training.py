@@ -2,18 +2,20 @@
 backbone x recipe, and their predicted embeddings.  Training runs in the "gpu" concurrency pool."""
 
 
+import os
 import time
 
 import dagster as dg
 import numpy as np
 import polars as pl
 
-from assets.common import PROFILE_CONFIG, code_version, markdown_table
+from assets.common import OBSERVE_CRON, PROFILE_CONFIG, code_version, markdown_table
 from assets.data import filtered_pairs, prompt_embeddings, vocabulary, vocabulary_labels
 from assets.plots import histogram_png, line_plot_png, md_image
 from pipeline.evaluation import mean_cosine
 from pipeline.training_data import SplitData, embedding_series, join_pairs, load_split, mean_embedding_baseline
 from resources import ComputeResource, StorageResource
+from resources.settings import PROJECT_DIR
 
 TRAIN_GROUP = "training"
 BACKBONES = ["vit", "swin", "clip", "unet"]
@@ -22,7 +24,31 @@ backbone_partitions = dg.StaticPartitionsDefinition(BACKBONES)
 model_partitions = dg.MultiPartitionsDefinition(
     {"backbone": backbone_partitions, "recipe": dg.StaticPartitionsDefinition(RECIPES)}
 )
-TRAIN = PROFILE_CONFIG.training
+TRAIN = PROFILE_CONFIG.training  # the settings every backbone shares unless overridden
+
+
+def training_spec(backbone: str):
+    return PROFILE_CONFIG.training_for(backbone)
+
+
+@dg.observable_source_asset(
+    partitions_def=backbone_partitions,
+    group_name=TRAIN_GROUP,
+    # Observed once when it never was (so automation can train on a UI-only deployment), then daily.
+    automation_condition=(
+        dg.AutomationCondition.missing().newly_true() | dg.AutomationCondition.cron_tick_passed(OBSERVE_CRON)
+    ).with_label("observe once, then daily"),
+    description="The result-changing training settings of each backbone (epochs, lr, batch size, lambda, seed). "
+    "Its data version per backbone is a hash of them, so changing one backbone's settings turns exactly that "
+    "backbone's difficulty scores and models stale. Observed by `reverse-sd materialize` and the observe schedule.",
+)
+def training_settings() -> dg.DataVersionsByPartition:
+    return dg.DataVersionsByPartition(
+        {b: code_version("training_settings", **training_spec(b).as_dict()) for b in BACKBONES}
+    )
+
+
+_BY_BACKBONE = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="backbone")
 
 
 def _read_images(storage: StorageResource):
@@ -51,15 +77,16 @@ def _vocab_size(storage: StorageResource) -> int:
     return storage.read_table("vocabulary", columns=["word"]).height
 
 
-def _train_config(compute: ComputeResource, recipe: str, **overrides):
+def _train_config(compute: ComputeResource, backbone: str, recipe: str, **overrides):
     from pipeline.training import TrainConfig
 
+    spec = training_spec(backbone)
     return TrainConfig(
-        epochs=overrides.pop("epochs", TRAIN.epochs),
-        batch_size=TRAIN.batch_size,
-        lr=TRAIN.lr,
-        lambda_vocab=0.0 if recipe == "baseline" else TRAIN.lambda_vocab,
-        seed=TRAIN.seed,
+        epochs=overrides.pop("epochs", spec.epochs),
+        batch_size=spec.batch_size,
+        lr=spec.lr,
+        lambda_vocab=0.0 if recipe == "baseline" else spec.lambda_vocab,
+        seed=spec.seed,
         device=compute.device,
         num_workers=compute.num_workers,
         **overrides,
@@ -76,7 +103,7 @@ def _create(backbone: str, compute: ComputeResource, vocab_size: int):
     from pipeline.models import create_model
     from pipeline.training import seed_everything
 
-    seed_everything(TRAIN.seed)  # the same initial weights on every run
+    seed_everything(training_spec(backbone).seed)  # the same initial weights on every run
     model = create_model(
         backbone, variant=compute.backbone_variant, vocab_size=vocab_size, pretrained=compute.pretrained
     )
@@ -85,13 +112,11 @@ def _create(backbone: str, compute: ComputeResource, vocab_size: int):
 
 @dg.asset(
     partitions_def=backbone_partitions,
-    deps=[filtered_pairs, prompt_embeddings, vocabulary_labels],
+    deps=[training_settings, filtered_pairs, prompt_embeddings, vocabulary_labels],
     group_name=TRAIN_GROUP,
     kinds={"pytorch", "parquet"},
     pool="gpu",
-    code_version=code_version(
-        "difficulty_scores", **{k: v for k, v in TRAIN.as_dict().items() if k != "epochs"}
-    ),
+    code_version=code_version("difficulty_scores"),
     description="Preliminary epochs recording each training sample's cosine; difficulty = mean (higher = easier).",
 )
 def difficulty_scores(
@@ -104,9 +129,10 @@ def difficulty_scores(
     splits = load_splits(storage, ("train",))
     train = splits["train"]
     model = _create(backbone, compute, _vocab_size(storage))
-    config = _train_config(compute, "mlc", epochs=TRAIN.preliminary_epochs)
+    preliminary_epochs = training_spec(backbone).preliminary_epochs
+    config = _train_config(compute, backbone, "mlc", epochs=preliminary_epochs)
     started = time.perf_counter()
-    history = preliminary_cosines(model, _make_dataset(train, model), config, epochs=TRAIN.preliminary_epochs)
+    history = preliminary_cosines(model, _make_dataset(train, model), config, epochs=preliminary_epochs)
     difficulty = difficulty_from_history(history)
     buckets = bucket_by_difficulty(difficulty)
     table = pl.DataFrame(
@@ -137,24 +163,25 @@ def _split_key(context) -> tuple[str, str]:
 @dg.asset(
     partitions_def=model_partitions,
     deps=[
+        dg.AssetDep(training_settings, partition_mapping=_BY_BACKBONE),
         filtered_pairs,
         prompt_embeddings,
         vocabulary,
         vocabulary_labels,
-        dg.AssetDep(
-            difficulty_scores,
-            partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="backbone"),
-        ),
+        dg.AssetDep(difficulty_scores, partition_mapping=_BY_BACKBONE),
     ],
     group_name=TRAIN_GROUP,
     kinds={"pytorch", "safetensors"},
     pool="gpu",
-    code_version=code_version("trained_models", **TRAIN.as_dict()),
+    code_version=code_version("trained_models"),
     description="A backbone trained from scratch with one recipe: baseline (cosine), mlc (+ vocabulary head), "
     "mlc_cl (+ curriculum: easy, easy+medium, all, all).",
 )
 def trained_models(
-    context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource
+    context: dg.AssetExecutionContext,
+    storage: StorageResource,
+    compute: ComputeResource,
+    pipes: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
     from pipeline.curriculum import curriculum_stages
     from pipeline.training import train_model
@@ -163,7 +190,6 @@ def trained_models(
     splits = load_splits(storage, ("train", "val"))
     train, val = splits["train"], splits["val"]
     vocab_size = 0 if recipe == "baseline" else _vocab_size(storage)
-    model = _create(backbone, compute, vocab_size)
     stages = None
     if recipe == "mlc_cl":
         scores = storage.read_table("difficulty_scores", backbone)
@@ -173,21 +199,28 @@ def trained_models(
             if image_id in position:
                 buckets[position[image_id]] = bucket
         stages = curriculum_stages(buckets)
-    config = _train_config(compute, recipe)
+    config = _train_config(compute, backbone, recipe)
     checkpoint_dir = storage.path("trained_models", backbone, recipe)
 
     def on_log(record: dict) -> None:
         context.log.info(f"{backbone}/{recipe}: " + ", ".join(f"{k}={v}" for k, v in record.items()))
 
-    result = train_model(
-        model,
-        _make_dataset(train, model),
-        _make_dataset(val, model),
-        config,
-        checkpoint_dir,
-        stages=stages,
-        on_log=on_log,
-    )
+    if compute.nproc_per_node > 1:
+        model_kwargs = dict(
+            backbone=backbone, variant=compute.backbone_variant, vocab_size=vocab_size, pretrained=compute.pretrained
+        )
+        result = _train_with_torchrun(context, pipes, compute, model_kwargs, train, val, config, checkpoint_dir, stages)
+    else:
+        model = _create(backbone, compute, vocab_size)
+        result = train_model(
+            model,
+            _make_dataset(train, model),
+            _make_dataset(val, model),
+            config,
+            checkpoint_dir,
+            stages=stages,
+            on_log=on_log,
+        )
     history = result.history
     curves = {
         "val cosine": [h["val_cosine"] for h in history],
@@ -198,12 +231,43 @@ def trained_models(
             "best_val_cosine": float(result.best_val_cosine),
             "final_val_cosine": float(result.final_val_cosine),
             "images_per_s": float(result.images_per_s),
+            "world_size": int(result.extra.get("world_size", 1)),
             "epochs": len(history),
             "checkpoint": dg.MetadataValue.path(str(result.checkpoint_path)),
             "curves": dg.MetadataValue.md(md_image(line_plot_png(curves, f"{backbone}/{recipe}", "epoch", "cosine"))),
             "history": dg.MetadataValue.md(markdown_table(history)),
         }
     )
+
+
+def _train_with_torchrun(context, pipes, compute, model_kwargs, train, val, config, checkpoint_dir, stages):
+    """DistributedDataParallel over compute.nproc_per_node processes: torchrun launched through Dagster
+    Pipes (its output streams into the run's logs), pipeline.ddp_train in each process, the same
+    checkpoints and resume as in-process training."""
+    import json
+    import tempfile
+
+    from pipeline.ddp_train import torchrun_command, write_spec
+    from pipeline.training import TrainResult
+
+    with_labels = model_kwargs["vocab_size"] > 0
+    with tempfile.TemporaryDirectory(prefix="reverse-sd-ddp-") as workdir:
+        spec = write_spec(
+            workdir,
+            model_kwargs=model_kwargs,
+            train=(train.images, train.targets, train.labels if with_labels else None),
+            val=(val.images, val.targets, val.labels if with_labels else None),
+            config=config,
+            checkpoint_dir=checkpoint_dir,
+            stages=stages,
+        )
+        command = torchrun_command(spec, compute.nproc_per_node)
+        context.log.info("launching " + " ".join(command))
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_DIR), env.get("PYTHONPATH")]))
+        pipes.run(command=command, context=context, env=env, cwd=str(PROJECT_DIR))
+        metrics = json.loads((spec.parent / "metrics.json").read_text())
+    return TrainResult(**metrics)
 
 
 @dg.asset(
@@ -267,12 +331,10 @@ def beats_mean_embedding_baseline(storage: StorageResource) -> dg.AssetCheckResu
             cosine = mean_cosine(merged["embedding"].to_numpy(), merged["target"].to_numpy())
             rows.append({"model": key, "val_cosine": cosine, "baseline": baseline, "beats": cosine > baseline})
     losers = [r["model"] for r in rows if not r["beats"]]
-    # ERROR (blocks the ensemble) when no model beats the baseline: nothing downstream would mean anything.
-    # WARN when some do not: the UI flags them, and the ensemble still runs on the rest of the graph.
-    severity = dg.AssetCheckSeverity.ERROR if len(losers) == len(rows) else dg.AssetCheckSeverity.WARN
+    # Blocking: a model that does not beat the mean training embedding must not feed the ensemble.
     return dg.AssetCheckResult(
         passed=bool(rows) and not losers,
-        severity=severity,
+        severity=dg.AssetCheckSeverity.ERROR,
         metadata={
             "models": len(rows),
             "below_baseline": ", ".join(losers) or "none",
@@ -281,5 +343,5 @@ def beats_mean_embedding_baseline(storage: StorageResource) -> dg.AssetCheckResu
     )
 
 
-TRAINING_ASSETS = [difficulty_scores, trained_models, model_predictions]
+TRAINING_ASSETS = [training_settings, difficulty_scores, trained_models, model_predictions]
 TRAINING_CHECKS = [beats_mean_embedding_baseline]

@@ -200,8 +200,6 @@ def main() -> None:
     if args.child:
         child(args.child, args.data, args.repeat, args.out)
         return
-    import polars as pl
-
     from pipeline.filtering import filter_report
 
     results = {}

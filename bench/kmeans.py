@@ -72,7 +72,7 @@ def subsample_comparison(args) -> None:
 
     timed(f"faiss spherical (ours, n_iter={args.n_iter})",
           lambda: kmeans_centroids(X, k, seed=0, n_iter=args.n_iter, max_points_per_centroid=args.max_points_per_centroid))
-    timed(f"faiss spherical, all points, n_iter=25",
+    timed("faiss spherical, all points, n_iter=25",
           lambda: kmeans_centroids(X, k, seed=0, n_iter=25, max_points_per_centroid=10**6))
     timed(f"faiss euclidean (n_iter={args.n_iter})",
           lambda: kmeans_centroids(X, k, seed=0, n_iter=args.n_iter, spherical=False,

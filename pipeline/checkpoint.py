@@ -7,8 +7,11 @@ Layout of a checkpoint directory (one per backbone x recipe):
 
 The number is the count of epochs completed over all stages.  The state file is written before the
 weights, so a weights file present means a complete checkpoint; ``latest_checkpoint`` returns the weights
-file of the newest one.  The state file holds nothing but tensors, numbers, strings, lists and dicts and
-is read with ``torch.load(weights_only=True)``: no pickled objects, nothing executable in a checkpoint.
+file of the newest one.  What a killed write leaves (hidden temporaries, a state file without its
+weights) is never listed, and is swept away by the next save.  The state file holds nothing but tensors,
+numbers, strings, lists and dicts and is read with ``torch.load(weights_only=True)``: no pickled objects,
+nothing executable in a checkpoint.  A checkpoint that does not fit (unreadable file, other embedding
+size, other shapes) is a one-line CheckpointError naming the file, never a torch traceback.
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ from pipeline.storage import PathLike, as_path, atomic_local_path
 
 EMBEDDING_DIM = 384
 _NAME = re.compile(r"^ckpt-(\d+)\.safetensors$")
+_STATE_NAME = re.compile(r"^ckpt-(\d+)\.state\.pt$")
+# pipeline.storage's atomic temporaries of checkpoints and of the trainer's best-weights file
+_TEMPORARY = re.compile(r"^\.(ckpt-\d+|best-weights)\.(safetensors|state\.pt)\..*\.tmp")
+# The embedding head's output projection in pipeline.models (a Linear, or the last Linear of an MLP).
+_EMBEDDING_OUT = re.compile(r"(?:^|\.)heads\.embedding\.net(?:\.(\d+))?\.weight$")
 
 
 class CheckpointError(ValueError):
@@ -165,17 +173,39 @@ def save_checkpoint(
 
 
 def prune_checkpoints(directory: PathLike, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` checkpoints (weights first, so no half checkpoint looks complete)."""
+    """Delete all but the newest ``keep_last`` checkpoints (weights first, so no half checkpoint looks complete),
+    and what killed writes left behind."""
     found = list_checkpoints(directory)
     for _, weights in found[: max(len(found) - keep_last, 0)]:
         state = state_path_for(weights)
         weights.unlink()
         if state.exists():
             state.unlink()
+    remove_leftovers(directory)
+
+
+def remove_leftovers(directory: PathLike) -> int:
+    """Delete the temporaries of killed writes and state files without weights; returns how many.
+
+    A killed SwinV2-L save leaves gigabytes of temporary state, once per kill.  Call it only when this
+    process is the one writer of ``directory`` (the trainer's rank 0, right after a save).
+    """
+    root = as_path(directory)
+    if not root.exists():
+        return 0
+    complete = {index for index, _ in list_checkpoints(root)}
+    removed = 0
+    for entry in list(root.iterdir()):
+        state = _STATE_NAME.match(entry.name)
+        if _TEMPORARY.match(entry.name) or (state and int(state.group(1)) not in complete):
+            entry.unlink()
+            removed += 1
+    return removed
 
 
 def remove_checkpoints(directory: PathLike) -> int:
-    """Delete every checkpoint of ``directory`` (a fresh run with another config); returns how many."""
+    """Delete every checkpoint of ``directory`` (a fresh run with another config), and any leftovers; returns
+    how many checkpoints."""
     found = list_checkpoints(directory)
     prune_checkpoints(directory, 0)
     return len(found)
@@ -183,18 +213,53 @@ def remove_checkpoints(directory: PathLike) -> int:
 
 # -- loading -------------------------------------------------------------------------------------------
 def _read_safetensors(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
+    """(tensors, metadata); anything unreadable (truncated, not safetensors) is a CheckpointError naming the file."""
+    from safetensors import SafetensorError, safe_open
 
     p = as_path(path)
-    if isinstance(p, Path):
-        with safe_open(str(p), framework="pt") as f:
-            metadata = f.metadata() or {}
-        return st_load_file(str(p)), metadata
-    data = p.read_bytes()
-    # safetensors' header: 8-byte little-endian length, then JSON with "__metadata__".
-    header_len = int.from_bytes(data[:8], "little")
-    metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__", {}) or {}
-    return st_load_bytes(data), metadata
+    try:
+        if isinstance(p, Path):
+            with safe_open(str(p), framework="pt") as f:
+                metadata = f.metadata() or {}
+            return st_load_file(str(p)), metadata
+        data = p.read_bytes()
+        # safetensors' header: 8-byte little-endian length, then JSON with "__metadata__".
+        header_len = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__", {}) or {}
+        return st_load_bytes(data), metadata
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise CheckpointError(f"{p} is not a readable safetensors checkpoint: {exc}") from exc
+
+
+def _embedding_size(state: dict[str, torch.Tensor]) -> int | None:
+    """The embedding head's output size as the tensors say (metadata can be absent or wrong)."""
+    found = []
+    for key, tensor in state.items():
+        match = _EMBEDDING_OUT.search(key)
+        if match and tensor.ndim == 2:
+            found.append((int(match.group(1) or -1), int(tensor.shape[0])))
+    return max(found)[1] if found else None
+
+
+def check_state_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], path: PathLike) -> None:
+    """Raise CheckpointError naming the file and the first tensor whose name or shape the model does not have.
+
+    torch's own load_state_dict error is a page of every mismatch; this is one line a user can act on.
+    """
+    expected = _unwrap(model).state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    for key, tensor in state.items():
+        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"checkpoint {path} does not fit the model: {key} has shape {list(tensor.shape)}, "
+                f"the model expects {list(expected[key].shape)}"
+            )
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the model: {len(missing)} missing tensors (e.g. {missing[:1]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:1]})"
+        )
 
 
 def _resolve(path: PathLike) -> Any:
@@ -213,16 +278,24 @@ def load_model_weights(
     """(state_dict, model config) of a checkpoint (its weights file or its directory's newest).
 
     The model config is what ``model.config_dict()`` returned, so ``create_model(**config)`` rebuilds the
-    model.  Raises CheckpointError when the checkpoint's embedding size is not ``expected_embedding_dim``.
+    model.  Raises CheckpointError when the checkpoint's embedding size (its metadata, its config, or the
+    embedding head's tensors) is not ``expected_embedding_dim``, or when those disagree.
     """
     weights_path = _resolve(path)
     state, metadata = _read_safetensors(weights_path)
-    config = json.loads(metadata.get("model_config", "{}"))
-    dim = metadata.get("embedding_dim") or config.get("embedding_dim")
-    if expected_embedding_dim is not None and dim is not None and int(dim) != int(expected_embedding_dim):
-        raise CheckpointError(
-            f"checkpoint embedding size {int(dim)} != expected {int(expected_embedding_dim)} ({weights_path})"
-        )
+    try:
+        config = json.loads(metadata.get("model_config", "{}"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"checkpoint {weights_path} has an unreadable model_config: {exc}") from exc
+    declared = [metadata.get("embedding_dim"), config.get("embedding_dim"), config.get("embed_dim")]
+    sizes = [int(d) for d in declared if d is not None]
+    tensor_size = _embedding_size(state)
+    if tensor_size is not None:
+        sizes.append(tensor_size)
+    want = int(expected_embedding_dim) if expected_embedding_dim is not None else (sizes[0] if sizes else None)
+    wrong = next((d for d in sizes if d != want), None)
+    if wrong is not None:
+        raise CheckpointError(f"checkpoint embedding size {wrong} != expected {want} ({weights_path})")
     return state, config
 
 
@@ -252,6 +325,7 @@ def load_checkpoint(
     weights_path = _resolve(path)
     weights, model_cfg = load_model_weights(weights_path, expected_embedding_dim)
     if model is not None:
+        check_state_fits(model, weights, weights_path)
         _unwrap(model).load_state_dict(weights)
     state = read_state(weights_path, map_location)
     if optimizer is not None and "optimizer" in state:

@@ -81,6 +81,64 @@ def read_stages(path: str | None) -> list[np.ndarray] | None:
         return [data[k].astype(np.int64) for k in keys]
 
 
+def write_pairs(path: str, images, targets: np.ndarray, labels) -> None:
+    """The Parquet file read_pairs reads: image bytes, 384-d target, label index list per pair."""
+    columns = {
+        "image": pa.array(list(images), type=pa.binary()),
+        "embedding": pa.FixedSizeListArray.from_arrays(
+            pa.array(np.ascontiguousarray(targets, dtype=np.float32).ravel()), int(targets.shape[1])
+        ),
+    }
+    if labels is not None:
+        columns["label_indices"] = pa.array([np.asarray(x, dtype=np.int64).tolist() for x in labels], pa.list_(pa.int64()))
+    pq.write_table(pa.table(columns), path)
+
+
+def write_spec(
+    directory: str | Path,
+    *,
+    model_kwargs: dict,
+    train: tuple,
+    val: tuple | None,
+    config: TrainConfig,
+    checkpoint_dir: str,
+    stages: list[np.ndarray] | None = None,
+) -> Path:
+    """Write everything a launched run needs into ``directory`` (train/val Parquet, stages, spec.json).
+
+    ``train`` / ``val`` are (images, targets, labels) triples.  Returns the spec path to pass as --spec;
+    the run's TrainResult lands in ``directory``/metrics.json.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_pairs(str(directory / "train.parquet"), *train)
+    if val is not None:
+        write_pairs(str(directory / "val.parquet"), *val)
+    if stages is not None:
+        np.savez(directory / "stages.npz", **{f"stage_{i}": np.asarray(s, np.int64) for i, s in enumerate(stages)})
+    spec = {
+        "model": {"factory": "pipeline.models:create_model", "kwargs": model_kwargs},
+        "train": str(directory / "train.parquet"),
+        "val": str(directory / "val.parquet") if val is not None else None,
+        "stages": str(directory / "stages.npz") if stages is not None else None,
+        "config": config.to_dict(),
+        "checkpoint_dir": str(checkpoint_dir),
+        "metrics": str(directory / "metrics.json"),
+        "resume": True,
+    }
+    path = directory / "spec.json"
+    path.write_text(json.dumps(spec, indent=2))
+    return path
+
+
+def torchrun_command(spec_path: str | Path, nproc_per_node: int) -> list[str]:
+    """The launch command: torchrun (as ``python -m torch.distributed.run``) on this node, N processes."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(int(nproc_per_node)),
+        "-m", "pipeline.ddp_train", "--spec", str(spec_path),
+    ]
+
+
 def run(spec: dict) -> dict:
     """Build model and datasets from ``spec`` and train; returns TrainResult.to_dict()."""
     config = TrainConfig(**spec.get("config", {}))

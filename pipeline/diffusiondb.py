@@ -9,9 +9,11 @@ read_part streams one archive: opened once, members read one at a time into memo
 no path is ever built from a member name, nothing is written anywhere), each image decoded once,
 resized and re-encoded by pipeline.images.  Bad records are skipped and counted with their ids, never
 crashing the part and never dropping a good record.  An archive that cannot be read at all raises
-CorruptArchiveError naming the part and the file; so does a part whose JSON cannot be trusted (missing,
-not UTF-8, not JSON, not an object of entries): without it no prompt in the part is known, so failing the
-part loudly is the honest outcome.
+CorruptArchiveError naming the part and the file; so does a part whose JSON cannot be parsed (missing,
+not JSON, not an object of entries): without it no prompt in the part is known, so failing the part
+loudly is the honest outcome.  JSON that is mostly right is read leniently so one bad entry costs only
+itself: invalid UTF-8 bytes cost only the entries they sit in (prompt_not_utf8), raw control characters
+inside strings are kept as text, and numbers too long for Python's int parser become null metadata.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def file_sha256(path: Path) -> str:
     return value
 
 
-def _looks_local(location: str) -> bool:
+def is_local_location(location: str) -> bool:
     """An existing directory, or anything path-like; otherwise an owner/name hub id."""
     if location.startswith("file://"):
         return True
@@ -118,7 +120,7 @@ class DiffusionDBSource:
 
     @property
     def is_local(self) -> bool:
-        return _looks_local(self.location)
+        return is_local_location(self.location)
 
     @property
     def root(self) -> Path:
@@ -234,6 +236,28 @@ def _as_float(value) -> float | None:
     return value if value == value and abs(value) != float("inf") else None
 
 
+def _parse_int(text: str) -> int | float:
+    """JSON integers; one beyond int64 becomes +-inf (later null), instead of Python's digit-limit ValueError."""
+    if len(text) > 20:
+        return float("-inf") if text.startswith("-") else float("inf")
+    return int(text)
+
+
+def _encodable(text: str) -> bool:
+    """False for strings holding lone surrogates (from \\ud800 escapes or invalid UTF-8): Arrow cannot store them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _safe_id(name: str, limit: int = 200) -> str:
+    """A record id fit for logs and UI metadata: control characters and surrogates escaped, length capped."""
+    out = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in name)
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
 def _load_entries(zf: zipfile.ZipFile, part_key: str, zip_path: Path) -> dict:
     name = f"{part_key}.json"
     try:
@@ -245,13 +269,19 @@ def _load_entries(zf: zipfile.ZipFile, part_key: str, zip_path: Path) -> dict:
     try:
         with zf.open(info) as f:
             raw = f.read(MAX_JSON_BYTES + 1)
-        entries = json.loads(raw.decode("utf-8-sig"))
-    except UnicodeDecodeError as exc:
-        raise CorruptArchiveError(f"{part_key}: {name} in {zip_path} is not UTF-8: {exc}") from exc
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError, RuntimeError) as exc:
+        raise CorruptArchiveError(f"{part_key}: cannot read {name} from {zip_path}: {exc}") from exc
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        # Keep the valid entries; invalid bytes become lone surrogates, and their entries are skipped.
+        text = raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8", "surrogateescape")
+    try:
+        entries = json.loads(text, strict=False, parse_int=_parse_int)
     except json.JSONDecodeError as exc:
         raise CorruptArchiveError(f"{part_key}: {name} in {zip_path} is not valid JSON: {exc}") from exc
-    except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as exc:
-        raise CorruptArchiveError(f"{part_key}: cannot read {name} from {zip_path}: {exc}") from exc
+    except RecursionError as exc:
+        raise CorruptArchiveError(f"{part_key}: {name} in {zip_path} is nested too deeply to parse") from exc
     if not isinstance(entries, dict):
         raise CorruptArchiveError(
             f"{part_key}: {name} in {zip_path} is a JSON {type(entries).__name__}, not an object of entries"
@@ -274,8 +304,9 @@ def read_part(
     cfg / steps / sampler values become null rather than dropping a good image.  width and height are
     the image as stored in the archive (before resizing); `image` holds the re-encoded bytes.
     Skip reasons: symlink_member, unsafe_member_name, duplicate_member, member_too_large, corrupt_member,
-    image_without_entry, entry_without_image, entry_not_object, prompt_not_text, and the image reasons
-    of pipeline.images (empty_image, image_too_large, undecodable_image).
+    image_without_entry, entry_without_image, entry_not_object, prompt_not_text, prompt_not_utf8, and the
+    image reasons of pipeline.images (empty_image, image_too_large, undecodable_image).  Skipped ids are
+    escaped (control characters, surrogates) so that logging them is safe.
     """
     validate_part_key(part_key)
     zip_path = Path(zip_path)
@@ -283,7 +314,7 @@ def read_part(
     skipped: list[dict] = []
 
     def skip(record_id: str, reason: str) -> None:
-        skipped.append({"id": record_id, "reason": reason})
+        skipped.append({"id": _safe_id(record_id), "reason": reason})
 
     try:
         zf = zipfile.ZipFile(zip_path)
@@ -311,6 +342,8 @@ def read_part(
             prompt = entry.get("p") if isinstance(entry, dict) else None
             if reason is None and prompt is not None and not isinstance(prompt, str):
                 reason = "prompt_not_text"
+            if reason is None and prompt is not None and not _encodable(prompt):
+                reason = "prompt_not_utf8"
             if reason is not None:
                 if reason != "duplicate_member":
                     refused.add(name)
@@ -339,7 +372,7 @@ def read_part(
             columns["seed"].append(_as_int(entry.get("se")))
             columns["cfg"].append(_as_float(entry.get("c")))
             columns["steps"].append(_as_int(entry.get("st")))
-            columns["sampler"].append(sampler if isinstance(sampler, str) else None)
+            columns["sampler"].append(sampler if isinstance(sampler, str) and _encodable(sampler) else None)
             columns["width"].append(width)
             columns["height"].append(height)
             columns["image"].append(image)

@@ -55,13 +55,26 @@ class Report:
     counts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     figures: dict[str, str] = field(default_factory=dict)  # title -> data URI of a PNG
+    # Prompt generation, one row per captioner: captioner, variant, sbert_cosine, refclip_score, clip_s, ...
+    generation: list[dict] = field(default_factory=list)
 
     def to_json(self) -> str:
-        return json.dumps(
-            {"split": self.split, "profile": self.profile, "cosine": self.cosine, "counts": self.counts},
-            indent=2,
-            sort_keys=True,
-        )
+        payload = {"split": self.split, "profile": self.profile, "cosine": self.cosine, "counts": self.counts}
+        if self.generation:
+            payload["generation"] = self.generation
+        return json.dumps(payload, indent=2, sort_keys=True, default=float)
+
+    def generation_rows(self) -> list[list[str]]:
+        """Generated prompts scored like Kaggle (SBERT cosine to the true prompt) and by RefCLIPScore."""
+        return [
+            [
+                f"{r['captioner']} ({r.get('variant', '')})",
+                f"{r['sbert_cosine']:.4f}",
+                f"{r['refclip_score']:.4f}",
+                f"{r['kaggle_first_place']:.5f}",
+            ]
+            for r in self.generation
+        ]
 
     def table_rows(self) -> list[list[str]]:
         def fmt(key: str) -> str:
@@ -107,6 +120,13 @@ class Report:
             f"{self.cosine.get('baseline/knn', float('nan')):.4f} |",
             "",
         ]
+        if self.generation:
+            lines += [
+                "| generated prompts | SBERT cosine (Kaggle metric) | RefCLIPScore | Kaggle first place |",
+                "| --- | --- | --- | --- |",
+                *["| " + " | ".join(row) + " |" for row in self.generation_rows()],
+                "",
+            ]
         if self.counts:
             lines += ["Pairs: " + ", ".join(f"{k} {v}" for k, v in self.counts.items()), ""]
         lines += [f"- {note}" for note in self.notes]
@@ -123,6 +143,17 @@ class Report:
             f"<h2>{html.escape(t)}</h2><img alt='{html.escape(t)}' src='{uri}'/>" for t, uri in self.figures.items()
         )
         notes = "".join(f"<li>{html.escape(n)}</li>" for n in self.notes)
+        generation = ""
+        if self.generation:
+            heads = ("generated prompts", "SBERT cosine (Kaggle metric)", "RefCLIPScore", "Kaggle first place")
+            generation = (
+                "<table><tr>" + "".join(f"<th>{h}</th>" for h in heads) + "</tr>"
+                + "".join(
+                    "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                    for row in self.generation_rows()
+                )
+                + "</table>"
+            )
         return (
             "<!doctype html><html><head><meta charset='utf-8'><title>reverse-sd evaluation</title>"
             "<style>body{font-family:sans-serif;max-width:960px;margin:2em auto}"
@@ -132,5 +163,5 @@ class Report:
             "<table><tr>" + "".join(f"<th>{h}</th>" for h in header) + f"</tr>{cells}</table>"
             f"<p>Mean training embedding: {self.cosine.get('baseline/mean_embedding', float('nan')):.4f}; "
             f"k-NN on image features: {self.cosine.get('baseline/knn', float('nan')):.4f}</p>"
-            f"<ul>{notes}</ul>{figures}</body></html>"
+            f"{generation}<ul>{notes}</ul>{figures}</body></html>"
         )

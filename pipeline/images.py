@@ -11,7 +11,7 @@ images converted to 8-bit RGB, and only the first frame of an animation is used.
 Untrusted input is refused with ImageError (never another exception type), with a short machine-readable
 `reason`: "empty" (zero bytes), "too_large" (a decompression bomb: more pixels declared in the header
 than `max_image_pixels`, checked before any pixel is decoded), "undecodable" (anything Pillow cannot
-read: not an image, truncated, corrupt).
+read: not an image, truncated, corrupt, or a format outside ALLOWED_FORMATS).
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ from PIL import Image, ImageOps
 # Far above any DiffusionDB image (at most about 1024 x 1024 = 1M pixels) and below Pillow's own
 # bomb limit (about 89M), so ours is the one that fires and says so clearly.
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+# The formats DiffusionDB (PNG, WebP in the large set) and users' photos come in.  Pillow would otherwise
+# sniff and decode anything it knows, including EPS (which runs Ghostscript) and rarely-fuzzed decoders.
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 class ImageError(ValueError):
@@ -42,7 +45,7 @@ def _open_checked(data: bytes, max_image_pixels: int) -> Image.Image:
         with warnings.catch_warnings():
             # Pillow warns above its own limit; ours is lower and raises instead.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
             width, height = img.size
             if width <= 0 or height <= 0:
                 raise ImageError("undecodable", f"image declares an empty size {width}x{height}")

@@ -54,7 +54,12 @@ class LoadedModel:
 
 
 class PromptPredictor:
-    def __init__(self, home: str, model: str = "auto", device: str = "auto", batch_size: int = 32):
+    """``captioner`` ("auto" = the first trained one, or a name) also loads a prompt-writing captioner, for
+    ``predict_files(..., generate=True)`` / ``generate_stored``."""
+
+    def __init__(
+        self, home: str, model: str = "auto", device: str = "auto", batch_size: int = 32, captioner: str | None = None
+    ):
         self.home = home.rstrip("/")
         self.device = _resolve_device(device)
         self.batch_size = batch_size
@@ -62,6 +67,7 @@ class PromptPredictor:
         self.members = self._choose_members(model)
         self.dakl = self._load_dakl() if model in ("auto", "ensemble") and len(self.members) > 1 else None
         self.method = "ensemble+dakl" if self.dakl else ("ensemble" if len(self.members) > 1 else self.members[0].backbone)
+        self.captioner = self._load_captioner(captioner) if captioner else None
 
     # -- loading ---------------------------------------------------------------------------------
     def _path(self, *parts: str) -> str:
@@ -86,7 +92,7 @@ class PromptPredictor:
                     )
                 members = {}
             else:
-                members = json.loads(Path(ensemble_file).read_text())["members"]
+                members = json.loads(store.as_path(ensemble_file).read_text())["members"]
             if not members:
                 raise NotTrainedError(f"no trained model under {self.home}: materialize trained_models and ensemble_predictions (make run)")
         else:
@@ -114,6 +120,21 @@ class PromptPredictor:
         model.eval().to(self.device)
         return LoadedModel(backbone, recipe, model)
 
+    def _load_captioner(self, name: str):
+        """A trained captioner (trained_captioners/<name>); "auto" takes the first registered one found."""
+        from pipeline.captioning import available_captioners, load_captioner
+        from pipeline.checkpoint import latest_checkpoint
+
+        names = available_captioners() if name == "auto" else [name]
+        for candidate in names:
+            directory = self._path("trained_captioners", candidate)
+            if latest_checkpoint(directory) is not None:
+                return load_captioner(directory, self.device)
+        raise NotTrainedError(
+            f"no trained captioner {'' if name == 'auto' else repr(name) + ' '}under {self.home}: "
+            "materialize the asset trained_captioners"
+        )
+
     def _load_dakl(self):
         """The DAKL regressor as dakl_predictions fitted it for test: centroids + the test split as U.
 
@@ -126,7 +147,7 @@ class PromptPredictor:
         ensemble_file = self._path("ensemble_predictions.parquet")
         if not all(store.exists(f) for f in (params_file, centroids_file, ensemble_file)):
             return None
-        params = json.loads(Path(params_file).read_text())
+        params = json.loads(store.as_path(params_file).read_text())
         centroids = store.read_parquet(centroids_file)
         ensemble = store.read_parquet(ensemble_file)
         target = ensemble.filter(ensemble["split"] == "test")[params["ensemble"]].to_numpy().astype(np.float32)
@@ -178,6 +199,14 @@ class PromptPredictor:
             combined = normalise_rows(self.dakl.predict(combined))
         return combined.astype(np.float32)
 
+    def generate_stored(self, stored: Sequence[bytes]) -> list[str]:
+        """Prompts written by the captioner for images re-encoded as diffusiondb_parts stores them."""
+        from pipeline.captioning import generate_prompts
+
+        if self.captioner is None:
+            raise NotTrainedError("no captioner loaded: create the predictor with captioner='auto'")
+        return generate_prompts(self.captioner, list(stored), self.batch_size, device=self.device)
+
     def top_k(self, embeddings: np.ndarray, k: int = 5) -> list[list[tuple[str, float]]]:
         """The k bank prompts with the highest cosine, best first."""
         scores = embeddings @ self.bank_embeddings.T
@@ -185,17 +214,23 @@ class PromptPredictor:
         best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return [[(self.bank_prompts[j], float(scores[i, j])) for j in row] for i, row in enumerate(best)]
 
-    def predict_files(self, paths: Iterable[Path]):
-        """Yield (path, embedding or None, error or None) in input order, batch by batch."""
+    def predict_files(self, paths: Iterable[Path], generate: bool = False):
+        """Yield (path, embedding or None, error or None) in input order, batch by batch; with ``generate``
+        a fourth item, the captioner's prompt (None for a file that could not be read)."""
         from pipeline.images import ImageError, reencode_image
 
         batch: list[tuple[Path, bytes]] = []
+        extra = (None,) if generate else ()
 
         def flush():
             if not batch:
                 return []
             embeddings = self.embed_stored([b for _, b in batch])
-            out = [(p, e, None) for (p, _), e in zip(batch, embeddings)]
+            if generate:
+                written = self.generate_stored([b for _, b in batch])
+                out = [(p, e, None, g) for (p, _), e, g in zip(batch, embeddings, written)]
+            else:
+                out = [(p, e, None) for (p, _), e in zip(batch, embeddings)]
             batch.clear()
             return out
 
@@ -203,7 +238,7 @@ class PromptPredictor:
             try:
                 data = reencode_image(Path(path).read_bytes(), size=256)
             except (OSError, ImageError) as exc:
-                yield path, None, str(exc) or type(exc).__name__
+                yield (path, None, str(exc) or type(exc).__name__, *extra)
                 continue
             batch.append((path, data))
             if len(batch) >= self.batch_size:

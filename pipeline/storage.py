@@ -2,7 +2,12 @@
 
 Every artifact is written to a temporary sibling and renamed into place, so a killed run never leaves a
 half-written Parquet file or checkpoint where a reader looks.  Paths may be local paths or fsspec URLs
-(``memory://...``, ``s3://...``) through universal-pathlib; on object stores a single PUT is already atomic.
+(``file://...``, ``memory://...``, ``s3://...``) through universal-pathlib, so the storage root can be an
+object store with no code change.  On a remote filesystem the artifact is first written to a local
+temporary file, then uploaded: object stores whose upload only becomes visible once complete (S3, GCS,
+Azure: one PUT or a completed multipart upload) take it directly; any other fsspec filesystem gets a
+hidden temporary sibling that is moved into place, because a plain streamed write there commits
+whatever was written when it fails half-way.
 """
 
 from __future__ import annotations
@@ -54,12 +59,32 @@ def atomic_local_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
         tmp = Path(name)
         try:
             yield tmp
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "rb") as src, dest.open("wb") as out:
-                while chunk := src.read(1 << 22):
-                    out.write(chunk)
+            upload(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+# Object stores whose put_file makes the object visible only once the whole upload has succeeded.
+ATOMIC_PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"})
+
+
+def upload(local: Path, dest: UPath) -> None:
+    """Copy a complete local file to ``dest`` on its fsspec filesystem so no reader sees part of it."""
+    fs = dest.fs
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    with contextlib.suppress(FileExistsError, NotImplementedError):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    if protocols & ATOMIC_PUT_PROTOCOLS:
+        fs.put_file(str(local), dest.path)
+        return
+    staging = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        fs.put_file(str(local), staging.path)
+        fs.mv(staging.path, dest.path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            if fs.exists(staging.path):
+                fs.rm(staging.path)
 
 
 def write_parquet(frame: pl.DataFrame | pa.Table, target: PathLike, compression: str = "zstd") -> None:

@@ -40,6 +40,7 @@ from pipeline.checkpoint import (
     save_checkpoint,
 )
 from pipeline.data import StageSampler, epoch_seed, make_loader
+from pipeline.storage import as_path, atomic_local_path
 
 LossFn = Callable[..., tuple[torch.Tensor, dict]]
 
@@ -64,6 +65,8 @@ class TrainConfig:
     log_every: int = 50  # optimizer steps between progress logs (0: epoch logs only)
     eval_batch_size: int | None = None
     keep_checkpoints: int | None = 2
+    init_heads_from_targets: bool = True  # heads start at the mean target / word frequencies (see heads.py)
+    keep_best: bool = True  # early stopping: the final checkpoint holds the best-val epoch's weights
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -224,6 +227,25 @@ def run_fingerprint(config: TrainConfig, model: torch.nn.Module, train_set, stag
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
+def init_heads_from_targets(model: torch.nn.Module, train_set) -> None:
+    """Mean training target and word frequencies into the heads (ReverseSDHeads.init_from_targets).
+
+    Every rank computes them from the same full dataset, so DDP replicas stay equal; a resumed run then
+    loads its checkpoint over them."""
+    heads = getattr(model, "heads", None)
+    targets = getattr(train_set, "targets", None)
+    if heads is None or not hasattr(heads, "init_from_targets") or targets is None or len(targets) == 0:
+        return
+    mean = torch.from_numpy(np.asarray(targets, dtype=np.float32).mean(axis=0))
+    frequency = None
+    labels, vocab_size = getattr(train_set, "labels", None), getattr(heads, "vocab_size", 0)
+    if labels is not None and vocab_size:
+        flat = [np.asarray(x, dtype=np.int64) for x in labels if x is not None and len(x)]
+        counts = np.bincount(np.concatenate(flat), minlength=vocab_size)[:vocab_size] if flat else np.zeros(vocab_size)
+        frequency = torch.from_numpy(counts / len(targets))
+    heads.init_from_targets(mean, frequency)
+
+
 # -- the epoch loop --------------------------------------------------------------------------------------
 class _Loop:
     """One training run's moving parts; shared by train_model and preliminary_cosines."""
@@ -234,6 +256,8 @@ class _Loop:
         self.dist = init_distributed(self.device)
         self.amp = autocast_dtype(config.precision, self.device)
         self.unwrapped = model.to(self.device)
+        if config.init_heads_from_targets:
+            init_heads_from_targets(self.unwrapped, train_set)
         self.model = self.unwrapped
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -426,9 +450,11 @@ def train_model(
     history: list[dict] = []
     start = 0
     latest = latest_checkpoint(checkpoint_dir) if resume else None
+    resumed_progress: dict = {}
     if latest is not None:
         progress = read_state(latest).get("progress", {})  # is it this run's?
         if progress.get("fingerprint") == fingerprint:
+            resumed_progress = progress
             load_checkpoint(latest, loop.unwrapped, loop.optimizer, loop.scheduler, restore_rng=True)
             start = int(progress["completed"])
             loop.step = int(progress["step"])
@@ -444,11 +470,16 @@ def train_model(
     checkpoint_path = str(latest) if latest is not None else None
 
     trained_rates = []
+    best = None
+    if config.keep_best and val_set is not None and len(val_set):
+        best = _BestWeights(checkpoint_dir, fingerprint, history, loop.dist.is_main)
     for position, (stage, epoch) in enumerate(loop.plan):
         if position < start:
             continue
         stats = loop.train_epoch(stage, epoch)
         val_cosine = loop.evaluate(val_set)
+        if best is not None:
+            best.offer(position, val_cosine, loop.unwrapped)
         record = {
             "stage": stage,
             "epoch": epoch,
@@ -490,20 +521,107 @@ def train_model(
         if loop.on_log:
             loop.on_log({"event": "epoch", **record})
 
+    selected = len(history) - 1
+    if start == len(loop.plan) and "selected_epoch" in resumed_progress:
+        selected = int(resumed_progress["selected_epoch"])  # a finished run, selection already applied
+    elif best is not None and best.position is not None and best.position != len(history) - 1:
+        loop.dist.barrier()
+        if best.load_into(loop.unwrapped):
+            # Early stopping: the best epoch's weights become the model and the latest checkpoint, so every
+            # reader (model_predictions, predict, a resume) gets the selected model.
+            selected = best.position
+            progress = {
+                "completed": len(loop.plan),
+                "step": loop.step,
+                "fingerprint": fingerprint,
+                "history": history,
+                "embedding_dim": loop.embedding_dim,
+                "selected_epoch": selected,
+            }
+            if loop.dist.is_main:
+                checkpoint_path = str(
+                    save_checkpoint(
+                        checkpoint_dir,
+                        loop.unwrapped,
+                        loop.optimizer,
+                        loop.scheduler,
+                        progress=progress,
+                        config=config.to_dict(),
+                        index=len(loop.plan) + 1,
+                        embedding_dim=loop.embedding_dim,
+                        keep_last=config.keep_checkpoints,
+                    )
+                )
+            loop.dist.barrier()
+    if best is not None and loop.dist.is_main:
+        best.discard()  # the final checkpoint holds the selected weights now
     vals = [h["val_cosine"] for h in history if not math.isnan(h["val_cosine"])]
     rates = trained_rates or [h["images_per_s"] for h in history]
-    extra = {"world_size": loop.dist.world_size, "total_steps": loop.total_steps, "fingerprint": fingerprint}
+    extra = {
+        "world_size": loop.dist.world_size,
+        "total_steps": loop.total_steps,
+        "fingerprint": fingerprint,
+        "selected_epoch": selected,
+    }
     if loop.dist.enabled:
         extra["replica_max_abs_diff"] = replica_max_abs_diff(loop.unwrapped)
     return TrainResult(
         history=history,
         best_val_cosine=max(vals) if vals else float("nan"),
-        final_val_cosine=history[-1]["val_cosine"] if history else float("nan"),
+        final_val_cosine=history[selected]["val_cosine"] if history else float("nan"),
         checkpoint_path=checkpoint_path,
         images_per_s=float(np.mean(rates)) if rates else 0.0,
         resumed_epochs=start,
         extra=extra,
     )
+
+
+class _BestWeights:
+    """Early stopping that survives a kill: the best-val epoch's weights live in best-weights.safetensors
+    beside the checkpoints (written before that epoch's checkpoint), tagged with the run's fingerprint and
+    the epoch, so a resumed run selects exactly what an uninterrupted one would."""
+
+    FILE = "best-weights.safetensors"
+
+    def __init__(self, checkpoint_dir, fingerprint: str, restored_history: list[dict], is_main: bool):
+        self.path = as_path(checkpoint_dir) / self.FILE
+        self.fingerprint, self.is_main = fingerprint, is_main
+        self.position, self.value = None, -math.inf
+        for i, record in enumerate(restored_history):
+            value = record.get("val_cosine", float("nan"))
+            if not math.isnan(value) and value > self.value:
+                self.position, self.value = i, value
+
+    def offer(self, position: int, value: float, model: torch.nn.Module) -> None:
+        if math.isnan(value) or value <= self.value:
+            return
+        self.position, self.value = position, value
+        if self.is_main:
+            from safetensors.torch import save_file
+
+            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            meta = {"fingerprint": self.fingerprint, "position": str(position)}
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_local_path(self.path, suffix=".safetensors") as tmp:
+                save_file(state, str(tmp), metadata=meta)
+
+    def discard(self) -> None:
+        if self.path.exists():
+            self.path.unlink()
+
+    def load_into(self, model: torch.nn.Module) -> bool:
+        """Load the selected epoch's weights; False (weights left as they are) if the file is not this run's."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        if not self.path.exists():
+            return False
+        with safe_open(str(self.path), "pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("fingerprint") != self.fingerprint or meta.get("position") != str(self.position):
+            return False
+        model.load_state_dict(load_file(str(self.path), device=str(next(model.parameters()).device)))
+        return True
 
 
 def replica_max_abs_diff(model: torch.nn.Module) -> float:
@@ -568,4 +686,25 @@ def predict_embeddings(
             chunks.append(embedding.float().cpu().numpy())
     if not chunks:
         return np.zeros((0, getattr(model, "embedding_dim", 384)), dtype=np.float32)
+    return np.concatenate(chunks).astype(np.float32, copy=False)
+
+
+def backbone_features(
+    model: torch.nn.Module, dataset, batch_size: int = 64, device: str | torch.device = "auto", num_workers: int = 0
+) -> np.ndarray:
+    """The backbone's pooled image features (n, feature_dim) float32, before any head.
+
+    For the frozen CLIP tower these are the paper's k-NN baseline features (CLIP image embeddings).
+    """
+    dev = resolve_device(device) if isinstance(device, str) else device
+    model = _unwrap(model).to(dev).eval()
+    loader = make_loader(dataset, batch_size, num_workers=num_workers, pin_memory=dev.type == "cuda")
+    chunks = []
+    with torch.inference_mode():
+        for batch in loader:
+            pixels, _, _, _, context = _unpack(batch, dev, dev.type == "cuda")
+            features = model.backbone(pixels, context if getattr(model, "uses_context", False) else None)
+            chunks.append(features.float().cpu().numpy())
+    if not chunks:
+        return np.zeros((0, int(model.backbone.feature_dim)), dtype=np.float32)
     return np.concatenate(chunks).astype(np.float32, copy=False)

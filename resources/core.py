@@ -23,6 +23,16 @@ class StorageResource(dg.ConfigurableResource):
     def path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
 
+    def local_dir(self, name: str) -> str:
+        """A local directory for tools that need one (hub downloads): under the root when it is local, in
+        the user's cache directory when the root is an object store."""
+        if self.root.startswith("file://"):
+            return os.path.join(self.root.removeprefix("file://"), name)
+        if "://" in self.root:
+            cache = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.expanduser("~/.cache")
+            return os.path.join(cache, "reverse-sd", name)
+        return os.path.join(self.root, name)
+
     def table_path(self, asset_key: str, partition: str | None = None) -> str:
         """<root>/<asset key>.parquet, or <root>/<asset key>/<partition key>.parquet."""
         if partition is None:
@@ -69,7 +79,10 @@ class DiffusionDBResource(dg.ConfigurableResource):
 
         if self.generate_sample:
             self._ensure_sample()
-        return DiffusionDBSource(self.location, revision=self.revision, token=self.token)
+        # Inside a run Dagster resolves the EnvVar; outside one (the CLI registering parts) it is still the
+        # EnvVar object, whose str() is the variable's *name*: resolve it here, never send the name as a token.
+        token = self.token.get_value() if isinstance(self.token, dg.EnvVar) else self.token
+        return DiffusionDBSource(self.location, revision=self.revision, token=token)
 
     def _ensure_sample(self) -> None:
         from pipeline.sample_data import generate_sample_mirror
@@ -139,6 +152,24 @@ def build_resources(settings: Settings | None = None) -> dict[str, dg.Configurab
             model=config.encoder_model, batch_size=config.encoder_batch_size
         ),
         "compute": ComputeResource(
-            backbone_variant=settings.backbone_variant, pretrained=not settings.is_sample
+            backbone_variant=settings.backbone_variant,
+            pretrained=not settings.is_sample,
+            nproc_per_node=_nproc_per_node(),
         ),
+        # Launches torchrun for multi-process training (trained_models with nproc_per_node > 1).
+        "pipes": dg.PipesSubprocessClient(),
     }
+
+
+def _nproc_per_node() -> int:
+    """REVERSE_SD_NPROC_PER_NODE: training processes per machine (DDP under torchrun when > 1); default 1."""
+    from resources.settings import SettingsError
+
+    raw = os.environ.get("REVERSE_SD_NPROC_PER_NODE", "").strip() or "1"
+    if raw == "gpus":
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    if not raw.isdigit() or int(raw) < 1:
+        raise SettingsError(f"REVERSE_SD_NPROC_PER_NODE={raw!r} must be a positive integer or 'gpus'")
+    return int(raw)

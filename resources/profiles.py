@@ -7,7 +7,7 @@ These values change what an asset computes, so they are folded into the assets' 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from resources.settings import Settings, SettingsError
 
@@ -37,6 +37,30 @@ class TrainingSpec:
 
 
 @dataclass(frozen=True)
+class CaptionerSpec:
+    """Prompt generation (captioners) and the U-Net swap report; each setting changes results (code versions)."""
+
+    captioners: tuple[str, ...] = ("blip",)  # partitions of trained_captioners / caption_predictions
+    stage_epochs: int = 1  # per curriculum stage (easy, easy+medium, all, all)
+    batch_size: int = 32
+    lr: float = 5e-5
+    lambda_vocab: float = 0.1
+    difficulty: str = "backbones"  # backbones (rank-average of difficulty_scores) | self (own preliminary pass)
+    preliminary_epochs: int = 2  # difficulty="self" only
+    num_beams: int = 3
+    no_repeat_ngram_size: int = 2
+    clip_model: str = "openai/clip-vit-large-patch14"
+    swap_prompts: int = 8
+    swap_steps: int = 50
+    swap_size: int = 512
+    swap_guidance: float = 7.5
+    seed: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class ProfileConfig:
     sample: SampleSpec = field(default_factory=SampleSpec)
     image_size: int = 256  # what the largest backbone (swin, 256 px) needs
@@ -46,13 +70,29 @@ class ProfileConfig:
     encoder_model: str = "all-MiniLM-L6-v2"
     encoder_batch_size: int = 128
     training: TrainingSpec = field(default_factory=TrainingSpec)
+    # Per-backbone departures from `training` (backbone -> {field: value}); see training_for().
+    training_overrides: dict[str, dict] = field(default_factory=dict)
     kmeans_k: int = 10_000
+    captioning: CaptionerSpec = field(default_factory=CaptionerSpec)
+
+    def training_for(self, backbone: str) -> TrainingSpec:
+        """The training settings of one backbone: the shared spec, then the profile's and the user's
+        per-backbone overrides (REVERSE_SD_TRAIN_<BACKBONE>_EPOCHS / _LR)."""
+        overrides = dict(self.training_overrides.get(backbone, {}))
+        prefix = f"REVERSE_SD_TRAIN_{backbone.upper()}_"
+        epochs = _env_int(prefix + "EPOCHS", 0)
+        if epochs:
+            overrides["epochs"] = epochs
+        lr = _env_float(prefix + "LR")
+        if lr is not None:
+            overrides["lr"] = lr
+        return replace(self.training, **overrides)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_int(name: str, default: int, minimum: int = 1) -> int:
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
@@ -60,7 +100,20 @@ def _env_int(name: str, default: int) -> int:
         value = int(raw)
     except ValueError:
         raise SettingsError(f"{name}={raw!r} is not an integer") from None
-    if value <= 0:
+    if value < minimum:
+        raise SettingsError(f"{name}={raw!r} must be at least {minimum}")
+    return value
+
+
+def _env_float(name: str) -> float | None:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+    if not value > 0:
         raise SettingsError(f"{name}={raw!r} must be positive")
     return value
 
@@ -77,6 +130,20 @@ def profile_config(settings: Settings) -> ProfileConfig:
             epochs=_env_int("REVERSE_SD_TRAIN_EPOCHS", 8), preliminary_epochs=2, batch_size=32, lr=2e-3
         )
         return ProfileConfig(
-            sample=sample, split_ratios=(80, 10, 10), vocabulary_size=300, training=training, kmeans_k=64
+            sample=sample,
+            split_ratios=(80, 10, 10),
+            split_seed=_env_int("REVERSE_SD_SPLIT_SEED", 0, minimum=0),
+            vocabulary_size=300,
+            training=training,
+            # The tiny U-Net on frozen random-VAE latents peaks on val after 2-3 epochs and then memorises the
+            # 800 training images (train cosine 0.83, val falling below the baseline by epoch 8): early
+            # stopping keeps the best epoch anyway, so stop paying for the rest.
+            training_overrides={"unet": {"epochs": 4}},
+            kmeans_k=64,
+            # The tiny random-init captioner learns in ~9 epochs (3 per curriculum stage) only at a larger
+            # learning rate; greedy decoding does as well as beams at this size; the swap runs at 32 px.
+            captioning=CaptionerSpec(
+                stage_epochs=3, lr=3e-3, num_beams=1, swap_prompts=4, swap_steps=3, swap_size=32
+            ),
         )
-    return ProfileConfig()
+    return ProfileConfig(split_seed=_env_int("REVERSE_SD_SPLIT_SEED", 0, minimum=0))

@@ -5,7 +5,9 @@ REVERSE_SD_DIFFUSIONDB  a hub dataset id or a local mirror directory (default: t
 REVERSE_SD_HOME         the storage root of every artifact (default ./data in the project directory)
 DAGSTER_HOME            the Dagster instance (default ./.dagster_home in the project directory)
 
-Wrong values fail at start with one line naming the setting (SettingsError).
+Wrong values fail at start with one line naming the setting (SettingsError): load_settings checks the
+profile, check_storage_root / ensure_dagster_home that the two homes can be written, check_source that a
+local mirror exists in DiffusionDB's layout.
 """
 
 from __future__ import annotations
@@ -47,11 +49,22 @@ class Settings:
 
     @property
     def sample_mirror_dir(self) -> str:
-        return os.path.join(self.home, "sample_mirror")
+        return _sample_mirror_dir(self.home)
 
     @property
     def uses_generated_sample(self) -> bool:
         return self.diffusiondb == self.sample_mirror_dir
+
+
+def _sample_mirror_dir(home: str) -> str:
+    """Where the sample profile generates its mirror: a local directory even when the storage root is a
+    URL (file:// is its local path; an object store gets the user's cache directory)."""
+    if home.startswith("file://"):
+        return os.path.join(home.removeprefix("file://"), "sample_mirror")
+    if "://" in home:
+        cache = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.expanduser("~/.cache")
+        return os.path.join(cache, "reverse-sd", "sample_mirror")
+    return os.path.join(home, "sample_mirror")
 
 
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
@@ -64,7 +77,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     home = env.get("REVERSE_SD_HOME", "").strip() or str(PROJECT_DIR / "data")
     if "://" not in home:
         home = str(Path(home).expanduser().resolve())
-    default_source = os.path.join(home, "sample_mirror") if profile == "sample" else HUB_DATASET
+    default_source = _sample_mirror_dir(home) if profile == "sample" else HUB_DATASET
     source = env.get("REVERSE_SD_DIFFUSIONDB", "").strip() or default_source
     revision = env.get("REVERSE_SD_DIFFUSIONDB_REVISION", "").strip() or HUB_REVISION
     dagster_home = env.get("DAGSTER_HOME", "").strip() or str(PROJECT_DIR / ".dagster_home")
@@ -74,10 +87,13 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
 def ensure_dagster_home(settings: Settings) -> Path:
     """Create DAGSTER_HOME with the project's dagster.yaml when it has none, and export it."""
     home = Path(settings.dagster_home)
-    home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
-    if not config.exists():
-        shutil.copyfile(PROJECT_DIR / "dagster.yaml", config)
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        if not config.exists():
+            shutil.copyfile(PROJECT_DIR / "dagster.yaml", config)
+    except OSError as exc:
+        raise SettingsError(f"DAGSTER_HOME={settings.dagster_home!r} is not writable: {exc.strerror}") from exc
     os.environ["DAGSTER_HOME"] = str(home)
     return home
 
@@ -94,3 +110,26 @@ def check_storage_root(settings: Settings) -> None:
         probe.unlink()
     except OSError as exc:
         raise SettingsError(f"REVERSE_SD_HOME={settings.home!r} is not writable: {exc.strerror}") from exc
+
+
+def check_source(settings: Settings) -> None:
+    """Fail at start, naming REVERSE_SD_DIFFUSIONDB, when a local mirror is missing or not in DiffusionDB's layout.
+
+    Hub ids are not checked here (that needs the network); the generated sample mirror does not exist
+    until its first use.
+    """
+    from pipeline.diffusiondb import PART_KEY, is_local_location
+
+    if settings.uses_generated_sample or not is_local_location(settings.diffusiondb):
+        return
+    root = Path(settings.diffusiondb.removeprefix("file://")).expanduser()
+    name = f"REVERSE_SD_DIFFUSIONDB={settings.diffusiondb!r}"
+    if not root.is_dir():
+        what = "does not exist" if not root.exists() else "is not a directory"
+        raise SettingsError(
+            f"{name} {what}: give a local DiffusionDB mirror directory or a hub dataset id ({HUB_DATASET})"
+        )
+    images = root / "images"
+    parts = [p for p in images.iterdir() if p.suffix == ".zip" and PART_KEY.fullmatch(p.stem)] if images.is_dir() else []
+    if not parts:
+        raise SettingsError(f"{name} is not a DiffusionDB mirror: it has no images/part-NNNNNN.zip")

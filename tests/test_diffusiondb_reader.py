@@ -241,11 +241,12 @@ def test_unreadable_archive_raises_naming_part_and_file(tmp_path, kind):
 
 @pytest.mark.parametrize(
     "payload",
-    [b"{\"a.png\": {\"p\": \"caf\xe9\"}}", b"{not json", b"[1, 2, 3]", None],
-    ids=["not-utf8", "not-json", "not-object", "missing"],
+    [b"{not json", b"[1, 2, 3]", b"\xff\xfe{\x00}\x00", b'{"a.png": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None],
+    ids=["not-json", "not-object", "utf16", "nested-100000-deep", "missing"],
 )
 def test_untrusted_json_fails_the_part(tmp_path, payload):
-    """Without a trustworthy JSON no prompt in the part is known: the part fails, naming itself."""
+    """Without a parseable JSON no prompt in the part is known: the part fails, naming itself (never another
+    exception type, such as the RecursionError of deep nesting)."""
     members = [("a.png", _png())]
     if payload is not None:
         members.append((f"{PART}.json", payload))
@@ -253,6 +254,74 @@ def test_untrusted_json_fails_the_part(tmp_path, payload):
     with pytest.raises(CorruptArchiveError) as err:
         read_part(path, PART)
     assert PART in str(err.value) and f"{PART}.zip" in str(err.value)
+
+
+def test_lenient_json_costs_only_the_bad_entries(tmp_path):
+    """Invalid UTF-8, lone surrogates, raw control characters and over-long numbers: each costs at most its
+    own entry, never the part; what is kept can be stored as Parquet."""
+    names = ["good.png", "latin1.png", "surrogate.png", "raw-ctrl.png", "escaped-ctrl.png", "bigint.png", "sa.png"]
+    raw_json = (
+        b'{"good.png": {"p": "a red cat", "se": 1},'
+        b' "latin1.png": {"p": "caf\xe9 au lait", "se": 2},'  # a Latin-1 byte: not UTF-8
+        b' "surrogate.png": {"p": "half \\ud800 pair", "se": 3},'  # valid JSON, not storable text
+        b' "raw-ctrl.png": {"p": "tab\there\nnew line \x07 bell \x1b[31m", "se": 4},'  # raw, unescaped
+        b' "escaped-ctrl.png": {"p": "nul \\u0000 esc \\u001b", "se": 5},'
+        b' "bigint.png": {"p": "huge seed", "se": ' + b"9" * 5000 + b', "st": -' + b"9" * 30 + b"},"
+        b' "sa.png": {"p": "odd sampler", "sa": "\\udc80"},'
+        b' "\xff\xfe.png": {"p": "a key that is not UTF-8"}}'
+    )
+    members = [(name, _png((30 * i, 90, 160))) for i, name in enumerate(names)] + [(f"{PART}.json", raw_json)]
+    path = _write_zip(tmp_path / f"{PART}.zip", members)
+    result = read_part(path, PART, image_size=16)
+    frame = result.frame
+    assert frame["image_id"].to_list() == ["good.png", "raw-ctrl.png", "escaped-ctrl.png", "bigint.png", "sa.png"]
+    assert frame["prompt"].to_list() == [
+        "a red cat",
+        "tab\there\nnew line \x07 bell \x1b[31m",
+        "nul \x00 esc \x1b",
+        "huge seed",
+        "odd sampler",
+    ]
+    assert frame["seed"].to_list() == [1, 4, 5, None, None]
+    assert frame["steps"].to_list() == [None] * 5 and frame["sampler"].to_list() == [None] * 5
+    assert result.skipped == [
+        {"id": "latin1.png", "reason": "prompt_not_utf8"},
+        {"id": "surrogate.png", "reason": "prompt_not_utf8"},
+        {"id": "\\udcff\\udcfe.png", "reason": "entry_without_image"},  # escaped: safe to log
+    ]
+    # the asset's next step: the kept records round-trip through Parquet
+    from pipeline.storage import read_parquet, write_parquet
+
+    write_parquet(frame, tmp_path / "out.parquet")
+    assert read_parquet(tmp_path / "out.parquet").equals(frame)
+
+
+def test_skipped_ids_are_escaped_for_logs(tmp_path):
+    """A member name carrying terminal escapes or newlines is reported escaped, one line, bounded length."""
+    hostile = "x\x1b[2J\n\rINFO fake log line" + "A" * 1000 + ".png"
+    path = _write_zip(
+        tmp_path / f"{PART}.zip",
+        [(hostile, _png()), ("ok.png", _png()), (f"{PART}.json", json.dumps({"ok.png": _entry("fine")}).encode())],
+    )
+    result = read_part(path, PART, image_size=16)
+    assert result.frame["image_id"].to_list() == ["ok.png"]
+    [skipped] = result.skipped
+    assert skipped["reason"] == "image_without_entry"
+    assert skipped["id"].isprintable() and skipped["id"].startswith("x\\x1b[2J\\n\\r") and len(skipped["id"]) <= 200
+
+
+def test_member_name_not_utf8_fails_the_part_loudly(tmp_path):
+    """Python's zipfile cannot list an archive whose UTF-8-flagged name is not UTF-8: the part fails naming
+    itself (a CorruptArchiveError, not a UnicodeDecodeError traceback)."""
+    path = _write_zip(
+        tmp_path / f"{PART}.zip",
+        [("a\u00e9.png", _png()), (f"{PART}.json", json.dumps({"a\u00e9.png": _entry("x")}).encode())],
+    )
+    raw = path.read_bytes()
+    assert raw.count("a\u00e9.png".encode()) == 2  # local header and central directory (the JSON escapes it)
+    path.write_bytes(raw.replace("a\u00e9.png".encode(), b"a\xff\xfe.png"))
+    with pytest.raises(CorruptArchiveError, match=PART):
+        read_part(path, PART)
 
 
 def test_read_part_rejects_bad_part_key(mirror):
@@ -375,7 +444,13 @@ def test_reencode_handles_modes():
 
 
 def test_image_errors_have_reasons():
-    cases = {b"": "empty", b"\x89PNG\r\n\x1a\n garbage": "undecodable", _bomb_png(): "too_large"}
+    cases = {
+        b"": "empty",
+        b"\x89PNG\r\n\x1a\n garbage": "undecodable",
+        _bomb_png(): "too_large",
+        _bomb_png(7_000, 7_000): "too_large",  # 49M pixels: under Pillow's own bomb limit, over ours
+        _bomb_png(0, 10): "undecodable",
+    }
     for data, reason in cases.items():
         with pytest.raises(ImageError) as err:
             reencode_image(data)
@@ -385,3 +460,14 @@ def test_image_errors_have_reasons():
         reencode_image(_png(size=(40, 40)), max_image_pixels=1000)
     assert err.value.reason == "too_large" and "1,600" in str(err.value)
     assert reencode_image(_png(size=(40, 40)), size=16, max_image_pixels=1600)
+
+
+@pytest.mark.parametrize("fmt", ["PPM", "ICO", "PCX", "SGI"])
+def test_only_expected_formats_are_decoded(fmt):
+    """Formats no dataset uses are refused unread (Pillow would sniff anything, EPS included, which runs
+    Ghostscript); the same picture as PNG is fine."""
+    img = Image.new("RGB", (32, 32), (10, 200, 30))
+    with pytest.raises(ImageError) as err:
+        reencode_image(_to_bytes(img, fmt))
+    assert err.value.reason == "undecodable"
+    assert reencode_image(_to_bytes(img, "PNG"), size=8)

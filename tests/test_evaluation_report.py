@@ -61,6 +61,16 @@ def test_report_contains_table_and_architecture_json_keys():
     assert "<table>" in report.html() and "0.4300" in report.html()
 
 
+def test_report_shows_generated_prompt_scores_beside_the_kaggle_reference():
+    row = {"captioner": "blip", "variant": "tiny", "sbert_cosine": 0.6512, "refclip_score": 0.0012, "clip_s": 0.0006,
+           "test_images": 77, "kaggle_first_place": 0.66316}
+    report = Report(profile="sample", split="test", cosine={"caption/blip": 0.6512}, generation=[row])
+    assert "| blip (tiny) | 0.6512 | 0.0012 | 0.66316 |" in report.markdown()
+    assert "0.6512" in report.html() and "RefCLIPScore" in report.html()
+    assert json.loads(report.to_json())["generation"][0]["sbert_cosine"] == 0.6512
+    assert "generated prompts" not in Report(profile="sample", split="test", cosine={}).markdown()
+
+
 def test_join_pairs_requires_every_embedding():
     pairs = pl.DataFrame({"image_id": ["a", "b"], "prompt": ["x", "y"], "split": ["train", "val"]})
     embeddings = pl.DataFrame({"prompt": ["x"], "embedding": [[1.0, 0.0]]})

@@ -79,6 +79,19 @@ class ReverseSDHeads(nn.Module):
         self.embedding = EmbeddingHead(emb_in, embed_dim, hidden)
         self.vocabulary = VocabularyHead(cls_in, vocab_size) if has_vocab else None
 
+    @torch.no_grad()
+    def init_from_targets(self, mean_target: torch.Tensor, label_frequency: torch.Tensor | None = None) -> None:
+        """Start from the data's prior instead of noise: the embedding head outputs the mean training target
+        (its last layer's weights zeroed, bias = the mean) and each word's logit is its training frequency's
+        log-odds.  A fresh model then scores the mean-embedding baseline from step one and spends its
+        updates on what the image adds, instead of first walking from a random direction to the mean."""
+        last = self.embedding.net if isinstance(self.embedding.net, nn.Linear) else self.embedding.net[-1]
+        last.weight.zero_()
+        last.bias.copy_(torch.as_tensor(mean_target, dtype=last.bias.dtype))
+        if self.vocabulary is not None and label_frequency is not None:
+            p = torch.as_tensor(label_frequency, dtype=torch.float64).clamp(1e-4, 1 - 1e-4)
+            self.vocabulary.linear.bias.copy_(torch.log(p / (1 - p)).to(self.vocabulary.linear.bias.dtype))
+
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.vocabulary is None:
             return self.embedding(features), None

@@ -1,0 +1,53 @@
+"""Shared fixtures: the whole graph materialized once per test session on the default sample, as
+`make run` builds it (the CLI in a subprocess, its own storage root and Dagster instance).
+
+tests/test_materialize.py checks the run and the CLI on it; tests/test_web_ui.py opens it in a browser.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "assets.cli", *args], cwd=PROJECT, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def sample_graph_run(tmp_path_factory) -> tuple[Path, dict[str, str], subprocess.CompletedProcess]:
+    """(REVERSE_SD_HOME, environment, the CLI's completed process) of one whole-graph materialization.
+
+    The default sample (4 parts x 250): on a smaller one the tiny models cannot be expected to beat the
+    mean-embedding baseline, which a blocking check enforces.
+    """
+    root = tmp_path_factory.mktemp("e2e")
+    env = {
+        **os.environ,
+        "REVERSE_SD_PROFILE": "sample",
+        "REVERSE_SD_HOME": str(root / "data"),
+        "DAGSTER_HOME": str(root / "dagster_home"),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    for name in list(env):
+        if name.startswith("REVERSE_SD_") and name not in ("REVERSE_SD_PROFILE", "REVERSE_SD_HOME"):
+            env.pop(name)  # the defaults, whatever the calling shell exported
+    result = run_cli(["materialize"], env, timeout=1500)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return root / "data", env, result
+
+
+@pytest.fixture(scope="session")
+def materialized_sample(sample_graph_run) -> dict[str, str]:
+    """The environment of the materialized sample (tests/test_web_ui.py looks this fixture up)."""
+    return dict(sample_graph_run[1])

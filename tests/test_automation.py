@@ -1,0 +1,161 @@
+"""Declarative automation (assets/automation.py) evaluated on a test instance with recorded events: no
+compute runs, only what the automation sensor would request."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from assets.automation import REBUILD_LABEL
+from assets.definitions import defs
+
+PART = "diffusiondb_part"
+CHECK = dg.AssetCheckKey(dg.AssetKey("model_predictions"), "beats_mean_embedding_baseline")
+
+
+def _graph():
+    return defs.resolve_asset_graph()
+
+
+def _report_everything(instance: dg.DagsterInstance, check_passed: bool = True) -> None:
+    """A fully materialized graph: every partition of every asset, and the blocking check's verdict."""
+    graph = _graph()
+    for key in graph.materializable_asset_keys:
+        pdef = graph.get(key).partitions_def
+        keys = pdef.get_partition_keys(dynamic_partitions_store=instance) if pdef else [None]
+        for partition in keys:
+            _report(instance, key.to_user_string(), partition)
+    _report_check(instance, check_passed)
+    _observe_settings(instance)
+
+
+def _observe_settings(instance: dg.DagsterInstance, versions: dict[str, str] | None = None) -> None:
+    """training_settings observed, as `reverse-sd materialize` and the daily observation record it."""
+    for backbone in ("vit", "swin", "clip", "unet"):
+        instance.report_runless_asset_event(
+            dg.AssetObservation(
+                asset_key="training_settings",
+                partition=backbone,
+                tags={"dagster/data_version": (versions or {}).get(backbone, "v1")},
+            )
+        )
+
+
+def _report_check(instance: dg.DagsterInstance, passed: bool, check: dg.AssetCheckKey = CHECK) -> None:
+    instance.report_runless_asset_event(
+        dg.AssetCheckEvaluation(
+            asset_key=check.asset_key, check_name=check.name, passed=passed, severity=dg.AssetCheckSeverity.ERROR
+        )
+    )
+
+
+def _report(instance: dg.DagsterInstance, name: str, partition: str | None) -> None:
+    """A materialization as a run records it: the asset, then its (passing) checks."""
+    key = dg.AssetKey(name)
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=key, partition=partition))
+    for check in _graph().get_check_keys_for_assets({key}):
+        _report_check(instance, True, check)
+
+
+def _requested(result) -> dict[str, set]:
+    out = {}
+    for key in _graph().materializable_asset_keys:
+        if result.get_num_requested(key):
+            out[key.to_user_string()] = set(result.get_requested_partitions(key))
+    return out
+
+
+def test_every_asset_downstream_of_the_parts_carries_the_rebuild_condition():
+    graph = _graph()
+    conditions = {k.to_user_string(): graph.get(k).automation_condition for k in graph.materializable_asset_keys}
+    assert conditions.pop("diffusiondb_parts") is None  # requested by the diffusiondb_new_parts sensor
+    assert all(c is not None and c.get_label() == REBUILD_LABEL for c in conditions.values()), conditions
+    sensors = {s.name: s for s in defs.sensors}
+    assert sensors["reverse_sd_automation"].default_status == dg.DefaultSensorStatus.STOPPED
+
+
+def _run_ticks(instance, cursor, max_ticks: int = 20) -> list[dict[str, set]]:
+    """Tick the automation until it requests nothing, "running" each tick's requests by recording their
+    materializations (and a passing check); returns what each tick requested."""
+    ticks = []
+    for _ in range(max_ticks):
+        result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=cursor)
+        cursor = result.cursor
+        requested = _requested(result)
+        if not requested:
+            return ticks
+        ticks.append(requested)
+        for name, partitions in requested.items():
+            for partition in partitions:
+                _report(instance, name, partition)
+    raise AssertionError(f"automation still requesting after {max_ticks} ticks: {ticks[-1]}")
+
+
+def test_new_part_rebuilds_its_downstream_once_in_graph_order():
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(PART, ["part-000001", "part-000002"])
+        _report_everything(instance)
+        first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+        assert first.total_requested == 0  # a fresh graph stays put
+
+        instance.add_dynamic_partitions(PART, ["part-000003"])
+        _report(instance, "diffusiondb_parts", "part-000003")
+        ticks = _run_ticks(instance, first.cursor)
+        when = {}
+        for i, requested in enumerate(ticks):
+            for name, partitions in requested.items():
+                for partition in partitions:
+                    assert (name, partition) not in when, f"{name}[{partition}] requested twice: {ticks}"
+                    when[(name, partition)] = i
+        names = {name for name, _ in when}
+        assert "diffusiondb_parts" not in names  # the old parts are not read again
+        graph = _graph()
+        downstream = {k.to_user_string() for k in graph.materializable_asset_keys} - {"diffusiondb_parts"}
+        assert names == downstream, (downstream - names, names - downstream)  # everything the parts feed, once
+        assert {p for n, p in when if n == "trained_models"} == set(
+            graph.get(dg.AssetKey("trained_models")).partitions_def.get_partition_keys()
+        )
+        # Graph order: nothing is requested in an earlier tick than a parent it reads (requests of one tick
+        # go out as one backfill, which runs them in dependency order).
+        for (name, partition), tick in when.items():
+            for parent in graph.get(dg.AssetKey(name)).parent_keys:
+                parent_ticks = [w for (n, _), w in when.items() if n == parent.to_user_string()]
+                assert all(tick >= w for w in parent_ticks), (name, parent)
+        # The report waits for the models: it is not built on the new pairs with the old predictions.
+        assert when[("evaluation_report", None)] >= max(w for (n, _), w in when.items() if n == "model_predictions")
+        assert when[("evaluation_report", None)] > when[("filtered_pairs", None)]
+
+
+def test_settings_are_observed_once_on_a_new_instance():
+    with dg.instance_for_test() as instance:
+        result = dg.evaluate_automation_conditions(
+            defs=defs, instance=instance, asset_selection=dg.AssetSelection.assets("training_settings")
+        )
+        assert result.get_num_requested(dg.AssetKey("training_settings")) == 4
+        _observe_settings(instance)
+        again = dg.evaluate_automation_conditions(
+            defs=defs, instance=instance, cursor=result.cursor,
+            asset_selection=dg.AssetSelection.assets("training_settings"),
+        )
+        assert again.total_requested == 0
+
+
+def test_failed_blocking_check_stops_the_rebuild_below_it():
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(PART, ["part-000001"])
+        _report_everything(instance, check_passed=True)
+        first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+        assert first.total_requested == 0
+        # One model retrained, and its check now fails: the ensemble must not be rebuilt on top of it.
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(asset_key="model_predictions", partition="unet|baseline")
+        )
+        _report_check(instance, passed=False)
+        blocked = _requested(dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor))
+        assert "ensemble_predictions" not in blocked
+        # ...and when it passes again, the ensemble is rebuilt.
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(asset_key="model_predictions", partition="unet|baseline")
+        )
+        _report_check(instance, passed=True)
+        second = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
+        assert "ensemble_predictions" in _requested(second)

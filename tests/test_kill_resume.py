@@ -1,0 +1,312 @@
+"""Kill -9 mid-write, then re-run: for diffusiondb_parts, prompt_embeddings and trained_models.
+
+Each test starts a subprocess that does the real work (the `reverse-sd` CLI, or a small driver calling the
+same pipeline functions the asset calls), waits until the atomic write's temporary file is half written,
+SIGKILLs it, and checks that (1) no reader sees a partial artifact at the final path: it is absent, or the
+previous complete version; (2) a re-run completes with results identical to an uninterrupted run (training
+resumes from its last checkpoint and ends with the same weights, bit for bit, on CPU).
+
+A write is made to stop half-way deterministically by a hook the subprocess installs only when
+KILL_TEST_HALF_WRITE names a target: the real bytes are produced, the first half is written and flushed to
+the temporary file, then the process sleeps until it is killed.  Everything else is the real code path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+
+from pipeline.checkpoint import latest_checkpoint, list_checkpoints, load_model_weights
+from pipeline.diffusiondb import read_part
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+# Installed in the subprocess (sitecustomize-free: the driver / CLI wrapper imports it first).
+HOOK = r'''
+import io, os, sys, time
+
+TARGET = os.environ.get("KILL_TEST_HALF_WRITE", "")
+# Our own copy of the stdout pipe: Dagster captures fd 1 / sys.stdout during a run's compute.
+_REPORT = os.fdopen(os.dup(1), "w")
+
+
+def _stall(path, data):
+    """Write the first half of data to path, flush it to disk, say so on stdout, and wait to be killed."""
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+        f.flush()
+        os.fsync(f.fileno())
+        print(f"\nKILL-TEST-STALLED {path}", file=_REPORT, flush=True)
+        time.sleep(600)
+        f.write(data[len(data) // 2 :])
+
+
+if TARGET.startswith("parquet:"):  # parquet:<name>[:<n>]: the n-th write (default 1st) of a file named <name>
+    import pyarrow.parquet as pq
+
+    _real_write_table = pq.write_table
+    _, needle, *nth = TARGET.split(":")
+    _writes = []
+
+    def write_table(table, where, *args, **kwargs):
+        if needle in str(where):
+            _writes.append(where)
+        if needle not in str(where) or len(_writes) != int(nth[0] if nth else 1):
+            return _real_write_table(table, where, *args, **kwargs)
+        buf = io.BytesIO()
+        _real_write_table(table, buf, *args, **kwargs)
+        _stall(where, buf.getvalue())
+
+    pq.write_table = write_table
+elif TARGET.startswith("checkpoint:"):
+    import pipeline.checkpoint as ckpt
+
+    _real_save = ckpt.st_save_file
+    needle = TARGET.split(":", 1)[1]
+
+    def st_save_file(tensors, filename, metadata=None):
+        _real_save(tensors, filename, metadata=metadata)
+        if needle in str(filename):
+            data = open(filename, "rb").read()
+            _stall(filename, data)
+
+    ckpt.st_save_file = st_save_file
+'''
+
+CLI = HOOK + r'''
+from assets.cli import main
+
+sys.exit(main(sys.argv[1:]))
+'''
+
+EMBED = HOOK + r'''
+import json
+import polars as pl
+import torch
+
+torch.set_num_threads(1)
+from pipeline.embedding import PromptEncoder, embed_incremental
+from pipeline.storage import exists, read_parquet, write_parquet
+
+PROMPTS = [f"a {c} {s} in the style of {a}, highly detailed" for c in ("red", "blue", "green", "golden")
+           for s in ("cat", "castle", "robot", "forest", "ship") for a in ("monet", "greg rutkowski")]
+encoder = PromptEncoder(device="cpu")
+for step in json.loads(sys.argv[1]):  # [[home, n_prompts], ...]: each step is one materialization
+    home, n = step
+    target = f"{home}/prompt_embeddings.parquet"
+    cache = read_parquet(target) if exists(target) else None
+    frame, stats = embed_incremental(pl.Series("prompt", PROMPTS[:n]), cache, encoder)
+    write_parquet(frame, target)
+    print(json.dumps(stats), flush=True)
+'''
+
+TRAIN = HOOK + r'''
+import io, json
+import numpy as np
+import torch
+from PIL import Image
+
+torch.set_num_threads(1)
+from pipeline.data import PairDataset
+from pipeline.models import create_model
+from pipeline.training import TrainConfig, seed_everything, train_model
+
+rng = np.random.default_rng(0)
+images, labels = [], []
+for i in range(28):
+    colour = rng.integers(0, 256, size=3).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(np.tile(colour, (64, 64, 1))).save(buf, format="PNG")
+    images.append(buf.getvalue())
+    labels.append(np.flatnonzero(colour > 127))
+targets = np.random.default_rng(1).normal(size=(28, 3)) @ np.random.default_rng(2).normal(size=(3, 384))
+targets = (targets / np.linalg.norm(targets, axis=1, keepdims=True)).astype(np.float32)
+model = create_model("vit", variant="tiny", vocab_size=3)  # for the datasets' preprocessing
+train = PairDataset.for_model(images[:20], targets[:20], labels[:20], model)
+val = PairDataset.for_model(images[20:], targets[20:], labels[20:], model)
+# the mlc_cl recipe's shape: curriculum stages easy, easy+medium, all (one epoch each)
+stages = [np.arange(8), np.arange(14), np.arange(20)]
+config = TrainConfig(stage_epochs=1, batch_size=4, lr=3e-3, warmup_fraction=0.1, seed=0, device="cpu", log_every=0)
+out = {}
+for directory in sys.argv[1:]:  # one run per checkpoint directory, each from the same initial weights
+    seed_everything(0)
+    model = create_model("vit", variant="tiny", vocab_size=3)
+    result = train_model(model, train, val, config, directory, stages=stages)
+    out[directory] = {"resumed_epochs": result.resumed_epochs, "val": [h["val_cosine"] for h in result.history]}
+print(json.dumps(out))
+'''
+
+
+def _env(tmp: Path, **extra: str) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(PROJECT),
+        "HF_HUB_OFFLINE": "1",
+        "REVERSE_SD_PROFILE": "sample",
+        "REVERSE_SD_HOME": str(tmp / "data"),
+        "DAGSTER_HOME": str(tmp / "dagster_home"),
+        "OMP_NUM_THREADS": "1",
+    }
+    env.pop("REVERSE_SD_DIFFUSIONDB", None)
+    env.pop("KILL_TEST_HALF_WRITE", None)
+    env.update(extra)
+    return env
+
+
+def _script(tmp: Path, name: str, text: str) -> Path:
+    path = tmp / f"{name}.py"
+    path.write_text(text)
+    return path
+
+
+def _run(script: Path, args: list[str], env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, str(script), *args], cwd=PROJECT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+MARKER = "KILL-TEST-STALLED "
+
+
+def _kill_mid_write(script: Path, args: list[str], env: dict[str, str]) -> Path:
+    """Start the subprocess, wait until the hook reports its half-written temporary file, SIGKILL it.
+
+    Returns the temporary file it left.  (Polling the directory instead would race with earlier, complete
+    writes of the same artifact, whose temporaries exist for a moment too.)
+    """
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *args], cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        for text in proc.stdout:
+            lines.put(text)
+        lines.put(None)  # EOF: the process is gone
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    output = []
+    try:
+        while True:
+            line = lines.get(timeout=180)  # queue.Empty fails the test rather than hanging it
+            if line is None:
+                proc.wait(timeout=60)
+                pytest.fail(f"finished before the write could be killed (rc {proc.returncode}): {''.join(output)[-3000:]}")
+            output.append(line)
+            if MARKER in line:  # a progress bar may share the line
+                break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        reader.join(timeout=10)
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    leftover = Path(line.split(MARKER, 1)[1].strip())
+    assert leftover.exists() and leftover.name.startswith(".") and ".tmp" in leftover.name  # a temporary, not the artifact
+    return leftover
+
+
+def _assert_not_parquet(path: Path) -> None:
+    """The leftover really is a half-written file (the kill landed mid-write), unreadable as Parquet."""
+    with pytest.raises(Exception):
+        pl.read_parquet(path)
+
+
+# -- diffusiondb_parts, through the CLI ----------------------------------------------------------------
+
+
+def test_killed_part_write_leaves_no_partial_parquet_and_rerun_is_identical(tmp_path):
+    env = _env(tmp_path, REVERSE_SD_SAMPLE_PARTS="2", REVERSE_SD_SAMPLE_IMAGES_PER_PART="6")
+    cli = _script(tmp_path, "cli", CLI)
+    parts_dir = tmp_path / "data" / "diffusiondb_parts"
+    killed_env = {**env, "KILL_TEST_HALF_WRITE": "parquet:part-000001.parquet"}
+    leftover = _kill_mid_write(cli, ["materialize", "--select", "diffusiondb_parts"], killed_env)
+    assert leftover.parent == parts_dir
+    _assert_not_parquet(leftover)
+    assert not list(parts_dir.glob("part-*.parquet"))  # no reader finds a table
+
+    # the re-run (only what is missing, as after any failure) completes despite the stale temporary file
+    rerun = _run(cli, ["materialize", "--select", "diffusiondb_parts", "--stale"], env)
+    assert "materialized 2 asset runs" in rerun.stdout
+    mirror = tmp_path / "data" / "sample_mirror" / "images"
+    for part in ("part-000001", "part-000002"):
+        uninterrupted = read_part(mirror / f"{part}.zip", part).frame
+        stored = pl.read_parquet(parts_dir / f"{part}.parquet")
+        assert stored.height == 6 and stored.equals(uninterrupted)
+    assert sorted(p.name for p in parts_dir.glob("part-*.parquet")) == ["part-000001.parquet", "part-000002.parquet"]
+
+
+# -- prompt_embeddings (incremental), a driver around embed_incremental -----------------------------------
+
+
+def test_killed_embedding_update_keeps_the_previous_table_and_rerun_is_identical(tmp_path):
+    env = _env(tmp_path)
+    embed = _script(tmp_path, "embed", EMBED)
+    killed, version1_ref, reference = tmp_path / "killed", tmp_path / "version1", tmp_path / "reference"
+    # version 1 (20 prompts) is written; the update to version 2 (40 prompts) is killed mid-write
+    leftover = _kill_mid_write(
+        embed,
+        [json.dumps([[str(killed), 20], [str(killed), 40]])],
+        {**env, "KILL_TEST_HALF_WRITE": "parquet:prompt_embeddings.parquet:2"},
+    )
+    _assert_not_parquet(leftover)
+    survivor = pl.read_parquet(killed / "prompt_embeddings.parquet")  # a reader sees version 1, complete
+
+    # the re-run, then (same process, other homes) version 1 and an uninterrupted 1 -> 2 update
+    steps = [[str(killed), 40], [str(version1_ref), 20], [str(reference), 20], [str(reference), 40]]
+    rerun = [json.loads(line) for line in _run(embed, [json.dumps(steps)], env).stdout.strip().splitlines()]
+    assert survivor.height == 20 and survivor.equals(pl.read_parquet(version1_ref / "prompt_embeddings.parquet"))
+    assert rerun[0]["cached"] == 20 and rerun[0]["encoded"] == 20  # the killed run's work is redone, no more
+    final = pl.read_parquet(killed / "prompt_embeddings.parquet")
+    assert final.height == 40 and final.equals(pl.read_parquet(reference / "prompt_embeddings.parquet"))
+
+
+# -- trained_models, a driver around train_model ---------------------------------------------------------
+
+
+def _weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_model_weights(latest_checkpoint(directory))[0]
+
+
+def test_killed_training_resumes_from_its_last_checkpoint_with_identical_weights(tmp_path):
+    env = _env(tmp_path)
+    train = _script(tmp_path, "train", TRAIN)
+    killed, reference = tmp_path / "killed", tmp_path / "reference"
+
+    # killed while writing the weights of checkpoint 2 (its trainer state is already complete)
+    leftover = _kill_mid_write(
+        train,
+        [str(killed)],
+        {**env, "KILL_TEST_HALF_WRITE": "checkpoint:ckpt-00002"},
+    )
+    assert leftover.name.startswith(".ckpt-00002.safetensors.")
+    assert not (killed / "ckpt-00002.safetensors").exists()
+    assert [index for index, _ in list_checkpoints(killed)] == [1]
+    assert len(_weights(killed)) > 0  # the newest complete checkpoint reads completely
+
+    # the re-run in a fresh process, then an uninterrupted run in another directory
+    runs = json.loads(_run(train, [str(killed), str(reference)], env).stdout.strip().splitlines()[-1])
+    resumed, straight = runs[str(killed)], runs[str(reference)]
+    assert resumed["resumed_epochs"] == 1 and straight["resumed_epochs"] == 0
+    assert resumed["val"] == straight["val"]  # the whole history, the restored epoch included
+    a, b = _weights(killed), _weights(reference)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the killed write's leftovers are swept by the next save
+    assert sorted(p.name for p in killed.iterdir()) == sorted(p.name for p in reference.iterdir())

@@ -19,8 +19,6 @@ tab) or with `dagster schedule start observe_diffusiondb`, `dagster sensor start
 and `dagster sensor start reverse_sd_automation`.
 """
 
-
-
 import dagster as dg
 
 from assets.common import OBSERVE_CRON
@@ -60,6 +58,9 @@ def diffusiondb_new_parts(context: dg.SensorEvaluationContext, diffusiondb: Diff
     )
 
 
+REBUILD_LABEL = "rebuild: eager on the deepest parents, after blocking checks"
+
+
 def rebuild_condition(ignored: frozenset = frozenset()) -> dg.AutomationCondition:
     """eager() that waits for the parents' blocking checks and ignores updates of ``ignored`` parents
     (see _shadowed_parents)."""
@@ -71,7 +72,6 @@ def rebuild_condition(ignored: frozenset = frozenset()) -> dg.AutomationConditio
     return (eager & dg.AutomationCondition.all_deps_blocking_checks_passed()).with_label(REBUILD_LABEL)
 
 
-REBUILD_LABEL = "rebuild: eager on the deepest parents, after blocking checks"
 # Everything fed by the parts; the parts themselves are requested by diffusiondb_new_parts.
 REBUILT = dg.AssetSelection.assets(diffusiondb_parts).downstream(include_self=False)
 
@@ -80,7 +80,7 @@ rebuild_sensor = dg.AutomationConditionSensorDefinition(
     target=REBUILT | dg.AssetSelection.assets(training_settings.key),
     default_status=dg.DefaultSensorStatus.STOPPED,
     minimum_interval_seconds=60,
-    description="Rebuilds what new or changed DiffusionDB parts feed (REBUILD_CONDITION), as one backfill per tick.",
+    description="Rebuilds what new or changed DiffusionDB parts feed (rebuild_condition()), one backfill per tick.",
 )
 
 

@@ -20,14 +20,14 @@ CODE_REVISIONS = {
     "prompt_embeddings": 1,
     "vocabulary": 2,  # 2: words of two or more letters (was three)
     "vocabulary_labels": 2,
-    "difficulty_scores": 1,
+    "difficulty_scores": 2,  # 2: heads start from the data's prior
     "training_settings": 1,
-    "trained_models": 1,
+    "trained_models": 2,  # 2: heads from the data's prior, best-val epoch kept
     "model_predictions": 1,
     "ensemble_predictions": 1,
     "kmeans_centroids": 1,
     "dakl_predictions": 1,
-    "evaluation_report": 1,
+    "evaluation_report": 2,  # 2: k-NN on CLIP features, generated-prompt rows
     "prompt_bank": 1,
     "trained_captioners": 1,
     "caption_predictions": 1,

@@ -12,7 +12,7 @@ import polars as pl
 
 from pipeline import storage
 from resources.profiles import profile_config
-from resources.settings import Settings, load_settings
+from resources.settings import Settings, load_settings, local_dir
 
 
 class StorageResource(dg.ConfigurableResource):
@@ -24,14 +24,8 @@ class StorageResource(dg.ConfigurableResource):
         return "/".join([self.root.rstrip("/"), *parts])
 
     def local_dir(self, name: str) -> str:
-        """A local directory for tools that need one (hub downloads): under the root when it is local, in
-        the user's cache directory when the root is an object store."""
-        if self.root.startswith("file://"):
-            return os.path.join(self.root.removeprefix("file://"), name)
-        if "://" in self.root:
-            cache = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.expanduser("~/.cache")
-            return os.path.join(cache, "reverse-sd", name)
-        return os.path.join(self.root, name)
+        """A local directory for tools that need one (hub downloads), even when the root is an object store."""
+        return local_dir(self.root, name)
 
     def table_path(self, asset_key: str, partition: str | None = None) -> str:
         """<root>/<asset key>.parquet, or <root>/<asset key>/<partition key>.parquet."""

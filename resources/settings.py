@@ -49,22 +49,23 @@ class Settings:
 
     @property
     def sample_mirror_dir(self) -> str:
-        return _sample_mirror_dir(self.home)
+        return local_dir(self.home, "sample_mirror")
 
     @property
     def uses_generated_sample(self) -> bool:
         return self.diffusiondb == self.sample_mirror_dir
 
 
-def _sample_mirror_dir(home: str) -> str:
-    """Where the sample profile generates its mirror: a local directory even when the storage root is a
-    URL (file:// is its local path; an object store gets the user's cache directory)."""
-    if home.startswith("file://"):
-        return os.path.join(home.removeprefix("file://"), "sample_mirror")
-    if "://" in home:
+def local_dir(root: str, name: str) -> str:
+    """A local directory ``name`` for tools that need one (the generated sample, hub downloads): under the
+    storage root when it is local (file:// is its local path), in the user's cache directory when the root
+    is an object store."""
+    if root.startswith("file://"):
+        return os.path.join(root.removeprefix("file://"), name)
+    if "://" in root:
         cache = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.expanduser("~/.cache")
-        return os.path.join(cache, "reverse-sd", "sample_mirror")
-    return os.path.join(home, "sample_mirror")
+        return os.path.join(cache, "reverse-sd", name)
+    return os.path.join(root, name)
 
 
 def load_settings(environ: dict[str, str] | None = None) -> Settings:
@@ -77,7 +78,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     home = env.get("REVERSE_SD_HOME", "").strip() or str(PROJECT_DIR / "data")
     if "://" not in home:
         home = str(Path(home).expanduser().resolve())
-    default_source = _sample_mirror_dir(home) if profile == "sample" else HUB_DATASET
+    default_source = local_dir(home, "sample_mirror") if profile == "sample" else HUB_DATASET
     source = env.get("REVERSE_SD_DIFFUSIONDB", "").strip() or default_source
     revision = env.get("REVERSE_SD_DIFFUSIONDB_REVISION", "").strip() or HUB_REVISION
     dagster_home = env.get("DAGSTER_HOME", "").strip() or str(PROJECT_DIR / ".dagster_home")

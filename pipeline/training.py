@@ -381,6 +381,26 @@ class _Loop:
             "seconds": elapsed,
         }
 
+    def save(self, checkpoint_dir, progress: dict, index: int) -> str | None:
+        """Checkpoint number ``index`` from rank 0 (the others wait); its weights path on rank 0, else None."""
+        path = None
+        if self.dist.is_main:
+            path = str(
+                save_checkpoint(
+                    checkpoint_dir,
+                    self.unwrapped,
+                    self.optimizer,
+                    self.scheduler,
+                    progress=progress,
+                    config=self.config.to_dict(),
+                    index=index,
+                    embedding_dim=self.embedding_dim,
+                    keep_last=self.config.keep_checkpoints,
+                )
+            )
+        self.dist.barrier()
+        return path
+
     def evaluate(self, dataset) -> float:
         """Mean cosine on ``dataset``, each rank scoring its own shard."""
         if dataset is None or len(dataset) == 0:
@@ -504,20 +524,7 @@ def train_model(
             "history": history,
             "embedding_dim": loop.embedding_dim,
         }
-        if loop.dist.is_main:
-            path = save_checkpoint(
-                checkpoint_dir,
-                loop.unwrapped,
-                loop.optimizer,
-                loop.scheduler,
-                progress=progress,
-                config=config.to_dict(),
-                index=position + 1,
-                embedding_dim=loop.embedding_dim,
-                keep_last=config.keep_checkpoints,
-            )
-            checkpoint_path = str(path)
-        loop.dist.barrier()
+        checkpoint_path = loop.save(checkpoint_dir, progress, position + 1) or checkpoint_path
         if loop.on_log:
             loop.on_log({"event": "epoch", **record})
 
@@ -538,21 +545,7 @@ def train_model(
                 "embedding_dim": loop.embedding_dim,
                 "selected_epoch": selected,
             }
-            if loop.dist.is_main:
-                checkpoint_path = str(
-                    save_checkpoint(
-                        checkpoint_dir,
-                        loop.unwrapped,
-                        loop.optimizer,
-                        loop.scheduler,
-                        progress=progress,
-                        config=config.to_dict(),
-                        index=len(loop.plan) + 1,
-                        embedding_dim=loop.embedding_dim,
-                        keep_last=config.keep_checkpoints,
-                    )
-                )
-            loop.dist.barrier()
+            checkpoint_path = loop.save(checkpoint_dir, progress, len(loop.plan) + 1) or checkpoint_path
     if best is not None and loop.dist.is_main:
         best.discard()  # the final checkpoint holds the selected weights now
     vals = [h["val_cosine"] for h in history if not math.isnan(h["val_cosine"])]

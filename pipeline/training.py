@@ -604,16 +604,14 @@ class _BestWeights:
 
     def load_into(self, model: torch.nn.Module) -> bool:
         """Load the selected epoch's weights; False (weights left as they are) if the file is not this run's."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+        from pipeline.checkpoint import _read_safetensors  # local paths and fsspec URLs alike
 
         if not self.path.exists():
             return False
-        with safe_open(str(self.path), "pt") as f:
-            meta = f.metadata() or {}
+        state, meta = _read_safetensors(self.path)
         if meta.get("fingerprint") != self.fingerprint or meta.get("position") != str(self.position):
             return False
-        model.load_state_dict(load_file(str(self.path), device=str(next(model.parameters()).device)))
+        model.load_state_dict(state)
         return True
 
 

@@ -82,3 +82,17 @@ def test_heads_start_at_the_mean_target_and_word_frequencies():
     p = np.clip(frequency, 1e-4, 1 - 1e-4)
     bias = model.heads.vocabulary.linear.bias.detach().numpy()
     assert np.allclose(bias, np.log(p / (1 - p)), atol=1e-5)  # each word's log-odds before any update
+
+
+def test_keep_best_under_an_object_store_checkpoint_dir():
+    """The best-weights file round-trips through fsspec like the checkpoints (memory:// here)."""
+    import uuid
+
+    model = make_tiny_model(0)
+    train, val = _diverging_sets(model)
+    root = f"memory://early-stopping-{uuid.uuid4().hex}/vit/mlc"
+    result = train_model(model, train, val, cfg(epochs=3), root, loss_fn=make_loss())
+    vals = [h["val_cosine"] for h in result.history]
+    assert result.extra["selected_epoch"] == int(np.argmax(vals)) < 2
+    selected, _ = load_model_weights(latest_checkpoint(root))
+    assert all(torch.equal(selected[k], v) for k, v in model.state_dict().items())

@@ -263,7 +263,8 @@ def _train_with_torchrun(context, pipes, compute, model_kwargs, train, val, conf
         )
         command = torchrun_command(spec, compute.nproc_per_node)
         context.log.info("launching " + " ".join(command))
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+        launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+        env = {k: v for k, v in os.environ.items() if k not in launcher_vars}  # torchrun sets its own
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_DIR), env.get("PYTHONPATH")]))
         pipes.run(command=command, context=context, env=env, cwd=str(PROJECT_DIR))
         metrics = json.loads((spec.parent / "metrics.json").read_text())

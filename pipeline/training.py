@@ -667,17 +667,11 @@ def predict_embeddings(
     """Predicted embeddings (n, D) float32 in dataset order; eval mode, no autograd."""
     dev = resolve_device(device) if isinstance(device, str) else device
     amp = autocast_dtype(precision, dev)
-    model = _unwrap(model).to(dev).eval()
-    loader = make_loader(dataset, batch_size, num_workers=num_workers, pin_memory=dev.type == "cuda")
-    chunks = []
-    with torch.inference_mode():
-        for batch in loader:
-            pixels, _, _, _, context = _unpack(batch, dev, dev.type == "cuda")
-            embedding, _ = _forward(model, model, pixels, context, amp, dev)
-            chunks.append(embedding.float().cpu().numpy())
-    if not chunks:
-        return np.zeros((0, getattr(model, "embedding_dim", 384)), dtype=np.float32)
-    return np.concatenate(chunks).astype(np.float32, copy=False)
+
+    def embed(model, pixels, context):
+        return _forward(model, model, pixels, context, amp, dev)[0]
+
+    return _collect(model, dataset, batch_size, dev, num_workers, embed, getattr(model, "embedding_dim", 384))
 
 
 def backbone_features(
@@ -688,14 +682,22 @@ def backbone_features(
     For the frozen CLIP tower these are the paper's k-NN baseline features (CLIP image embeddings).
     """
     dev = resolve_device(device) if isinstance(device, str) else device
+
+    def features(model, pixels, context):
+        return model.backbone(pixels, context if getattr(model, "uses_context", False) else None)
+
+    return _collect(model, dataset, batch_size, dev, num_workers, features, int(_unwrap(model).backbone.feature_dim))
+
+
+def _collect(model, dataset, batch_size: int, dev: torch.device, num_workers: int, output, width: int) -> np.ndarray:
+    """``output(model, pixels, context)`` over the dataset in order, eval mode, no autograd: (n, width) float32."""
     model = _unwrap(model).to(dev).eval()
     loader = make_loader(dataset, batch_size, num_workers=num_workers, pin_memory=dev.type == "cuda")
     chunks = []
     with torch.inference_mode():
         for batch in loader:
             pixels, _, _, _, context = _unpack(batch, dev, dev.type == "cuda")
-            features = model.backbone(pixels, context if getattr(model, "uses_context", False) else None)
-            chunks.append(features.float().cpu().numpy())
+            chunks.append(output(model, pixels, context).float().cpu().numpy())
     if not chunks:
-        return np.zeros((0, int(model.backbone.feature_dim)), dtype=np.float32)
+        return np.zeros((0, width), dtype=np.float32)
     return np.concatenate(chunks).astype(np.float32, copy=False)

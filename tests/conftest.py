@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -51,3 +52,13 @@ def sample_graph_run(tmp_path_factory) -> tuple[Path, dict[str, str], subprocess
 def materialized_sample(sample_graph_run) -> dict[str, str]:
     """The environment of the materialized sample (tests/test_web_ui.py looks this fixture up)."""
     return dict(sample_graph_run[1])
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads; on a shared 2-core box two threads make them many times slower.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

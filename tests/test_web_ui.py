@@ -1,7 +1,7 @@
 """The Dagster web UI in a real browser, as a person uses it after `make run` and `make ui`.
 
-The whole graph is materialized on the default sample into a fresh REVERSE_SD_HOME / DAGSTER_HOME (the
-CLI in a subprocess), `dagster dev` serves that instance on a free loopback port, and headless Debian
+The whole graph is materialized once per session on the default sample (tests/conftest.py, the CLI in a
+subprocess), `dagster dev` serves that instance on a free loopback port, and headless Debian
 chromium (driven by selenium through Debian's chromedriver) opens it: the asset catalog must list every
 asset of the graph, and evaluation_report's latest materialization must show the evaluation table (rows
 vit, swin, clip, unet, ensemble) with the figures of reports/evaluation.json.  Screenshots go to the
@@ -79,39 +79,10 @@ def browser_ready():
 
 
 @pytest.fixture(scope="module")
-def sample_instance(browser_ready, request, tmp_path_factory) -> dict[str, str]:
-    """The environment (REVERSE_SD_HOME, DAGSTER_HOME, ...) of a sample materialized end to end.
-
-    A suite that already materializes the sample once can share it: a session fixture named
-    `materialized_sample` (tests/conftest.py) returning that environment is used when it exists;
-    otherwise the default sample is materialized here by the CLI, as `make run` does.
-    """
-    try:
-        return dict(request.getfixturevalue("materialized_sample"))
-    except pytest.FixtureLookupError:
-        pass
-    root = tmp_path_factory.mktemp("ui")
-    env = {
-        **os.environ,
-        "REVERSE_SD_PROFILE": "sample",
-        "REVERSE_SD_HOME": str(root / "data"),
-        "DAGSTER_HOME": str(root / "dagster_home"),
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    env.pop("REVERSE_SD_DIFFUSIONDB", None)
-    started = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, "-m", "assets.cli", "materialize"],
-        cwd=PROJECT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    print(f"materialized the sample in {time.perf_counter() - started:.0f} s")
-    return env
+def sample_instance(browser_ready, materialized_sample) -> dict[str, str]:
+    """The environment (REVERSE_SD_HOME, DAGSTER_HOME, ...) of the session's sample, materialized end to end
+    by tests/conftest.py as `make run` does."""
+    return dict(materialized_sample)
 
 
 def _free_port() -> int:

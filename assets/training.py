@@ -51,16 +51,26 @@ def training_settings() -> dg.DataVersionsByPartition:
 _BY_BACKBONE = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="backbone")
 
 
-def _read_images(storage: StorageResource):
-    """read(part, ids): each part's image table is read once, however many splits ask for it."""
-    tables: dict[str, pl.DataFrame] = {}
+def split_image_source(storage: StorageResource):
+    """images_for(rows, split) for load_split: the split's images as a memory-mapped file under the storage
+    root's local cache (pipeline.image_store), built part by part on first use and reused while the parts
+    and the split are unchanged."""
+    from pipeline.image_store import split_images
 
-    def read(part: str, ids: list[str]) -> pl.DataFrame:
-        if part not in tables:
-            tables[part] = storage.read_table("diffusiondb_parts", part, columns=["image_id", "image"])
-        return tables[part].filter(pl.col("image_id").is_in(ids))
+    def read_part(part: str, ids: list[str]) -> pl.DataFrame:
+        images = storage.read_table("diffusiondb_parts", part, columns=["image_id", "image"])
+        return images.filter(pl.col("image_id").is_in(ids))
 
-    return read
+    def images_for(rows: pl.DataFrame, split: str):
+        return split_images(
+            rows,
+            read_part,
+            lambda part: storage.fingerprint("diffusiondb_parts", part),
+            storage.local_dir("image_cache"),
+            split,
+        )
+
+    return images_for
 
 
 def load_splits(storage: StorageResource, splits=("train", "val", "test")) -> dict[str, SplitData]:
@@ -69,8 +79,8 @@ def load_splits(storage: StorageResource, splits=("train", "val", "test")) -> di
         storage.read_table("prompt_embeddings"),
         storage.read_table("vocabulary_labels"),
     )
-    read_images = _read_images(storage)
-    return {s: load_split(joined, s, read_images) for s in splits}
+    images_for = split_image_source(storage)
+    return {s: load_split(joined, s, images_for) for s in splits}
 
 
 def _vocab_size(storage: StorageResource) -> int:

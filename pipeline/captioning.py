@@ -321,7 +321,8 @@ class CaptionDataset(torch.utils.data.Dataset):
     def __init__(self, images, prompts: Sequence[str], labels: Sequence[np.ndarray] | None, captioner: Captioner):
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
-        self.images = images.to_list() if hasattr(images, "to_list") else list(images)
+        # A memory-mapped ImageColumn (or any indexable sequence) stays as it is: never a copy of the split.
+        self.images = images.to_list() if hasattr(images, "to_list") else images
         self.input_ids, self.attention_mask = captioner.encode_text(prompts)
         self.k = captioner.vocab_size
         self.labels = labels if (labels is not None and self.k) else None

@@ -24,10 +24,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 def _as_byte_sequence(images) -> Sequence:
-    """Keep pyarrow arrays as they are (indexing is cheap); anything else becomes a list of bytes."""
+    """Keep pyarrow arrays and sequences (a memory-mapped pipeline.image_store.ImageColumn among them) as
+    they are, indexing is cheap; series and iterables become a list of bytes."""
     if isinstance(images, pa.ChunkedArray):
         return images.combine_chunks()
-    if isinstance(images, pa.Array):
+    if isinstance(images, (pa.Array, Sequence)) and not isinstance(images, (str, bytes)):
         return images
     if hasattr(images, "to_list"):  # polars / pandas series
         return images.to_list()
@@ -114,7 +115,7 @@ class PairDataset(Dataset):
             pixels = decode_image(self._bytes(index), self.image_size, self.mean, self.std)
         except Exception as exc:  # name the offending row; a silent skip would misalign the indices
             raise ValueError(f"cannot decode image at row {index}: {exc}") from exc
-        target = torch.from_numpy(self.targets[index])
+        target = torch.tensor(self.targets[index])  # a copy: the table may be a read-only Arrow buffer
         if self.labels is not None:
             labels = torch.zeros(self.vocab_size, dtype=torch.float32)
             idx = np.asarray(self.labels[index] if self.labels[index] is not None else [], dtype=np.int64)

@@ -6,7 +6,8 @@ processes build identical models and datasets on their own:
     {
       "model": {"factory": "pipeline.models:create_model",     # optional, this is the default
                 "kwargs": {"name": "vit", "variant": "tiny", "vocab_size": 300}},
-      "train": "train.parquet",           # columns: image (bytes), embedding (list[float]), label_indices (list[int])
+      "train": "train.parquet",           # columns: image (bytes) or image_row (into the mapped image file
+                                          # named in its metadata), embedding (list[float]), label_indices
       "val": "val.parquet",               # optional
       "columns": {"image": "image", "target": "embedding", "labels": "label_indices"},   # optional
       "stages": "stages.npz",             # optional: arrays stage_0, stage_1, ... (curriculum)
@@ -36,10 +37,13 @@ import pyarrow.parquet as pq
 import torch.distributed as dist
 
 from pipeline.data import PairDataset
+from pipeline.image_store import ImageColumn
 from pipeline.storage import write_text
 from pipeline.training import TrainConfig, seed_everything, train_model
 
 DEFAULT_COLUMNS = {"image": "image", "target": "embedding", "labels": "label_indices"}
+IMAGE_ROW = "image_row"
+IMAGE_FILE_KEY = b"reverse_sd.image_file"
 
 
 def load_factory(spec: str):
@@ -59,13 +63,23 @@ def _column_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return flat.reshape(n, -1)
 
 
-def read_pairs(path: str, columns: dict | None = None) -> tuple[pa.Array, np.ndarray, list | None]:
-    """(image bytes, targets (n, d) float32, label index lists or None) from a Parquet file."""
+def read_pairs(path: str, columns: dict | None = None) -> tuple[object, np.ndarray, list | None]:
+    """(images, targets (n, d) float32, label index lists or None) from a pairs Parquet file.
+
+    Images are either an image-bytes column, or (as write_pairs writes them for a memory-mapped split)
+    an "image_row" column into the Arrow image file named in the file's metadata: then every launched
+    process maps that one file instead of reading a copy of the images.
+    """
     cols = {**DEFAULT_COLUMNS, **(columns or {})}
-    schema_names = pq.read_schema(path).names
-    wanted = [cols["image"], cols["target"]] + ([cols["labels"]] if cols["labels"] in schema_names else [])
+    schema = pq.read_schema(path)
+    image_file = (schema.metadata or {}).get(IMAGE_FILE_KEY)
+    image_col = IMAGE_ROW if image_file else cols["image"]
+    wanted = [image_col, cols["target"]] + ([cols["labels"]] if cols["labels"] in schema.names else [])
     table = pq.read_table(path, columns=wanted)
-    images = table.column(cols["image"]).combine_chunks()
+    if image_file:
+        images = ImageColumn(image_file.decode(), table.column(IMAGE_ROW).to_numpy())
+    else:
+        images = table.column(cols["image"]).combine_chunks()
     targets = _column_matrix(table.column(cols["target"]))
     labels = None
     if cols["labels"] in table.column_names:
@@ -82,16 +96,24 @@ def read_stages(path: str | None) -> list[np.ndarray] | None:
 
 
 def write_pairs(path: str, images, targets: np.ndarray, labels) -> None:
-    """The Parquet file read_pairs reads: image bytes, 384-d target, label index list per pair."""
+    """The Parquet file read_pairs reads: 384-d target and label index list per pair, plus the images: a
+    row index into the image file when ``images`` is a memory-mapped ImageColumn (no copy of the split,
+    whatever its size), else the image bytes themselves."""
     columns = {
-        "image": pa.array(list(images), type=pa.binary()),
         "embedding": pa.FixedSizeListArray.from_arrays(
             pa.array(np.ascontiguousarray(targets, dtype=np.float32).ravel()), int(targets.shape[1])
         ),
     }
+    metadata = None
+    if isinstance(images, ImageColumn):
+        rows = images.rows if images.rows is not None else np.arange(len(images), dtype=np.int64)
+        columns[IMAGE_ROW] = pa.array(rows, pa.int64())
+        metadata = {IMAGE_FILE_KEY: images.path}
+    else:
+        columns["image"] = pa.array(list(images), type=pa.binary())
     if labels is not None:
         columns["label_indices"] = pa.array([np.asarray(x, dtype=np.int64).tolist() for x in labels], pa.list_(pa.int64()))
-    pq.write_table(pa.table(columns), path)
+    pq.write_table(pa.table(columns).replace_schema_metadata(metadata), path)
 
 
 def write_spec(

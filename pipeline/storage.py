@@ -113,3 +113,15 @@ def read_parquet(path: PathLike, columns: list[str] | None = None) -> pl.DataFra
 
 def exists(path: PathLike) -> bool:
     return as_path(path).exists()
+
+
+def fingerprint(path: PathLike) -> str:
+    """A cheap identity of a file's current version, for caches keyed on it: size and modification time
+    (local files, rewritten by rename, so a rewrite changes it), else the fsspec info's ETag / mtime / size."""
+    p = as_path(path)
+    if isinstance(p, Path):
+        st = p.stat()
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    info = p.fs.info(p.path)
+    stamp = next((info[k] for k in ("ETag", "etag", "md5", "mtime", "LastModified", "last_modified", "created") if info.get(k)), "")
+    return f"{info.get('size', '')}:{stamp}"

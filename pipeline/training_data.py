@@ -1,12 +1,12 @@
 """Assemble the supervised pairs a model trains on: image bytes, target embedding, vocabulary labels.
 
-Joins the stage tables by their keys (image_id, prompt), keeps split membership, and reads image bytes
-part by part with only the rows that are needed, so nothing else of a part is loaded.
+Joins the stage tables by their keys (image_id, prompt) and keeps split membership; a split's images come
+from an image source (pipeline.image_store: built part by part, memory-mapped), never a list in memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +18,7 @@ class SplitData:
     """One split's pairs, aligned row by row."""
 
     image_ids: list[str]
-    images: list[bytes]
+    images: Sequence[bytes]  # e.g. a memory-mapped pipeline.image_store.ImageColumn
     targets: np.ndarray  # (n, 384) float32, unit length
     labels: list[np.ndarray]  # sorted vocabulary indices per pair
     prompts: list[str]
@@ -44,35 +44,33 @@ def join_pairs(pairs: pl.DataFrame, embeddings: pl.DataFrame, labels: pl.DataFra
 def load_split(
     joined: pl.DataFrame,
     split: str,
-    read_images: Callable[[str, list[str]], pl.DataFrame],
+    images_for: Callable[[pl.DataFrame, str], tuple[Sequence[bytes], list[str]]],
     limit: int | None = None,
 ) -> SplitData:
-    """The rows of one split with their image bytes; read_images(part, image_ids) -> (image_id, image)."""
+    """The rows of one split, sorted by image id, with their images.
+
+    ``images_for(rows, split)`` returns (image bytes sequence, the image ids it holds) for rows (image_id,
+    part) in their order, e.g. pipeline.image_store.split_images over a part reader: a memory-mapped
+    column, so the split's images are never all in memory.  Pairs whose image is missing are left out.
+    """
     rows = joined.filter(pl.col("split") == split).sort("image_id")
     if limit is not None:
         rows = rows.head(limit)
-    chunks = []
-    for part, group in rows.group_by("part", maintain_order=True):
-        ids = group["image_id"].to_list()
-        images = read_images(part[0], ids)
-        chunks.append(group.join(images.select("image_id", "image"), on="image_id", how="inner"))
-    full = pl.concat(chunks).sort("image_id") if chunks else rows.with_columns(pl.lit(b"").alias("image")).head(0)
-    targets = (
-        full["embedding"].to_numpy().astype(np.float32, copy=False)
-        if full.height
-        else np.zeros((0, 384), np.float32)
-    )
+    images, found = images_for(rows.select("image_id", "part"), split)
+    if len(found) != rows.height:
+        rows = rows.join(pl.DataFrame({"image_id": found}, schema={"image_id": pl.String}), on="image_id", how="semi")
+    targets = rows["embedding"].to_numpy().astype(np.float32, copy=False) if rows.height else np.zeros((0, 384), np.float32)
     labels = (
-        [np.asarray(x if x is not None else [], dtype=np.int64) for x in full["label_indices"].to_list()]
-        if "label_indices" in full.columns
-        else [np.zeros(0, np.int64) for _ in range(full.height)]
+        [np.asarray(x if x is not None else [], dtype=np.int64) for x in rows["label_indices"].to_list()]
+        if "label_indices" in rows.columns
+        else [np.zeros(0, np.int64) for _ in range(rows.height)]
     )
     return SplitData(
-        image_ids=full["image_id"].to_list(),
-        images=full["image"].to_list(),
+        image_ids=rows["image_id"].to_list(),
+        images=images,
         targets=targets,
         labels=labels,
-        prompts=full["prompt"].to_list(),
+        prompts=rows["prompt"].to_list(),
     )
 
 

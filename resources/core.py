@@ -53,6 +53,10 @@ class StorageResource(dg.ConfigurableResource):
     def has_table(self, asset_key: str, partition: str | None = None) -> bool:
         return storage.exists(self.table_path(asset_key, partition))
 
+    def fingerprint(self, asset_key: str, partition: str | None = None) -> str:
+        """Changes whenever the table is rewritten (size and modification time, or the object's ETag)."""
+        return storage.fingerprint(self.table_path(asset_key, partition))
+
 
 class DiffusionDBResource(dg.ConfigurableResource):
     """Where DiffusionDB comes from: a hub dataset id at a revision, or a local mirror directory.

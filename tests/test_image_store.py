@@ -1,0 +1,140 @@
+"""pipeline.image_store: a split's images in one memory-mapped Arrow file, built part by part and cached."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from pipeline.data import PairDataset, make_loader
+from pipeline.ddp_train import read_pairs, write_pairs
+from pipeline.image_store import ImageColumn, split_images, write_image_file
+from pipeline.images import reencode_image
+
+
+def _png(seed: int) -> bytes:
+    from io import BytesIO
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buf = BytesIO()
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+PARTS = {
+    "part-000001": {f"a{i}": _png(i) for i in range(5)},
+    "part-000002": {f"b{i}": _png(10 + i) for i in range(4)},
+    "part-000003": {f"c{i}": _png(20 + i) for i in range(3)},
+}
+
+
+class PartReader:
+    """read_part over PARTS that records each call (part, number of ids asked for)."""
+
+    def __init__(self, fail_on: str | None = None):
+        self.calls: list[tuple[str, int]] = []
+        self.fail_on = fail_on
+
+    def __call__(self, part: str, ids: list[str]) -> pl.DataFrame:
+        self.calls.append((part, len(ids)))
+        if part == self.fail_on:
+            raise OSError(f"cannot read {part}")
+        have = PARTS[part]
+        return pl.DataFrame({"image_id": [i for i in ids if i in have], "image": [have[i] for i in ids if i in have]},
+                            schema={"image_id": pl.String, "image": pl.Binary})
+
+
+def _rows(ids: list[str]) -> pl.DataFrame:
+    part_of = {i: p for p, images in PARTS.items() for i in images}
+    return pl.DataFrame({"image_id": ids, "part": [part_of.get(i, "part-000001") for i in ids]})
+
+
+def test_split_images_follow_the_rows_order_and_leave_out_missing_ids(tmp_path):
+    ids = ["c2", "a0", "b3", "missing", "a4", "b0"]
+    reader = PartReader()
+    column, found = split_images(_rows(ids), reader, lambda part: "v1", tmp_path, "train")
+    assert found == ["c2", "a0", "b3", "a4", "b0"]
+    assert len(column) == 5
+    expected = [PARTS[{"a": "part-000001", "b": "part-000002", "c": "part-000003"}[i[0]]][i] for i in found]
+    assert [column[i] for i in range(5)] == expected
+    assert column[-1] == expected[-1] and column[1:3] == expected[1:3]
+    with pytest.raises(IndexError):
+        column[5]
+    # one read per part, each asked for that part's ids only: memory holds one part at a time
+    assert sorted(reader.calls) == [("part-000001", 3), ("part-000002", 2), ("part-000003", 1)]
+
+
+def test_cache_is_reused_until_a_part_changes_and_old_files_are_removed(tmp_path):
+    ids = ["a1", "b1", "c1"]
+    reader = PartReader()
+    version = {"part-000002": "v1"}
+    first, _ = split_images(_rows(ids), reader, lambda p: version.get(p, "v1"), tmp_path, "train")
+    split_images(_rows(ids), reader, lambda p: version.get(p, "v1"), tmp_path, "train")
+    assert len(reader.calls) == 3  # second call: no part read
+    split_images(_rows(["a1"]), reader, lambda p: "v1", tmp_path, "val")  # another split keeps its own file
+    version["part-000002"] = "v2"  # the part was rewritten
+    second, _ = split_images(_rows(ids), reader, lambda p: version.get(p, "v1"), tmp_path, "train")
+    assert len(reader.calls) == 3 + 1 + 3
+    files = sorted(p.name.split("-")[0] for p in tmp_path.glob("*.arrow"))
+    assert files == ["train", "val"]
+    assert [first[i] for i in range(3)] == [second[i] for i in range(3)]  # the mapping survives the unlink
+
+
+def test_a_failed_build_leaves_no_file(tmp_path):
+    with pytest.raises(OSError, match="part-000002"):
+        split_images(_rows(["a1", "b1", "c1"]), PartReader(fail_on="part-000002"), lambda p: "v", tmp_path, "train")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_image_column_pickles_as_its_path_and_rows(tmp_path):
+    path = tmp_path / "images.arrow"
+    write_image_file(_rows(["a0", "a1", "b2"]), PartReader(), path)
+    column = ImageColumn(path, rows=[2, 0])
+    clone = pickle.loads(pickle.dumps(column))
+    assert len(pickle.dumps(column)) < 1000  # not the images
+    assert [clone[0], clone[1]] == [PARTS["part-000002"]["b2"], PARTS["part-000001"]["a0"]]
+    with pytest.raises(ValueError, match="rows outside"):
+        ImageColumn(path, rows=[3])
+
+
+def test_pair_dataset_reads_a_mapped_column_in_loader_workers(tmp_path):
+    ids = ["a0", "a1", "b0", "b1", "c0", "c1"]
+    column, found = split_images(_rows(ids), PartReader(), lambda p: "v", tmp_path, "train")
+    targets = np.eye(6, 4, dtype=np.float32)
+    dataset = PairDataset(column, targets, image_size=8)
+    assert dataset.images is column  # not copied into a list
+    in_memory = PairDataset([column[i] for i in range(6)], targets, image_size=8)
+    loader = make_loader(dataset, batch_size=3, num_workers=2)
+    pixels = torch.cat([batch[0] for batch in loader])
+    assert torch.equal(pixels, torch.stack([in_memory[i][0] for i in range(6)]))
+
+
+def test_launched_runs_get_row_indices_into_the_image_file_not_a_copy(tmp_path):
+    ids = ["a0", "b1", "c2", "a3"]
+    column, _ = split_images(_rows(ids), PartReader(), lambda p: "v", tmp_path, "train")
+    targets = np.random.default_rng(0).normal(size=(4, 384)).astype(np.float32)
+    labels = [np.array([1, 2]), np.array([], dtype=np.int64), np.array([0]), np.array([5])]
+    write_pairs(str(tmp_path / "pairs.parquet"), column, targets, labels)
+    assert "image" not in pl.read_parquet_schema(tmp_path / "pairs.parquet")
+    images, read_targets, read_labels = read_pairs(str(tmp_path / "pairs.parquet"))
+    assert isinstance(images, ImageColumn)
+    assert [images[i] for i in range(4)] == [column[i] for i in range(4)]
+    assert np.array_equal(read_targets, targets)
+    assert [x.tolist() for x in read_labels] == [x.tolist() for x in labels]
+    # plain bytes still travel as bytes
+    write_pairs(str(tmp_path / "bytes.parquet"), [column[i] for i in range(4)], targets, None)
+    images, _, no_labels = read_pairs(str(tmp_path / "bytes.parquet"))
+    assert images[2].as_py() == column[2] and no_labels is None
+
+
+def test_reencoded_images_round_trip_through_the_file(tmp_path):
+    """What diffusiondb_parts stores (re-encoded images) comes back byte for byte."""
+    data = reencode_image(_png(99), 16)
+    reader = lambda part, ids: pl.DataFrame({"image_id": ids, "image": [data] * len(ids)})  # noqa: E731
+    column, _ = split_images(_rows(["a0"]), reader, lambda p: "v", tmp_path, "test")
+    assert column[0] == data

@@ -39,7 +39,7 @@ class ImageColumn(Sequence):
     """
 
     def __init__(self, path: str | os.PathLike, rows: np.ndarray | Sequence[int] | None = None) -> None:
-        self.path = str(path)
+        self.path = os.path.abspath(path)  # launched processes may run elsewhere
         self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
         self._open()
         if self.rows is not None and self.rows.size and not (0 <= self.rows.min() and self.rows.max() < self._n):
@@ -140,12 +140,18 @@ def split_images(
     fingerprints = {part: part_fingerprint(part) for part in ordered["part"].unique().to_list()}
     cache_dir = Path(cache_dir)
     path = cache_dir / f"{name}-{cache_key(ordered, fingerprints)}.arrow"
-    if not path.exists():
-        write_image_file(ordered, read_part, path)
-        for old in cache_dir.glob(f"{name}-*.arrow"):
-            if old != path:
-                old.unlink(missing_ok=True)
-    column = ImageColumn(path)
+    for attempt in range(2):
+        if not path.exists():
+            write_image_file(ordered, read_part, path)
+            for old in cache_dir.glob(f"{name}-*.arrow"):
+                if old != path:
+                    old.unlink(missing_ok=True)
+        try:
+            column = ImageColumn(path)
+            break
+        except FileNotFoundError:  # a concurrent run with newer parts swept it between write and open
+            if attempt:
+                raise
     file_rows = pl.DataFrame({"image_id": column.file_image_ids}).with_row_index("file_row")
     wanted = rows.select("image_id").with_row_index("position").join(file_rows, on="image_id", how="inner")
     wanted = wanted.sort("position")

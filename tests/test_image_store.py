@@ -138,3 +138,20 @@ def test_reencoded_images_round_trip_through_the_file(tmp_path):
     reader = lambda part, ids: pl.DataFrame({"image_id": ids, "image": [data] * len(ids)})  # noqa: E731
     column, _ = split_images(_rows(["a0"]), reader, lambda p: "v", tmp_path, "test")
     assert column[0] == data
+
+
+def test_a_file_swept_by_a_concurrent_run_before_it_is_opened_is_rebuilt(tmp_path, monkeypatch):
+    import pipeline.image_store as store
+
+    real_write, builds = store.write_image_file, []
+
+    def write_then_swept(rows, read_part, path):
+        builds.append(path)
+        written = real_write(rows, read_part, path)
+        if len(builds) == 1:
+            path.unlink()  # another run, holding newer parts, removed it
+        return written
+
+    monkeypatch.setattr(store, "write_image_file", write_then_swept)
+    column, found = split_images(_rows(["a1", "b2"]), PartReader(), lambda p: "v", tmp_path, "train")
+    assert len(builds) == 2 and found == ["a1", "b2"] and column[1] == PARTS["part-000002"]["b2"]

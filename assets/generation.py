@@ -133,6 +133,7 @@ def _train_captioner(
         save_captioner,
         train_captioner,
     )
+    from pipeline.checkpoint import remove_checkpoints
     from pipeline.curriculum import bucket_by_difficulty, curriculum_stages, difficulty_from_history
 
     name = context.partition_key
@@ -165,10 +166,14 @@ def _train_captioner(
         fields = (f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
         context.log.info(f"{name}: " + ", ".join(fields))
 
-    history = train_captioner(captioner, train_set, config, stages=stages, val_set=val_set, on_log=on_log)
-    captioner.generation = {"num_beams": CAPTION.num_beams, "no_repeat_ngram_size": CAPTION.no_repeat_ngram_size}
     directory = storage.path("trained_captioners", name)
+    progress_dir = storage.path("trained_captioners", name, "progress")  # per-epoch, so a killed run resumes
+    history = train_captioner(
+        captioner, train_set, config, stages=stages, val_set=val_set, on_log=on_log, checkpoint_dir=progress_dir
+    )
+    captioner.generation = {"num_beams": CAPTION.num_beams, "no_repeat_ngram_size": CAPTION.no_repeat_ngram_size}
     weights = save_captioner(captioner, directory, progress={"history": history}, config=config.result_dict())
+    remove_checkpoints(progress_dir)  # the saved captioner is complete: its progress is not needed any more
     preview = val.images[:4]
     generated = generate_prompts(captioner, preview, device=compute.device)
     curves = {"train LM loss": [h["train_lm"] for h in history], "val LM loss": [h["val_lm"] for h in history]}

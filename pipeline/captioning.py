@@ -379,6 +379,19 @@ class CaptionTrainConfig:
         return {k: v for k, v in asdict(self).items() if k not in ("device", "num_workers")}
 
 
+def _caption_run_fingerprint(captioner: Captioner, train_set: CaptionDataset, config: CaptionTrainConfig, stages) -> str:
+    """What decides the fine-tuned weights: settings, captioner config, training prompts' tokens, stages."""
+    import hashlib
+
+    from pipeline.checkpoint import model_config
+
+    digest = hashlib.sha256(json.dumps([config.result_dict(), model_config(captioner)], sort_keys=True, default=str).encode())
+    digest.update(train_set.input_ids.cpu().numpy().tobytes())
+    for stage in stages:
+        digest.update(np.asarray(stage, dtype=np.int64).tobytes() + b"|")
+    return digest.hexdigest()[:24]
+
+
 def train_captioner(
     captioner: Captioner,
     train_set: CaptionDataset,
@@ -387,13 +400,19 @@ def train_captioner(
     val_set: CaptionDataset | None = None,
     on_log: Callable[[dict], None] | None = None,
     on_batch: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
+    checkpoint_dir: str | None = None,
 ) -> list[dict]:
     """Fine-tune in place: AdamW, one warm-up + cosine schedule over all stages, shuffling only inside a stage.
 
     ``stages`` (curriculum_stages) are trained in order, ``stage_epochs`` each; without them ``epochs``
     epochs over everything.  ``on_batch(stage, epoch, indices, per-sample LM loss)`` sees every batch (the
     preliminary difficulty pass and the tests use it).  Returns one record per epoch.
+
+    With ``checkpoint_dir``, weights, optimizer and schedule are saved after every epoch and a killed run
+    resumes after its last finished epoch, with the weights an uninterrupted run has (every epoch seeds its
+    own shuffle and RNG); a checkpoint from other settings, data or stages is discarded, not resumed.
     """
+    from pipeline.checkpoint import latest_checkpoint, load_checkpoint, read_state, remove_checkpoints, save_checkpoint
     from pipeline.training import autocast_dtype, cosine_with_warmup, make_optimizer, resolve_device, seed_everything
 
     n = len(train_set)
@@ -415,8 +434,18 @@ def train_captioner(
     total_steps = sum(-(-len(stage_list[s]) // config.batch_size) for s, _ in plan)
     optimizer = make_optimizer(captioner, config)
     scheduler = cosine_with_warmup(optimizer, total_steps, int(round(config.warmup_fraction * total_steps)))
-    history = []
-    for stage, epoch in plan:
+    history, done = [], 0
+    fingerprint = _caption_run_fingerprint(captioner, train_set, config, stage_list)
+    latest = latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
+    if latest is not None:
+        if read_state(latest)["progress"].get("fingerprint") == fingerprint:
+            state = load_checkpoint(latest, captioner, optimizer, scheduler, restore_rng=False, expected_embedding_dim=None)
+            history, done = list(state["progress"]["history"]), int(state["progress"]["done"])
+        else:  # another run's progress (other settings, data or stages): start over
+            remove_checkpoints(checkpoint_dir)
+    for k, (stage, epoch) in enumerate(plan):
+        if k < done:
+            continue
         sampler.set_stage(stage_list[stage])
         sampler.set_epoch(stage, epoch)
         loader.generator.manual_seed(epoch_seed(config.seed, stage, epoch, salt=10_000))
@@ -460,6 +489,10 @@ def train_captioner(
         history.append(record)
         if on_log is not None:
             on_log(record)
+        if checkpoint_dir:
+            progress = {"done": k + 1, "history": history, "fingerprint": fingerprint}
+            save_checkpoint(checkpoint_dir, captioner, optimizer, scheduler, progress=progress,
+                            config=config.result_dict(), index=k + 1, rng=False, keep_last=1)
     return history
 
 

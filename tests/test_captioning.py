@@ -185,6 +185,41 @@ def test_curriculum_order_is_respected(pairs):
         train_captioner(captioner, data, config, stages=[np.array([], dtype=int)])
 
 
+def test_a_killed_captioner_run_resumes_to_the_uninterrupted_weights(pairs, tmp_path):
+    images, prompts, labels = pairs
+    stages = curriculum_stages(bucket_by_difficulty(np.array([0.9, 0.1, 0.5, 0.8, 0.2, 0.6, 0.3, 0.7])))
+    config = CaptionTrainConfig(stage_epochs=1, batch_size=2, lr=1e-3, lambda_vocab=0.5, device="cpu")
+
+    def run(directory, on_batch=None, captioner_config=config):
+        captioner = _captioner(prompts)
+        data = CaptionDataset(images, prompts, labels, captioner)
+        history = train_captioner(captioner, data, captioner_config, stages=stages, on_batch=on_batch,
+                                  checkpoint_dir=str(directory))
+        return captioner, history
+
+    whole, whole_history = run(tmp_path / "whole")
+
+    class Killed(Exception):
+        pass
+
+    def kill_in_stage_2(stage, epoch, index, per_sample):
+        if stage == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(tmp_path / "killed", kill_in_stage_2)
+    stages_run = []
+    resumed, history = run(tmp_path / "killed", lambda stage, *_: stages_run.append(stage))
+    assert set(stages_run) == {2, 3}  # stages 0 and 1 came from the checkpoint
+    assert [h["train_loss"] for h in history] == [h["train_loss"] for h in whole_history]
+    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    # progress from other settings is not resumed: the run starts over
+    stages_run.clear()
+    run(tmp_path / "killed", lambda stage, *_: stages_run.append(stage), CaptionTrainConfig(**{**config.__dict__, "lr": 2e-3}))
+    assert stages_run[0] == 0
+
+
 def test_own_preliminary_pass_gives_minus_loss_per_sample(pairs):
     images, prompts, labels = pairs
     captioner = _captioner(prompts)

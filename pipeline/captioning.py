@@ -17,9 +17,11 @@ training prompts, the tiny tokenizer keeps only the WordPiece tokens they use (~
 sample): the 30,524-wide output layer was ~90% of a CPU training step, and WordPiece's greedy longest match
 tokenizes every training prompt identically with the reduced vocabulary.
 
-BLIP-2 (Blip2ForConditionalGeneration, Salesforce/blip2-opt-2.7b, ~3.9B parameters) is the next entry where
-memory allows (fp16 + a frozen OPT, training the Q-Former and the vocabulary head): not registered yet, as
-its processor-inserted image tokens need a tokenizer we cannot build offline to be tested.
+"blip2" is BLIP-2 (Blip2ForConditionalGeneration, Salesforce/blip2-opt-2.7b, ~3.9B parameters) for where
+memory allows: the pre-trained OPT language model is frozen (loaded in fp16 on a GPU) and the image encoder,
+Q-Former, projection and vocabulary head (on the mean Q-Former query output) are fine-tuned, BLIP-2's own
+captioning recipe; a random-init OPT (the tiny twin) trains too, as a frozen random LM could not learn.  The captioner inserts the image placeholder tokens the BLIP-2 processor would; its tiny twin is the
+same classes with a toy OPT and the offline WordPiece tokenizer plus "<image>".
 
 Scores: ``sbert_cosines`` (the Kaggle metric: cosine of all-MiniLM-L6-v2 embeddings of generated vs true
 prompt; first place 0.66316) and ``ref_clip_s`` (RefCLIPScore, Hessel et al. 2021).
@@ -46,6 +48,8 @@ from pipeline.data import StageSampler, decode_image, epoch_seed, make_loader
 
 VARIANTS = ("tiny", "full")
 BLIP_HUB_ID = "Salesforce/blip-image-captioning-base"
+BLIP2_HUB_ID = "Salesforce/blip2-opt-2.7b"
+IMAGE_TOKEN = "<image>"  # BLIP-2's placeholder for the Q-Former's query outputs in the LM's input
 CLIP_SCORE_HUB_ID = "openai/clip-vit-large-patch14"
 KAGGLE_FIRST_PLACE = 0.66316  # private leaderboard, "Stable Diffusion - Image to Prompts"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # BLIP's and CLIP's image processors normalise with these
@@ -60,6 +64,9 @@ TINY_VISION = dict(
     image_size=TINY_IMAGE_SIZE, patch_size=8,
 )
 TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
+TINY_QFORMER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
+TINY_OPT = dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=2, word_embed_proj_dim=64)
+TINY_QUERY_TOKENS = 4
 TINY_CLIP = dict(
     text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
               max_position_embeddings=77),
@@ -138,6 +145,46 @@ def build_blip(variant: str, pretrained: bool, weights: str, corpus: Sequence[st
     return BlipForConditionalGeneration(BlipConfig(vision_config=TINY_VISION, text_config=text)), tokenizer
 
 
+def _with_image_token(tokenizer):
+    """The tokenizer with BLIP-2's image placeholder as a special token (decoding skips it)."""
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        extra = [t for t in getattr(tokenizer, "additional_special_tokens", None) or [] if t != IMAGE_TOKEN]
+        tokenizer.add_special_tokens({"additional_special_tokens": [*extra, IMAGE_TOKEN]})
+    return tokenizer
+
+
+def build_blip2(variant: str, pretrained: bool, weights: str, corpus: Sequence[str] | None = None):
+    """Blip2ForConditionalGeneration + its tokenizer.  full: hub checkpoint (fp16 on a GPU) or random OPT-2.7b
+    size; tiny: toy vision tower, Q-Former and OPT with the offline WordPiece tokenizer."""
+    from transformers import AutoTokenizer, Blip2Config, Blip2ForConditionalGeneration
+
+    _check_variant(variant, pretrained)
+    if variant == "full":
+        tokenizer = _with_image_token(AutoTokenizer.from_pretrained(weights))
+        if pretrained:
+            dtype = torch.float16 if torch.cuda.is_available() else None  # the Q-Former stays fp32 (transformers)
+            model = Blip2ForConditionalGeneration.from_pretrained(weights, dtype=dtype)
+            if model.get_input_embeddings().num_embeddings < len(tokenizer):  # a revision without "<image>"
+                model.resize_token_embeddings(len(tokenizer))
+        else:
+            model = Blip2ForConditionalGeneration(Blip2Config(text_config={"vocab_size": len(tokenizer)}))
+        model.config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        return model, tokenizer
+    tokenizer = _with_image_token(tiny_tokenizer(corpus))
+    ids = _blip_text_ids(tokenizer)
+    text = {
+        **TINY_OPT, "model_type": "opt", "vocab_size": ids["vocab_size"], "bos_token_id": ids["bos_token_id"],
+        "eos_token_id": ids["eos_token_id"], "pad_token_id": ids["pad_token_id"],
+        "max_position_embeddings": TINY_MAX_LENGTH + TINY_QUERY_TOKENS + 2,
+    }
+    qformer = {**TINY_QFORMER, "encoder_hidden_size": TINY_VISION["hidden_size"], "vocab_size": ids["vocab_size"]}
+    config = Blip2Config(
+        vision_config=TINY_VISION, qformer_config=qformer, text_config=text, num_query_tokens=TINY_QUERY_TOKENS,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+    )
+    return Blip2ForConditionalGeneration(config), tokenizer
+
+
 @dataclass(frozen=True)
 class CaptionerArch:
     """What a captioner is: its builder, where its pretrained weights live, its preprocessing."""
@@ -158,6 +205,14 @@ CAPTIONERS: MappingProxyType[str, CaptionerArch] = MappingProxyType(
             BLIP_HUB_ID,
             {"tiny": TINY_MAX_LENGTH, "full": FULL_MAX_LENGTH},
         ),
+        "blip2": CaptionerArch(
+            "blip2",
+            "BLIP-2 OPT-2.7b captioner (Blip2ForConditionalGeneration), frozen OPT, + vocabulary head on the "
+            "mean Q-Former query output",
+            build_blip2,
+            BLIP2_HUB_ID,
+            {"tiny": TINY_MAX_LENGTH, "full": FULL_MAX_LENGTH},
+        ),
     }
 )
 
@@ -174,12 +229,15 @@ def _check_variant(variant: str, pretrained: bool = False) -> None:
 
 
 class Captioner(nn.Module):
-    """A BLIP captioner, the vocabulary head on its pooled vision features, its tokenizer and preprocessing.
+    """A BLIP or BLIP-2 captioner, the vocabulary head on its pooled image features, its tokenizer and
+    preprocessing.
 
-    ``forward(pixels, input_ids, attention_mask)`` -> (token logits [B, T, V], vocab logits [B, K] or None).
-    Text goes in as BLIP was pre-trained: [DEC] in place of [CLS], then the prompt's tokens and [SEP].
-    ``generation`` holds the default decoding settings (num_beams, ...); they are saved with the checkpoint,
-    so `reverse-sd predict --generate` decodes as the run that trained it was configured to.
+    ``forward(pixels, input_ids, attention_mask)`` -> (token logits [B, T, V] over the text positions only,
+    vocab logits [B, K] or None).  Text goes in as the model was pre-trained: BOS ([DEC] for BLIP), the
+    prompt's tokens, EOS.  BLIP-2's image placeholder tokens are added here, in front of the text, and their
+    logits dropped, so the loss and the datasets are the same for both families.  ``generation`` holds the
+    default decoding settings (num_beams, ...); they are saved with the checkpoint, so `reverse-sd predict
+    --generate` decodes as the run that trained it was configured to.
     """
 
     def __init__(
@@ -192,6 +250,7 @@ class Captioner(nn.Module):
         vocab_size: int,
         max_length: int,
         generation: dict | None = None,
+        freeze_language_model: bool = False,
     ):
         super().__init__()
         self.model = model
@@ -200,41 +259,80 @@ class Captioner(nn.Module):
         self.vocab_size = int(vocab_size)
         self.max_length = int(max_length)
         self.generation = dict(generation or {"num_beams": 1})
-        vision = model.config.vision_config
-        self.image_size = int(vision.image_size)
+        config = model.config
+        self.family = "blip2" if hasattr(model, "qformer") else "blip"
+        self.image_size = int(config.vision_config.image_size)
         self.mean, self.std = CLIP_MEAN, CLIP_STD
-        self.vocab_head = nn.Linear(int(vision.hidden_size), self.vocab_size) if self.vocab_size else None
+        if self.family == "blip2":
+            self.num_query_tokens = int(config.num_query_tokens)
+            self.image_token_id = int(config.image_token_id)
+            pooled_width = int(config.qformer_config.hidden_size)
+            # BLIP-2's captioning fine-tune keeps its pre-trained LLM frozen; a random-init one (tiny) must learn
+            self.freeze_language_model = bool(freeze_language_model)
+            model.language_model.requires_grad_(not self.freeze_language_model)
+        else:
+            pooled_width = int(config.vision_config.hidden_size)
+        self.vocab_head = nn.Linear(pooled_width, self.vocab_size) if self.vocab_size else None
 
     def encode_text(self, prompts: Sequence[str], padding: str = "max_length") -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids, attention_mask) [n, max_length] with [DEC] first, truncated to max_length."""
-        enc = self.tokenizer(
-            list(prompts), padding=padding, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        ids = enc["input_ids"].clone()
-        ids[:, 0] = self.model.config.text_config.bos_token_id  # what BLIP's generate starts from
-        return ids, enc["attention_mask"]
+        """(input_ids, attention_mask) [n, max_length]: BOS, the prompt's tokens, EOS, truncated to max_length."""
+        text = self.model.config.text_config
+        if self.family == "blip":
+            enc = self.tokenizer(
+                list(prompts), padding=padding, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
+            ids = enc["input_ids"].clone()
+            ids[:, 0] = text.bos_token_id  # [DEC] in place of [CLS]: what BLIP's generate starts from
+            return ids, enc["attention_mask"]
+        pieces = self.tokenizer(list(prompts), add_special_tokens=False, truncation=True, max_length=self.max_length - 2)
+        rows = [[text.bos_token_id, *p, text.eos_token_id] for p in pieces["input_ids"]]
+        width = self.max_length if padding == "max_length" else max(map(len, rows), default=2)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        return ids, mask
+
+    def _with_image_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """BLIP-2 reads the Q-Former's outputs where its input holds num_query_tokens image placeholders."""
+        image = input_ids.new_full((input_ids.shape[0], self.num_query_tokens), self.image_token_id)
+        return torch.cat([image, input_ids], dim=1), torch.cat([torch.ones_like(image), attention_mask], dim=1)
 
     def forward(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = self.model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
-        pooled = out.image_embeds[:, 0]
-        return out.logits, (self.vocab_head(pooled) if self.vocab_head is not None else None)
+        if self.family == "blip2":
+            ids, mask = self._with_image_tokens(input_ids, attention_mask)
+            out = self.model(pixel_values=pixel_values, input_ids=ids, attention_mask=mask)
+            logits, pooled = out.logits[:, self.num_query_tokens :], out.qformer_outputs[0].mean(dim=1)
+        else:
+            out = self.model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+            logits, pooled = out.logits, out.image_embeds[:, 0]
+        return logits, (self.vocab_head(pooled.to(self.vocab_head.weight.dtype)) if self.vocab_head is not None else None)
 
     @torch.no_grad()
     def generate(self, pixel_values: torch.Tensor, max_new_tokens: int | None = None, **kwargs) -> list[str]:
         """Greedy (num_beams=1) or beam-search decoding to text; ``kwargs`` (num_beams, no_repeat_ngram_size:
         small captioners loop on "by X, by X", ...) override ``self.generation`` and go to transformers."""
         settings = {**self.generation, **{k: v for k, v in kwargs.items() if v is not None}}
-        ids = self.model.generate(
-            pixel_values=pixel_values, max_new_tokens=max_new_tokens or self.max_length, do_sample=False, **settings
-        )
+        settings.update(max_new_tokens=max_new_tokens or self.max_length, do_sample=False)
+        if self.family == "blip2":
+            bos = torch.full((pixel_values.shape[0], 1), self.model.config.text_config.bos_token_id,
+                             dtype=torch.long, device=pixel_values.device)
+            prompt, mask = self._with_image_tokens(bos, torch.ones_like(bos))
+            ids = self.model.generate(pixel_values=pixel_values, input_ids=prompt, attention_mask=mask, **settings)
+            if ids.shape[1] >= prompt.shape[1] and torch.equal(ids[:, : prompt.shape[1]], prompt):
+                ids = ids[:, prompt.shape[1] :]  # decoder-only generate returns the prompt too
+        else:
+            ids = self.model.generate(pixel_values=pixel_values, **settings)
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
     def config_dict(self) -> dict:
-        """What rebuilds this captioner without the hub: the BLIP config itself is stored."""
+        """What rebuilds this captioner without the hub: the BLIP / BLIP-2 config itself is stored."""
         return {
             "captioner": self.name,
+            "family": self.family,
             "variant": self.variant,
             "vocab_size": self.vocab_size,
             "max_length": self.max_length,
@@ -265,7 +363,8 @@ def create_captioner(
     arch = CAPTIONERS[name]
     model, tokenizer = arch.build(variant, pretrained, weights or arch.weights, corpus)
     return Captioner(
-        model, tokenizer, name=name, variant=variant, vocab_size=vocab_size, max_length=arch.max_length[variant]
+        model, tokenizer, name=name, variant=variant, vocab_size=vocab_size, max_length=arch.max_length[variant],
+        freeze_language_model=pretrained,
     )
 
 
@@ -606,7 +705,13 @@ def save_captioner(captioner: Captioner, directory: str, progress: dict | None =
 
 def load_captioner(directory: str, device: str = "cpu") -> Captioner:
     """Rebuild a saved captioner from its directory alone (no hub: the BLIP config and tokenizer are stored)."""
-    from transformers import AutoTokenizer, BlipConfig, BlipForConditionalGeneration
+    from transformers import (
+        AutoTokenizer,
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        BlipConfig,
+        BlipForConditionalGeneration,
+    )
 
     from pipeline import storage as store
     from pipeline.checkpoint import CheckpointError, latest_checkpoint, load_model_weights
@@ -621,7 +726,10 @@ def load_captioner(directory: str, device: str = "cpu") -> Captioner:
             with open(os.path.join(tmp, entry.name), "wb") as f:
                 f.write(entry.read_bytes())
         tokenizer = AutoTokenizer.from_pretrained(tmp)
-    model = BlipForConditionalGeneration(BlipConfig.from_dict(json.loads(config["blip_config"])))
+    if config.get("family", "blip") == "blip2":
+        model = Blip2ForConditionalGeneration(Blip2Config.from_dict(json.loads(config["blip_config"])))
+    else:
+        model = BlipForConditionalGeneration(BlipConfig.from_dict(json.loads(config["blip_config"])))
     captioner = Captioner(
         model,
         tokenizer,

@@ -118,6 +118,24 @@ def _env_float(name: str) -> float | None:
     return value
 
 
+def _env_captioners(default: tuple[str, ...]) -> tuple[str, ...]:
+    """REVERSE_SD_CAPTIONERS: comma-separated registered captioners (e.g. "blip,blip2"), the partitions of
+    trained_captioners; BLIP-2 is opt-in (it needs a large GPU)."""
+    raw = os.environ.get("REVERSE_SD_CAPTIONERS", "").strip()
+    if not raw:
+        return default
+    from pipeline.captioning import available_captioners
+
+    names = tuple(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
+    unknown = [n for n in names if n not in available_captioners()]
+    if unknown or not names:
+        raise SettingsError(
+            f"REVERSE_SD_CAPTIONERS={raw!r} names no registered captioner {unknown or ''}; "
+            f"use a comma-separated list of: {', '.join(available_captioners())}"
+        )
+    return names
+
+
 def profile_config(settings: Settings) -> ProfileConfig:
     if settings.is_sample:
         sample = SampleSpec(
@@ -143,7 +161,11 @@ def profile_config(settings: Settings) -> ProfileConfig:
             # The tiny random-init captioner learns in ~9 epochs (3 per curriculum stage) only at a larger
             # learning rate; greedy decoding does as well as beams at this size; the swap runs at 32 px.
             captioning=CaptionerSpec(
-                stage_epochs=3, lr=3e-3, num_beams=1, swap_prompts=4, swap_steps=3, swap_size=32
+                captioners=_env_captioners(CaptionerSpec.captioners),
+                stage_epochs=3, lr=3e-3, num_beams=1, swap_prompts=4, swap_steps=3, swap_size=32,
             ),
         )
-    return ProfileConfig(split_seed=_env_int("REVERSE_SD_SPLIT_SEED", 0, minimum=0))
+    return ProfileConfig(
+        split_seed=_env_int("REVERSE_SD_SPLIT_SEED", 0, minimum=0),
+        captioning=CaptionerSpec(captioners=_env_captioners(CaptionerSpec.captioners)),
+    )

@@ -15,6 +15,7 @@ from PIL import Image
 from pipeline.captioning import (
     CAPTIONERS,
     CaptionDataset,
+    Captioner,
     CaptionTrainConfig,
     KAGGLE_FIRST_PLACE,
     available_captioners,
@@ -69,13 +70,13 @@ def _batch(data: CaptionDataset, rows) -> tuple[torch.Tensor, ...]:
     return pixels, ids[:, :n], mask[:, :n], labels
 
 
-def _captioner(prompts, vocab_size: int = K, seed: int = 0):
+def _captioner(prompts, vocab_size: int = K, seed: int = 0, name: str = "blip"):
     torch.manual_seed(seed)
-    return create_captioner("blip", variant="tiny", vocab_size=vocab_size, corpus=prompts)
+    return create_captioner(name, variant="tiny", vocab_size=vocab_size, corpus=prompts)
 
 
 def test_registry_and_variants():
-    assert available_captioners() == ["blip"] == sorted(CAPTIONERS)
+    assert available_captioners() == ["blip", "blip2"] == sorted(CAPTIONERS)
     with pytest.raises(ValueError, match="unknown captioner"):
         create_captioner("pez")
     with pytest.raises(ValueError, match="only for variant 'full'"):
@@ -330,3 +331,80 @@ def test_full_variant_loads_like_the_hub_from_a_local_directory(pairs, tmp_path)
     loaded = load_clip_scorer("full", source=str(tmp_path / "clip"))
     assert np.allclose(loaded.text_embeddings(prompts[:2]), scorer.text_embeddings(prompts[:2]), atol=1e-6)
     assert np.allclose(loaded.image_embeddings(images[:2]), scorer.image_embeddings(images[:2]), atol=1e-6)
+
+
+# -- BLIP-2 ----------------------------------------------------------------------------------------------------
+def test_blip2_text_layout_image_tokens_and_frozen_language_model(pairs):
+    _, prompts, _ = pairs
+    captioner = _captioner(prompts, name="blip2")
+    assert captioner.family == "blip2" and captioner.num_query_tokens == 4
+    tokenizer, text = captioner.tokenizer, captioner.model.config.text_config
+    ids, mask = captioner.encode_text([RED, BLUE])
+    for row, m, prompt in zip(ids, mask, (RED, BLUE)):
+        kept = row[m.bool()].tolist()
+        assert kept[0] == text.bos_token_id and kept[-1] == text.eos_token_id
+        assert tokenizer.decode(kept, skip_special_tokens=True) == prompt
+    assert captioner.image_token_id == tokenizer.convert_tokens_to_ids("<image>")
+    assert "<image>" in tokenizer.all_special_tokens
+    # a random-init LM trains; BLIP-2's recipe for a pre-trained one freezes it, and only it
+    def trainable(c):
+        return {".".join(n.split(".")[:2]) for n, p in c.named_parameters() if p.requires_grad}
+
+    assert "model.language_model" in trainable(captioner)
+    frozen = Captioner(captioner.model, tokenizer, name="blip2", variant="tiny", vocab_size=K, max_length=48,
+                       freeze_language_model=True)
+    assert trainable(frozen) == {"model.vision_model", "model.query_tokens", "model.qformer",
+                                 "model.language_projection", "vocab_head.weight", "vocab_head.bias"}
+    captioner.model.language_model.requires_grad_(True)
+    pixels, ids, mask, labels = _batch(CaptionDataset(pairs[0], prompts, pairs[2], captioner), (0, 4, 5))
+    token_logits, vocab_logits = captioner(pixels, ids, mask)
+    assert token_logits.shape == (3, ids.shape[1], len(tokenizer))  # text positions only, image tokens dropped
+    assert vocab_logits.shape == (3, K)
+    # the text logits are the language model's at the positions after the image placeholders
+    full_ids, full_mask = captioner._with_image_tokens(ids, mask)
+    assert (full_ids[:, :4] == captioner.image_token_id).all() and torch.equal(full_ids[:, 4:], ids)
+    captioner.eval()  # no dropout: the two forward passes must agree
+    with torch.no_grad():
+        raw = captioner.model(pixel_values=pixels, input_ids=full_ids, attention_mask=full_mask).logits
+        assert torch.allclose(raw[:, 4:], captioner(pixels, ids, mask)[0])
+
+
+def test_blip2_learns_the_prompts_saves_and_loads(pairs, tmp_path):
+    images, prompts, labels = pairs
+    captioner = _captioner(prompts, name="blip2")
+    data = CaptionDataset(images, prompts, labels, captioner)
+    before = evaluate_lm(captioner, data)
+    config = CaptionTrainConfig(epochs=12, batch_size=4, lr=3e-3, warmup_fraction=0.0, lambda_vocab=1.0, device="cpu")
+    history = train_captioner(captioner, data, config, val_set=data)
+    assert evaluate_lm(captioner, data) < 0.5 * before and history[-1]["train_bce"] < history[0]["train_bce"]
+    generated = generate_prompts(captioner, images, batch_size=4, device="cpu")
+    assert generated == prompts  # conditioned on the image alone
+    save_captioner(captioner, str(tmp_path / "blip2"), progress={"history": history})
+    loaded = load_captioner(str(tmp_path / "blip2"))
+    assert loaded.family == "blip2" and generate_prompts(loaded, images[:3], device="cpu") == generated[:3]
+    pixels, ids, mask, _ = _batch(data, (1, 6))
+    captioner.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(pixels, ids, mask)[0], captioner(pixels, ids, mask)[0])
+    # with the LM frozen (the pre-trained recipe) training leaves it exactly as it was
+    frozen = Captioner(loaded.model, loaded.tokenizer, name="blip2", variant="tiny", vocab_size=K, max_length=48,
+                       freeze_language_model=True)
+    frozen.vocab_head = loaded.vocab_head
+    language_model = {k: v.clone() for k, v in frozen.model.language_model.state_dict().items()}
+    qformer = {k: v.clone() for k, v in frozen.model.qformer.state_dict().items()}
+    train_captioner(frozen, CaptionDataset(images, prompts, labels, frozen), CaptionTrainConfig(epochs=1, batch_size=4, device="cpu"))
+    assert all(torch.equal(v, language_model[k]) for k, v in frozen.model.language_model.state_dict().items())
+    assert any(not torch.equal(v, qformer[k]) for k, v in frozen.model.qformer.state_dict().items())
+
+
+def test_blip2_full_variant_loads_like_the_hub_from_a_local_directory(pairs, tmp_path):
+    images, prompts, _ = pairs
+    tiny = _captioner(prompts, name="blip2").eval()
+    tiny.model.save_pretrained(tmp_path / "blip2")
+    tiny.tokenizer.save_pretrained(tmp_path / "blip2")
+    full = create_captioner("blip2", variant="full", pretrained=True, weights=str(tmp_path / "blip2"), vocab_size=K)
+    assert full.variant == "full" and full.max_length == 77 and full.image_token_id == tiny.image_token_id
+    full.vocab_head.load_state_dict(tiny.vocab_head.state_dict())
+    pixels, ids, mask, _ = _batch(CaptionDataset(images, prompts, None, tiny), (0, 4))
+    with torch.no_grad():
+        assert torch.allclose(full(pixels, ids, mask)[0], tiny(pixels, ids, mask)[0])

@@ -37,3 +37,20 @@ def test_code_versions_follow_config():
 
     assert code_version("filtered_pairs", ratios=(80, 10, 10)) != code_version("filtered_pairs", ratios=(670, 30, 30))
     assert code_version("filtered_pairs", ratios=(80, 10, 10)) == code_version("filtered_pairs", ratios=(80, 10, 10))
+
+
+def test_captioners_setting_chooses_the_captioner_partitions():
+    """REVERSE_SD_CAPTIONERS (BLIP-2 is opt-in) decides the partitions of the generation assets."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "from assets.generation import trained_captioners as a; print(','.join(a.partitions_def.get_partition_keys()))"
+    env = {**os.environ, "REVERSE_SD_CAPTIONERS": "blip2,blip", "REVERSE_SD_PROFILE": "sample"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "blip2,blip"
+    from assets.generation import trained_captioners
+
+    assert trained_captioners.partitions_def.get_partition_keys() == ["blip"]  # the default

@@ -81,6 +81,7 @@ def _cases(tmp: Path) -> dict[str, tuple[dict[str, str], list[str], list[str]]]:
         ),
         "unwritable Dagster instance": ({"DAGSTER_HOME": str(tmp / "a_file" / "dh")}, ["materialize"], ["DAGSTER_HOME"]),
         "sample size not a number": ({"REVERSE_SD_SAMPLE_PARTS": "two"}, ["materialize"], ["REVERSE_SD_SAMPLE_PARTS"]),
+        "unknown captioner": ({"REVERSE_SD_CAPTIONERS": "blip, pez"}, ["materialize"], ["REVERSE_SD_CAPTIONERS", "pez", "blip2"]),
         "unknown asset": ({}, ["materialize", "--select", "nosuch_asset+"], ["--select", "nosuch_asset"]),
         "unknown backbone": ({}, ["predict", image, "--model", "nosuch"], ["--model", "'nosuch'", "vit"]),
         "wrong embedding size in a checkpoint": (
@@ -140,6 +141,7 @@ CASE_NAMES = [
     "unwritable storage root",
     "unwritable Dagster instance",
     "sample size not a number",
+    "unknown captioner",
     "unknown asset",
     "unknown backbone",
     "wrong embedding size in a checkpoint",

@@ -313,18 +313,26 @@ def test_report_rows():
     ]
 
 
-def test_full_variant_loads_like_the_hub_from_a_local_directory(pairs, tmp_path):
-    """The hub path (from_pretrained of model, tokenizer and CLIP) run offline on save_pretrained directories."""
+def _full_from_saved_tiny(name: str, pairs, tmp_path):
+    """The hub path (from_pretrained of model and tokenizer) run offline on a save_pretrained directory of the
+    tiny twin: the "full" captioner built from it gives the same logits."""
     images, prompts, _ = pairs
-    tiny = _captioner(prompts).eval()
-    tiny.model.save_pretrained(tmp_path / "blip")
-    tiny.tokenizer.save_pretrained(tmp_path / "blip")
-    full = create_captioner("blip", variant="full", pretrained=True, weights=str(tmp_path / "blip"), vocab_size=K)
+    tiny = _captioner(prompts, name=name).eval()
+    tiny.model.save_pretrained(tmp_path / name)
+    tiny.tokenizer.save_pretrained(tmp_path / name)
+    full = create_captioner(name, variant="full", pretrained=True, weights=str(tmp_path / name), vocab_size=K)
     assert full.variant == "full" and full.max_length == 77 and full.image_size == tiny.image_size
     full.vocab_head.load_state_dict(tiny.vocab_head.state_dict())
     pixels, ids, mask, _ = _batch(CaptionDataset(images, prompts, None, tiny), (0, 4))
     with torch.no_grad():
         assert torch.allclose(full(pixels, ids, mask)[0], tiny(pixels, ids, mask)[0])
+    return tiny, full
+
+
+def test_full_variant_loads_like_the_hub_from_a_local_directory(pairs, tmp_path):
+    """The hub path (from_pretrained of model, tokenizer and CLIP) run offline on save_pretrained directories."""
+    images, prompts, _ = pairs
+    _full_from_saved_tiny("blip", pairs, tmp_path)
     scorer = load_clip_scorer("tiny", seed=3)
     scorer.model.save_pretrained(tmp_path / "clip")
     scorer.tokenizer.save_pretrained(tmp_path / "clip")
@@ -398,13 +406,6 @@ def test_blip2_learns_the_prompts_saves_and_loads(pairs, tmp_path):
 
 
 def test_blip2_full_variant_loads_like_the_hub_from_a_local_directory(pairs, tmp_path):
-    images, prompts, _ = pairs
-    tiny = _captioner(prompts, name="blip2").eval()
-    tiny.model.save_pretrained(tmp_path / "blip2")
-    tiny.tokenizer.save_pretrained(tmp_path / "blip2")
-    full = create_captioner("blip2", variant="full", pretrained=True, weights=str(tmp_path / "blip2"), vocab_size=K)
-    assert full.variant == "full" and full.max_length == 77 and full.image_token_id == tiny.image_token_id
-    full.vocab_head.load_state_dict(tiny.vocab_head.state_dict())
-    pixels, ids, mask, _ = _batch(CaptionDataset(images, prompts, None, tiny), (0, 4))
-    with torch.no_grad():
-        assert torch.allclose(full(pixels, ids, mask)[0], tiny(pixels, ids, mask)[0])
+    tiny, full = _full_from_saved_tiny("blip2", pairs, tmp_path)
+    assert full.image_token_id == tiny.image_token_id
+    assert full.freeze_language_model and not any(p.requires_grad for p in full.model.language_model.parameters())

@@ -182,3 +182,33 @@ def test_predict_without_models_names_the_asset(tmp_path):
     result = _run_cli(["predict", str(image_dir)], env, timeout=300)
     assert result.returncode == 2
     assert "prompt_bank" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_predict_reads_trained_models_from_an_object_store_root(sample_run, tmp_path):
+    """A storage root on an object store (memory:// here, s3:// in a deployment) serves `reverse-sd predict`
+    as a local one does: the same method, the same embeddings and generated prompts for the same images."""
+    import uuid
+
+    import fsspec
+    import numpy as np
+
+    from pipeline.predictor import PromptPredictor
+
+    home, _, _ = sample_run
+    fs, bucket = fsspec.filesystem("memory"), f"/predict-{uuid.uuid4().hex}/home"
+    skip = {"diffusiondb_parts", "sample_mirror", "image_cache", "downloads"}  # inputs of training, not of predict
+    try:
+        for entry in home.iterdir():
+            if entry.name not in skip:
+                fs.put(str(entry), f"{bucket}/{entry.name}", recursive=entry.is_dir())
+        images = _sample_images(home, tmp_path / "imgs", n=2)
+        local = PromptPredictor(str(home), device="cpu", captioner="auto")
+        remote = PromptPredictor(f"memory:/{bucket}", device="cpu", captioner="auto")
+        assert remote.method == local.method == "ensemble+dakl"
+        got = list(remote.predict_files(images, generate=True))
+        want = list(local.predict_files(images, generate=True))
+        for (_, e_remote, err, g_remote), (_, e_local, _, g_local) in zip(got, want):
+            assert err is None and g_remote == g_local
+            assert np.allclose(e_remote, e_local, atol=1e-6)
+    finally:
+        fs.rm(bucket.rsplit("/", 1)[0], recursive=True)

@@ -112,7 +112,8 @@ def _backbone_difficulty(storage: StorageResource, image_ids: list[str]) -> tupl
     kinds={"pytorch", "safetensors"},
     pool="gpu",
     code_version=code_version("trained_captioners", **TRAIN_SETTINGS),
-    description="A captioner (BLIP, or BLIP-2 via REVERSE_SD_CAPTIONERS) fine-tuned to write the prompt: LM loss + lambda * BCE of a vocabulary head "
+    description="A captioner (BLIP, or BLIP-2 via REVERSE_SD_CAPTIONERS) fine-tuned to write the prompt: "
+    "LM loss + lambda * BCE of a vocabulary head "
     "on the pooled vision features, curriculum easy, easy+medium, all, all.",
 )
 def trained_captioners(

@@ -20,8 +20,9 @@ tokenizes every training prompt identically with the reduced vocabulary.
 "blip2" is BLIP-2 (Blip2ForConditionalGeneration, Salesforce/blip2-opt-2.7b, ~3.9B parameters) for where
 memory allows: the pre-trained OPT language model is frozen (loaded in fp16 on a GPU) and the image encoder,
 Q-Former, projection and vocabulary head (on the mean Q-Former query output) are fine-tuned, BLIP-2's own
-captioning recipe; a random-init OPT (the tiny twin) trains too, as a frozen random LM could not learn.  The captioner inserts the image placeholder tokens the BLIP-2 processor would; its tiny twin is the
-same classes with a toy OPT and the offline WordPiece tokenizer plus "<image>".
+captioning recipe; a random-init OPT (the tiny twin) trains too, as a frozen random LM could not learn.
+The captioner inserts the image placeholder tokens the BLIP-2 processor would; its tiny twin is the same
+classes with a toy OPT and the offline WordPiece tokenizer plus "<image>".
 
 Scores: ``sbert_cosines`` (the Kaggle metric: cosine of all-MiniLM-L6-v2 embeddings of generated vs true
 prompt; first place 0.66316) and ``ref_clip_s`` (RefCLIPScore, Hessel et al. 2021).
@@ -284,7 +285,9 @@ class Captioner(nn.Module):
             ids = enc["input_ids"].clone()
             ids[:, 0] = text.bos_token_id  # [DEC] in place of [CLS]: what BLIP's generate starts from
             return ids, enc["attention_mask"]
-        pieces = self.tokenizer(list(prompts), add_special_tokens=False, truncation=True, max_length=self.max_length - 2)
+        pieces = self.tokenizer(
+            list(prompts), add_special_tokens=False, truncation=True, max_length=self.max_length - 2
+        )
         rows = [[text.bos_token_id, *p, text.eos_token_id] for p in pieces["input_ids"]]
         width = self.max_length if padding == "max_length" else max(map(len, rows), default=2)
         ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -309,7 +312,9 @@ class Captioner(nn.Module):
         else:
             out = self.model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
             logits, pooled = out.logits, out.image_embeds[:, 0]
-        return logits, (self.vocab_head(pooled.to(self.vocab_head.weight.dtype)) if self.vocab_head is not None else None)
+        if self.vocab_head is None:
+            return logits, None
+        return logits, self.vocab_head(pooled.to(self.vocab_head.weight.dtype))
 
     @torch.no_grad()
     def generate(self, pixel_values: torch.Tensor, max_new_tokens: int | None = None, **kwargs) -> list[str]:
@@ -478,13 +483,16 @@ class CaptionTrainConfig:
         return {k: v for k, v in asdict(self).items() if k not in ("device", "num_workers")}
 
 
-def _caption_run_fingerprint(captioner: Captioner, train_set: CaptionDataset, config: CaptionTrainConfig, stages) -> str:
+def _caption_run_fingerprint(
+    captioner: Captioner, train_set: CaptionDataset, config: CaptionTrainConfig, stages
+) -> str:
     """What decides the fine-tuned weights: settings, captioner config, training prompts' tokens, stages."""
     import hashlib
 
     from pipeline.checkpoint import model_config
 
-    digest = hashlib.sha256(json.dumps([config.result_dict(), model_config(captioner)], sort_keys=True, default=str).encode())
+    settings = json.dumps([config.result_dict(), model_config(captioner)], sort_keys=True, default=str)
+    digest = hashlib.sha256(settings.encode())
     digest.update(train_set.input_ids.cpu().numpy().tobytes())
     for stage in stages:
         digest.update(np.asarray(stage, dtype=np.int64).tobytes() + b"|")
@@ -538,7 +546,9 @@ def train_captioner(
     latest = latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
     if latest is not None:
         if read_state(latest)["progress"].get("fingerprint") == fingerprint:
-            state = load_checkpoint(latest, captioner, optimizer, scheduler, restore_rng=False, expected_embedding_dim=None)
+            state = load_checkpoint(
+                latest, captioner, optimizer, scheduler, restore_rng=False, expected_embedding_dim=None
+            )
             history, done = list(state["progress"]["history"]), int(state["progress"]["done"])
         else:  # another run's progress (other settings, data or stages): start over
             remove_checkpoints(checkpoint_dir)

@@ -123,5 +123,6 @@ def fingerprint(path: PathLike) -> str:
         st = p.stat()
         return f"{st.st_size}:{st.st_mtime_ns}"
     info = p.fs.info(p.path)
-    stamp = next((info[k] for k in ("ETag", "etag", "md5", "mtime", "LastModified", "last_modified", "created") if info.get(k)), "")
+    keys = ("ETag", "etag", "md5", "mtime", "LastModified", "last_modified", "created")
+    stamp = next((info[k] for k in keys if info.get(k)), "")
     return f"{info.get('size', '')}:{stamp}"

@@ -59,7 +59,9 @@ def load_split(
     images, found = images_for(rows.select("image_id", "part"), split)
     if len(found) != rows.height:
         rows = rows.join(pl.DataFrame({"image_id": found}, schema={"image_id": pl.String}), on="image_id", how="semi")
-    targets = rows["embedding"].to_numpy().astype(np.float32, copy=False) if rows.height else np.zeros((0, 384), np.float32)
+    targets = (
+        rows["embedding"].to_numpy().astype(np.float32, copy=False) if rows.height else np.zeros((0, 384), np.float32)
+    )
     labels = (
         [np.asarray(x if x is not None else [], dtype=np.int64) for x in rows["label_indices"].to_list()]
         if "label_indices" in rows.columns

@@ -229,3 +229,20 @@ def test_torchrun_note_names_a_real_entry_point():
     readme = (DEPLOY / "README.md").read_text()
     assert "torchrun --nproc_per_node" in readme and "-m pipeline.ddp_train" in readme
     assert importlib.util.find_spec("pipeline.ddp_train") is not None
+
+
+@pytest.mark.parametrize("name", EXECUTORS)
+def test_every_step_shares_the_image_cache_volume(name):
+    """Step pods find each split's memory-mapped image file on one shared volume (XDG_CACHE_HOME), the data
+    steps, the one-GPU steps and the multi-GPU step alike, next to the step's own mounts."""
+    pytest.importorskip("dagster_k8s", reason="dagster-k8s is not installed: pip install -e '.[deploy]'")
+    for op in [None, *_executor_config(name)["per_step_k8s_config"]]:
+        spec = _step_job(op, name).spec.template.spec
+        container = spec.containers[0]
+        env = {e.name: e.value for e in container.env or []}
+        mounts = {m.name: m.mount_path for m in container.volume_mounts or []}
+        assert mounts.get("image-cache") == env.get("XDG_CACHE_HOME") == "/cache", (op, mounts, env)
+        claims = {v.name: v.persistent_volume_claim.claim_name for v in spec.volumes or [] if v.persistent_volume_claim}
+        assert claims == {"image-cache": "reverse-sd-cache"}, op
+    multi = _step_job("trained_models", "executor-multi-gpu.yaml").spec.template.spec
+    assert {"dshm", "image-cache"} <= {v.name for v in multi.volumes}

@@ -242,6 +242,7 @@ def _knn_baseline(storage: StorageResource, compute: ComputeResource) -> tuple[f
     ],
     group_name=EVAL_GROUP,
     kinds={"markdown", "html"},
+    pool="gpu",  # the k-NN baseline runs the clip backbone over the train and test images
     code_version=code_version("evaluation_report"),
     description="The paper's Table 1 on this data (mean cosine on test), baselines and plots; "
     "reports/evaluation.{md,html,json} under the storage root.",

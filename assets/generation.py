@@ -206,6 +206,7 @@ def _targets(storage: StorageResource) -> pl.DataFrame:
     deps=[trained_captioners, filtered_pairs, prompt_embeddings],
     group_name=GEN_GROUP,
     kinds={"pytorch", "parquet"},
+    pool="gpu",  # beam search of the captioner over the test images
     code_version=code_version("caption_predictions", **DECODE_SETTINGS),
     check_specs=[dg.AssetCheckSpec("generated_prompt_per_test_image", asset="caption_predictions")],
     description="Generated prompts for the test split with their SBERT cosine to the true prompt (the Kaggle "

@@ -286,6 +286,7 @@ def _train_with_torchrun(context, pipes, compute, model_kwargs, train, val, conf
     deps=[dg.AssetDep(trained_models)],
     group_name=TRAIN_GROUP,
     kinds={"pytorch", "parquet"},
+    pool="gpu",  # a full backbone over every pair: at DiffusionDB scale this is GPU work
     code_version=code_version("model_predictions"),
     description="Predicted embeddings of a trained model for every train / val / test pair.",
 )

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.data import StageSampler, decode_image, epoch_seed, make_loader
+from pipeline.data import LabelLists, StageSampler, decode_image, epoch_seed, make_loader, multi_hot
 
 VARIANTS = ("tiny", "full")
 BLIP_HUB_ID = "Salesforce/blip-image-captioning-base"
@@ -429,7 +429,9 @@ class CaptionDataset(torch.utils.data.Dataset):
         self.images = images.to_list() if hasattr(images, "to_list") else images
         self.input_ids, self.attention_mask = captioner.encode_text(prompts)
         self.k = captioner.vocab_size
-        self.labels = labels if (labels is not None and self.k) else None
+        self.labels = LabelLists(labels) if (labels is not None and self.k) else None
+        if self.labels is not None:
+            self.labels.check_range(self.k)
         self.size, self.mean, self.std = captioner.image_size, captioner.mean, captioner.std
         self.pixels = None
         if len(self.images) * 3 * self.size**2 * 4 <= PRELOAD_BYTES:
@@ -447,12 +449,7 @@ class CaptionDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         index = int(index)
         pixels = self.pixels[index] if self.pixels is not None else self._decode(index)
-        labels = torch.zeros(self.k if self.labels is not None else 0, dtype=torch.float32)
-        if self.labels is not None:
-            idx = np.asarray(self.labels[index] if self.labels[index] is not None else [], dtype=np.int64)
-            if idx.size and (idx.min() < 0 or idx.max() >= self.k):
-                raise ValueError(f"row {index}: label index out of range [0, {self.k})")
-            labels[torch.from_numpy(idx)] = 1.0
+        labels = multi_hot(self.labels, index, self.k)
         return pixels, self.input_ids[index], self.attention_mask[index], labels, index
 
 

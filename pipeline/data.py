@@ -35,6 +35,48 @@ def _as_byte_sequence(images) -> Sequence:
     return list(images)
 
 
+class LabelLists(Sequence):
+    """Per-row vocabulary index lists as two flat arrays (values and row offsets, like CSR).
+
+    A Python list of 730k small arrays is 730k objects whose reference counts every forked DataLoader
+    worker touches, copying their pages one by one; two numpy arrays are two objects.  Rows read back as
+    int64 arrays; None or an empty list is an empty row.
+    """
+
+    def __init__(self, rows: Sequence) -> None:
+        if isinstance(rows, LabelLists):
+            self.values, self.offsets = rows.values, rows.offsets
+            return
+        arrays = [np.asarray(r if r is not None else [], dtype=np.int64).ravel() for r in rows]
+        self.offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+        np.cumsum([a.size for a in arrays], out=self.offsets[1:])
+        self.values = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        index = range(len(self))[index]  # negative indices and bounds, as a list has them
+        return self.values[self.offsets[index] : self.offsets[index + 1]]
+
+    def check_range(self, size: int) -> None:
+        """ValueError naming the first row with an index outside [0, size)."""
+        bad = np.flatnonzero((self.values < 0) | (self.values >= size))
+        if bad.size:
+            row = int(np.searchsorted(self.offsets, bad[0], side="right")) - 1
+            raise ValueError(f"row {row}: label index out of range [0, {size})")
+
+
+def multi_hot(labels: LabelLists | None, index: int, size: int) -> torch.Tensor:
+    """Row ``index`` of ``labels`` as a float multi-hot vector of ``size`` (shape [0] without labels)."""
+    out = torch.zeros(size if labels is not None else 0, dtype=torch.float32)
+    if labels is not None:
+        idx = labels[index]
+        if idx.size:
+            out[torch.from_numpy(idx)] = 1.0
+    return out
+
+
 def decode_image(data: bytes, image_size: int | tuple[int, int], mean, std) -> torch.Tensor:
     """Encoded image -> normalised float tensor [3, H, W] in the backbone's preprocessing."""
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
@@ -77,8 +119,10 @@ class PairDataset(Dataset):
             raise ValueError(f"targets must be (n={n}, d), got {self.targets.shape}")
         if labels is not None and len(labels) != n:
             raise ValueError(f"{len(labels)} label lists for {n} images")
-        self.labels = labels if (labels is not None and vocab_size > 0) else None
+        self.labels = LabelLists(labels) if (labels is not None and vocab_size > 0) else None
         self.vocab_size = int(vocab_size) if self.labels is not None else 0
+        if self.labels is not None:
+            self.labels.check_range(self.vocab_size)
         if context is not None:
             context = np.asarray(context, dtype=np.float32)
             if context.shape[0] != n:
@@ -116,15 +160,7 @@ class PairDataset(Dataset):
         except Exception as exc:  # name the offending row; a silent skip would misalign the indices
             raise ValueError(f"cannot decode image at row {index}: {exc}") from exc
         target = torch.tensor(self.targets[index])  # a copy: the table may be a read-only Arrow buffer
-        if self.labels is not None:
-            labels = torch.zeros(self.vocab_size, dtype=torch.float32)
-            idx = np.asarray(self.labels[index] if self.labels[index] is not None else [], dtype=np.int64)
-            if idx.size:
-                if idx.min() < 0 or idx.max() >= self.vocab_size:
-                    raise ValueError(f"row {index}: label index out of range [0, {self.vocab_size})")
-                labels[torch.from_numpy(idx)] = 1.0
-        else:
-            labels = torch.zeros(0, dtype=torch.float32)
+        labels = multi_hot(self.labels, index, self.vocab_size)
         if self.context is not None:
             return pixels, target, labels, index, torch.from_numpy(self.context[index])
         return pixels, target, labels, index

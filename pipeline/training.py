@@ -240,8 +240,9 @@ def init_heads_from_targets(model: torch.nn.Module, train_set) -> None:
     frequency = None
     labels, vocab_size = getattr(train_set, "labels", None), getattr(heads, "vocab_size", 0)
     if labels is not None and vocab_size:
-        flat = [np.asarray(x, dtype=np.int64) for x in labels if x is not None and len(x)]
-        counts = np.bincount(np.concatenate(flat), minlength=vocab_size)[:vocab_size] if flat else np.zeros(vocab_size)
+        from pipeline.data import LabelLists
+
+        counts = np.bincount(LabelLists(labels).values, minlength=vocab_size)[:vocab_size]
         frequency = torch.from_numpy(counts / len(targets))
     heads.init_from_targets(mean, frequency)
 

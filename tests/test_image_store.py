@@ -155,3 +155,22 @@ def test_a_file_swept_by_a_concurrent_run_before_it_is_opened_is_rebuilt(tmp_pat
     monkeypatch.setattr(store, "write_image_file", write_then_swept)
     column, found = split_images(_rows(["a1", "b2"]), PartReader(), lambda p: "v", tmp_path, "train")
     assert len(builds) == 2 and found == ["a1", "b2"] and column[1] == PARTS["part-000002"]["b2"]
+
+
+def test_label_lists_are_two_arrays_that_read_back_as_the_rows():
+    from pipeline.data import LabelLists, multi_hot
+
+    rows = [np.array([3, 1]), None, [], np.array([0]), [2, 2, 4]]
+    labels = LabelLists(rows)
+    assert len(labels) == 5 and labels.values.tolist() == [3, 1, 0, 2, 2, 4]
+    assert [labels[i].tolist() for i in range(5)] == [[3, 1], [], [], [0], [2, 2, 4]]
+    assert labels[-1].tolist() == [2, 2, 4] and LabelLists(labels) is not labels
+    with pytest.raises(IndexError):
+        labels[5]
+    assert multi_hot(labels, 0, 5).tolist() == [0, 1, 0, 1, 0] and multi_hot(None, 0, 5).shape == (0,)
+    labels.check_range(5)
+    with pytest.raises(ValueError, match="row 4: label index out of range"):
+        labels.check_range(4)
+    # a dataset refuses out-of-range labels when it is built, naming the row
+    with pytest.raises(ValueError, match="row 4"):
+        PairDataset([b""] * 5, np.zeros((5, 4), np.float32), rows, image_size=8, vocab_size=4)

@@ -149,9 +149,12 @@ def split_images(
         try:
             column = ImageColumn(path)
             break
-        except FileNotFoundError:  # a concurrent run with newer parts swept it between write and open
+        except (OSError, pa.ArrowInvalid):
+            # Swept by a concurrent run with newer parts between write and open, or damaged on disk since
+            # (the cache is only ever renamed into place whole): build it again, once.
             if attempt:
                 raise
+            path.unlink(missing_ok=True)
     file_rows = pl.DataFrame({"image_id": column.file_image_ids}).with_row_index("file_row")
     wanted = rows.select("image_id").with_row_index("position").join(file_rows, on="image_id", how="inner")
     wanted = wanted.sort("position")

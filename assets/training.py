@@ -13,7 +13,14 @@ from assets.common import OBSERVE_CRON, PROFILE_CONFIG, code_version, markdown_t
 from assets.data import filtered_pairs, prompt_embeddings, vocabulary, vocabulary_labels
 from assets.plots import histogram_png, line_plot_png, md_image
 from pipeline.evaluation import mean_cosine
-from pipeline.training_data import SplitData, embedding_series, join_pairs, load_split, mean_embedding_baseline
+from pipeline.training_data import (
+    SplitData,
+    embedding_series,
+    join_pairs,
+    load_split,
+    mean_embedding_baseline,
+    split_rows,
+)
 from resources import ComputeResource, StorageResource
 from resources.settings import PROJECT_DIR
 
@@ -51,36 +58,30 @@ def training_settings() -> dg.DataVersionsByPartition:
 _BY_BACKBONE = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="backbone")
 
 
-def split_image_source(storage: StorageResource):
-    """images_for(rows, split) for load_split: the split's images as a memory-mapped file under the storage
-    root's local cache (pipeline.image_store), built part by part on first use and reused while the parts
-    and the split are unchanged."""
-    from pipeline.image_store import split_images
-
-    def read_part(part: str, ids: list[str]) -> pl.DataFrame:
-        images = storage.read_table("diffusiondb_parts", part, columns=["image_id", "image"])
-        return images.filter(pl.col("image_id").is_in(ids))
-
-    def images_for(rows: pl.DataFrame, split: str):
-        return split_images(
-            rows,
-            read_part,
-            lambda part: storage.fingerprint("diffusiondb_parts", part),
-            storage.local_dir("image_cache"),
-            split,
-        )
-
-    return images_for
-
-
 def load_splits(storage: StorageResource, splits=("train", "val", "test")) -> dict[str, SplitData]:
+    """The pairs of ``splits`` with their images: each split's images a memory-mapped file under the storage
+    root's local cache (pipeline.image_store), the missing ones built together in one pass over the parts
+    and reused while the parts and the splits are unchanged."""
+    from pipeline.image_store import split_images_many
+
     joined = join_pairs(
         storage.read_table("filtered_pairs"),
         storage.read_table("prompt_embeddings"),
         storage.read_table("vocabulary_labels"),
     )
-    images_for = split_image_source(storage)
-    return {s: load_split(joined, s, images_for) for s in splits}
+    rows = {s: split_rows(joined, s) for s in splits}
+
+    def read_part(part: str, ids: list[str]) -> pl.DataFrame:
+        images = storage.read_table("diffusiondb_parts", part, columns=["image_id", "image"])
+        return images.filter(pl.col("image_id").is_in(ids))
+
+    images = split_images_many(
+        {s: r.select("image_id", "part") for s, r in rows.items()},
+        read_part,
+        lambda part: storage.fingerprint("diffusiondb_parts", part),
+        storage.local_dir("image_cache"),
+    )
+    return {s: load_split(rows[s], *images[s]) for s in splits}
 
 
 def _vocab_size(storage: StorageResource) -> int:

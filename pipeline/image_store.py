@@ -17,6 +17,7 @@ nothing a reader could pick up; older files of the same split are removed once a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import uuid
@@ -86,31 +87,52 @@ class ImageColumn(Sequence):
         return f"ImageColumn({self.path!r}, {len(self)} images)"
 
 
+def write_image_files(
+    files: dict[Path, pl.DataFrame], read_part: Callable[[str, list[str]], pl.DataFrame]
+) -> dict[Path, int]:
+    """Write each file's images (its rows: image_id, part) to an Arrow IPC file, all in one pass over the parts.
+
+    ``read_part(part, image_ids)`` returns (image_id, image) for the ids it has; it is called once per
+    part with every id any file wants from it, so each part is read once and memory holds one part's
+    images at a time.  Ids a part does not have are left out (callers join on what a file holds).  Every
+    file is written to a temporary name and renamed once all are complete; on failure none is left.
+    Returns the number of images written per file.
+    """
+    paths = list(files)
+    wanted = pl.concat(
+        [rows.select("image_id", "part").with_columns(file=pl.lit(i, pl.Int32)) for i, rows in enumerate(files.values())]
+    ).sort("part", maintain_order=True)
+    tmps = [path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp") for path in paths]
+    written = dict.fromkeys(paths, 0)
+    try:
+        with contextlib.ExitStack() as stack:
+            writers = []
+            for path, tmp in zip(paths, tmps):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                sink = stack.enter_context(pa.OSFile(str(tmp), "wb"))
+                writers.append(stack.enter_context(pa.ipc.new_file(sink, SCHEMA)))
+            for (part,), group in wanted.group_by("part", maintain_order=True):
+                images = read_part(part, group["image_id"].unique(maintain_order=True).to_list())
+                images = images.select("image_id", "image")
+                for (i,), ids in group.group_by("file", maintain_order=True):
+                    table = images.filter(pl.col("image_id").is_in(ids["image_id"].implode())).to_arrow()
+                    if table.num_rows:
+                        writers[i].write_table(table.cast(SCHEMA))
+                        written[paths[i]] += table.num_rows
+        for path, tmp in zip(paths, tmps):
+            os.replace(tmp, path)
+    finally:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+    return written
+
+
 def write_image_file(
     rows: pl.DataFrame, read_part: Callable[[str, list[str]], pl.DataFrame], path: str | os.PathLike
 ) -> int:
-    """Write the images of ``rows`` (columns image_id, part) to an Arrow IPC file at ``path``, atomically.
-
-    ``read_part(part, image_ids)`` returns (image_id, image) for the ids it has; it is called once per
-    part, so memory holds one part's images at a time.  Ids a part does not have are left out (the
-    caller joins on what the file holds).  Returns the number of images written.
-    """
+    """write_image_files for one file: the images of ``rows`` (image_id, part) at ``path``, atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    written = 0
-    try:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
-            for (part,), group in rows.group_by("part", maintain_order=True):
-                images = read_part(part, group["image_id"].to_list())
-                if images.height:
-                    table = images.select("image_id", "image").to_arrow().cast(SCHEMA)
-                    writer.write_table(table)
-                    written += table.num_rows
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return written
+    return write_image_files({path: rows}, read_part)[path]
 
 
 def cache_key(rows: pl.DataFrame, part_fingerprints: dict[str, str]) -> str:
@@ -123,6 +145,58 @@ def cache_key(rows: pl.DataFrame, part_fingerprints: dict[str, str]) -> str:
     return digest.hexdigest()
 
 
+def split_images_many(
+    requests: dict[str, pl.DataFrame],
+    read_part: Callable[[str, list[str]], pl.DataFrame],
+    part_fingerprint: Callable[[str], str],
+    cache_dir: str | os.PathLike,
+) -> dict[str, tuple[ImageColumn, list[str]]]:
+    """For each name (e.g. a split), the images of its rows (image_id, part) as an ImageColumn in the rows'
+    order, with the image ids it holds (ids whose part has no such image are left out of both).
+
+    Files are cached under ``cache_dir`` as ``<name>-<key>.arrow``; the missing ones are built together in
+    one pass over the parts, and older files of a rebuilt name are removed.
+    """
+    cache_dir = Path(cache_dir)
+    ordered = {n: rows.select("image_id", "part").sort("part", "image_id", maintain_order=True) for n, rows in requests.items()}
+    used = {n: rows["part"].unique().to_list() for n, rows in ordered.items()}
+    fingerprints = {part: part_fingerprint(part) for parts in used.values() for part in parts}
+    paths = {
+        n: cache_dir / f"{n}-{cache_key(rows, {p: fingerprints[p] for p in used[n]})}.arrow"
+        for n, rows in ordered.items()
+    }
+    columns: dict[str, ImageColumn] = {}
+    for attempt in range(2):
+        missing = {paths[n]: ordered[n] for n in requests if n not in columns and not paths[n].exists()}
+        if missing:
+            write_image_files(missing, read_part)
+            for n in requests:
+                if paths[n] in missing:
+                    for old in cache_dir.glob(f"{n}-*.arrow"):
+                        if old != paths[n]:
+                            old.unlink(missing_ok=True)
+        for n in requests:
+            if n in columns:
+                continue
+            try:
+                columns[n] = ImageColumn(paths[n])
+            except (OSError, pa.ArrowInvalid):
+                # Swept by a concurrent run with newer parts between write and open, or damaged on disk
+                # since (the cache is only ever renamed into place whole): build it again, once.
+                if attempt:
+                    raise
+                paths[n].unlink(missing_ok=True)
+        if len(columns) == len(requests):
+            break
+    out = {}
+    for n, rows in requests.items():
+        file_rows = pl.DataFrame({"image_id": columns[n].file_image_ids}).with_row_index("file_row")
+        found = rows.select("image_id").with_row_index("position").join(file_rows, on="image_id", how="inner")
+        found = found.sort("position")
+        out[n] = (ImageColumn(paths[n], found["file_row"].to_numpy()), found["image_id"].to_list())
+    return out
+
+
 def split_images(
     rows: pl.DataFrame,
     read_part: Callable[[str, list[str]], pl.DataFrame],
@@ -130,32 +204,5 @@ def split_images(
     cache_dir: str | os.PathLike,
     name: str,
 ) -> tuple[ImageColumn, list[str]]:
-    """The images of ``rows`` (image_id, part) as an ImageColumn in ``rows``' order, built on first use.
-
-    Returns (column, image ids it holds, in ``rows``' order); ids whose part has no such image are left
-    out of both.  ``name`` (e.g. the split) prefixes the cache file, and older files with that prefix
-    are removed after a new one is written.
-    """
-    ordered = rows.select("image_id", "part").sort("part", "image_id", maintain_order=True)
-    fingerprints = {part: part_fingerprint(part) for part in ordered["part"].unique().to_list()}
-    cache_dir = Path(cache_dir)
-    path = cache_dir / f"{name}-{cache_key(ordered, fingerprints)}.arrow"
-    for attempt in range(2):
-        if not path.exists():
-            write_image_file(ordered, read_part, path)
-            for old in cache_dir.glob(f"{name}-*.arrow"):
-                if old != path:
-                    old.unlink(missing_ok=True)
-        try:
-            column = ImageColumn(path)
-            break
-        except (OSError, pa.ArrowInvalid):
-            # Swept by a concurrent run with newer parts between write and open, or damaged on disk since
-            # (the cache is only ever renamed into place whole): build it again, once.
-            if attempt:
-                raise
-            path.unlink(missing_ok=True)
-    file_rows = pl.DataFrame({"image_id": column.file_image_ids}).with_row_index("file_row")
-    wanted = rows.select("image_id").with_row_index("position").join(file_rows, on="image_id", how="inner")
-    wanted = wanted.sort("position")
-    return ImageColumn(path, wanted["file_row"].to_numpy()), wanted["image_id"].to_list()
+    """split_images_many for one name: (column in ``rows``' order, the image ids it holds)."""
+    return split_images_many({name: rows}, read_part, part_fingerprint, cache_dir)[name]

@@ -6,7 +6,7 @@ from an image source (pipeline.image_store: built part by part, memory-mapped), 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,24 +41,23 @@ def join_pairs(pairs: pl.DataFrame, embeddings: pl.DataFrame, labels: pl.DataFra
     return joined
 
 
-def load_split(
-    joined: pl.DataFrame,
-    split: str,
-    images_for: Callable[[pl.DataFrame, str], tuple[Sequence[bytes], list[str]]],
-    limit: int | None = None,
-) -> SplitData:
-    """The rows of one split, sorted by image id, with their images.
-
-    ``images_for(rows, split)`` returns (image bytes sequence, the image ids it holds) for rows (image_id,
-    part) in their order, e.g. pipeline.image_store.split_images over a part reader: a memory-mapped
-    column, so the split's images are never all in memory.  Pairs whose image is missing are left out.
-    """
+def split_rows(joined: pl.DataFrame, split: str, limit: int | None = None) -> pl.DataFrame:
+    """The rows of one split, sorted by image id (the first ``limit`` of them when given)."""
     rows = joined.filter(pl.col("split") == split).sort("image_id")
-    if limit is not None:
-        rows = rows.head(limit)
-    images, found = images_for(rows.select("image_id", "part"), split)
+    return rows.head(limit) if limit is not None else rows
+
+
+def load_split(rows: pl.DataFrame, images: Sequence[bytes], found: list[str]) -> SplitData:
+    """One split's pairs from its rows (split_rows) and their images.
+
+    ``images`` holds the images of the ids in ``found``, in the rows' order, e.g. a memory-mapped
+    pipeline.image_store column, so the split's images are never all in memory.  Pairs whose image is
+    missing (not in ``found``) are left out.
+    """
     if len(found) != rows.height:
         rows = rows.join(pl.DataFrame({"image_id": found}, schema={"image_id": pl.String}), on="image_id", how="semi")
+    if len(images) != rows.height:
+        raise ValueError(f"{len(images)} images for {rows.height} pairs")
     targets = (
         rows["embedding"].to_numpy().astype(np.float32, copy=False) if rows.height else np.zeros((0, 384), np.float32)
     )

@@ -143,16 +143,17 @@ def test_reencoded_images_round_trip_through_the_file(tmp_path):
 def test_a_file_swept_by_a_concurrent_run_before_it_is_opened_is_rebuilt(tmp_path, monkeypatch):
     import pipeline.image_store as store
 
-    real_write, builds = store.write_image_file, []
+    real_write, builds = store.write_image_files, []
 
-    def write_then_swept(rows, read_part, path):
-        builds.append(path)
-        written = real_write(rows, read_part, path)
+    def write_then_swept(files, read_part):
+        builds.append(list(files))
+        written = real_write(files, read_part)
         if len(builds) == 1:
-            path.unlink()  # another run, holding newer parts, removed it
+            for path in files:
+                path.unlink()  # another run, holding newer parts, removed it
         return written
 
-    monkeypatch.setattr(store, "write_image_file", write_then_swept)
+    monkeypatch.setattr(store, "write_image_files", write_then_swept)
     column, found = split_images(_rows(["a1", "b2"]), PartReader(), lambda p: "v", tmp_path, "train")
     assert len(builds) == 2 and found == ["a1", "b2"] and column[1] == PARTS["part-000002"]["b2"]
 
@@ -185,3 +186,25 @@ def test_a_damaged_cache_file_is_rebuilt(tmp_path):
     reader = PartReader()
     column, found = split_images(rows, reader, lambda p: "v", tmp_path, "train")
     assert len(reader.calls) == 2 and [column[0], column[1]] == [PARTS["part-000001"]["a1"], PARTS["part-000002"]["b2"]]
+
+
+def test_several_splits_are_built_in_one_pass_over_the_parts(tmp_path):
+    from pipeline.image_store import split_images_many
+
+    requests = {"train": _rows(["a0", "a1", "b0", "c0"]), "val": _rows(["a2", "b1"]), "test": _rows(["c1", "a3"])}
+    reader = PartReader()
+    built = split_images_many(requests, reader, lambda p: "v", tmp_path)
+    assert sorted(reader.calls) == [("part-000001", 4), ("part-000002", 2), ("part-000003", 2)]  # each part once
+    for name, rows in requests.items():
+        column, found = built[name]
+        assert found == rows["image_id"].to_list()
+        alone, _ = split_images(rows, PartReader(), lambda p: "v", tmp_path / "alone", name)
+        assert [column[i] for i in range(len(column))] == [alone[i] for i in range(len(alone))]
+    assert sorted(p.name.split("-")[0] for p in tmp_path.glob("*.arrow")) == ["test", "train", "val"]
+    # only what is missing is built again: val's part changed
+    test_file = next(tmp_path.glob("test-*.arrow"))
+    reader = PartReader()
+    split_images_many(requests, reader, lambda p: "v2" if p == "part-000002" else "v", tmp_path)
+    # train and val use part-000002: rebuilt together (each part read once for both); test is kept
+    assert sorted(reader.calls) == [("part-000001", 3), ("part-000002", 2), ("part-000003", 1)]
+    assert test_file.exists() and len(list(tmp_path.glob("*.arrow"))) == 3

@@ -110,6 +110,18 @@ def _check_model(name: str) -> None:
         raise SettingsError(f"--model {name!r} is not a model; use one of: {', '.join(valid)}")
 
 
+def _check_captioner(name: str | None) -> None:
+    """--captioner is auto or a registered captioner."""
+    if name is None:
+        return
+    from pipeline.captioning import available_captioners
+    from resources.settings import SettingsError
+
+    valid = ["auto", *available_captioners()]
+    if name not in valid:
+        raise SettingsError(f"--captioner {name!r} is not a captioner; use one of: {', '.join(valid)}")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -131,16 +143,18 @@ def _predict(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     _check_model(args.model)
+    _check_captioner(args.captioner)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     files = expand_inputs(args.paths)
     if not files:
         print("error: no image files found in " + " ".join(args.paths), file=sys.stderr)
         return 2
-    generate = args.generate and args.format != "kaggle"  # a submission holds embeddings only
+    # a submission holds embeddings only
+    generate = (args.generate or args.captioner is not None) and args.format != "kaggle"
     try:
         predictor = PromptPredictor(
             settings.home, model=args.model, device=args.device, batch_size=args.batch_size,
-            captioner="auto" if generate else None,
+            captioner=(args.captioner or "auto") if generate else None,
         )
     except (NotTrainedError, ValueError, OSError) as exc:  # CheckpointError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
@@ -209,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--quiet", action="store_true", help="no progress bar")
     pred.add_argument(
         "--generate", action="store_true", help="also print a prompt written by the trained captioner (not with kaggle)"
+    )
+    pred.add_argument(
+        "--captioner", default=None,
+        help="which trained captioner --generate uses: auto (the first trained: blip, then blip2) or a name; "
+        "implies --generate",
     )
     pred.set_defaults(func=_predict)
     return parser

@@ -172,6 +172,18 @@ def test_predict_json_topk_sorted_and_kaggle_rows(sample_run, tmp_path):
     assert lines[1].startswith(images[0].stem + "_0,")
 
 
+def test_predict_with_a_chosen_captioner(sample_run, tmp_path):
+    """--captioner picks the captioner (and implies --generate); one that was not trained is named."""
+    home, env, _ = sample_run
+    images = _sample_images(home, tmp_path / "imgs", n=2)
+    result = _run_cli(["predict", *map(str, images), "--format", "json", "--captioner", "blip", "--quiet"], env, 300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert all(isinstance(r["generated"], str) for r in json.loads(result.stdout))
+    missing = _run_cli(["predict", str(images[0]), "--captioner", "blip2", "--quiet"], env, 300)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "'blip2'" in missing.stderr and "trained_captioners" in missing.stderr
+
+
 def test_predict_without_models_names_the_asset(tmp_path):
     image_dir = tmp_path / "imgs"
     image_dir.mkdir()

@@ -84,6 +84,7 @@ def _cases(tmp: Path) -> dict[str, tuple[dict[str, str], list[str], list[str]]]:
         "unknown captioner": ({"REVERSE_SD_CAPTIONERS": "blip, pez"}, ["materialize"], ["REVERSE_SD_CAPTIONERS", "pez", "blip2"]),
         "unknown asset": ({}, ["materialize", "--select", "nosuch_asset+"], ["--select", "nosuch_asset"]),
         "unknown backbone": ({}, ["predict", image, "--model", "nosuch"], ["--model", "'nosuch'", "vit"]),
+        "unknown captioner (predict)": ({}, ["predict", image, "--captioner", "pez"], ["--captioner", "'pez'", "blip2"]),
         "wrong embedding size in a checkpoint": (
             {"REVERSE_SD_HOME": str(checkpoint.parents[3])},
             ["predict", image, "--model", "vit"],
@@ -144,6 +145,7 @@ CASE_NAMES = [
     "unknown captioner",
     "unknown asset",
     "unknown backbone",
+    "unknown captioner (predict)",
     "wrong embedding size in a checkpoint",
 ]
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ import polars as pl
 import pyarrow as pa
 
 SCHEMA = pa.schema([("image_id", pa.string()), ("image", pa.large_binary())])
+ABANDONED_AFTER_S = 3600  # a temporary file nobody has written to for this long belongs to a killed build
 
 
 class ImageColumn(Sequence):
@@ -127,6 +129,19 @@ def write_image_files(
     return written
 
 
+def remove_abandoned(cache_dir: str | os.PathLike, idle_s: float = ABANDONED_AFTER_S) -> int:
+    """Delete the temporary files of builds that were killed (kill -9 skips their cleanup): those not
+    written to for ``idle_s`` seconds; a build in progress keeps writing, so its file stays.  Returns how
+    many were removed."""
+    removed, now = 0, time.time()
+    for tmp in Path(cache_dir).glob(".*.arrow.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            if now - tmp.stat().st_mtime > idle_s:
+                tmp.unlink()
+                removed += 1
+    return removed
+
+
 def write_image_file(
     rows: pl.DataFrame, read_part: Callable[[str, list[str]], pl.DataFrame], path: str | os.PathLike
 ) -> int:
@@ -169,6 +184,7 @@ def split_images_many(
     for attempt in range(2):
         missing = {paths[n]: ordered[n] for n in requests if n not in columns and not paths[n].exists()}
         if missing:
+            remove_abandoned(cache_dir)
             write_image_files(missing, read_part)
             for n in requests:
                 if paths[n] in missing:

@@ -208,3 +208,82 @@ def test_several_splits_are_built_in_one_pass_over_the_parts(tmp_path):
     # train and val use part-000002: rebuilt together (each part read once for both); test is kept
     assert sorted(reader.calls) == [("part-000001", 3), ("part-000002", 2), ("part-000003", 1)]
     assert test_file.exists() and len(list(tmp_path.glob("*.arrow"))) == 3
+
+
+def test_temporary_files_of_killed_builds_are_swept_live_ones_kept(tmp_path):
+    import os
+    import time
+
+    from pipeline.image_store import remove_abandoned
+
+    killed = tmp_path / ".train-abc.arrow.0123.tmp"
+    live = tmp_path / ".val-def.arrow.4567.tmp"
+    other = tmp_path / "notes.txt"
+    for path in (killed, live, other):
+        path.write_bytes(b"x" * 10)
+    hours_ago = time.time() - 2 * 3600
+    os.utime(killed, (hours_ago, hours_ago))
+    os.utime(other, (hours_ago, hours_ago))
+    split_images(_rows(["a1"]), PartReader(), lambda p: "v", tmp_path, "train")  # a build sweeps first
+    assert not killed.exists() and live.exists() and other.exists()
+    assert remove_abandoned(tmp_path, idle_s=0) == 1 and not live.exists()
+
+
+DRIVER = r'''
+import sys, time
+import polars as pl
+sys.path.insert(0, sys.argv[1])
+from pipeline.image_store import split_images_many
+
+parts_dir, cache, stall = sys.argv[2], sys.argv[3], sys.argv[4] == "stall"
+rows = pl.read_parquet(f"{parts_dir}/rows.parquet")
+calls = []
+
+def read_part(part, ids):
+    calls.append(part)
+    if stall and len(calls) == 2:  # the first part's images are in the temporary file by now
+        print("STALLED", flush=True)
+        time.sleep(600)
+    frame = pl.read_parquet(f"{parts_dir}/{part}.parquet")
+    return frame.filter(pl.col("image_id").is_in(ids))
+
+built = split_images_many({"train": rows.filter(pl.col("split") == "train").drop("split"),
+                           "val": rows.filter(pl.col("split") == "val").drop("split")},
+                          read_part, lambda part: "v1", cache)
+print("DONE", *[len(built[n][0]) for n in ("train", "val")], flush=True)
+'''
+
+
+def test_a_build_killed_mid_write_leaves_no_file_and_the_next_build_is_complete(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    project = str(Path(__file__).resolve().parents[1])
+    parts_dir = tmp_path / "parts"
+    parts_dir.mkdir()
+    split_of = {}
+    for part, images in PARTS.items():
+        ids = sorted(images)
+        pl.DataFrame({"image_id": ids, "image": [images[i] for i in ids]}).write_parquet(parts_dir / f"{part}.parquet")
+        split_of.update({i: ("val" if i.endswith("1") else "train") for i in ids})
+    rows = _rows(sorted(split_of)).with_columns(pl.Series("split", [split_of[i] for i in sorted(split_of)]))
+    rows.write_parquet(parts_dir / "rows.parquet")
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    cache = tmp_path / "cache"
+    run = [sys.executable, str(driver), project, str(parts_dir), str(cache)]
+    proc = subprocess.Popen([*run, "stall"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "STALLED"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert not list(cache.glob("*.arrow")), "a killed build must leave no file a reader could open"
+    assert len(list(cache.glob(".*.tmp"))) == 2  # its temporaries, swept by a later build once abandoned
+    done = subprocess.run([*run, "go"], capture_output=True, text=True, timeout=120, check=True)
+    n_val = sum(1 for s in split_of.values() if s == "val")
+    assert done.stdout.split() == ["DONE", str(len(split_of) - n_val), str(n_val)]
+    assert sorted(p.name.split("-")[0] for p in cache.glob("*.arrow")) == ["train", "val"]

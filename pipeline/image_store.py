@@ -103,7 +103,7 @@ def write_image_files(
     paths = list(files)
     wanted = pl.concat(
         [rows.select("image_id", "part").with_columns(file=pl.lit(i, pl.Int32)) for i, rows in enumerate(files.values())]
-    ).sort("part", maintain_order=True)
+    ).sort("part", maintain_order=True)  # grouped by part: each part is read once for every file
     tmps = [path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp") for path in paths]
     written = dict.fromkeys(paths, 0)
     try:
@@ -173,7 +173,9 @@ def split_images_many(
     one pass over the parts, and older files of a rebuilt name are removed.
     """
     cache_dir = Path(cache_dir)
-    ordered = {n: rows.select("image_id", "part").sort("part", "image_id", maintain_order=True) for n, rows in requests.items()}
+    ordered = {
+        n: rows.select("image_id", "part").sort("part", "image_id", maintain_order=True) for n, rows in requests.items()
+    }
     used = {n: rows["part"].unique().to_list() for n, rows in ordered.items()}
     fingerprints = {part: part_fingerprint(part) for parts in used.values() for part in parts}
     paths = {

@@ -142,14 +142,6 @@ def remove_abandoned(cache_dir: str | os.PathLike, idle_s: float = ABANDONED_AFT
     return removed
 
 
-def write_image_file(
-    rows: pl.DataFrame, read_part: Callable[[str, list[str]], pl.DataFrame], path: str | os.PathLike
-) -> int:
-    """write_image_files for one file: the images of ``rows`` (image_id, part) at ``path``, atomically."""
-    path = Path(path)
-    return write_image_files({path: rows}, read_part)[path]
-
-
 def cache_key(rows: pl.DataFrame, part_fingerprints: dict[str, str]) -> str:
     """Hash of the requested (part, image_id) rows in order and the fingerprint of every part they use."""
     digest = hashlib.blake2b(digest_size=12)

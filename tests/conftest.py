@@ -24,6 +24,22 @@ def run_cli(args: list[str], env: dict[str, str], timeout: int = 900) -> subproc
     )
 
 
+def sample_env(root: Path, **settings: str) -> dict[str, str]:
+    """The environment of a CLI subprocess on the sample profile with its own storage root and Dagster
+    instance under ``root``: no REVERSE_SD_* setting or HF_TOKEN leaks in from the calling shell, then
+    ``settings`` (e.g. REVERSE_SD_SAMPLE_PARTS="1") on top."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REVERSE_SD_") and k != "HF_TOKEN"}
+    env.update(
+        REVERSE_SD_PROFILE="sample",
+        REVERSE_SD_HOME=str(root / "data"),
+        DAGSTER_HOME=str(root / "dagster_home"),
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    env.update(settings)
+    return env
+
+
 @pytest.fixture(scope="session")
 def sample_graph_run(tmp_path_factory) -> tuple[Path, dict[str, str], subprocess.CompletedProcess]:
     """(REVERSE_SD_HOME, environment, the CLI's completed process) of one whole-graph materialization.
@@ -32,17 +48,7 @@ def sample_graph_run(tmp_path_factory) -> tuple[Path, dict[str, str], subprocess
     mean-embedding baseline, which a blocking check enforces.
     """
     root = tmp_path_factory.mktemp("e2e")
-    env = {
-        **os.environ,
-        "REVERSE_SD_PROFILE": "sample",
-        "REVERSE_SD_HOME": str(root / "data"),
-        "DAGSTER_HOME": str(root / "dagster_home"),
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    for name in list(env):
-        if name.startswith("REVERSE_SD_") and name not in ("REVERSE_SD_PROFILE", "REVERSE_SD_HOME"):
-            env.pop(name)  # the defaults, whatever the calling shell exported
+    env = sample_env(root)  # the defaults, whatever the calling shell exported
     result = run_cli(["materialize"], env, timeout=1500)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return root / "data", env, result

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.data import PairDataset, make_loader
 from pipeline.ddp_train import read_pairs, write_pairs
-from pipeline.image_store import ImageColumn, split_images, write_image_file
+from pipeline.image_store import ImageColumn, split_images, write_image_files
 from pipeline.images import reencode_image
 
 
@@ -93,7 +93,7 @@ def test_a_failed_build_leaves_no_file(tmp_path):
 
 def test_image_column_pickles_as_its_path_and_rows(tmp_path):
     path = tmp_path / "images.arrow"
-    write_image_file(_rows(["a0", "a1", "b2"]), PartReader(), path)
+    write_image_files({path: _rows(["a0", "a1", "b2"])}, PartReader())
     column = ImageColumn(path, rows=[2, 0])
     clone = pickle.loads(pickle.dumps(column))
     assert len(pickle.dumps(column)) < 1000  # not the images

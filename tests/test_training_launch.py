@@ -4,10 +4,11 @@ two gloo processes on CPU, checkpoints where model_predictions finds them, the r
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from conftest import sample_env
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -36,19 +37,14 @@ print(json.dumps({"success": result.success, "logs": logs,
 
 
 def test_trained_models_launches_torchrun_through_pipes(tmp_path):
-    env = {
-        **os.environ,
-        "REVERSE_SD_PROFILE": "sample",
-        "REVERSE_SD_HOME": str(tmp_path / "data"),
-        "DAGSTER_HOME": str(tmp_path / "dagster_home"),
-        "REVERSE_SD_SAMPLE_PARTS": "1",
-        "REVERSE_SD_SAMPLE_IMAGES_PER_PART": "48",
-        "REVERSE_SD_TRAIN_EPOCHS": "1",
-        "REVERSE_SD_NPROC_PER_NODE": "2",
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-    }
-    env.pop("REVERSE_SD_DIFFUSIONDB", None)
+    env = sample_env(
+        tmp_path,
+        REVERSE_SD_SAMPLE_PARTS="1",
+        REVERSE_SD_SAMPLE_IMAGES_PER_PART="48",
+        REVERSE_SD_TRAIN_EPOCHS="1",
+        REVERSE_SD_NPROC_PER_NODE="2",
+        OMP_NUM_THREADS="1",
+    )
     (tmp_path / "dagster_home").mkdir()
     done = subprocess.run(
         [sys.executable, "-c", DRIVER], cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600

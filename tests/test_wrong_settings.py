@@ -22,6 +22,8 @@ import numpy as np
 import polars as pl
 import pytest
 
+from conftest import sample_env
+
 from pipeline.checkpoint import CheckpointError, load_checkpoint, load_model_weights, save_checkpoint
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -100,19 +102,7 @@ def _run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProces
 
 
 def _base_env(tmp: Path) -> dict[str, str]:
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "REVERSE_SD_PROFILE": "sample",
-        "REVERSE_SD_HOME": str(tmp / "data"),
-        "DAGSTER_HOME": str(tmp / "dagster_home"),
-        "REVERSE_SD_SAMPLE_PARTS": "1",
-        "REVERSE_SD_SAMPLE_IMAGES_PER_PART": "3",
-        "OMP_NUM_THREADS": "1",
-    }
-    for name in ("REVERSE_SD_DIFFUSIONDB", "HF_TOKEN"):
-        env.pop(name, None)
-    return env
+    return sample_env(tmp, REVERSE_SD_SAMPLE_PARTS="1", REVERSE_SD_SAMPLE_IMAGES_PER_PART="3", OMP_NUM_THREADS="1")
 
 
 @pytest.fixture(scope="module")

@@ -52,32 +52,38 @@ def _prompt_text(frame: pl.DataFrame) -> pl.Expr:
 
 def _masks(frame: pl.DataFrame) -> pl.DataFrame:
     """One boolean column per rule outcome ("nonempty", "ascii", "first_prefix", "kept") plus "p", the
-    stripped prompt, over all rows of `frame`, in one lazy query.
+    stripped prompt, over all rows of `frame`.
 
-    Speed: only the prompt column is touched; ASCII is "as many UTF-8 bytes as characters" (no regex);
-    near-duplicate keys are compared by 64-bit hashes of the 50-character slices, and rows that earlier
-    rules removed get a null key (one null group, never equal to a real key, and its first row is masked
-    out anyway), so no string column is ever filtered or gathered mid-way.  Two different 50-character
-    keys share a 64-bit hash with probability about n^2 / 2^65 (~1e-7 for 2M prompts); that is the only way
-    this can differ from the rules.  Polars' hash is not stable across versions, which is fine: it never
-    leaves this call.
+    Speed: one lazy Polars query touches only the prompt column: the strip, ASCII as "as many UTF-8 bytes
+    as characters" (no regex), and 64-bit hashes of both 50-character keys, computed in parallel; the two
+    first-occurrence passes, which must run one after the other (the suffix rule only sees the prefix
+    rule's survivors), run in pipeline.first_occurrence's cache-friendly kernel, 2-3x faster than Polars'
+    single-threaded is_first_distinct.  No string column is ever filtered or gathered mid-way.  Two
+    different 50-character keys share a 64-bit hash with probability about n^2 / 2^65 (~1e-7 for 2M
+    prompts); that is the only way this can differ from the rules.  Polars' hash is not stable across
+    versions, which is fine: it never leaves this call.
     """
     p = pl.col("p")
     n_bytes = p.str.len_bytes()
-    return (
+    masks = (
         frame.lazy()
         .select(_prompt_text(frame).alias("p"))
-        .with_columns(nonempty=(n_bytes > 0).fill_null(False))
-        .with_columns(ascii=pl.col("nonempty") & (n_bytes == p.str.len_chars()))
         .with_columns(
-            first_prefix=pl.col("ascii")
-            & pl.when("ascii").then(p.str.head(NEAR_DUPLICATE_CHARS).hash()).is_first_distinct()
-        )
-        .with_columns(
-            kept=pl.col("first_prefix")
-            & pl.when("first_prefix").then(p.str.tail(NEAR_DUPLICATE_CHARS).hash()).is_first_distinct()
+            nonempty=(n_bytes > 0).fill_null(False),
+            ascii=((n_bytes > 0) & (n_bytes == p.str.len_chars())).fill_null(False),
+            prefix_key=p.str.head(NEAR_DUPLICATE_CHARS).hash(),
+            suffix_key=p.str.tail(NEAR_DUPLICATE_CHARS).hash(),
         )
         .collect()
+    )
+    # Imported here: numba costs ~0.2 s to import, and loading the Dagster definitions should not pay it.
+    from pipeline.first_occurrence import first_occurrence
+
+    threads = pl.thread_pool_size()
+    first_prefix = first_occurrence(masks["prefix_key"].to_numpy(), masks["ascii"].to_numpy(), threads)
+    kept = first_occurrence(masks["suffix_key"].to_numpy(), first_prefix, threads)
+    return masks.select("p", "nonempty", "ascii").with_columns(
+        first_prefix=pl.Series(first_prefix), kept=pl.Series(kept)
     )
 
 

@@ -50,49 +50,49 @@ def _prompt_text(frame: pl.DataFrame) -> pl.Expr:
     return col.cast(pl.String).str.strip_chars(WHITESPACE)
 
 
-def _masks(frame: pl.DataFrame) -> pl.DataFrame:
-    """One boolean column per rule outcome ("nonempty", "ascii", "first_prefix", "kept") plus "p", the
-    stripped prompt, over all rows of `frame`.
+def _masks(frame: pl.DataFrame) -> tuple[pl.Series, dict[str, np.ndarray]]:
+    """The stripped prompts, and one boolean array per rule outcome ("nonempty", "ascii", "first_prefix",
+    "kept") over all rows of `frame`.
 
-    Speed: one lazy Polars query touches only the prompt column: the strip, ASCII as "as many UTF-8 bytes
-    as characters" (no regex), and 64-bit hashes of both 50-character keys, computed in parallel; the two
+    Speed: one lazy Polars query over the prompt column alone does the strip, ASCII as "as many UTF-8
+    bytes as characters" (no regex) and 64-bit hashes of both 50-character keys, in parallel; the two
     first-occurrence passes, which must run one after the other (the suffix rule only sees the prefix
-    rule's survivors), run in pipeline.first_occurrence's cache-friendly kernel, 2-3x faster than Polars'
-    single-threaded is_first_distinct.  No string column is ever filtered or gathered mid-way.  Two
-    different 50-character keys share a 64-bit hash with probability about n^2 / 2^65 (~1e-7 for 2M
-    prompts); that is the only way this can differ from the rules.  Polars' hash is not stable across
-    versions, which is fine: it never leaves this call.
+    rule's survivors), run in pipeline.first_occurrence's cache-friendly kernel, 3-4x faster than Polars'
+    single-threaded is_first_distinct.  No string column is filtered or gathered mid-way.  Two different
+    50-character keys share a 64-bit hash with probability about n^2 / 2^65 (~1e-7 for 2M prompts); that
+    is the only way this can differ from the rules.  Polars' hash is not stable across versions, which is
+    fine: it never leaves this call.
     """
+    # Imported here: numba costs ~0.2 s to import, and loading the Dagster definitions should not pay it.
+    from pipeline.first_occurrence import first_occurrence
+
     p = pl.col("p")
     n_bytes = p.str.len_bytes()
-    masks = (
+    columns = (
         frame.lazy()
         .select(_prompt_text(frame).alias("p"))
         .with_columns(
             nonempty=(n_bytes > 0).fill_null(False),
             ascii=((n_bytes > 0) & (n_bytes == p.str.len_chars())).fill_null(False),
-            prefix_key=p.str.head(NEAR_DUPLICATE_CHARS).hash(),
+            prefix_key=p.str.head(NEAR_DUPLICATE_CHARS).hash(),  # never null: Polars hashes null too
             suffix_key=p.str.tail(NEAR_DUPLICATE_CHARS).hash(),
         )
         .collect()
     )
-    # Imported here: numba costs ~0.2 s to import, and loading the Dagster definitions should not pay it.
-    from pipeline.first_occurrence import first_occurrence
-
+    masks = {"nonempty": columns["nonempty"].to_numpy(), "ascii": columns["ascii"].to_numpy()}
     threads = pl.thread_pool_size()
-    first_prefix = first_occurrence(masks["prefix_key"].to_numpy(), masks["ascii"].to_numpy(), threads)
-    kept = first_occurrence(masks["suffix_key"].to_numpy(), first_prefix, threads)
-    return masks.select("p", "nonempty", "ascii").with_columns(
-        first_prefix=pl.Series(first_prefix), kept=pl.Series(kept)
-    )
+    masks["first_prefix"] = first_occurrence(columns["prefix_key"].to_numpy(), masks["ascii"], threads)
+    masks["kept"] = first_occurrence(columns["suffix_key"].to_numpy(), masks["first_prefix"], threads)
+    return columns["p"], masks
 
 
 def filter_report(frame: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
     """filter_prompts(frame) plus how many rows each rule removed: {"empty", "non_ascii",
     "duplicate_prefix", "duplicate_suffix", "kept"}; the five numbers sum to frame.height."""
-    masks = _masks(frame)
-    sums = masks.select(pl.col("nonempty", "ascii", "first_prefix", "kept").sum()).row(0)
-    n_nonempty, n_ascii, n_first_prefix, n_kept = (int(x) for x in sums)
+    stripped, masks = _masks(frame)
+    n_nonempty, n_ascii, n_first_prefix, n_kept = (
+        int(np.count_nonzero(masks[name])) for name in ("nonempty", "ascii", "first_prefix", "kept")
+    )
     counts = {
         "empty": frame.height - n_nonempty,
         "non_ascii": n_nonempty - n_ascii,
@@ -101,7 +101,7 @@ def filter_report(frame: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, int]]:
         "kept": n_kept,
     }
     # Boolean filter, not a gather: Polars filters string views without copying the text.
-    kept = frame.with_columns(masks["p"].alias("prompt")).filter(masks["kept"])
+    kept = frame.with_columns(stripped.alias("prompt")).filter(pl.Series(masks["kept"]))
     return kept, counts
 
 

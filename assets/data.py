@@ -13,8 +13,9 @@ import numpy as np
 import polars as pl
 
 from assets.common import PROFILE_CONFIG, code_version, markdown_table
-from pipeline import filtering, vocabulary as vocab
-from pipeline.embedding import embed_incremental
+from pipeline.data import filtering
+from pipeline.data import vocabulary as vocab
+from pipeline.data.embedding import embed_incremental
 from resources import DiffusionDBResource, SentenceEncoderResource, StorageResource
 
 DATA_GROUP = "data"
@@ -50,7 +51,7 @@ def register_parts(instance: dg.DagsterInstance, diffusiondb: DiffusionDBResourc
 def diffusiondb_parts(
     context: dg.AssetExecutionContext, diffusiondb: DiffusionDBResource, storage: StorageResource
 ) -> dg.MaterializeResult:
-    from pipeline.diffusiondb import file_sha256, read_part
+    from pipeline.data.diffusiondb import file_sha256, read_part
 
     part = context.partition_key
     source = diffusiondb.source()

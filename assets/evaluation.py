@@ -14,8 +14,8 @@ from assets.generation import caption_report_rows
 from assets.plots import bar_plot_png, data_uri, gallery_png, grouped_bars_png, histogram_png, line_plot_png, md_image
 from assets.training import BACKBONES, RECIPES, TRAIN, difficulty_scores, load_splits, model_predictions
 from pipeline import storage as store
-from pipeline.evaluation import Report, knn_baseline, normalise_rows, row_cosines
-from pipeline.training_data import embedding_series, join_pairs, mean_embedding_baseline
+from pipeline.evaluation.report import Report, knn_baseline, normalise_rows, row_cosines
+from pipeline.training.pairs import embedding_series, join_pairs, mean_embedding_baseline
 from resources import ComputeResource, StorageResource
 
 EVAL_GROUP = "evaluation"
@@ -108,7 +108,7 @@ DAKL_INPUT = "median_best"
     "embedding of the training sample whose prediction is nearest.",
 )
 def kmeans_centroids(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-    from pipeline.clustering import inertia, kmeans_centroids as fit_kmeans, label_centroids
+    from pipeline.ensemble.clustering import inertia, kmeans_centroids as fit_kmeans, label_centroids
 
     column = DAKL_INPUT
     ensemble = storage.read_table("ensemble_predictions").filter(pl.col("split") == "train").sort("image_id")
@@ -149,7 +149,7 @@ def kmeans_centroids(context: dg.AssetExecutionContext, storage: StorageResource
     "(val as the unlabeled target), then refit with test as the unlabeled target.",
 )
 def dakl_predictions(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-    from pipeline.dakl import DAKLRegressor
+    from pipeline.ensemble.dakl import DAKLRegressor
 
     column = DAKL_INPUT
     centroids = storage.read_table("kmeans_centroids")
@@ -200,10 +200,10 @@ def _knn_baseline(storage: StorageResource, compute: ComputeResource) -> tuple[f
     The features come from the clip backbone's frozen tower as stored in its checkpoint (the same for every
     recipe): the pretrained ViT-H/14 on DiffusionDB, the tiny random-init twin on the sample profile.
     """
-    from pipeline.checkpoint import latest_checkpoint, load_model_weights
+    from pipeline.training.checkpoint import latest_checkpoint, load_model_weights
     from pipeline.models import create_model
-    from pipeline.data import PairDataset
-    from pipeline.training import backbone_features
+    from pipeline.training.datasets import PairDataset
+    from pipeline.training.loop import backbone_features
 
     checkpoint = next(
         (c for r in RECIPES if (c := latest_checkpoint(storage.path("trained_models", "clip", r))) is not None), None

@@ -2,7 +2,7 @@
 their prompts scored as the Kaggle competition scores them (SBERT cosine) and by RefCLIPScore, and the
 fine-tuned U-Net encoder put back into Stable Diffusion after the first DDIM step.
 
-Thin wiring over pipeline/captioning.py and pipeline/unet_swap.py.  The sample profile runs tiny random-init
+Thin wiring over pipeline/captioning/captioner.py and pipeline/evaluation/unet_swap.py.  The sample profile runs tiny random-init
 twins of every model (captioner, CLIP scorer, Stable Diffusion); its CLIP-based scores exercise the code path
 and measure nothing, which the metadata says.
 """
@@ -21,7 +21,7 @@ from assets.data import filtered_pairs, prompt_embeddings, vocabulary, vocabular
 from assets.plots import line_plot_png, md_image
 from assets.training import BACKBONES, difficulty_scores, load_splits, trained_models, training_spec
 from pipeline import storage as store
-from pipeline.training_data import join_pairs, mean_embedding_baseline
+from pipeline.training.pairs import join_pairs, mean_embedding_baseline
 from resources import ComputeResource, SentenceEncoderResource, StorageResource
 
 GEN_GROUP = "generation"
@@ -49,7 +49,7 @@ def _tiny_threads(compute: ComputeResource):
     profile, two threads made a tiny captioner epoch 10-15x slower (OpenMP waits under contention)."""
     import torch
 
-    from pipeline.training import resolve_device
+    from pipeline.training.loop import resolve_device
 
     if _variant(compute) != "tiny" or resolve_device(compute.device).type != "cpu":
         yield
@@ -63,7 +63,7 @@ def _tiny_threads(compute: ComputeResource):
 
 
 def _train_config(compute: ComputeResource):
-    from pipeline.captioning import CaptionTrainConfig
+    from pipeline.captioning.captioner import CaptionTrainConfig
 
     return CaptionTrainConfig(
         stage_epochs=CAPTION.stage_epochs,
@@ -77,8 +77,8 @@ def _train_config(compute: ComputeResource):
 
 
 def _create(name: str, compute: ComputeResource, vocab_size: int, corpus: list[str]):
-    from pipeline.captioning import create_captioner
-    from pipeline.training import seed_everything
+    from pipeline.captioning.captioner import create_captioner
+    from pipeline.training.loop import seed_everything
 
     seed_everything(CAPTION.seed)  # the same initial weights on every run
     return create_captioner(
@@ -126,7 +126,7 @@ def trained_captioners(
 def _train_captioner(
     context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
-    from pipeline.captioning import (
+    from pipeline.captioning.captioner import (
         CaptionDataset,
         combined_difficulty,
         generate_prompts,
@@ -134,8 +134,8 @@ def _train_captioner(
         save_captioner,
         train_captioner,
     )
-    from pipeline.checkpoint import remove_checkpoints
-    from pipeline.curriculum import bucket_by_difficulty, curriculum_stages, difficulty_from_history
+    from pipeline.training.checkpoint import remove_checkpoints
+    from pipeline.training.curriculum import bucket_by_difficulty, curriculum_stages, difficulty_from_history
 
     name = context.partition_key
     if CAPTION.difficulty not in ("backbones", "self"):
@@ -228,15 +228,15 @@ def _predict_captions(
     compute: ComputeResource,
     sentence_encoder: SentenceEncoderResource,
 ) -> dg.MaterializeResult:
-    from pipeline.captioning import (
+    from pipeline.captioning.captioner import (
         KAGGLE_FIRST_PLACE,
         caption_table,
         generate_prompts,
         load_captioner,
         load_clip_scorer,
     )
-    from pipeline.checkpoint import latest_checkpoint
-    from pipeline.training import resolve_device
+    from pipeline.training.checkpoint import latest_checkpoint
+    from pipeline.training.loop import resolve_device
 
     name = context.partition_key
     directory = storage.path("trained_captioners", name)
@@ -290,7 +290,7 @@ def _predict_captions(
 def caption_report_rows(storage: StorageResource) -> list[dict]:
     """Rows for the evaluation report, one per captioner whose caption_predictions exist: captioner, variant,
     sbert_cosine (mean, test split: the Kaggle metric), refclip_score, clip_s, test_images, kaggle_first_place."""
-    from pipeline.captioning import report_rows
+    from pipeline.captioning.captioner import report_rows
 
     frames = {
         name: storage.read_table("caption_predictions", name, columns=["sbert_cosine", "clip_s", "refclip_s"])
@@ -301,7 +301,7 @@ def caption_report_rows(storage: StorageResource) -> list[dict]:
 
 
 def _unet_checkpoint(storage: StorageResource):
-    from pipeline.checkpoint import latest_checkpoint
+    from pipeline.training.checkpoint import latest_checkpoint
 
     for recipe in SWAP_RECIPES:
         checkpoint = latest_checkpoint(storage.path("trained_models", "unet", recipe))
@@ -333,9 +333,9 @@ def unet_swap_report(
 def _swap_report(
     context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
-    from pipeline.captioning import load_clip_scorer
-    from pipeline.training import resolve_device
-    from pipeline.unet_swap import (
+    from pipeline.captioning.captioner import load_clip_scorer
+    from pipeline.training.loop import resolve_device
+    from pipeline.evaluation.unet_swap import (
         DEFAULT_PROMPTS,
         SD_HUB_ID,
         clip_scores,

@@ -12,8 +12,8 @@ import polars as pl
 from assets.common import OBSERVE_CRON, PROFILE_CONFIG, code_version, markdown_table
 from assets.data import filtered_pairs, prompt_embeddings, vocabulary, vocabulary_labels
 from assets.plots import histogram_png, line_plot_png, md_image
-from pipeline.evaluation import mean_cosine
-from pipeline.training_data import (
+from pipeline.evaluation.report import mean_cosine
+from pipeline.training.pairs import (
     SplitData,
     embedding_series,
     join_pairs,
@@ -60,9 +60,9 @@ _BY_BACKBONE = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_nam
 
 def load_splits(storage: StorageResource, splits=("train", "val", "test")) -> dict[str, SplitData]:
     """The pairs of ``splits`` with their images: each split's images a memory-mapped file under the storage
-    root's local cache (pipeline.image_store), the missing ones built together in one pass over the parts
+    root's local cache (pipeline.data.image_store), the missing ones built together in one pass over the parts
     and reused while the parts and the splits are unchanged."""
-    from pipeline.image_store import split_images_many
+    from pipeline.data.image_store import split_images_many
 
     joined = join_pairs(
         storage.read_table("filtered_pairs"),
@@ -89,7 +89,7 @@ def _vocab_size(storage: StorageResource) -> int:
 
 
 def _train_config(compute: ComputeResource, backbone: str, recipe: str, **overrides):
-    from pipeline.training import TrainConfig
+    from pipeline.training.loop import TrainConfig
 
     spec = training_spec(backbone)
     return TrainConfig(
@@ -105,14 +105,14 @@ def _train_config(compute: ComputeResource, backbone: str, recipe: str, **overri
 
 
 def _make_dataset(split: SplitData, model):
-    from pipeline.data import PairDataset
+    from pipeline.training.datasets import PairDataset
 
     return PairDataset.for_model(split.images, split.targets, split.labels, model)
 
 
 def _create(backbone: str, compute: ComputeResource, vocab_size: int):
     from pipeline.models import create_model
-    from pipeline.training import seed_everything
+    from pipeline.training.loop import seed_everything
 
     seed_everything(training_spec(backbone).seed)  # the same initial weights on every run
     model = create_model(
@@ -133,8 +133,8 @@ def _create(backbone: str, compute: ComputeResource, vocab_size: int):
 def difficulty_scores(
     context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
-    from pipeline.curriculum import bucket_by_difficulty, difficulty_from_history
-    from pipeline.training import preliminary_cosines
+    from pipeline.training.curriculum import bucket_by_difficulty, difficulty_from_history
+    from pipeline.training.loop import preliminary_cosines
 
     backbone = context.partition_key
     splits = load_splits(storage, ("train",))
@@ -194,8 +194,8 @@ def trained_models(
     compute: ComputeResource,
     pipes: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
-    from pipeline.curriculum import curriculum_stages
-    from pipeline.training import train_model
+    from pipeline.training.curriculum import curriculum_stages
+    from pipeline.training.loop import train_model
 
     backbone, recipe = _split_key(context)
     splits = load_splits(storage, ("train", "val"))
@@ -253,13 +253,13 @@ def trained_models(
 
 def _train_with_torchrun(context, pipes, compute, model_kwargs, train, val, config, checkpoint_dir, stages):
     """DistributedDataParallel over compute.nproc_per_node processes: torchrun launched through Dagster
-    Pipes (its output streams into the run's logs), pipeline.ddp_train in each process, the same
+    Pipes (its output streams into the run's logs), pipeline.training.ddp in each process, the same
     checkpoints and resume as in-process training."""
     import json
     import tempfile
 
-    from pipeline.ddp_train import torchrun_command, write_spec
-    from pipeline.training import TrainResult
+    from pipeline.training.ddp import torchrun_command, write_spec
+    from pipeline.training.loop import TrainResult
 
     with_labels = model_kwargs["vocab_size"] > 0
     with tempfile.TemporaryDirectory(prefix="reverse-sd-ddp-") as workdir:
@@ -294,9 +294,9 @@ def _train_with_torchrun(context, pipes, compute, model_kwargs, train, val, conf
 def model_predictions(
     context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
-    from pipeline.checkpoint import latest_checkpoint, load_model_weights
+    from pipeline.training.checkpoint import latest_checkpoint, load_model_weights
     from pipeline.models import create_model
-    from pipeline.training import predict_embeddings
+    from pipeline.training.loop import predict_embeddings
 
     backbone, recipe = _split_key(context)
     checkpoint = latest_checkpoint(storage.path("trained_models", backbone, recipe))

@@ -37,7 +37,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from pipeline.diffusiondb import CorruptArchiveError, DiffusionDBSource, read_part  # noqa: E402
+from pipeline.data.diffusiondb import CorruptArchiveError, DiffusionDBSource, read_part  # noqa: E402
 from pipeline.storage import read_parquet, write_parquet  # noqa: E402
 
 

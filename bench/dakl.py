@@ -68,7 +68,7 @@ def child(args) -> None:
     """One contender in this process: prints a JSON line with times and peak RSS, saves predictions."""
     import scipy.linalg  # noqa: F401  (imports outside the timed region)
 
-    from pipeline.dakl import DAKLRegressor
+    from pipeline.ensemble.dakl import DAKLRegressor
 
     X, Y, X_target = make_data(args.n, args.m)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

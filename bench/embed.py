@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.embedding import PromptEncoder, embed_incremental, resolve_model_location  # noqa: E402
+from pipeline.data.embedding import PromptEncoder, embed_incremental, resolve_model_location  # noqa: E402
 
 SUBJECTS = [
     "a portrait of a cyberpunk samurai", "a cat wearing a wizard hat", "an ancient castle on a cliff",

@@ -1,4 +1,4 @@
-"""bench/filter: pipeline.filtering.filter_prompts (Polars) versus vectorised pandas implementations of the
+"""bench/filter: pipeline.data.filtering.filter_prompts (Polars) versus vectorised pandas implementations of the
 same rules (pandas string methods + duplicated(), both with pandas 3's default Arrow-backed "str" dtype and
 with classic object dtype), on N DiffusionDB-like prompts.  Asserts identical kept rows (same ids, same
 order); prints best-of-R seconds, the ratio, and each contender's peak memory, measured in a fresh child
@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from pipeline.filtering import NEAR_DUPLICATE_CHARS, WHITESPACE  # noqa: E402
+from pipeline.data.filtering import NEAR_DUPLICATE_CHARS, WHITESPACE  # noqa: E402
 
 SUBJECTS = (
     "portrait of a woman|a cat|a dragon|a castle on a hill|a futuristic city|an enchanted forest|a knight in armor|"
@@ -122,7 +122,7 @@ def make_prompts(n: int, seed: int = 0):
 def polars_filter(path: str):
     import polars as pl
 
-    from pipeline.filtering import filter_prompts
+    from pipeline.data.filtering import filter_prompts
 
     frame = pl.read_parquet(path)
 
@@ -202,7 +202,7 @@ def main() -> None:
     if args.child:
         child(args.child, args.data, args.repeat, args.out)
         return
-    from pipeline.filtering import filter_report
+    from pipeline.data.filtering import filter_report
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,5 +1,5 @@
 """bench/image_store: a training split's images as a Python list of bytes (how load_split held them before)
-versus pipeline.image_store's memory-mapped Arrow file, on N synthetic images in P Parquet parts laid out
+versus pipeline.data.image_store's memory-mapped Arrow file, on N synthetic images in P Parquet parts laid out
 like diffusiondb_parts.
 
 Each contender runs in a fresh child process and reports, from /proc/self/status: the private (anonymous)
@@ -26,7 +26,7 @@ import polars as pl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from pipeline.image_store import split_images  # noqa: E402
+from pipeline.data.image_store import split_images  # noqa: E402
 
 
 def _status_mb(field: str) -> float:

@@ -1,4 +1,4 @@
-"""Benchmark: pipeline.clustering.kmeans_centroids (faiss) at the paper's scale, and against scikit-learn.
+"""Benchmark: pipeline.ensemble.clustering.kmeans_centroids (faiss) at the paper's scale, and against scikit-learn.
 
     .venv/bin/python bench/kmeans.py [--n 670000] [--k 10000] [--n-iter 10] [--max-points-per-centroid 32]
                                      [--sub-n 20000] [--sub-k 500] [--skip-full]
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from pipeline.clustering import inertia, kmeans_centroids, label_centroids  # noqa: E402
+from pipeline.ensemble.clustering import inertia, kmeans_centroids, label_centroids  # noqa: E402
 
 
 def make_embeddings(n: int, d: int, topics: int, seed: int = 0, noise: float = 1.2) -> np.ndarray:

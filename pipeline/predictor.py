@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import storage as store
-from pipeline.evaluation import normalise_rows
+from pipeline.evaluation.report import normalise_rows
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
@@ -81,7 +81,7 @@ class PromptPredictor:
         return bank["prompt"].to_list(), bank["embedding"].to_numpy().astype(np.float32)
 
     def _choose_members(self, model: str) -> list[LoadedModel]:
-        from pipeline.checkpoint import latest_checkpoint
+        from pipeline.training.checkpoint import latest_checkpoint
 
         ensemble_file = self._path("models", "ensemble.json")
         if model in ("auto", "ensemble"):
@@ -108,7 +108,7 @@ class PromptPredictor:
         return [self._load_model(b, r) for b, r in members.items()]
 
     def _load_model(self, backbone: str, recipe: str) -> LoadedModel:
-        from pipeline.checkpoint import latest_checkpoint, load_model_weights
+        from pipeline.training.checkpoint import latest_checkpoint, load_model_weights
         from pipeline.models import create_model
 
         checkpoint = latest_checkpoint(self._path("trained_models", backbone, recipe))
@@ -122,8 +122,8 @@ class PromptPredictor:
 
     def _load_captioner(self, name: str):
         """A trained captioner (trained_captioners/<name>); "auto" takes the first registered one found."""
-        from pipeline.captioning import available_captioners, load_captioner
-        from pipeline.checkpoint import latest_checkpoint
+        from pipeline.captioning.captioner import available_captioners, load_captioner
+        from pipeline.training.checkpoint import latest_checkpoint
 
         names = available_captioners() if name == "auto" else [name]
         for candidate in names:
@@ -140,7 +140,7 @@ class PromptPredictor:
 
         Fitted once here, so an image's prediction does not depend on what else is in its batch.
         """
-        from pipeline.dakl import DAKLRegressor
+        from pipeline.ensemble.dakl import DAKLRegressor
 
         params_file = self._path("models", "dakl.json")
         centroids_file = self._path("kmeans_centroids.parquet")
@@ -160,7 +160,7 @@ class PromptPredictor:
     # -- predicting ------------------------------------------------------------------------------
     def embed(self, images: Sequence[bytes]) -> np.ndarray:
         """Predicted, unit-length prompt embeddings for encoded images (a batch at a time)."""
-        from pipeline.images import reencode_image
+        from pipeline.data.images import reencode_image
 
         return self.embed_stored(list(self._pool().map(lambda b: reencode_image(b, size=256), images)))
 
@@ -176,7 +176,7 @@ class PromptPredictor:
         """As embed, for images already re-encoded the way diffusiondb_parts stores them."""
         import torch
 
-        from pipeline.data import decode_image
+        from pipeline.training.datasets import decode_image
 
         outputs = []
         unit_pixels: dict[int, torch.Tensor] = {}  # decoded once per input size, normalised per model
@@ -201,7 +201,7 @@ class PromptPredictor:
 
     def generate_stored(self, stored: Sequence[bytes]) -> list[str]:
         """Prompts written by the captioner for images re-encoded as diffusiondb_parts stores them."""
-        from pipeline.captioning import generate_prompts
+        from pipeline.captioning.captioner import generate_prompts
 
         if self.captioner is None:
             raise NotTrainedError("no captioner loaded: create the predictor with captioner='auto'")
@@ -217,7 +217,7 @@ class PromptPredictor:
     def predict_files(self, paths: Iterable[Path], generate: bool = False):
         """Yield (path, embedding or None, error or None) in input order, batch by batch; with ``generate``
         a fourth item, the captioner's prompt (None for a file that could not be read)."""
-        from pipeline.images import ImageError, reencode_image
+        from pipeline.data.images import ImageError, reencode_image
 
         batch: list[tuple[Path, bytes]] = []
         extra = (None,) if generate else ()

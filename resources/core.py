@@ -73,7 +73,7 @@ class DiffusionDBResource(dg.ConfigurableResource):
     sample_seed: int = 0
 
     def source(self):
-        from pipeline.diffusiondb import DiffusionDBSource
+        from pipeline.data.diffusiondb import DiffusionDBSource
 
         if self.generate_sample:
             self._ensure_sample()
@@ -83,7 +83,7 @@ class DiffusionDBResource(dg.ConfigurableResource):
         return DiffusionDBSource(self.location, revision=self.revision, token=token)
 
     def _ensure_sample(self) -> None:
-        from pipeline.sample_data import generate_sample_mirror
+        from pipeline.data.sample_data import generate_sample_mirror
 
         root = Path(self.location)
         with _SAMPLE_LOCK:
@@ -116,7 +116,7 @@ class SentenceEncoderResource(dg.ConfigurableResource):
     batch_size: int = 128
 
     def encoder(self):
-        from pipeline.embedding import PromptEncoder
+        from pipeline.data.embedding import PromptEncoder
 
         return PromptEncoder(self.model, device=self.device, batch_size=self.batch_size)
 

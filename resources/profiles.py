@@ -124,7 +124,7 @@ def _env_captioners(default: tuple[str, ...]) -> tuple[str, ...]:
     raw = os.environ.get("REVERSE_SD_CAPTIONERS", "").strip()
     if not raw:
         return default
-    from pipeline.captioning import available_captioners
+    from pipeline.captioning.captioner import available_captioners
 
     names = tuple(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
     unknown = [n for n in names if n not in available_captioners()]

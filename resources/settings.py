@@ -119,7 +119,7 @@ def check_source(settings: Settings) -> None:
     Hub ids are not checked here (that needs the network); the generated sample mirror does not exist
     until its first use.
     """
-    from pipeline.diffusiondb import PART_KEY, is_local_location
+    from pipeline.data.diffusiondb import PART_KEY, is_local_location
 
     if settings.uses_generated_sample or not is_local_location(settings.diffusiondb):
         return

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.captioning import (
+from pipeline.captioning.captioner import (
     CAPTIONERS,
     CaptionDataset,
     Captioner,
@@ -36,7 +36,7 @@ from pipeline.captioning import (
     sbert_cosines,
     train_captioner,
 )
-from pipeline.curriculum import bucket_by_difficulty, curriculum_stages
+from pipeline.training.curriculum import bucket_by_difficulty, curriculum_stages
 
 RED = "a red circle on a white background, highly detailed"
 BLUE = "two blue squares, black background, by greg rutkowski"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.cluster import KMeans
 
-from pipeline.clustering import inertia, kmeans_centroids, label_centroids, nearest
+from pipeline.ensemble.clustering import inertia, kmeans_centroids, label_centroids, nearest
 
 
 def blobs(n: int = 3000, d: int = 32, k: int = 12, spread: float = 0.15, seed: int = 0):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.curriculum import bucket_by_difficulty, curriculum_stages, difficulty_from_history
-from pipeline.data import PairDataset, StageSampler
-from pipeline.training import train_model
+from pipeline.training.curriculum import bucket_by_difficulty, curriculum_stages, difficulty_from_history
+from pipeline.training.datasets import PairDataset, StageSampler
+from pipeline.training.loop import train_model
 from test_training import cfg, make_loss, make_tiny_model, toy_data
 
 

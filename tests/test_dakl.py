@@ -8,7 +8,7 @@ import scipy.linalg
 from sklearn.base import clone
 from sklearn.kernel_ridge import KernelRidge
 
-from pipeline.dakl import DAKLRegressor, cosine_normalise, dense_reference_predict
+from pipeline.ensemble.dakl import DAKLRegressor, cosine_normalise, dense_reference_predict
 
 
 def embeddings(n: int, m: int, d: int = 64, p: int = 32, seed: int = 0):

@@ -1,4 +1,4 @@
-"""A real 2-process DistributedDataParallel run (torchrun, gloo, CPU) through pipeline.ddp_train.
+"""A real 2-process DistributedDataParallel run (torchrun, gloo, CPU) through pipeline.training.ddp.
 
 Checks that the ranks end with identical weights, that they moved from the initial weights, and that the
 result matches a single-process run over the same global batches (batch_size is global: each rank takes
@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline import ddp_train
-from pipeline.checkpoint import load_model_weights
+from pipeline.training import ddp as ddp_train
+from pipeline.training.checkpoint import load_model_weights
 from test_training import make_tiny_model, toy_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "pipeline.ddp_train", "--spec", str(_spec(tmp_path, "ddp", curriculum=True))]
+               "-m", "pipeline.training.ddp", "--spec", str(_spec(tmp_path, "ddp", curriculum=True))]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 

@@ -227,8 +227,8 @@ def test_helm_values_point_at_real_files_and_settings():
 
 def test_torchrun_note_names_a_real_entry_point():
     readme = (DEPLOY / "README.md").read_text()
-    assert "torchrun --nproc_per_node" in readme and "-m pipeline.ddp_train" in readme
-    assert importlib.util.find_spec("pipeline.ddp_train") is not None
+    assert "torchrun --nproc_per_node" in readme and "-m pipeline.training.ddp" in readme
+    assert importlib.util.find_spec("pipeline.training.ddp") is not None
 
 
 @pytest.mark.parametrize("name", EXECUTORS)

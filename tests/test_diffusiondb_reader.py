@@ -1,5 +1,5 @@
 """The DiffusionDB source (local twin of the hub path), the part reader on good and hostile archives, and
-pipeline.images' decode / validate / re-encode."""
+pipeline.data.images' decode / validate / re-encode."""
 
 from __future__ import annotations
 
@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.diffusiondb import (
+from pipeline.data.diffusiondb import (
     FRAME_SCHEMA,
     CorruptArchiveError,
     DiffusionDBSource,
     read_part,
     validate_part_key,
 )
-from pipeline.images import ImageError, decode_image, reencode_image
-from pipeline.sample_data import generate_sample_mirror
+from pipeline.data.images import ImageError, decode_image, reencode_image
+from pipeline.data.sample_data import generate_sample_mirror
 
 PART = "part-000007"
 
@@ -416,7 +416,7 @@ def test_hub_and_local_share_the_reader(tmp_path, mirror, monkeypatch):
     assert read_part(path, "part-000001").frame.equals(read_part(local, "part-000001").frame)
 
 
-# -- pipeline.images -----------------------------------------------------------------------------------
+# -- pipeline.data.images -----------------------------------------------------------------------------------
 
 
 def test_reencode_centre_crops_to_a_square():

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpoint import latest_checkpoint, list_checkpoints, load_model_weights
-from pipeline.data import PairDataset
-from pipeline.training import init_heads_from_targets, predict_embeddings, train_model
+from pipeline.training.checkpoint import latest_checkpoint, list_checkpoints, load_model_weights
+from pipeline.training.datasets import PairDataset
+from pipeline.training.loop import init_heads_from_targets, predict_embeddings, train_model
 from test_training import Interrupt, cfg, make_loss, make_tiny_model, toy_data
 
 

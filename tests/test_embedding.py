@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline.embedding import (
+from pipeline.data.embedding import (
     EMBEDDING_DIM,
     PromptEncoder,
     embed_incremental,

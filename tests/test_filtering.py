@@ -1,4 +1,4 @@
-"""pipeline.filtering: the paper's rules one by one, edge cases, a pure-Python reference on random input,
+"""pipeline.data.filtering: the paper's rules one by one, edge cases, a pure-Python reference on random input,
 and the split's determinism / order independence / disjointness / ratios."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline.filtering import assign_split, filter_prompts, filter_report, stable_hash64
+from pipeline.data.filtering import assign_split, filter_prompts, filter_report, stable_hash64
 
 LONG = "a castle on a hill at dawn, matte painting, by greg rutkowski, trending on artstation"
 
 
 def reference_filter(prompts: list) -> list[int]:
-    """Row numbers kept, by the rules as written, one row at a time (see pipeline.filtering's docstring)."""
+    """Row numbers kept, by the rules as written, one row at a time (see pipeline.data.filtering's docstring)."""
     eligible = []
     for i, p in enumerate(prompts):
         if p is None or (isinstance(p, float) and math.isnan(p)):

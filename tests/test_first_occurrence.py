@@ -1,4 +1,4 @@
-"""pipeline.first_occurrence: the bucketed first-occurrence kernel against a one-row-at-a-time reference, at
+"""pipeline.data.first_occurrence: the bucketed first-occurrence kernel against a one-row-at-a-time reference, at
 bucket, thread and sentinel edges, and its input checks."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline import first_occurrence as fo
+from pipeline.data import first_occurrence as fo
 
 U64_MAX = np.iinfo(np.uint64).max
 
@@ -76,7 +76,7 @@ def test_works_without_a_writable_cache():
         "import numba.core.caching as c\n"
         "c.CacheImpl._locator_classes = []\n"
         "import numpy as np\n"
-        "from pipeline.first_occurrence import first_occurrence, _bucket_rows\n"
+        "from pipeline.data.first_occurrence import first_occurrence, _bucket_rows\n"
         "assert _bucket_rows._cache.__class__.__name__ == 'NullCache', _bucket_rows._cache\n"
         "print(first_occurrence(np.array([3, 3, 4], dtype=np.uint64), np.ones(3, bool)).tolist())\n"
     )

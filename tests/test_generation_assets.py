@@ -20,7 +20,7 @@ from PIL import Image
 from assets.data import DATA_ASSETS, register_parts
 from assets.generation import GENERATION_ASSETS, caption_report_rows
 from assets.training import difficulty_scores
-from pipeline.sample_data import generate_sample_mirror
+from pipeline.data.sample_data import generate_sample_mirror
 from resources import ComputeResource, DiffusionDBResource, SentenceEncoderResource, StorageResource
 
 
@@ -53,10 +53,10 @@ def materialized(tmp_path_factory):
 
 
 def _write_unet_checkpoint(storage: StorageResource) -> None:
-    from pipeline.checkpoint import save_checkpoint
+    from pipeline.training.checkpoint import save_checkpoint
     from pipeline.models import create_model
-    from pipeline.training import seed_everything
-    from pipeline.unet_swap import encoder_from_model
+    from pipeline.training.loop import seed_everything
+    from pipeline.evaluation.unet_swap import encoder_from_model
 
     seed_everything(0)
     model = create_model("unet", variant="tiny", vocab_size=8)
@@ -132,7 +132,7 @@ def test_predict_generate_prints_the_captioners_prompt(materialized, tmp_path, m
     """`reverse-sd predict --generate`: the retrieved prompts, then the captioner's own, which is the prompt
     caption_predictions wrote for the same image (the same stored bytes go through the same decoding)."""
     from assets import cli
-    from pipeline.checkpoint import save_checkpoint
+    from pipeline.training.checkpoint import save_checkpoint
     from pipeline.models import create_model
 
     storage, home, _, _ = materialized
@@ -155,6 +155,6 @@ def test_predict_generate_prints_the_captioners_prompt(materialized, tmp_path, m
     assert cli.main(["predict", str(paths[0]), "--model", "vit", "--generate", "--format", "json", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["generated"] == predictions["generated"][0]
     # nothing trained to write prompts: one line naming the asset, exit 2
-    monkeypatch.setattr("pipeline.captioning.available_captioners", lambda: ["nothing"])
+    monkeypatch.setattr("pipeline.captioning.captioner.available_captioners", lambda: ["nothing"])
     assert cli.main(["predict", str(paths[0]), "--model", "vit", "--generate", "--quiet"]) == 2
     assert "materialize the asset trained_captioners" in capsys.readouterr().err

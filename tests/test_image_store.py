@@ -1,4 +1,4 @@
-"""pipeline.image_store: a split's images in one memory-mapped Arrow file, built part by part and cached."""
+"""pipeline.data.image_store: a split's images in one memory-mapped Arrow file, built part by part and cached."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import polars as pl
 import pytest
 import torch
 
-from pipeline.data import PairDataset, make_loader
-from pipeline.ddp_train import read_pairs, write_pairs
-from pipeline.image_store import ImageColumn, split_images, write_image_files
-from pipeline.images import reencode_image
+from pipeline.training.datasets import PairDataset, make_loader
+from pipeline.training.ddp import read_pairs, write_pairs
+from pipeline.data.image_store import ImageColumn, split_images, write_image_files
+from pipeline.data.images import reencode_image
 
 
 def _png(seed: int) -> bytes:
@@ -141,7 +141,7 @@ def test_reencoded_images_round_trip_through_the_file(tmp_path):
 
 
 def test_a_file_swept_by_a_concurrent_run_before_it_is_opened_is_rebuilt(tmp_path, monkeypatch):
-    import pipeline.image_store as store
+    import pipeline.data.image_store as store
 
     real_write, builds = store.write_image_files, []
 
@@ -159,7 +159,7 @@ def test_a_file_swept_by_a_concurrent_run_before_it_is_opened_is_rebuilt(tmp_pat
 
 
 def test_label_lists_are_two_arrays_that_read_back_as_the_rows():
-    from pipeline.data import LabelLists, multi_hot
+    from pipeline.training.datasets import LabelLists, multi_hot
 
     rows = [np.array([3, 1]), None, [], np.array([0]), [2, 2, 4]]
     labels = LabelLists(rows)
@@ -189,7 +189,7 @@ def test_a_damaged_cache_file_is_rebuilt(tmp_path):
 
 
 def test_several_splits_are_built_in_one_pass_over_the_parts(tmp_path):
-    from pipeline.image_store import split_images_many
+    from pipeline.data.image_store import split_images_many
 
     requests = {"train": _rows(["a0", "a1", "b0", "c0"]), "val": _rows(["a2", "b1"]), "test": _rows(["c1", "a3"])}
     reader = PartReader()
@@ -214,7 +214,7 @@ def test_temporary_files_of_killed_builds_are_swept_live_ones_kept(tmp_path):
     import os
     import time
 
-    from pipeline.image_store import remove_abandoned
+    from pipeline.data.image_store import remove_abandoned
 
     killed = tmp_path / ".train-abc.arrow.0123.tmp"
     live = tmp_path / ".val-def.arrow.4567.tmp"
@@ -233,7 +233,7 @@ DRIVER = r'''
 import sys, time
 import polars as pl
 sys.path.insert(0, sys.argv[1])
-from pipeline.image_store import split_images_many
+from pipeline.data.image_store import split_images_many
 
 parts_dir, cache, stall = sys.argv[2], sys.argv[3], sys.argv[4] == "stall"
 rows = pl.read_parquet(f"{parts_dir}/rows.parquet")

@@ -26,8 +26,8 @@ import polars as pl
 import pytest
 import torch
 
-from pipeline.checkpoint import latest_checkpoint, list_checkpoints, load_model_weights
-from pipeline.diffusiondb import read_part
+from pipeline.training.checkpoint import latest_checkpoint, list_checkpoints, load_model_weights
+from pipeline.data.diffusiondb import read_part
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ if TARGET.startswith("parquet:"):  # parquet:<name>[:<n>]: the n-th write (defau
 
     pq.write_table = write_table
 elif TARGET.startswith("checkpoint:"):
-    import pipeline.checkpoint as ckpt
+    import pipeline.training.checkpoint as ckpt
 
     _real_save = ckpt.st_save_file
     needle = TARGET.split(":", 1)[1]
@@ -95,7 +95,7 @@ import polars as pl
 import torch
 
 torch.set_num_threads(1)
-from pipeline.embedding import PromptEncoder, embed_incremental
+from pipeline.data.embedding import PromptEncoder, embed_incremental
 from pipeline.storage import exists, read_parquet, write_parquet
 
 PROMPTS = [f"a {c} {s} in the style of {a}, highly detailed" for c in ("red", "blue", "green", "golden")
@@ -117,9 +117,9 @@ import torch
 from PIL import Image
 
 torch.set_num_threads(1)
-from pipeline.data import PairDataset
+from pipeline.training.datasets import PairDataset
 from pipeline.models import create_model
-from pipeline.training import TrainConfig, seed_everything, train_model
+from pipeline.training.loop import TrainConfig, seed_everything, train_model
 
 rng = np.random.default_rng(0)
 images, labels = [], []

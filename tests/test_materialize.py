@@ -102,7 +102,7 @@ def test_new_part_stales_that_part_and_downstream_only(sample_run, tmp_path):
     """On a copy of the materialized instance: one new part in the mirror -> only that part is read."""
     import shutil
 
-    from pipeline.sample_data import generate_sample_mirror
+    from pipeline.data.sample_data import generate_sample_mirror
 
     home, env, _ = sample_run
     copy = tmp_path / "copy"

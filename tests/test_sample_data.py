@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from pipeline.sample_data import COLORS, METADATA_SCHEMA, Attributes, generate_sample_mirror, render
+from pipeline.data.sample_data import COLORS, METADATA_SCHEMA, Attributes, generate_sample_mirror, render
 
 UUID_PNG = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\.png")
 

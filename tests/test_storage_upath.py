@@ -143,7 +143,7 @@ def test_as_path_keeps_local_paths_local(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_mirror(tmp_path_factory) -> Path:
     """A one-part DiffusionDB mirror in DiffusionDB's layout: the source stays local, artifacts go to the URL."""
-    from pipeline.sample_data import generate_sample_mirror
+    from pipeline.data.sample_data import generate_sample_mirror
 
     root = tmp_path_factory.mktemp("mirror") / "diffusiondb"
     generate_sample_mirror(root, n_parts=1, images_per_part=40, seed=3)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from pipeline.checkpoint import (
+from pipeline.training.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,
@@ -27,8 +27,8 @@ from pipeline.checkpoint import (
     read_state,
     save_checkpoint,
 )
-from pipeline.data import PairDataset
-from pipeline.training import TrainConfig, predict_embeddings, preliminary_cosines, seed_everything, train_model
+from pipeline.training.datasets import PairDataset
+from pipeline.training.loop import TrainConfig, predict_embeddings, preliminary_cosines, seed_everything, train_model
 
 SIZE = 32
 K = 6

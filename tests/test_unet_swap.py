@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from pipeline.models import create_model
-from pipeline.training import seed_everything
-from pipeline.unet_swap import (
+from pipeline.training.loop import seed_everything
+from pipeline.evaluation.unet_swap import (
     DEFAULT_PROMPTS,
     EncoderSwap,
     check_compatible,
@@ -143,7 +143,7 @@ def test_incompatible_encoder_is_rejected(pipe):
 
 
 def test_encoder_loads_from_a_trained_models_checkpoint(tmp_path):
-    from pipeline.checkpoint import save_checkpoint
+    from pipeline.training.checkpoint import save_checkpoint
 
     model = _unet_model(0.05)
     save_checkpoint(tmp_path / "unet" / "mlc_cl", model, index=3)
@@ -170,7 +170,7 @@ def test_hub_path_loads_a_local_pipeline_with_ddim(pipe, tmp_path):
     """load_sd_pipeline (the hub path) on a save_pretrained directory: same weights, DDIM, same images."""
     from diffusers import DDIMScheduler
 
-    from pipeline.unet_swap import load_sd_pipeline
+    from pipeline.evaluation.unet_swap import load_sd_pipeline
 
     pipe.save_pretrained(tmp_path / "sd")
     loaded = load_sd_pipeline(str(tmp_path / "sd"), device="cpu")

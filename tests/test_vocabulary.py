@@ -1,4 +1,4 @@
-"""pipeline.vocabulary: content words only, document-frequency top-K with deterministic ties, and labels
+"""pipeline.data.vocabulary: content words only, document-frequency top-K with deterministic ties, and labels
 that are exactly the vocabulary words each prompt contains."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 
-from pipeline.vocabulary import build_vocabulary, label_indices, label_series, multi_hot
+from pipeline.data.vocabulary import build_vocabulary, label_indices, label_series, multi_hot
 
 PROMPTS = [
     "a red cat and a red dog, 4k",

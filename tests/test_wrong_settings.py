@@ -24,7 +24,7 @@ import pytest
 
 from conftest import sample_env
 
-from pipeline.checkpoint import CheckpointError, load_checkpoint, load_model_weights, save_checkpoint
+from pipeline.training.checkpoint import CheckpointError, load_checkpoint, load_model_weights, save_checkpoint
 
 PROJECT = Path(__file__).resolve().parents[1]
 SECRET = "hf_kIlLrEsUmEsEcReT0123456789abcdef"  # a token-shaped value that must never be written anywhere

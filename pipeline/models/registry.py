@@ -95,7 +95,7 @@ class ReverseSDModel(nn.Module):
 
     @property
     def embedding_dim(self) -> int:
-        """Alias read by pipeline.checkpoint."""
+        """Alias read by pipeline.training.checkpoint."""
         return self.embed_dim
 
     def forward(

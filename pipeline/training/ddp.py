@@ -1,4 +1,4 @@
-"""Multi-process training entry point: ``torchrun --nproc_per_node N -m pipeline.ddp_train --spec spec.json``.
+"""Multi-process training entry point: ``torchrun --nproc_per_node N -m pipeline.training.ddp --spec spec.json``.
 
 An asset (or a person) writes a JSON spec naming everything the run needs as files, so the launched
 processes build identical models and datasets on their own:
@@ -36,10 +36,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch.distributed as dist
 
-from pipeline.data import PairDataset
-from pipeline.image_store import ImageColumn
+from pipeline.training.datasets import PairDataset
+from pipeline.data.image_store import ImageColumn
 from pipeline.storage import write_text
-from pipeline.training import TrainConfig, seed_everything, train_model
+from pipeline.training.loop import TrainConfig, seed_everything, train_model
 
 DEFAULT_COLUMNS = {"image": "image", "target": "embedding", "labels": "label_indices"}
 IMAGE_ROW = "image_row"
@@ -157,7 +157,7 @@ def torchrun_command(spec_path: str | Path, nproc_per_node: int) -> list[str]:
     """The launch command: torchrun (as ``python -m torch.distributed.run``) on this node, N processes."""
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(int(nproc_per_node)),
-        "-m", "pipeline.ddp_train", "--spec", str(spec_path),
+        "-m", "pipeline.training.ddp", "--spec", str(spec_path),
     ]
 
 

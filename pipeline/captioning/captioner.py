@@ -5,7 +5,7 @@ The captioner is trained with the same two ideas as the embedding models:
 
 - vocabulary head ("MLC"): a linear multi-label classifier over the K-word vocabulary on the pooled vision
   features (BLIP's image [CLS] token); loss = captioning LM loss + lambda * BCE(vocab logits, labels);
-- curriculum ("CL", pipeline/curriculum.py): stages easy -> easy+medium -> all -> all, from difficulty
+- curriculum ("CL", pipeline/training/curriculum.py): stages easy -> easy+medium -> all -> all, from difficulty
   buckets that come from the backbones' difficulty_scores (rank-averaged, free) or from the captioner's own
   preliminary epochs (difficulty = minus the per-sample LM loss, higher = easier, as for the cosine).
 
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.data import LabelLists, StageSampler, decode_image, epoch_seed, make_loader, multi_hot
+from pipeline.training.datasets import LabelLists, StageSampler, decode_image, epoch_seed, make_loader, multi_hot
 
 VARIANTS = ("tiny", "full")
 BLIP_HUB_ID = "Salesforce/blip-image-captioning-base"
@@ -82,7 +82,7 @@ def minilm_tokenizer():
     """The BERT-uncased WordPiece tokenizer of the offline all-MiniLM-L6-v2 package."""
     from transformers import AutoTokenizer
 
-    from pipeline.embedding import resolve_model_location
+    from pipeline.data.embedding import resolve_model_location
 
     return AutoTokenizer.from_pretrained(resolve_model_location(None))
 
@@ -417,7 +417,7 @@ class CaptionDataset(torch.utils.data.Dataset):
     """(pixels, input_ids, attention_mask, multi-hot vocabulary labels, index) per pair.
 
     Prompts are tokenized once, padded to the captioner's max_length (the trainer trims each batch to its
-    longest row).  Images are decoded in the captioner's preprocessing, as pipeline.data does: all at once
+    longest row).  Images are decoded in the captioner's preprocessing, as pipeline.training.datasets does: all at once
     when the decoded set fits in PRELOAD_BYTES (decoding was half of a tiny CPU epoch, every epoch), else
     lazily in the loader's workers.
     """
@@ -486,7 +486,7 @@ def _caption_run_fingerprint(
     """What decides the fine-tuned weights: settings, captioner config, training prompts' tokens, stages."""
     import hashlib
 
-    from pipeline.checkpoint import model_config
+    from pipeline.training.checkpoint import model_config
 
     settings = json.dumps([config.result_dict(), model_config(captioner)], sort_keys=True, default=str)
     digest = hashlib.sha256(settings.encode())
@@ -516,8 +516,8 @@ def train_captioner(
     resumes after its last finished epoch, with the weights an uninterrupted run has (every epoch seeds its
     own shuffle and RNG); a checkpoint from other settings, data or stages is discarded, not resumed.
     """
-    from pipeline.checkpoint import latest_checkpoint, load_checkpoint, read_state, remove_checkpoints, save_checkpoint
-    from pipeline.training import autocast_dtype, cosine_with_warmup, make_optimizer, resolve_device, seed_everything
+    from pipeline.training.checkpoint import latest_checkpoint, load_checkpoint, read_state, remove_checkpoints, save_checkpoint
+    from pipeline.training.loop import autocast_dtype, cosine_with_warmup, make_optimizer, resolve_device, seed_everything
 
     n = len(train_set)
     stage_list = [np.arange(n)] if stages is None else [np.asarray(s, dtype=np.int64) for s in stages]
@@ -674,7 +674,7 @@ def generate_prompts(
 ) -> list[str]:
     """Generated prompt text for encoded images, in order; settings not given are the captioner's own
     (``kwargs``: see Captioner.generate)."""
-    from pipeline.training import resolve_device
+    from pipeline.training.loop import resolve_device
 
     dev = resolve_device(device) if isinstance(device, str) else device
     captioner.to(dev).eval()
@@ -691,9 +691,9 @@ TOKENIZER_DIR = "tokenizer"
 
 
 def save_captioner(captioner: Captioner, directory: str, progress: dict | None = None, config: dict | None = None):
-    """Tokenizer files, then weights (pipeline.checkpoint: safetensors, atomic); weights present = complete."""
+    """Tokenizer files, then weights (pipeline.training.checkpoint: safetensors, atomic); weights present = complete."""
     from pipeline import storage as store
-    from pipeline.checkpoint import remove_checkpoints, save_checkpoint
+    from pipeline.training.checkpoint import remove_checkpoints, save_checkpoint
 
     remove_checkpoints(directory)
     old = store.as_path(f"{directory.rstrip('/')}/{TOKENIZER_DIR}")
@@ -721,7 +721,7 @@ def load_captioner(directory: str, device: str = "cpu") -> Captioner:
     )
 
     from pipeline import storage as store
-    from pipeline.checkpoint import CheckpointError, latest_checkpoint, load_model_weights
+    from pipeline.training.checkpoint import CheckpointError, latest_checkpoint, load_model_weights
 
     weights = latest_checkpoint(directory)
     if weights is None:
@@ -795,7 +795,7 @@ def caption_table(pairs, generated: Sequence[str], generated_embeddings: np.ndar
     of the image and the generated prompt, and RefCLIPScore with the true prompt as the reference."""
     import polars as pl
 
-    from pipeline.training_data import embedding_series
+    from pipeline.training.pairs import embedding_series
 
     if len(generated) != len(pairs.image_ids):
         raise ValueError(f"{len(generated)} generated prompts for {len(pairs.image_ids)} images")

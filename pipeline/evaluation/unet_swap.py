@@ -75,7 +75,7 @@ def tiny_sd_pipeline(seed: int = 0):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from pipeline.captioning import minilm_tokenizer
+    from pipeline.captioning.captioner import minilm_tokenizer
 
     state = torch.random.get_rng_state()
     try:
@@ -120,7 +120,7 @@ def encoder_from_model(model) -> nn.ModuleDict:
 
 def load_finetuned_encoder(checkpoint) -> tuple[nn.ModuleDict, dict]:
     """(encoder, model config) from a trained_models unet checkpoint (weights file or its directory)."""
-    from pipeline.checkpoint import load_model_weights
+    from pipeline.training.checkpoint import load_model_weights
     from pipeline.models import create_model
 
     state, config = load_model_weights(checkpoint)
@@ -213,7 +213,7 @@ def generate_images(
 
 def clip_scores(scorer, images: Sequence, prompts: Sequence[str]) -> np.ndarray:
     """Prompt alignment per image: 100 * max(cos(CLIP image, CLIP prompt), 0) (torchmetrics' CLIPScore)."""
-    from pipeline.captioning import clip_s
+    from pipeline.captioning.captioner import clip_s
 
     return clip_s(scorer.image_embeddings(list(images)), scorer.text_embeddings(list(prompts)), w=100.0)
 

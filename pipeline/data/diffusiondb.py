@@ -7,7 +7,7 @@ offline twin of the hub path.
 
 read_part streams one archive: opened once, members read one at a time into memory (never extracted,
 no path is ever built from a member name, nothing is written anywhere), each image decoded once,
-resized and re-encoded by pipeline.images.  Bad records are skipped and counted with their ids, never
+resized and re-encoded by pipeline.data.images.  Bad records are skipped and counted with their ids, never
 crashing the part and never dropping a good record.  An archive that cannot be read at all raises
 CorruptArchiveError naming the part and the file; so does a part whose JSON cannot be parsed (missing,
 not JSON, not an object of entries): without it no prompt in the part is known, so failing the part
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import polars as pl
 
-from pipeline.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, reencode
+from pipeline.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, reencode
 
 HUB_DATASET = "poloclub/diffusiondb"
 PART_KEY = re.compile(r"part-\d{6}")
@@ -305,7 +305,7 @@ def read_part(
     the image as stored in the archive (before resizing); `image` holds the re-encoded bytes.
     Skip reasons: symlink_member, unsafe_member_name, duplicate_member, member_too_large, corrupt_member,
     image_without_entry, entry_without_image, entry_not_object, prompt_not_text, prompt_not_utf8, and the
-    image reasons of pipeline.images (empty_image, image_too_large, undecodable_image).  Skipped ids are
+    image reasons of pipeline.data.images (empty_image, image_too_large, undecodable_image).  Skipped ids are
     escaped (control characters, surrogates) so that logging them is safe.
     """
     validate_part_key(part_key)

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline.checkpoint import (
+from pipeline.training.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -39,7 +39,7 @@ from pipeline.checkpoint import (
     remove_checkpoints,
     save_checkpoint,
 )
-from pipeline.data import StageSampler, epoch_seed, make_loader
+from pipeline.training.datasets import StageSampler, epoch_seed, make_loader
 from pipeline.storage import as_path, atomic_local_path
 
 LossFn = Callable[..., tuple[torch.Tensor, dict]]
@@ -240,7 +240,7 @@ def init_heads_from_targets(model: torch.nn.Module, train_set) -> None:
     frequency = None
     labels, vocab_size = getattr(train_set, "labels", None), getattr(heads, "vocab_size", 0)
     if labels is not None and vocab_size:
-        from pipeline.data import LabelLists
+        from pipeline.training.datasets import LabelLists
 
         counts = np.bincount(LabelLists(labels).values, minlength=vocab_size)[:vocab_size]
         frequency = torch.from_numpy(counts / len(targets))
@@ -605,7 +605,7 @@ class _BestWeights:
 
     def load_into(self, model: torch.nn.Module) -> bool:
         """Load the selected epoch's weights; False (weights left as they are) if the file is not this run's."""
-        from pipeline.checkpoint import _read_safetensors  # local paths and fsspec URLs alike
+        from pipeline.training.checkpoint import _read_safetensors  # local paths and fsspec URLs alike
 
         if not self.path.exists():
             return False

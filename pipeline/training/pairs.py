@@ -1,7 +1,7 @@
 """Assemble the supervised pairs a model trains on: image bytes, target embedding, vocabulary labels.
 
 Joins the stage tables by their keys (image_id, prompt) and keeps split membership; a split's images come
-from an image source (pipeline.image_store: built part by part, memory-mapped), never a list in memory.
+from an image source (pipeline.data.image_store: built part by part, memory-mapped), never a list in memory.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ class SplitData:
     """One split's pairs, aligned row by row."""
 
     image_ids: list[str]
-    images: Sequence[bytes]  # e.g. a memory-mapped pipeline.image_store.ImageColumn
+    images: Sequence[bytes]  # e.g. a memory-mapped pipeline.data.image_store.ImageColumn
     targets: np.ndarray  # (n, 384) float32, unit length
     labels: list[np.ndarray]  # sorted vocabulary indices per pair
     prompts: list[str]
@@ -51,7 +51,7 @@ def load_split(rows: pl.DataFrame, images: Sequence[bytes], found: list[str]) ->
     """One split's pairs from its rows (split_rows) and their images.
 
     ``images`` holds the images of the ids in ``found``, in the rows' order, e.g. a memory-mapped
-    pipeline.image_store column, so the split's images are never all in memory.  Pairs whose image is
+    pipeline.data.image_store column, so the split's images are never all in memory.  Pairs whose image is
     missing (not in ``found``) are left out.
     """
     if len(found) != rows.height:
@@ -77,7 +77,7 @@ def load_split(rows: pl.DataFrame, images: Sequence[bytes], found: list[str]) ->
 
 def mean_embedding_baseline(train_targets: np.ndarray, eval_targets: np.ndarray) -> float:
     """Mean cosine of the (normalised) mean training embedding against each evaluation target."""
-    from pipeline.evaluation import mean_cosine, normalise_rows
+    from pipeline.evaluation.report import mean_cosine, normalise_rows
 
     mean = normalise_rows(train_targets.mean(axis=0, keepdims=True))
     return mean_cosine(np.broadcast_to(mean, eval_targets.shape), eval_targets)

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 def _as_byte_sequence(images) -> Sequence:
-    """Keep pyarrow arrays and sequences (a memory-mapped pipeline.image_store.ImageColumn among them) as
+    """Keep pyarrow arrays and sequences (a memory-mapped pipeline.data.image_store.ImageColumn among them) as
     they are, indexing is cheap; series and iterables become a list of bytes."""
     if isinstance(images, pa.ChunkedArray):
         return images.combine_chunks()

@@ -10,7 +10,7 @@ each bucket then gets its own small table, which stays in L2 cache, and threads 
 
 The kernels are compiled by numba on first use and cached on disk (next to this file, NUMBA_CACHE_DIR or
 the user cache), so only the first process on a machine pays the compile (~2 s); a later process pays
-~0.5 s once to import numba and load the cached code, which is why pipeline.filtering imports this
+~0.5 s once to import numba and load the cached code, which is why pipeline.data.filtering imports this
 module only when it filters.
 """
 

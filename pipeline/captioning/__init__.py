@@ -1,0 +1,1 @@
+"""Prompt generation: captioners fine-tuned to write the prompt, and their scores."""

@@ -1,0 +1,1 @@
+"""Training: the loop, checkpoints, the curriculum, training pairs and multi-process (DDP) launch."""

@@ -1,7 +1,7 @@
 """Domain-adaptive kernel learning (DAKL): the paper's kernel ridge step on top of the ensemble.
 
-The method (../shared/paper-notes.md, "Ensemble and DAKL"): U = the labelled points X (the k-means
-centroids) stacked on the unlabeled target points; the normalised linear (cosine) kernel
+The method: U = the labelled points X (the k-means centroids) stacked on the unlabeled target points
+(U = X alone when there is no target domain); the normalised linear (cosine) kernel
 K^(a, b) = a.b / sqrt(a.a b.b); one feature per element of U, phi(x)_j = exp(-gamma (1 - K^(x, u_j)));
 a linear kernel on phi, G = phi(X) phi(X)^T; dual ridge A = (G + alpha I)^-1 Y; and
 predict(Z) = phi(Z) phi(X)^T A.
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.linalg
-from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.base import BaseEstimator, MultiOutputMixin, RegressorMixin
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 __all__ = ["DAKLRegressor", "cosine_normalise", "dense_reference_predict"]
@@ -51,22 +51,56 @@ def dense_reference_predict(X, Y, X_target, Z, gamma: float = 0.001, alpha: floa
     return phi_z @ phi_x.T @ A
 
 
-class DAKLRegressor(RegressorMixin, BaseEstimator):
+class DAKLRegressor(MultiOutputMixin, RegressorMixin, BaseEstimator):
     """Kernel ridge on domain-adaptive features phi(x) = exp(-gamma (1 - cos(x, u))), u in centroids + targets.
+
+    ``fit(X, y, X_target=None)`` learns from labelled X (n x d), y (n x p or n,) and the unlabeled target
+    points X_target (m x d), which only add features (columns of U). Without X_target, U = X: plain
+    kernel ridge on these features, so the estimator works in pipelines and cross-validation helpers.
 
     Parameters
     ----------
-    gamma : float, > 0. The paper's best is 0.001.
-    alpha : float, >= 0. Ridge term added to the Gram diagonal, as in sklearn.kernel_ridge.KernelRidge.
-    block_size : int, columns of U (features) computed at once; memory ~ n x block_size x 4 bytes.
-    dtype : "float32" (default, fast; accurate thanks to the shifted split) or "float64" for the feature
-        blocks and their products. The Gram is always accumulated and solved in float64.
+    gamma : float, default=0.001
+        Width of the feature map, > 0 (the paper's best value is the default).
+    alpha : float, default=1.0
+        Ridge term added to the Gram diagonal, >= 0, as in sklearn.kernel_ridge.KernelRidge.
+    block_size : int, default=2048
+        Columns of U (features) computed at once; bounds the work memory to n x block_size values.
+    dtype : {"float32", "float64"}, default="float32"
+        Precision of the feature blocks and their products. float32 is fast and stays accurate thanks to
+        the shifted split; the Gram is always accumulated and solved in float64.
 
-    fit(X, Y, X_target=None) learns from labelled X (n x d), Y (n x p or n,) and unlabeled X_target (m x d);
-    with X_target None, U = X (plain kernel ridge on these features, so cross-validation helpers work).
+    Attributes
+    ----------
+    n_features_in_ : int
+        Number of features seen during fit.
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Names of features seen during fit; defined only when X has string column names.
+    U_ : ndarray of shape (n_basis_, n_features_in_)
+        The normalised basis points: X stacked on X_target, in the work dtype.
+    n_basis_ : int
+        Number of basis points, n + m (one feature per basis point).
+    k0_ : float
+        Mean cosine between X and U, the point where each feature is split as phi = c + r.
+    gamma_ : float
+        The gamma the fitted state belongs to (set_params after fit cannot skew it).
+    shift_ : float
+        The constant part c = exp(-gamma (1 - k0_)) of every feature.
+    dual_coef_ : ndarray of shape (n,) or (n, p)
+        Dual ridge coefficients A, as in KernelRidge (1-d for a 1-d y).
+    W_ : ndarray of shape (n_basis_, p)
+        r(X)^T A, the remainder part of the features contracted with A once for predict.
+    coef_sum_ : ndarray of shape (p,)
+        1^T A, column sums of the dual coefficients.
+    coef_s_ : ndarray of shape (p,)
+        s_X^T A, where s_X holds the row sums of r(X).
+
+    See Also
+    --------
+    sklearn.kernel_ridge.KernelRidge : kernel ridge on a precomputed or named kernel.
     """
 
-    def __init__(self, gamma: float = 0.001, alpha: float = 1.0, block_size: int = 2048, dtype: str = "float32"):
+    def __init__(self, *, gamma: float = 0.001, alpha: float = 1.0, block_size: int = 2048, dtype: str = "float32"):
         self.gamma = gamma
         self.alpha = alpha
         self.block_size = block_size
@@ -95,10 +129,15 @@ class DAKLRegressor(RegressorMixin, BaseEstimator):
         return r
 
     # --- estimator API ---------------------------------------------------------------------------
-    def fit(self, X, Y, X_target=None):
-        """Learn the dual coefficients from centroids X, their labels Y and the unlabeled X_target."""
+    def fit(self, X, y, X_target=None):
+        """Learn the dual coefficients from centroids X, their labels y and the optional unlabeled X_target.
+
+        Returns
+        -------
+        self : DAKLRegressor
+        """
         dtype = self._check_params()
-        X, Y = validate_data(self, X, Y, multi_output=True, y_numeric=True, dtype=np.float64)
+        X, Y = validate_data(self, X, y, multi_output=True, y_numeric=True, dtype=np.float64)
         if X_target is None:
             X_target = np.empty((0, X.shape[1]))
         X_target = check_array(X_target, dtype=np.float64, ensure_min_samples=0, input_name="X_target")
@@ -153,8 +192,13 @@ class DAKLRegressor(RegressorMixin, BaseEstimator):
         return self
 
     def predict(self, X):
-        """phi(X) phi(X_fit)^T A, computed in blocks of rows of X and columns of U."""
-        check_is_fitted(self, "dual_coef_")
+        """phi(X) phi(X_fit)^T A, computed in blocks of rows of X and columns of U.
+
+        Returns
+        -------
+        y_pred : ndarray of shape (n_samples,) or (n_samples, p), float64
+        """
+        check_is_fitted(self)
         dtype = self.U_.dtype
         X = validate_data(self, X, reset=False, dtype=np.float64)
         c, N, b = self.shift_, self.n_basis_, int(self.block_size)

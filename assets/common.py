@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import math
+
+import dagster as dg
 
 from resources import load_settings, profile_config
 
 SETTINGS = load_settings()
-OBSERVE_CRON = os.environ.get("REVERSE_SD_OBSERVE_CRON", "0 3 * * *")  # when sources are observed (daily)
+OBSERVE_CRON = SETTINGS.observe_cron  # when sources are observed (daily by default)
 PROFILE_CONFIG = profile_config(SETTINGS)
 
 # Bump an entry when the code of that stage changes what it computes.
@@ -60,3 +62,46 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
     lines += ["| " + " | ".join(_cell(row.get(h)) for h in headers) + " |" for row in rows]
     return "\n".join(lines)
+
+
+# ---- metadata helpers: Dagster's standard table entries, typed tables, rounded figures -----------------
+
+DIGITS = 4  # figures in UI metadata are rounded to 4 decimals
+
+
+def _plain(value, digits: int = DIGITS):
+    """A JSON-safe metadata cell: numpy scalars as Python ones, floats rounded, NaN / inf as None."""
+    if getattr(value, "ndim", None) == 0:  # a numpy scalar
+        value = value.item()
+    if isinstance(value, float):
+        return round(value, digits) if math.isfinite(value) else None
+    return value
+
+
+def table_schema(frame) -> dg.TableSchema:
+    """The TableSchema of a polars frame: one column per field, typed by its polars dtype ("String", ...)."""
+    return dg.TableSchema(columns=[dg.TableColumn(name, str(dtype)) for name, dtype in frame.schema.items()])
+
+
+def table_metadata(frame, partitioned: bool = False) -> dict:
+    """dagster/row_count and dagster/column_schema of the table an asset wrote (for a partitioned asset, its
+    partition's table, also as dagster/partition_row_count): the catalog shows rows and columns from these."""
+    metadata = {
+        "dagster/row_count": dg.MetadataValue.int(frame.height),
+        "dagster/column_schema": dg.MetadataValue.table_schema(table_schema(frame)),
+    }
+    if partitioned:
+        metadata["dagster/partition_row_count"] = dg.MetadataValue.int(frame.height)
+    return metadata
+
+
+def metadata_table(records: list[dict], columns: list[tuple[str, str]], digits: int = DIGITS) -> dg.TableMetadataValue:
+    """Records as a UI table with a schema of (name, type) ``columns``, floats rounded to ``digits``."""
+    schema = dg.TableSchema(columns=[dg.TableColumn(name, kind) for name, kind in columns])
+    rows = [dg.TableRecord({name: _plain(r.get(name), digits) for name, _ in columns}) for r in records]
+    return dg.MetadataValue.table(records=rows, schema=schema)
+
+
+def rounded_metadata(metadata: dict, digits: int = DIGITS) -> dict:
+    """The same metadata with every plain float (and numpy scalar) rounded to ``digits`` decimals."""
+    return {k: _plain(v, digits) if isinstance(v, float) or getattr(v, "ndim", None) == 0 else v for k, v in metadata.items()}

@@ -12,7 +12,8 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from assets.common import PROFILE_CONFIG, code_version, markdown_table
+from assets.common import PROFILE_CONFIG, code_version, markdown_table, table_metadata
+from pipeline.constants import EMBED_DIM
 from pipeline.data import filtering
 from pipeline.data import vocabulary as vocab
 from pipeline.data.embedding import embed_incremental
@@ -73,6 +74,7 @@ def diffusiondb_parts(
             "skipped_by_reason": dict(result.counts),
             "skipped_records": dg.MetadataValue.md(skipped_md),
             "seconds": round(elapsed, 2),
+            **table_metadata(result.frame, partitioned=True),
             "path": dg.MetadataValue.path(target),
             "preview": dg.MetadataValue.md(
                 markdown_table(result.frame.select("image_id", "prompt", "seed", "cfg").head(5).to_dicts())
@@ -120,6 +122,7 @@ def filtered_pairs(context: dg.AssetExecutionContext, storage: StorageResource) 
             "rows_kept": pairs.height,
             **{f"removed_{rule}": int(n) for rule, n in counts.items() if rule != "kept"},
             **{f"split_{name}": int(n) for name, n in split_counts.items()},
+            **table_metadata(pairs),
             "path": dg.MetadataValue.path(target),
             "preview": dg.MetadataValue.md(markdown_table(pairs.head(8).to_dicts())),
         }
@@ -151,6 +154,7 @@ def prompt_embeddings(
             "seconds": round(elapsed, 2),
             "prompts_per_s_encoded": round(stats.get("encoded", 0) / elapsed, 1) if elapsed > 0 else 0.0,
             "dimension": int(embeddings["embedding"].dtype.size) if embeddings.height else 0,
+            **table_metadata(embeddings),
             "path": dg.MetadataValue.path(target),
         }
     )
@@ -173,6 +177,7 @@ def vocabulary(context: dg.AssetExecutionContext, storage: StorageResource) -> d
             "words": words.height,
             "training_prompts": train_prompts.len(),
             "top_words": dg.MetadataValue.md(markdown_table(words.head(20).to_dicts())),
+            **table_metadata(words),
             "path": dg.MetadataValue.path(target),
         }
     )
@@ -196,6 +201,7 @@ def vocabulary_labels(context: dg.AssetExecutionContext, storage: StorageResourc
             "pairs": table.height,
             "mean_labels_per_pair": round(float(sizes.mean() or 0.0), 2),
             "pairs_without_label": int((sizes == 0).sum()),
+            **table_metadata(table),
             "path": dg.MetadataValue.path(target),
         }
     )
@@ -213,7 +219,7 @@ def prompt_embeddings_are_unit_vectors(storage: StorageResource) -> dg.AssetChec
     norms = np.linalg.norm(matrix.astype(np.float64), axis=1) if matrix.size else np.ones(1)
     worst = float(np.abs(norms - 1.0).max())
     return dg.AssetCheckResult(
-        passed=finite and dim == 384 and worst < 1e-3,
+        passed=finite and dim == EMBED_DIM and worst < 1e-3,
         metadata={"finite": finite, "dimension": dim, "max_norm_error": worst, "rows": frame.height},
     )
 

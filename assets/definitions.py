@@ -9,15 +9,20 @@ from assets.common import SETTINGS
 from assets.data import DATA_ASSETS, DATA_CHECKS
 from assets.evaluation import EVALUATION_ASSETS
 from assets.generation import GENERATION_ASSETS
-from assets.training import TRAINING_ASSETS, TRAINING_CHECKS
+from assets.orchestration import stage_jobs
+from assets.training import TRAINING_ASSETS, TRAINING_CHECKS, training_settings
 from resources import build_resources
 
 ALL_ASSETS = [*DATA_ASSETS, *TRAINING_ASSETS, *EVALUATION_ASSETS, *GENERATION_ASSETS]
 ALL_CHECKS = [*DATA_CHECKS, *TRAINING_CHECKS]
+# The jobs `reverse-sd materialize` runs (one per partitions definition), and the settings observation.
+CLI_JOBS = [*stage_jobs(ALL_ASSETS), dg.define_asset_job("observe_settings", selection=[training_settings])]
 
 defs = dg.Definitions(
     assets=with_rebuild_conditions(ALL_ASSETS),
     asset_checks=ALL_CHECKS,
     resources=build_resources(SETTINGS),
-    **AUTOMATION,
+    jobs=[*AUTOMATION["jobs"], *CLI_JOBS],
+    schedules=AUTOMATION["schedules"],
+    sensors=AUTOMATION["sensors"],
 )

@@ -1,18 +1,75 @@
-"""Materialize an asset selection in the configured instance, partition by partition, in graph order.
+"""Plan and run `reverse-sd materialize`: named Dagster jobs, one run per (stage, partition), in parallel.
 
-`dagster asset materialize` runs one partition (or one range) per call; the graph mixes per-part, per-
-backbone and unpartitioned assets, so this walks it in topological stages: each stage is a run of the
-assets that share a partitions definition, once per partition key.  Every run is recorded in the
-instance, so the UI shows exactly what the CLI did, and --stale keeps only missing or stale partitions.
+Planning walks the asset graph in topological stages (the assets that share a partitions definition
+and come at the same depth run together, e.g. trained_models + model_predictions per model partition).
+Each (stage, partition) becomes one run of the stage's named asset job (``stage_jobs``), so the UI lists
+it under that job and can re-execute it; every run of one invocation carries the same
+``reverse-sd/invocation`` tag, which the UI's run filter groups by.
+
+``--stale`` keeps what is missing or stale, judged from the instance's own records through public APIs:
+a partition is stale when it was never materialized, its artifact file is gone, its code version
+changed, or a parent's data version moved on since it was built (and everything below a rebuilt
+partition is rebuilt too).
+
+Execution (``run_units``) keeps ``workers`` runs going at once on worker processes, each run after the
+runs it reads from; the "gpu" pool admits one run per GPU, each pinned to its own device.  A failed run
+stops only what depends on it.  Every run records its worker's pid, so the next invocation can tell a
+run whose process was killed (-9, OOM) from a live one, mark it failed and free its pool slots.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import os
+import socket
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import dagster as dg
-from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+
+LAUNCHED_BY_TAG = "reverse-sd/launched-by"
+INVOCATION_TAG = "reverse-sd/invocation"
+PID_TAG = "reverse-sd/pid"
+HOST_TAG = "reverse-sd/host"
+DEVICE_TAG = "reverse-sd/device"
+GPU_POOL = "gpu"
+ACTIVE_STATUSES = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
+
+
+# ---- named jobs ----------------------------------------------------------------------------------------
+
+
+def stage_jobs(assets_defs: Sequence[dg.AssetsDefinition]) -> list[dg.UnresolvedAssetJobDefinition]:
+    """One asset job per partitions definition, named after its first asset (materialize_trained_models) or
+    materialize_unpartitioned: the jobs the CLI's runs belong to.
+
+    A run materializes a subset of its job's assets (one stage), so a UI re-execution repeats exactly it.
+    """
+    groups: dict[str, tuple[dg.PartitionsDefinition | None, list[dg.AssetKey]]] = {}
+    for assets_def in assets_defs:
+        if not isinstance(assets_def, dg.AssetsDefinition) or not assets_def.is_materializable:
+            continue
+        partitions_def = assets_def.partitions_def
+        existing = next((n for n, (p, _) in groups.items() if p == partitions_def), None)
+        name = existing or (
+            "materialize_unpartitioned" if partitions_def is None else f"materialize_{assets_def.key.to_python_identifier()}"
+        )
+        groups.setdefault(name, (partitions_def, []))[1].extend(assets_def.keys)
+    return [
+        dg.define_asset_job(
+            name,
+            selection=dg.AssetSelection.assets(*keys),
+            partitions_def=partitions_def,
+            description=f"Materializes {', '.join(k.to_user_string() for k in keys)} (used by `reverse-sd materialize`).",
+        )
+        for name, (partitions_def, keys) in groups.items()
+    ]
+
+
+# ---- planning ------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -22,45 +79,54 @@ class Stage:
     partition_keys: list[str | None] = field(default_factory=list)
 
 
-def _topological_keys(asset_graph, keys: set[dg.AssetKey]) -> list[dg.AssetKey]:
-    ordered = []
-    for level in asset_graph.toposorted_asset_keys_by_level:
-        ordered.extend(sorted(k for k in level if k in keys))
-    return ordered
+@dataclass(frozen=True)
+class Unit:
+    """One run: the assets of a stage for one partition, as a run of the named job ``job``."""
+
+    job: str
+    asset_keys: tuple[dg.AssetKey, ...]
+    partition_key: str | None
+    gpu: bool
+
+    @property
+    def label(self) -> str:
+        names = ",".join(k.to_user_string() for k in self.asset_keys)
+        return names + (f"[{self.partition_key}]" if self.partition_key is not None else "")
 
 
-def plan_stages(
-    defs: dg.Definitions,
-    instance: dg.DagsterInstance,
-    selection: str | None = None,
-    stale_only: bool = False,
-) -> list[Stage]:
-    asset_graph = defs.resolve_asset_graph()
-    materializable = {k for k in asset_graph.materializable_asset_keys}
-    if selection:
-        # A comma-separated list is a union, as `dagster asset materialize --select a,b` takes it.
-        selected = set()
-        for part in (p.strip() for p in selection.split(",")):
-            if part:
-                selected |= set(dg.AssetSelection.from_string(part).resolve(asset_graph))
-        selected &= materializable
-    else:
-        selected = materializable
-    resolver = None
-    if stale_only:
-        from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
-        from dagster._time import get_current_datetime
+@dataclass
+class Plan:
+    units: list[Unit]
+    depends_on: dict[int, set[int]]  # unit index -> indices of the units it reads from
+    reasons: dict[int, str] = field(default_factory=dict)  # --stale: why a unit runs
 
-        view = AssetGraphView(
-            temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
-            instance=instance,
-            asset_graph=asset_graph,
-        )
-        resolver = CachingStaleStatusResolver(instance=instance, asset_graph=asset_graph, loading_context=view)
+    @property
+    def stages(self) -> list[Stage]:
+        """The units grouped back into stages (for printing)."""
+        stages: dict[tuple, Stage] = {}
+        for unit in self.units:
+            stage = stages.setdefault((unit.job, unit.asset_keys), Stage(list(unit.asset_keys), None))
+            stage.partition_keys.append(unit.partition_key)
+        return list(stages.values())
 
+
+def resolve_selection(asset_graph, selection: str | None) -> set[dg.AssetKey]:
+    """A comma-separated list is a union, as `dagster asset materialize --select a,b` takes it."""
+    materializable = set(asset_graph.materializable_asset_keys)
+    if not selection:
+        return materializable
+    selected: set[dg.AssetKey] = set()
+    for part in (p.strip() for p in selection.split(",")):
+        if part:
+            selected |= set(dg.AssetSelection.from_string(part).resolve(asset_graph))
+    return selected & materializable
+
+
+def _stages(asset_graph, selected: set[dg.AssetKey]) -> list[Stage]:
+    ordered = [k for level in asset_graph.toposorted_asset_keys_by_level for k in sorted(level) if k in selected]
     stages: list[Stage] = []
     stage_of: dict[dg.AssetKey, int] = {}
-    for key in _topological_keys(asset_graph, selected):
+    for key in ordered:
         # Join the earliest stage with the same partitions that comes at or after every parent's stage (one
         # run then materializes both, in dependency order), so trained_models and model_predictions share
         # a run per partition even when an unrelated asset sits between them in topological order.
@@ -75,100 +141,571 @@ def plan_stages(
         else:
             stages[target].asset_keys.append(key)
         stage_of[key] = target
-    for stage in stages:
-        keys: list[str | None] = (
-            list(stage.partitions_def.get_partition_keys(dynamic_partitions_store=instance))
-            if stage.partitions_def
-            else [None]
-        )
-        stage.partition_keys = keys
-    if resolver is not None:
-        stages = _keep_stale(stages, resolver, instance)
-    return [s for s in stages if s.asset_keys and s.partition_keys]
+    return stages
 
 
-def _keep_stale(stages: list[Stage], resolver: CachingStaleStatusResolver, instance: dg.DagsterInstance) -> list[Stage]:
-    """Keep (asset, partition) pairs that are missing or stale, or that depend on a pair kept earlier.
+def plan_units(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    selection: str | None = None,
+    stale_only: bool = False,
+    extra_partitions: dict[str, Sequence[str]] | None = None,
+) -> Plan:
+    """The runs that materialize ``selection`` (default: every asset), in dependency order.
 
-    A pair downstream of one that will be rebuilt now is stale *after* the rebuild even if it looks fresh
+    ``extra_partitions`` (dynamic partitions definition name -> keys) counts keys as registered without
+    writing them to the instance: a dry run plans the parts the source lists but the instance lacks.
+    """
+    asset_graph = defs.resolve_asset_graph()
+    extra = {name: [k for k in keys if not instance.has_dynamic_partition(name, k)]
+             for name, keys in (extra_partitions or {}).items()}
+    jobs = {key: job for job in defs.jobs if job.name.startswith("materialize_") for key in _job_keys(job, asset_graph)}
+    units: list[Unit] = []
+    index: dict[tuple[dg.AssetKey, str | None], int] = {}
+    with dg.partition_loading_context(dynamic_partitions_store=instance):
+        for stage in _stages(asset_graph, resolve_selection(asset_graph, selection)):
+            keys = (
+                [*stage.partitions_def.get_partition_keys(dynamic_partitions_store=instance),
+                 *extra.get(_dynamic_name(stage.partitions_def), [])]
+                if stage.partitions_def
+                else [None]
+            )
+            gpu = any(GPU_POOL in (asset_graph.get(k).pools or ()) for k in stage.asset_keys)
+            job = jobs[stage.asset_keys[0]].name
+            for partition_key in keys:
+                unit = Unit(job, tuple(stage.asset_keys), partition_key, gpu)
+                for key in unit.asset_keys:
+                    index[(key, partition_key)] = len(units)
+                units.append(unit)
+        depends_on: dict[int, set[int]] = {}
+        parents_of: dict[int, list[tuple[dg.AssetKey, str | None]]] = {}
+        unregistered = {k for keys in extra.values() for k in keys}
+        for i, unit in enumerate(units):
+            parents = []
+            for key in unit.asset_keys:
+                if unit.partition_key in unregistered:
+                    continue  # not in the instance yet (dry run): it reads only the source
+                for parent in asset_graph.get_parents_partitions(key, unit.partition_key).parent_partitions:
+                    parents.append((parent.asset_key, parent.partition_key))
+                for parent_key in asset_graph.get(key).parent_keys:  # a dry run's new parts feed their children
+                    name = _dynamic_name(asset_graph.get(parent_key).partitions_def)
+                    parents.extend((parent_key, k) for k in extra.get(name, []))
+            parents_of[i] = parents
+            depends_on[i] = {index[p] for p in parents if p in index and index[p] != i}
+        plan = Plan(units, depends_on)
+        if stale_only:
+            plan = _keep_stale(plan, parents_of, asset_graph, instance)
+    return plan
+
+
+def _dynamic_name(partitions_def) -> str | None:
+    return partitions_def.name if isinstance(partitions_def, dg.DynamicPartitionsDefinition) else None
+
+
+def _job_keys(job, asset_graph) -> set[dg.AssetKey]:
+    return set(job.selection.resolve(asset_graph))
+
+
+# ---- staleness from the instance's records (public APIs only) -------------------------------------------
+
+
+class _Records:
+    """Latest materialization / observation per (asset, partition), fetched once per asset."""
+
+    def __init__(self, instance: dg.DagsterInstance, asset_graph):
+        self.instance, self.graph = instance, asset_graph
+        self._latest: dict[dg.AssetKey, dict[str | None, object]] = {}
+
+    def latest(self, key: dg.AssetKey) -> dict[str | None, object]:
+        if key not in self._latest:
+            fetch = (
+                self.instance.fetch_materializations
+                if self.graph.get(key).is_materializable
+                else self.instance.fetch_observations
+            )
+            latest: dict[str | None, object] = {}
+            cursor = None
+            while True:
+                result = fetch(dg.AssetRecordsFilter(asset_key=key), limit=1000, cursor=cursor, ascending=False)
+                for record in result.records:
+                    event = record.asset_materialization or record.asset_observation
+                    latest.setdefault(event.partition, record)
+                if not result.has_more:
+                    break
+                cursor = result.cursor
+            self._latest[key] = latest
+        return self._latest[key]
+
+    def record(self, key: dg.AssetKey, partition: str | None):
+        return self.latest(key).get(partition)
+
+
+def _event(record):
+    return record.asset_materialization or record.asset_observation
+
+
+def _data_version(record) -> str | None:
+    return None if record is None else _event(record).tags.get("dagster/data_version")
+
+
+def stale_reason(
+    key: dg.AssetKey, partition: str | None, parents: Iterable[tuple[dg.AssetKey, str | None]], records: _Records
+) -> str | None:
+    """Why (key, partition) needs rebuilding, or None when it is fresh."""
+    record = records.record(key, partition)
+    if record is None:
+        return "missing"
+    event = _event(record)
+    tags = event.tags
+    current_code = records.graph.get(key).code_version
+    if current_code is not None and tags.get("dagster/code_version") != current_code:
+        return "code version changed"
+    path = event.metadata.get("path")
+    local = getattr(path, "path", None) or getattr(path, "value", None)
+    if isinstance(local, str) and "://" not in local and not os.path.exists(local):
+        return f"artifact missing: {local}"
+    by_parent: dict[dg.AssetKey, list[str | None]] = {}
+    for parent_key, parent_partition in parents:
+        by_parent.setdefault(parent_key, []).append(parent_partition)
+    for parent_key, partitions in by_parent.items():
+        name = parent_key.to_user_string()
+        recorded = tags.get(f"dagster/input_data_version/{name}")
+        if len(partitions) == 1:
+            current = _data_version(records.record(parent_key, partitions[0]))
+            if current is not None and recorded is not None and current != recorded:
+                return f"{name} changed"
+            if current is not None and recorded is None:
+                return f"{name} is new"
+        else:
+            # Many parent partitions (parts -> filtered_pairs): Dagster records one combined version and
+            # the newest parent event it read; a newer parent event, or a different set, means new input.
+            pointer = tags.get(f"dagster/input_event_pointer/{name}")
+            parent_records = [records.record(parent_key, p) for p in partitions]
+            newest = max((r.storage_id for r in parent_records if r is not None), default=None)
+            if newest is not None and (pointer in (None, "NULL") or newest > int(pointer)):
+                return f"{name} changed"
+    return None
+
+
+def _keep_stale(plan: Plan, parents_of, asset_graph, instance: dg.DagsterInstance) -> Plan:
+    """Keep the units with a missing or stale (asset, partition), or that read from a unit kept earlier.
+
+    A unit downstream of one that will be rebuilt now is stale *after* the rebuild even if it looks fresh
     before it; partition mappings decide which downstream partitions that is (a new part -> the
     unpartitioned filtered_pairs; difficulty_scores[unet] -> trained_models[unet|*] only).
     """
-    graph = resolver.asset_graph
-    kept: list[Stage] = []
-    rebuilding: set[tuple[dg.AssetKey, str | None]] = set()
-
-    def depends_on_rebuild(key: dg.AssetKey, partition_key: str | None) -> bool:
-        parents = graph.get_parents_partitions(key, partition_key).parent_partitions
-        return any((p.asset_key, p.partition_key) in rebuilding for p in parents)
-
-    with dg.partition_loading_context(dynamic_partitions_store=instance):
-        for stage in stages:
-            keys = [
-                pk
-                for pk in stage.partition_keys
-                if any(
-                    depends_on_rebuild(k, pk) or resolver.get_status(k, pk) != StaleStatus.FRESH
-                    for k in stage.asset_keys
-                )
-            ]
-            if keys:
-                kept.append(Stage(stage.asset_keys, stage.partitions_def, keys))
-                rebuilding.update((k, pk) for k in stage.asset_keys for pk in keys)
-    return kept
-
-
-def observe_settings(defs: dg.Definitions, instance: dg.DagsterInstance) -> None:
-    """Record the current data version of every settings source (training_settings), so that a changed
-    setting shows up as stale data before planning.  DiffusionDB itself is not observed here: new parts
-    are registered as partitions instead, which stales only what they feed."""
-    from dagster._core.definitions.observe import observe
-
-    from assets.training import training_settings
-
-    observe(
-        [training_settings],
-        instance=instance,
-        raise_on_error=True,
-        run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
-        tags={"reverse-sd/launched-by": "cli"},
+    records = _Records(instance, asset_graph)
+    kept: list[int] = []
+    reasons: dict[int, str] = {}
+    for i, unit in enumerate(plan.units):  # units are in dependency order
+        rebuilt_parents = plan.depends_on[i] & set(kept)
+        if rebuilt_parents:
+            reasons[i] = f"reads {plan.units[min(rebuilt_parents)].label}"
+        else:
+            for key in unit.asset_keys:
+                own = [p for p in parents_of[i] if p[0] not in unit.asset_keys]
+                reason = stale_reason(key, unit.partition_key, own, records)
+                if reason:
+                    reasons[i] = f"{key.to_user_string()}: {reason}"
+                    break
+        if i in reasons:
+            kept.append(i)
+    remap = {old: new for new, old in enumerate(kept)}
+    return Plan(
+        [plan.units[i] for i in kept],
+        {remap[i]: {remap[d] for d in plan.depends_on[i] if d in remap} for i in kept},
+        {remap[i]: reasons[i] for i in kept},
     )
 
 
-def run_stages(
-    defs: dg.Definitions,
-    instance: dg.DagsterInstance,
-    stages: Iterable[Stage],
-    on_run: Callable[[Stage, str | None], None] | None = None,
-    log_level: str = "WARNING",
-    on_done: Callable[[dg.ExecuteInProcessResult], None] | None = None,
-) -> list[dg.ExecuteInProcessResult]:
-    """One in-process run per (stage, partition key), recorded in `instance`; stops at the first failure."""
-    from assets.definitions import ALL_ASSETS, ALL_CHECKS
+# ---- settings observation -------------------------------------------------------------------------------
 
-    assets_defs = [*ALL_ASSETS, *ALL_CHECKS]
-    resources = defs.resources or {}
-    results = []
-    for stage in stages:
-        selection = dg.AssetSelection.assets(*stage.asset_keys) | dg.AssetSelection.checks_for_assets(
-            *stage.asset_keys
+
+def observe_settings(defs: dg.Definitions, instance: dg.DagsterInstance) -> None:
+    """Record the current data version of every settings source (training_settings) as a run of the
+    observe job, so that a changed setting shows up as stale data before planning.  DiffusionDB itself is
+    not observed here: new parts are registered as partitions instead, which stales only what they feed."""
+    job = defs.resolve_job_def("observe_settings")
+    result = job.execute_in_process(
+        instance=instance,
+        raise_on_error=False,
+        run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}},
+        tags={LAUNCHED_BY_TAG: "cli"},
+    )
+    if not result.success:
+        raise RuntimeError("observing training_settings failed: " + "; ".join(failure_lines(result)))
+
+
+# ---- recovery from killed runs --------------------------------------------------------------------------
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def release_dead_runs(instance: dg.DagsterInstance) -> list[str]:
+    """Mark failed the CLI's runs on this host whose worker process is gone (kill -9, OOM), and free the
+    pool slots they held, so later runs never wait on a slot nobody will give back.  Returns their ids."""
+    host = socket.gethostname()
+    released = []
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=ACTIVE_STATUSES, tags={LAUNCHED_BY_TAG: "cli"})):
+        pid = run.tags.get(PID_TAG)
+        if run.tags.get(HOST_TAG) != host or not (pid or "").isdigit() or _process_alive(int(pid)):
+            continue
+        instance.report_run_failed(run, message=f"its process {pid} is gone (killed?); marked failed by reverse-sd")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        released.append(run.run_id)
+    return released
+
+
+def cancel_runs(instance: dg.DagsterInstance, invocation: str) -> list[str]:
+    """Mark canceled the still-active runs of one invocation (after its workers were stopped) and free
+    their pool slots."""
+    canceled = []
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=ACTIVE_STATUSES, tags={INVOCATION_TAG: invocation})):
+        instance.report_run_canceled(run, message="reverse-sd materialize was stopped")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        canceled.append(run.run_id)
+    return canceled
+
+
+def ensure_pool_limit(instance: dg.DagsterInstance, slots: int) -> None:
+    """The "gpu" pool admits one step per GPU (at least one): raise its limit to ``slots`` when lower."""
+    info = instance.event_log_storage.get_concurrency_info(GPU_POOL)
+    if (info.slot_count or 0) < slots:
+        instance.event_log_storage.set_concurrency_slots(GPU_POOL, slots)
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+# ---- failures in one line -------------------------------------------------------------------------------
+
+
+def root_cause(error) -> str:
+    """The innermost cause of a Dagster SerializableErrorInfo, as 'ExceptionClass: message'."""
+    while getattr(error, "cause", None) is not None:
+        error = error.cause
+    message = (error.message or "").strip().splitlines()
+    text = message[-1] if message else ""
+    cls = getattr(error, "cls_name", None)
+    if cls and not text.startswith(cls):
+        text = f"{cls}: {text}"
+    return text or "failed (no message)"
+
+
+def failure_lines(result) -> list[str]:
+    """One line per failed step or failed blocking check of a finished run (a failed check is named once,
+    with its scalar metadata, not again as the step failure it causes)."""
+    lines = []
+    for event in result.all_events:
+        if event.is_step_failure:
+            error = event.step_failure_data.error if event.step_failure_data else None
+            cause = root_cause(error) if error else "failed"
+            if not cause.startswith("DagsterAssetCheckFailedError"):
+                lines.append(f"{event.step_key}: {cause}")
+        elif event.event_type_value == "ASSET_CHECK_EVALUATION":
+            evaluation = event.event_specific_data
+            if not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.ERROR:
+                facts = [
+                    f"{name}={entry.value}"
+                    for name, entry in evaluation.metadata.items()
+                    if isinstance(entry.value, (int, float, str)) and len(str(entry.value)) < 80
+                ]
+                lines.append(f"check {evaluation.check_name} failed" + (f": {', '.join(facts)}" if facts else ""))
+    if not lines and not result.success:
+        run_failure = [e for e in result.all_events if e.event_type_value == "PIPELINE_FAILURE"]
+        lines.append(run_failure[-1].message if run_failure else "run failed")
+    return lines
+
+
+# ---- execution ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    unit: Unit
+    run_id: str | None
+    success: bool
+    failures: list[str] = field(default_factory=list)
+    detail: str = ""  # full error text for the log file
+    seconds: float = 0.0
+
+
+_WORKER_STATE: dict = {}
+
+
+def _worker_init(log_level: str) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)
+    warnings.filterwarnings("ignore", category=dg.PreviewWarning)
+    from assets.definitions import defs
+
+    _WORKER_STATE.update(defs=defs, instance=dg.DagsterInstance.get(), log_level=log_level)
+
+
+def execute_unit(unit: Unit, device_index: int | None, tags: dict[str, str]) -> Outcome:
+    """Run one unit as a run of its named job in this process (a worker), pinned to ``device_index``."""
+    if not _WORKER_STATE:
+        _worker_init("CRITICAL")
+    defs, instance = _WORKER_STATE["defs"], _WORKER_STATE["instance"]
+    run_tags = {**tags, PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+    if device_index is not None:
+        import torch
+
+        torch.cuda.set_device(device_index)  # "auto" and "cuda" resolve to this device from here on
+        run_tags[DEVICE_TAG] = f"cuda:{device_index}"
+    started = time.perf_counter()
+    try:
+        result = defs.resolve_job_def(unit.job).execute_in_process(
+            instance=instance,
+            partition_key=unit.partition_key,
+            asset_selection=list(unit.asset_keys),
+            raise_on_error=False,
+            run_config={"loggers": {"console": {"config": {"log_level": _WORKER_STATE["log_level"]}}}},
+            tags=run_tags,
         )
-        for partition_key in stage.partition_keys:
-            if on_run:
-                on_run(stage, partition_key)
-            result = dg.materialize(
-                assets_defs,
-                selection=selection,
-                partition_key=partition_key,
-                instance=instance,
-                resources=resources,
-                raise_on_error=False,
-                run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
-                tags={"reverse-sd/launched-by": "cli"},
-            )
-            results.append(result)
+    except Exception as exc:  # a run that could not even start (e.g. an unknown partition)
+        return Outcome(unit, None, False, [f"{type(exc).__name__}: {exc}"], traceback.format_exc(),
+                       time.perf_counter() - started)
+    lines = failure_lines(result) if not result.success else []
+    detail = ""
+    if not result.success:
+        detail = "\n".join(
+            "".join(e.step_failure_data.error.to_string()) if e.is_step_failure and e.step_failure_data else ""
+            for e in result.all_events
+        ).strip()
+    return Outcome(unit, result.run_id, result.success, lines, detail, time.perf_counter() - started)
+
+
+class _WorkerProcess:
+    """One long-lived worker (spawned, so no forked torch or SQLite state) that runs units one at a time."""
+
+    def __init__(self, ctx, log_level: str):
+        self.tasks, self.results = ctx.Queue(), ctx.Queue()
+        self.process = ctx.Process(target=_worker_main, args=(self.tasks, self.results, log_level), daemon=True)
+        self.process.start()
+        self.busy_with: tuple[int, Unit, int | None] | None = None
+
+
+def _worker_main(tasks, results, log_level: str) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it stops workers with SIGTERM/SIGKILL
+    _worker_init(log_level)
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        index, unit, device_index, tags = task
+        try:
+            outcome = execute_unit(unit, device_index, tags)
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent, never lost
+            outcome = Outcome(unit, None, False, [f"{type(exc).__name__}: {exc}"], traceback.format_exc())
+        results.put((index, outcome))
+
+
+@dataclass
+class Progress:
+    outcomes: list[Outcome] = field(default_factory=list)
+    not_run: list[Unit] = field(default_factory=list)  # downstream of a failure
+
+
+def run_units(
+    plan: Plan,
+    workers: int,
+    gpu_slots: int,
+    gpu_devices: bool,
+    tags: dict[str, str],
+    log_level: str = "CRITICAL",
+    on_start: Callable[[Unit], None] | None = None,
+    on_done: Callable[[Outcome], None] | None = None,
+    launch: Callable | None = None,
+) -> Progress:
+    """Run ``plan`` with at most ``workers`` runs at once and at most ``gpu_slots`` of them in the gpu pool,
+    each after the runs it depends on; a failed run stops only its dependents.
+
+    ``gpu_devices``: give each gpu run its own device index (0 .. gpu_slots-1).  ``launch`` replaces the
+    worker processes (tests): a function (unit, device_index, tags) -> Outcome run in a thread pool.
+    """
+    progress = Progress()
+    pending = set(range(len(plan.units)))
+    running: dict[int, int | None] = {}  # unit index -> device index
+    succeeded: set[int] = set()
+    blocked: set[int] = set()
+    free_devices = list(range(gpu_slots))
+    pool = _ThreadLauncher(launch, workers) if launch else _ProcessLauncher(workers, log_level)
+    try:
+        while pending or running:
+            # Anything that reads from a failed or blocked unit never runs.
+            for i in sorted(pending):
+                if plan.depends_on[i] & blocked:
+                    pending.discard(i)
+                    blocked.add(i)
+                    progress.not_run.append(plan.units[i])
+            gpu_running = sum(1 for i in running if plan.units[i].gpu)
+            for i in sorted(pending):
+                if len(running) >= workers:
+                    break
+                unit = plan.units[i]
+                if not plan.depends_on[i] <= succeeded:
+                    continue
+                if unit.gpu and gpu_running >= gpu_slots:
+                    continue
+                device = free_devices.pop(0) if unit.gpu else None
+                gpu_running += unit.gpu
+                pending.discard(i)
+                running[i] = device
+                if on_start:
+                    on_start(unit)
+                pool.submit(i, unit, device if gpu_devices else None, tags)
+            if not running:
+                break
+            i, outcome = pool.next_result()
+            device = running.pop(i)
+            if device is not None:
+                free_devices.append(device)
+                free_devices.sort()
+            progress.outcomes.append(outcome)
+            (succeeded if outcome.success else blocked).add(i)
             if on_done:
-                on_done(result)
-            if not result.success:
-                return results
-    return results
+                on_done(outcome)
+    finally:
+        pool.close()
+    return progress
+
+
+class _ProcessLauncher:
+    def __init__(self, workers: int, log_level: str):
+        import multiprocessing
+
+        self.ctx = multiprocessing.get_context("spawn")
+        self.workers_max, self.log_level = workers, log_level
+        self.workers: list[_WorkerProcess] = []
+
+    def submit(self, index: int, unit: Unit, device: int | None, tags: dict[str, str]) -> None:
+        worker = next((w for w in self.workers if w.busy_with is None), None)
+        if worker is None:
+            worker = _WorkerProcess(self.ctx, self.log_level)
+            self.workers.append(worker)
+        worker.busy_with = (index, unit, device)
+        worker.tasks.put((index, unit, device, tags))
+
+    def next_result(self) -> tuple[int, Outcome]:
+        import queue
+
+        while True:
+            for worker in self.workers:
+                if worker.busy_with is None:
+                    continue
+                try:
+                    index, outcome = worker.results.get(timeout=0.05)
+                except queue.Empty:
+                    if not worker.process.is_alive():  # killed (OOM, -9): its run is reported failed
+                        index, unit, _ = worker.busy_with
+                        code = worker.process.exitcode
+                        self.workers.remove(worker)
+                        worker.busy_with = None
+                        return index, Outcome(unit, None, False, [f"worker process died (exit code {code})"])
+                    continue
+                worker.busy_with = None
+                return index, outcome
+
+    def close(self) -> None:
+        for worker in self.workers:
+            if worker.busy_with is None and worker.process.is_alive():
+                worker.tasks.put(None)
+        deadline = time.monotonic() + 5
+        for worker in self.workers:
+            if worker.busy_with is not None:
+                worker.process.kill()  # stopped mid-run: its run is marked canceled by the caller
+            worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join(timeout=1)
+
+
+class _ThreadLauncher:
+    """Runs ``launch`` in threads instead of worker processes (tests of the scheduling itself)."""
+
+    def __init__(self, launch: Callable, workers: int):
+        import queue
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.launch, self.results = launch, queue.Queue()
+        self.executor = ThreadPoolExecutor(max_workers=workers)
+
+    def submit(self, index, unit, device, tags) -> None:
+        def run():
+            try:
+                outcome = self.launch(unit, device, tags)
+            except Exception as exc:  # noqa: BLE001
+                outcome = Outcome(unit, None, False, [f"{type(exc).__name__}: {exc}"])
+            self.results.put((index, outcome))
+
+        self.executor.submit(run)
+
+    def next_result(self):
+        return self.results.get()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+
+
+def new_invocation_tags() -> dict[str, str]:
+    return {LAUNCHED_BY_TAG: "cli", INVOCATION_TAG: uuid.uuid4().hex[:12]}
+
+
+# ---- one invocation per storage root ------------------------------------------------------------------
+
+
+class StorageRootBusy(RuntimeError):
+    pass
+
+
+class InvocationLock:
+    """An exclusive lock per storage root (a file lock beside the artifacts, or in DAGSTER_HOME for an
+    object-store root): two `materialize` runs on one root never compute the same thing twice."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.path = Path(directory) / ".reverse-sd-materialize.lock"
+        self._fd: int | None = None
+
+    def holder(self) -> str:
+        try:
+            return self.path.read_text().strip() or "unknown"
+        except OSError:
+            return "unknown"
+
+    def acquire(self, wait: bool, on_wait: Callable[[str], None] | None = None) -> None:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                os.close(fd)
+                raise StorageRootBusy(self.holder()) from None
+            if on_wait:
+                on_wait(self.holder())
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock; the file stays (unlinking would race a waiter)
+            self._fd = None

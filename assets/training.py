@@ -9,7 +9,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from assets.common import OBSERVE_CRON, PROFILE_CONFIG, code_version, markdown_table
+from assets.common import OBSERVE_CRON, PROFILE_CONFIG, code_version, markdown_table, metadata_table, table_metadata
 from assets.data import filtered_pairs, prompt_embeddings, vocabulary, vocabulary_labels
 from assets.plots import histogram_png, line_plot_png, md_image
 from pipeline.evaluation.report import mean_cosine
@@ -21,12 +21,13 @@ from pipeline.training.pairs import (
     mean_embedding_baseline,
     split_rows,
 )
+from pipeline.constants import BACKBONE_NAMES, RECIPES as RECIPE_NAMES
 from resources import ComputeResource, StorageResource
 from resources.settings import PROJECT_DIR
 
 TRAIN_GROUP = "training"
-BACKBONES = ["vit", "swin", "clip", "unet"]
-RECIPES = ["baseline", "mlc", "mlc_cl"]
+BACKBONES = list(BACKBONE_NAMES)
+RECIPES = list(RECIPE_NAMES)
 backbone_partitions = dg.StaticPartitionsDefinition(BACKBONES)
 model_partitions = dg.MultiPartitionsDefinition(
     {"backbone": backbone_partitions, "recipe": dg.StaticPartitionsDefinition(RECIPES)}
@@ -161,6 +162,7 @@ def difficulty_scores(
                 md_image(histogram_png({"difficulty (mean cosine)": difficulty}, f"{backbone}: difficulty"))
             ),
             "seconds": round(time.perf_counter() - started, 1),
+            **table_metadata(table, partitioned=True),
             "path": dg.MetadataValue.path(target),
         }
     )
@@ -194,7 +196,7 @@ def trained_models(
     compute: ComputeResource,
     pipes: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
-    from pipeline.training.curriculum import curriculum_stages
+    from pipeline.training.curriculum import aligned_stages
     from pipeline.training.loop import train_model
 
     backbone, recipe = _split_key(context)
@@ -203,13 +205,8 @@ def trained_models(
     vocab_size = 0 if recipe == "baseline" else _vocab_size(storage)
     stages = None
     if recipe == "mlc_cl":
-        scores = storage.read_table("difficulty_scores", backbone)
-        position = {image_id: i for i, image_id in enumerate(train.image_ids)}
-        buckets = np.array(["hard"] * len(train), dtype=object)
-        for image_id, bucket in scores.select("image_id", "bucket").iter_rows():
-            if image_id in position:
-                buckets[position[image_id]] = bucket
-        stages = curriculum_stages(buckets)
+        scores = storage.read_table("difficulty_scores", backbone, columns=["image_id", "bucket"])
+        stages = aligned_stages(train.image_ids, scores["image_id"].to_list(), scores["bucket"].to_list())
     config = _train_config(compute, backbone, recipe)
     checkpoint_dir = storage.path("trained_models", backbone, recipe)
 
@@ -320,7 +317,14 @@ def model_predictions(
     table = pl.concat(frames)
     target = storage.write_table(table, "model_predictions", f"{backbone}|{recipe}")
     metadata["val_mean_embedding_baseline"] = mean_embedding_baseline(splits["train"].targets, splits["val"].targets)
-    return dg.MaterializeResult(metadata={**metadata, "rows": table.height, "path": dg.MetadataValue.path(target)})
+    return dg.MaterializeResult(
+        metadata={
+            **metadata,
+            "rows": table.height,
+            **table_metadata(table, partitioned=True),
+            "path": dg.MetadataValue.path(target),
+        }
+    )
 
 
 @dg.asset_check(
@@ -351,7 +355,10 @@ def beats_mean_embedding_baseline(storage: StorageResource) -> dg.AssetCheckResu
         metadata={
             "models": len(rows),
             "below_baseline": ", ".join(losers) or "none",
-            "table": dg.MetadataValue.md(markdown_table(rows)),
+            "baseline_val_cosine": round(float(baseline), 4),
+            "table": metadata_table(
+                rows, [("model", "string"), ("val_cosine", "float"), ("baseline", "float"), ("beats", "bool")]
+            ),
         },
     )
 

@@ -12,7 +12,7 @@ import polars as pl
 
 from pipeline import storage
 from resources.profiles import profile_config
-from resources.settings import Settings, load_settings, local_dir
+from resources.settings import Settings, default_loader_workers, load_settings, local_dir
 
 
 class StorageResource(dg.ConfigurableResource):
@@ -112,13 +112,23 @@ class SentenceEncoderResource(dg.ConfigurableResource):
     """The SBERT model of the targets: a local directory, the offline package, or a hub name."""
 
     model: str = "all-MiniLM-L6-v2"
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA when present
     batch_size: int = 128
 
-    def encoder(self):
+    def encoder(self, device: str | None = None):
+        """The encoder on ``device`` (default: this resource's; "auto" is CUDA when present, else CPU)."""
         from pipeline.data.embedding import PromptEncoder
 
-        return PromptEncoder(self.model, device=self.device, batch_size=self.batch_size)
+        return PromptEncoder(self.model, device=resolve_device_name(device or self.device), batch_size=self.batch_size)
+
+
+def resolve_device_name(device: str) -> str:
+    """"auto" -> "cuda" when a GPU is visible, else "cpu"; anything else as given."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class ComputeResource(dg.ConfigurableResource):
@@ -134,7 +144,7 @@ class ComputeResource(dg.ConfigurableResource):
 def build_resources(settings: Settings | None = None) -> dict[str, dg.ConfigurableResource]:
     settings = settings or load_settings()
     config = profile_config(settings)
-    token = dg.EnvVar("HF_TOKEN") if os.environ.get("HF_TOKEN") else None
+    token = dg.EnvVar("HF_TOKEN") if settings.hf_token_set else None
     return {
         "storage": StorageResource(root=settings.home),
         "diffusiondb": DiffusionDBResource(
@@ -147,27 +157,32 @@ def build_resources(settings: Settings | None = None) -> dict[str, dg.Configurab
             sample_seed=config.sample.seed,
         ),
         "sentence_encoder": SentenceEncoderResource(
-            model=config.encoder_model, batch_size=config.encoder_batch_size
+            model=config.encoder_model, device=settings.device, batch_size=config.encoder_batch_size
         ),
         "compute": ComputeResource(
+            device=settings.device,
             backbone_variant=settings.backbone_variant,
             pretrained=not settings.is_sample,
-            nproc_per_node=_nproc_per_node(),
+            num_workers=_loader_workers(settings),
+            nproc_per_node=_nproc_per_node(settings),
         ),
         # Launches torchrun for multi-process training (trained_models with nproc_per_node > 1).
         "pipes": dg.PipesSubprocessClient(),
     }
 
 
-def _nproc_per_node() -> int:
-    """REVERSE_SD_NPROC_PER_NODE: training processes per machine (DDP under torchrun when > 1); default 1."""
-    from resources.settings import SettingsError
-
-    raw = os.environ.get("REVERSE_SD_NPROC_PER_NODE", "").strip() or "1"
-    if raw == "gpus":
+def _nproc_per_node(settings: Settings) -> int:
+    """Training processes per machine (DDP under torchrun when > 1); "gpus" is every visible GPU."""
+    if settings.nproc_per_node == "gpus":
         import torch
 
         return max(1, torch.cuda.device_count())
-    if not raw.isdigit() or int(raw) < 1:
-        raise SettingsError(f"REVERSE_SD_NPROC_PER_NODE={raw!r} must be a positive integer or 'gpus'")
-    return int(raw)
+    return int(settings.nproc_per_node)
+
+
+def _loader_workers(settings: Settings) -> int:
+    """REVERSE_SD_LOADER_WORKERS, else the cores available (capped) on real data; the sample's tiny images
+    decode faster in the training process than worker processes start."""
+    if settings.loader_workers is not None:
+        return settings.loader_workers
+    return 0 if settings.is_sample else default_loader_workers()

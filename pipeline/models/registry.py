@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from pipeline.models import backbones as bb
+from pipeline.constants import BACKBONE_NAMES, EMBED_DIM
 from pipeline.models.heads import HEAD_MODES, ReverseSDHeads, check_head_mode
 
-EMBED_DIM = 384  # all-MiniLM-L6-v2
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ BACKBONES: MappingProxyType[str, BackboneSpec] = MappingProxyType(
         ),
     }
 )
+assert tuple(BACKBONES) == BACKBONE_NAMES, "pipeline.constants.BACKBONE_NAMES lists the registry's backbones"
 
 
 def available_backbones() -> list[str]:

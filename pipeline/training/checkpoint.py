@@ -31,7 +31,7 @@ from safetensors.torch import save_file as st_save_file
 
 from pipeline.storage import PathLike, as_path, atomic_local_path
 
-EMBEDDING_DIM = 384
+from pipeline.constants import EMBED_DIM as EMBEDDING_DIM
 _NAME = re.compile(r"^ckpt-(\d+)\.safetensors$")
 _STATE_NAME = re.compile(r"^ckpt-(\d+)\.state\.pt$")
 # pipeline.storage's atomic temporaries of checkpoints and of the trainer's best-weights file

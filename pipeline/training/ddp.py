@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch.distributed as dist
 
+from pipeline.constants import EMBED_DIM
 from pipeline.training.datasets import PairDataset
 from pipeline.data.image_store import ImageColumn
 from pipeline.storage import write_text
@@ -58,7 +59,7 @@ def _column_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     n = len(array)
     if n == 0:
-        return np.zeros((0, 384), dtype=np.float32)
+        return np.zeros((0, EMBED_DIM), dtype=np.float32)
     flat = array.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
     return flat.reshape(n, -1)
 

@@ -62,7 +62,6 @@ def stage_jobs(assets_defs: Sequence[dg.AssetsDefinition]) -> list[dg.Unresolved
         dg.define_asset_job(
             name,
             selection=dg.AssetSelection.assets(*keys),
-            partitions_def=partitions_def,
             description=f"Materializes {', '.join(k.to_user_string() for k in keys)} (used by `reverse-sd materialize`).",
         )
         for name, (partitions_def, keys) in groups.items()
@@ -392,15 +391,18 @@ def gpu_count() -> int:
 
 
 def root_cause(error) -> str:
-    """The innermost cause of a Dagster SerializableErrorInfo, as 'ExceptionClass: message'."""
-    while getattr(error, "cause", None) is not None:
+    """The user's exception behind a Dagster SerializableErrorInfo, as 'ExceptionClass: message' (the first
+    error in the cause chain that is not Dagster's own wrapper: its message names the file or errno)."""
+    while (getattr(error, "cls_name", "") or "").startswith("Dagster") and getattr(error, "cause", None) is not None:
         error = error.cause
     message = (error.message or "").strip().splitlines()
     text = message[-1] if message else ""
-    cls = getattr(error, "cls_name", None)
-    if cls and not text.startswith(cls):
-        text = f"{cls}: {text}"
-    return text or "failed (no message)"
+    cls = getattr(error, "cls_name", None) or ""
+    if f"{cls}: " in text:  # "polars.exceptions.ComputeError: msg" -> "msg"
+        text = text.split(f"{cls}: ", 1)[1]
+    if cls == "Failure":  # dagster.Failure carries a message meant for people as it is
+        return text or "failed"
+    return f"{cls}: {text}" if cls else (text or "failed (no message)")
 
 
 def failure_lines(result) -> list[str]:
@@ -493,14 +495,32 @@ class _WorkerProcess:
 
     def __init__(self, ctx, log_level: str):
         self.tasks, self.results = ctx.Queue(), ctx.Queue()
-        self.process = ctx.Process(target=_worker_main, args=(self.tasks, self.results, log_level), daemon=True)
+        self.process = ctx.Process(
+            target=_worker_main, args=(self.tasks, self.results, log_level, os.getpid()), daemon=True
+        )
         self.process.start()
         self.busy_with: tuple[int, Unit, int | None] | None = None
 
 
-def _worker_main(tasks, results, log_level: str) -> None:
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this worker when the invoking process dies, even by kill -9, so no orphan
+    keeps computing (its run is then released by the next invocation)."""
+    import ctypes
     import signal
 
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _worker_main(tasks, results, log_level: str, parent_pid: int) -> None:
+    import signal
+
+    _die_with_parent()
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        return
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it stops workers with SIGTERM/SIGKILL
     _worker_init(log_level)
     while True:
@@ -544,7 +564,12 @@ def run_units(
     succeeded: set[int] = set()
     blocked: set[int] = set()
     free_devices = list(range(gpu_slots))
-    pool = _ThreadLauncher(launch, workers) if launch else _ProcessLauncher(workers, log_level)
+    if launch:
+        pool = _ThreadLauncher(launch, workers)
+    elif workers == 1 or len(plan.units) == 1:  # nothing to overlap: skip spawning (and importing) a worker
+        pool = _InlineLauncher(log_level)
+    else:
+        pool = _ProcessLauncher(workers, log_level)
     try:
         while pending or running:
             # Anything that reads from a failed or blocked unit never runs.
@@ -633,6 +658,26 @@ class _ProcessLauncher:
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join(timeout=1)
+
+
+class _InlineLauncher:
+    """Runs each unit in this process, one at a time (one worker, or a one-run plan)."""
+
+    def __init__(self, log_level: str):
+        self.log_level = log_level
+        self.queued: list = []
+
+    def submit(self, index, unit, device, tags) -> None:
+        self.queued.append((index, unit, device, tags))
+
+    def next_result(self):
+        if not _WORKER_STATE:
+            _worker_init(self.log_level)
+        index, unit, device, tags = self.queued.pop(0)
+        return index, execute_unit(unit, device, tags)
+
+    def close(self) -> None:
+        self.queued.clear()
 
 
 class _ThreadLauncher:

@@ -15,6 +15,11 @@ from resources.profiles import profile_config
 from resources.settings import Settings, default_loader_workers, load_settings, local_dir
 
 
+class ArtifactError(RuntimeError):
+    """An artifact that exists but cannot be read (truncated, garbled): the message names the file and the
+    asset to re-materialize."""
+
+
 class StorageResource(dg.ConfigurableResource):
     """The one storage root of every artifact: a local directory or an fsspec URL (memory://, s3://)."""
 
@@ -48,7 +53,14 @@ class StorageResource(dg.ConfigurableResource):
                 + (f" partition {partition!r}" if partition else "")
                 + " first"
             )
-        return storage.read_parquet(target, columns=columns)
+        try:
+            return storage.read_parquet(target, columns=columns)
+        except Exception as exc:  # polars / pyarrow name neither the file nor what to do about it
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+            raise ArtifactError(
+                f"{target} is unreadable ({reason}): re-materialize asset {asset_key!r}"
+                + (f" partition {partition!r}" if partition else "")
+            ) from exc
 
     def has_table(self, asset_key: str, partition: str | None = None) -> bool:
         return storage.exists(self.table_path(asset_key, partition))
@@ -83,29 +95,35 @@ class DiffusionDBResource(dg.ConfigurableResource):
         return DiffusionDBSource(self.location, revision=self.revision, token=token)
 
     def _ensure_sample(self) -> None:
+        """Generate the sample mirror once, even when several processes ask at the same moment: a file lock
+        beside it serialises them, and the mirror is built under a name of its own, then renamed, so a
+        killed run never leaves half a mirror."""
+        import fcntl
+        import shutil
+
         from pipeline.data.sample_data import generate_sample_mirror
 
         root = Path(self.location)
-        with _SAMPLE_LOCK:
-            if (root / "metadata.parquet").exists():
+        if (root / "metadata.parquet").exists():
+            return
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with _SAMPLE_LOCK, open(root.with_name(root.name + ".lock"), "a") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            if (root / "metadata.parquet").exists():  # another process built it while we waited
                 return
-            # Generate beside the target and rename, so a killed run never leaves half a mirror.
-            tmp = root.with_name(root.name + ".partial")
-            if tmp.exists():
-                import shutil
-
-                shutil.rmtree(tmp)
+            tmp = root.with_name(f"{root.name}.partial-{os.getpid()}")
+            for leftover in root.parent.glob(f"{root.name}.partial*"):  # killed builders' (we hold the lock)
+                shutil.rmtree(leftover, ignore_errors=True)
             generate_sample_mirror(
                 tmp,
                 n_parts=self.sample_parts,
                 images_per_part=self.sample_images_per_part,
                 seed=self.sample_seed,
             )
-            root.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, root)
 
 
-_SAMPLE_LOCK = threading.Lock()
+_SAMPLE_LOCK = threading.Lock()  # threads of one process; the file lock covers processes
 
 
 class SentenceEncoderResource(dg.ConfigurableResource):

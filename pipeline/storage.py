@@ -8,11 +8,18 @@ temporary file, then uploaded: object stores whose upload only becomes visible o
 Azure: one PUT or a completed multipart upload) take it directly; any other fsspec filesystem gets a
 hidden temporary sibling that is moved into place, because a plain streamed write there commits
 whatever was written when it fails half-way.
+
+Every artifact written here gets a sidecar ``<name>.sha256`` (its SHA-256, size and modification time),
+written after the artifact itself; readers verify the content against it (``verify``), so a truncated or
+altered file stops with one line naming it instead of giving wrong answers, and ``is_intact`` tells
+`--stale` planning cheaply (size and time first, the hash only when they moved) that a file was touched.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import tempfile
 import uuid
@@ -49,7 +56,9 @@ def atomic_local_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
         tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex}.tmp{suffix}"
         try:
             yield tmp
+            digest = file_sha256(tmp)
             os.replace(tmp, dest)
+            _write_sidecar(dest, digest)
         finally:
             if tmp.exists():
                 tmp.unlink()
@@ -59,9 +68,99 @@ def atomic_local_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
         tmp = Path(name)
         try:
             yield tmp
+            digest = file_sha256(tmp)
             upload(tmp, dest)
+            _write_sidecar(dest, digest, size=tmp.stat().st_size)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+# ---- integrity: a SHA-256 sidecar per artifact --------------------------------------------------------
+
+SIDECAR_SUFFIX = ".sha256"
+
+
+class IntegrityError(ValueError):
+    """An artifact that does not match the hash recorded when it was written (truncated, altered)."""
+
+
+def file_sha256(path: PathLike, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    p = as_path(path)
+    with p.open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sidecar_path(target: PathLike) -> UPath | Path:
+    dest = as_path(target)
+    return dest.with_name(dest.name + SIDECAR_SUFFIX)
+
+
+def _write_sidecar(dest: UPath | Path, digest: str, size: int | None = None) -> None:
+    record = {"sha256": digest, "size": size if size is not None else dest.stat().st_size}
+    if isinstance(dest, Path):
+        record["mtime_ns"] = dest.stat().st_mtime_ns
+    data = json.dumps(record).encode()
+    side = sidecar_path(dest)
+    if isinstance(side, Path):
+        tmp = side.parent / f".{side.name}.{uuid.uuid4().hex}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, side)
+    else:
+        with tempfile.NamedTemporaryFile(delete=False) as f:
+            f.write(data)
+        try:
+            upload(Path(f.name), side)
+        finally:
+            os.unlink(f.name)
+
+
+def recorded_hash(target: PathLike) -> dict | None:
+    """The sidecar's record ({"sha256", "size", "mtime_ns"}), or None for a file written without one."""
+    side = sidecar_path(target)
+    try:
+        return json.loads(side.read_bytes())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def verify(target: PathLike) -> str | None:
+    """Check ``target`` against its sidecar; return its SHA-256 (None when it has no sidecar).
+
+    Raises IntegrityError, naming the file, when the content differs from what was written."""
+    record = recorded_hash(target)
+    if record is None:
+        return None
+    actual = file_sha256(target)
+    if actual != record.get("sha256"):
+        size = as_path(target).stat().st_size
+        what = "truncated" if size < record.get("size", size) else "altered"
+        raise IntegrityError(
+            f"{target} is damaged ({what}: {size} bytes, SHA-256 {actual[:12]}..., written as "
+            f"{record.get('size')} bytes, {str(record.get('sha256'))[:12]}...)"
+        )
+    return actual
+
+
+def is_intact(target: PathLike) -> bool:
+    """Cheap check for planning: size and modification time as written, else the full hash."""
+    record = recorded_hash(target)
+    if record is None:
+        return True
+    p = as_path(target)
+    try:
+        st_size = p.stat().st_size
+    except FileNotFoundError:
+        return False
+    if isinstance(p, Path) and st_size == record.get("size") and p.stat().st_mtime_ns == record.get("mtime_ns"):
+        return True
+    try:
+        verify(target)
+    except IntegrityError:
+        return False
+    return True
 
 
 # Object stores whose put_file makes the object visible only once the whole upload has succeeded.
@@ -104,6 +203,8 @@ def write_text(text: str, target: PathLike) -> None:
 
 
 def read_parquet(path: PathLike, columns: list[str] | None = None) -> pl.DataFrame:
+    """Read a Parquet artifact after checking it against its recorded hash (IntegrityError if damaged)."""
+    verify(path)
     p = as_path(path)
     if isinstance(p, Path):
         return pl.read_parquet(p, columns=columns)

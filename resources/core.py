@@ -53,8 +53,11 @@ class StorageResource(dg.ConfigurableResource):
                 + (f" partition {partition!r}" if partition else "")
                 + " first"
             )
+        what = f"asset {asset_key!r}" + (f" partition {partition!r}" if partition else "")
         try:
             return storage.read_parquet(target, columns=columns)
+        except storage.IntegrityError as exc:
+            raise ArtifactError(f"{exc}: re-materialize {what}") from None
         except Exception as exc:  # polars / pyarrow name neither the file nor what to do about it
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
             raise ArtifactError(

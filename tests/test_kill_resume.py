@@ -86,7 +86,8 @@ elif TARGET.startswith("checkpoint:"):
 CLI = HOOK + r'''
 from assets.cli import main
 
-sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":  # materialize's spawned workers import this module too (and so get the hook)
+    sys.exit(main(sys.argv[1:]))
 '''
 
 EMBED = HOOK + r'''

@@ -29,7 +29,7 @@ from safetensors.torch import load as st_load_bytes
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file as st_save_file
 
-from pipeline.storage import PathLike, as_path, atomic_local_path
+from pipeline.storage import IntegrityError, PathLike, as_path, atomic_local_path, sidecar_path, verify
 
 from pipeline.constants import EMBED_DIM as EMBEDDING_DIM
 _NAME = re.compile(r"^ckpt-(\d+)\.safetensors$")
@@ -179,8 +179,9 @@ def prune_checkpoints(directory: PathLike, keep_last: int) -> None:
     for _, weights in found[: max(len(found) - keep_last, 0)]:
         state = state_path_for(weights)
         weights.unlink()
-        if state.exists():
-            state.unlink()
+        for other in (state, sidecar_path(weights), sidecar_path(state)):
+            if other.exists():
+                other.unlink()
     remove_leftovers(directory)
 
 
@@ -217,6 +218,10 @@ def _read_safetensors(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str
     from safetensors import SafetensorError, safe_open
 
     p = as_path(path)
+    try:
+        verify(p)  # safetensors carries no checksum: garbled tensor bytes would load silently
+    except IntegrityError as exc:
+        raise CheckpointError(f"checkpoint {exc}: re-materialize trained_models") from None
     try:
         if isinstance(p, Path):
             with safe_open(str(p), framework="pt") as f:
@@ -304,6 +309,10 @@ def read_state(path: PathLike, map_location: str | torch.device = "cpu") -> dict
     state_file = state_path_for(_resolve(path))
     if not state_file.exists():
         raise CheckpointError(f"checkpoint has no trainer state ({state_file})")
+    try:
+        verify(state_file)
+    except IntegrityError as exc:
+        raise CheckpointError(f"trainer state {exc}") from None
     if isinstance(state_file, Path):
         return torch.load(state_file, map_location=map_location, weights_only=True)
     return torch.load(io.BytesIO(state_file.read_bytes()), map_location=map_location, weights_only=True)

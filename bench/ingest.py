@@ -1,0 +1,191 @@
+"""Ingest at scale: diffusiondb_parts through the real Dagster runs, 1 worker against all cores, and the
+per-run overhead and planning time at DiffusionDB-2M's 2,000 parts.
+
+    python bench/ingest.py                      # 4 parts x 250 PNGs of 512 px (about 400 KB each)
+    python bench/ingest.py --parts 8 --images-per-part 1000 --workers 16
+    python bench/ingest.py --tiny-parts 2000    # planning and run overhead at DiffusionDB-2M's part count
+
+What it builds: a mirror in DiffusionDB's layout whose PNGs are 512 x 512 with grain added so that each
+weighs about what DiffusionDB's do (~400 KB; the script prints the measured mean), then materializes
+diffusiondb_parts through `assets.orchestration.run_units` (the code `reverse-sd materialize` runs), on a
+fresh storage root and Dagster instance per contender, with the worker processes started before the clock
+starts (their start is a fixed cost per invocation, printed separately).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import time
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def add_grain(root: Path, sigma: float, seed: int = 0) -> float:
+    """Re-encode every PNG of the mirror with Gaussian grain; return the mean PNG size in KB."""
+    rng = np.random.default_rng(seed)
+    sizes = []
+    for archive in sorted((root / "images").glob("part-*.zip")):
+        rewritten = archive.with_suffix(".tmp")
+        with zipfile.ZipFile(archive) as src, zipfile.ZipFile(rewritten, "w", zipfile.ZIP_STORED) as dst:
+            for info in src.infolist():
+                data = src.read(info)
+                if info.filename.endswith(".png"):
+                    pixels = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32)
+                    pixels += rng.normal(0.0, sigma, pixels.shape)
+                    buffer = io.BytesIO()
+                    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "PNG", compress_level=1)
+                    data = buffer.getvalue()
+                    sizes.append(len(data))
+                dst.writestr(info.filename, data)
+        os.replace(rewritten, archive)
+    return float(np.mean(sizes)) / 1024 if sizes else 0.0
+
+
+def _environment(workdir: Path, mirror: Path) -> None:
+    os.environ.update(
+        REVERSE_SD_PROFILE="sample",
+        REVERSE_SD_HOME=str(workdir / "data"),
+        REVERSE_SD_DIFFUSIONDB=str(mirror),
+        DAGSTER_HOME=str(workdir / "dagster_home"),
+        HF_HUB_OFFLINE="1",
+    )
+
+
+def materialize_parts(workdir: Path, mirror: Path, workers: int) -> dict:
+    """Materialize every part of ``mirror`` with ``workers`` worker processes; seconds and counts."""
+    import subprocess
+
+    code = f"""
+import json, os, sys, time, warnings
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+warnings.filterwarnings("ignore")
+import dagster as dg
+from resources.settings import ensure_dagster_home, load_settings
+ensure_dagster_home(load_settings())
+from assets import orchestration as orch
+from assets.data import register_parts
+from assets.definitions import defs
+instance = dg.DagsterInstance.get()
+t0 = time.perf_counter()
+register_parts(instance, defs.resources["diffusiondb"])
+plan = orch.plan_units(defs, instance, selection="diffusiondb_parts")
+planned = time.perf_counter() - t0
+launcher = orch.prestarted_launcher({workers}, "CRITICAL")
+started = time.perf_counter() - t0 - planned
+t1 = time.perf_counter()
+progress = orch.run_units(plan, workers={workers}, gpu_slots=1, gpu_devices=False, tags=orch.new_invocation_tags(),
+                          launcher=launcher)
+seconds = time.perf_counter() - t1
+ok = sum(o.success for o in progress.outcomes)
+print(json.dumps(dict(runs=len(plan.units), ok=ok, seconds=seconds, planning=planned, worker_start=started,
+                      run_seconds=sum(o.seconds for o in progress.outcomes))))
+"""
+    env = {**os.environ}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=workdir)
+    if result.returncode != 0:
+        raise SystemExit(result.stderr[-3000:])
+    import json
+
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", type=int, default=4, help="parts of the realistic mirror (default 4)")
+    parser.add_argument("--images-per-part", type=int, default=250, help="PNGs per part (default 250; DiffusionDB: 1000)")
+    parser.add_argument("--sigma", type=float, default=10.0, help="grain that brings PNGs to DiffusionDB's size (default 10)")
+    parser.add_argument("--workers", type=int, default=None, help="the parallel contender's workers (default: the cores)")
+    parser.add_argument("--tiny-parts", type=int, default=2000, help="parts of four 64-px images for the overhead part (default 2000)")
+    parser.add_argument("--tiny-runs", type=int, default=200, help="of those, how many to run (default 200; all are planned)")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    from pipeline.data.sample_data import generate_sample_mirror
+    from resources.settings import available_cores
+
+    workers = args.workers or available_cores()
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        tmp = Path(tmp)
+        mirror = tmp / "mirror"
+        t0 = time.perf_counter()
+        generate_sample_mirror(mirror, n_parts=args.parts, images_per_part=args.images_per_part, image_size=512)
+        kb = add_grain(mirror, args.sigma)
+        print(f"mirror: {args.parts} parts x {args.images_per_part} PNGs of 512 px, mean PNG {kb:.0f} KB "
+              f"(built in {time.perf_counter() - t0:.0f} s)")
+        images = args.parts * args.images_per_part
+        rows = []
+        for n in sorted({1, workers}):
+            work = tmp / f"w{n}"
+            work.mkdir()
+            _environment(work, mirror)
+            result = materialize_parts(work, mirror, n)
+            assert result["ok"] == result["runs"] == args.parts, result
+            rows.append((n, result))
+        print(f"\n{'workers':>8} {'images/s':>10} {'seconds':>8} {'vs 1 worker':>12} {'worker start (s)':>17}")
+        base = images / rows[0][1]["seconds"]
+        for n, r in rows:
+            rate = images / r["seconds"]
+            print(f"{n:>8} {rate:>10.1f} {r['seconds']:>8.1f} {rate / base:>11.2f}x {r['worker_start']:>17.1f}")
+
+        # Planning and per-run overhead at DiffusionDB-2M's part count: parts of four small images each.
+        tiny = tmp / "tiny_mirror"
+        generate_sample_mirror(tiny, n_parts=args.tiny_parts, images_per_part=4, image_size=64)
+        work = tmp / "tiny"
+        work.mkdir()
+        _environment(work, tiny)
+        subset = tmp / "tiny_subset"
+        (subset / "images").mkdir(parents=True)
+        for archive in sorted((tiny / "images").glob("part-*.zip"))[: args.tiny_runs]:
+            os.link(archive, subset / "images" / archive.name)
+        os.link(tiny / "metadata.parquet", subset / "metadata.parquet")
+        _environment(work, subset)
+        result = materialize_parts(work, subset, workers)
+        per_run = result["seconds"] / result["runs"]
+        print(f"\nrun overhead: {result['runs']} four-image parts with {workers} workers in {result['seconds']:.1f} s: "
+              f"{per_run:.3f} s per run (wall), {result['run_seconds'] / result['runs']:.3f} s inside each run")
+        print(f"  -> {args.tiny_parts} parts: about {per_run * args.tiny_parts / 60:.1f} min of overhead at {workers} workers")
+        plan_work = tmp / "plan"
+        plan_work.mkdir()
+        _environment(plan_work, tiny)
+        result = materialize_parts_plan_only(plan_work)
+        print(f"planning {args.tiny_parts} registered parts (whole graph): {result['plan']:.2f} s; "
+              f"--stale planning: {result['stale']:.2f} s ({result['units']} runs)")
+
+
+def materialize_parts_plan_only(workdir: Path) -> dict:
+    import json
+    import subprocess
+
+    code = f"""
+import json, sys, time, warnings
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+warnings.filterwarnings("ignore")
+import dagster as dg
+from resources.settings import ensure_dagster_home, load_settings
+ensure_dagster_home(load_settings())
+from assets import orchestration as orch
+from assets.data import register_parts
+from assets.definitions import defs
+instance = dg.DagsterInstance.get()
+register_parts(instance, defs.resources["diffusiondb"])
+t0 = time.perf_counter(); plan = orch.plan_units(defs, instance); t1 = time.perf_counter()
+orch.plan_units(defs, instance, stale_only=True); t2 = time.perf_counter()
+print(json.dumps(dict(plan=t1 - t0, stale=t2 - t1, units=len(plan.units))))
+"""
+    result = subprocess.run([sys.executable, "-c", code], env={**os.environ}, capture_output=True, text=True, cwd=workdir)
+    if result.returncode != 0:
+        raise SystemExit(result.stderr[-3000:])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    main()

@@ -262,6 +262,8 @@ def test_two_invocations_on_one_storage_root_and_a_failure_in_one_line(tmp_path)
     # where the full log is; no traceback without --verbose.
     damaged = tmp_path / "data" / "diffusiondb_parts" / "part-000002.parquet"
     damaged.write_bytes(damaged.read_bytes()[:100])
+    plan = run_cli(["materialize", "--stale", "--dry-run", "--select", "diffusiondb_parts"], env, timeout=300)
+    assert "diffusiondb_parts [1]: part-000002" in plan.stdout, plan.stdout  # a truncated artifact is stale
     result = run_cli(["materialize", "--select", "filtered_pairs"], env, timeout=300)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr

@@ -1,6 +1,6 @@
 """The paper's prompt filter and the deterministic train / val / test split, vectorised in Polars.
 
-The filter (../shared/paper-notes.md), rules applied in this order, row order = priority:
+The paper's filter, rules applied in this order, row order = priority:
 
 1. strip surrounding whitespace;
 2. "empty": drop null (or NaN) prompts and prompts with fewer than one word, i.e. nothing left after

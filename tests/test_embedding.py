@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -10,10 +11,12 @@ import numpy as np
 import polars as pl
 import pytest
 
+from pipeline.data import embedding as embedding_module
 from pipeline.data.embedding import (
     EMBEDDING_DIM,
     PromptEncoder,
     embed_incremental,
+    length_bands,
     prompt_ids,
     resolve_model_location,
 )
@@ -118,8 +121,7 @@ def test_rejects_non_strings(encoder):
 
 
 def test_progress_callback(encoder):
-    enc = PromptEncoder(chunk_size=16)
-    enc._st, enc._forward, enc._packed, enc.backend = encoder._st, encoder._forward, encoder._packed, encoder.backend
+    enc = sharing(encoder, packed=True, chunk_size=16)
     calls = []
     out = enc.encode(PROMPTS, on_progress=lambda done, total: calls.append((done, total)))
     unique = len(dict.fromkeys(PROMPTS))
@@ -128,15 +130,82 @@ def test_progress_callback(encoder):
     assert row_cosine(out, encoder.encode(PROMPTS)).min() >= 0.99999
 
 
-@pytest.mark.parametrize("path", ["length buckets (the CUDA path)", "sentence-transformers fallback"])
-def test_other_code_paths_agree(encoder, reference, path):
-    enc = PromptEncoder()
-    enc._st, enc._forward, enc._packed = encoder._st, encoder._forward, None
-    if path.startswith("sentence"):
-        enc._forward = None
+def sharing(encoder: PromptEncoder, packed: bool = False, **kwargs) -> PromptEncoder:
+    """A PromptEncoder with its own settings on ``encoder``'s loaded model (packed kernel on or off)."""
+    enc = PromptEncoder(**kwargs)
+    enc._st, enc._forward = encoder._st, encoder._forward
+    enc._packed = encoder._packed if packed else None
+    enc.backend = encoder.backend if packed else "length bands"
+    return enc
+
+
+def test_sentence_transformers_fallback_agrees(encoder, reference):
+    enc = sharing(encoder)
+    enc._forward = None
     out = enc.encode(PROMPTS)
     assert out.shape == reference.shape and out.dtype == np.float32
     assert row_cosine(out, reference).min() >= 0.9999
+
+
+def test_length_bands_respect_budget_and_band_width():
+    rng = np.random.default_rng(0)
+    lengths = np.sort(np.concatenate([rng.integers(5, 7, 2000), rng.integers(7, 80, 1000), [256] * 5, [1]]))
+    budget = 2048
+    bands = length_bands(lengths, budget, slack=0.125, min_width=4)
+    assert bands[0][0] == 0 and bands[-1][1] == len(lengths)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(bands))  # contiguous, every row once
+    for start, stop, width in bands:
+        rows = stop - start
+        assert width == lengths[stop - 1] and (rows == 1 or rows * width <= budget)
+        low = lengths[start]
+        assert width - low <= max(4, int(low * 0.125))  # padding bounded by the band width
+    # Many lengths per forward and large batches of short prompts: far fewer forwards than exact-length
+    # buckets, and the short bands fill the budget.
+    assert len(bands) < len(np.unique(lengths))
+    assert max(stop - start for start, stop, width in bands if width <= 6) >= budget // 6
+    assert length_bands(np.zeros(0, np.int64), budget) == []
+    assert length_bands(np.array([300]), 64) == [(0, 1, 300)]  # a row longer than the budget runs alone
+
+
+def test_band_batching_mixed_lengths_duplicates_order(encoder, reference):
+    # The path CUDA takes (transformers BertModel, padded length bands, masked mean pooling), run on the CPU
+    # with a small token budget and small chunks, so bands hold several lengths, and chunks are tokenised in
+    # the background thread while the previous one runs.
+    enc = sharing(encoder, tokens_per_batch=256, chunk_size=8)
+    chunk = enc._prepare(list(dict.fromkeys(PROMPTS))[:8])
+    assert len({width for _, _, width, _ in chunk.batches}) < len(set(chunk.lengths.tolist())) or len(chunk.batches) == 1
+    out = enc.encode(PROMPTS)
+    assert out.shape == reference.shape and out.dtype == np.float32
+    cosine = row_cosine(out, reference)
+    assert cosine.min() >= 0.9999, (cosine.argmin(), cosine.min())
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    assert np.array_equal(out[0], out[7])  # duplicates share one row
+    shuffled = np.random.default_rng(1).permutation(len(PROMPTS))
+    again = enc.encode([PROMPTS[i] for i in shuffled])
+    np.testing.assert_allclose(again, out[shuffled], atol=1e-5)  # order preserved under any input order
+    no_overlap = sharing(encoder, tokens_per_batch=100_000, chunk_size=1000, overlap=False)
+    np.testing.assert_allclose(no_overlap.encode(PROMPTS[:20]), out[:20], atol=1e-5)  # nor budget, chunks
+    assert enc.encode([]).shape == (0, EMBEDDING_DIM)
+    blocks = list(enc.iter_encode(list(dict.fromkeys(PROMPTS))))
+    assert [start for start, _ in blocks] == list(range(0, len(dict.fromkeys(PROMPTS)), 8))
+
+
+def test_float16_copy_keeps_cosine(reference):
+    enc = PromptEncoder(device="cpu", dtype="float16")
+    out = enc.encode(PROMPTS)
+    assert enc.model_id == "all-MiniLM-L6-v2@float16" and "float16" in enc.backend
+    assert enc.probe_cosine >= 0.9999
+    assert row_cosine(out, reference).min() >= 0.9999
+
+
+def test_auto_dtype_falls_back_to_fp32_when_the_probe_fails(monkeypatch, reference):
+    assert PromptEncoder(device="cpu").dtype is None  # auto on CPU: fp32, no probe needed
+    monkeypatch.setattr(embedding_module, "_auto_dtype", lambda device: embedding_module.torch.bfloat16)
+    monkeypatch.setattr(embedding_module, "MIN_PROBE_COSINE", 1.5)  # no precision passes this
+    enc = PromptEncoder(device="cpu")
+    assert enc.model_id == "all-MiniLM-L6-v2"  # settled at load: the fp32 model, so an fp32 cache stays valid
+    assert enc.dtype is None and "bfloat16 off" in enc.backend and enc.probe_cosine < 1.5
+    assert row_cosine(enc.encode(PROMPTS[:12]), reference[:12]).min() >= 0.9999
 
 
 def test_torch_linear_kernel_agrees(reference):
@@ -146,7 +215,7 @@ def test_torch_linear_kernel_agrees(reference):
     assert row_cosine(out, reference).min() >= 0.9999
 
 
-def test_bfloat16_autocast_is_close_but_marked(reference):
+def test_bfloat16_is_close_but_marked(reference):
     enc = PromptEncoder(dtype="bfloat16")
     out = enc.encode(PROMPTS)
     assert enc.model_id == "all-MiniLM-L6-v2@bfloat16"  # a cache from fp32 is not reused for it

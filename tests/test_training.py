@@ -28,7 +28,14 @@ from pipeline.training.checkpoint import (
     save_checkpoint,
 )
 from pipeline.training.datasets import PairDataset
-from pipeline.training.loop import TrainConfig, predict_embeddings, preliminary_cosines, seed_everything, train_model
+from pipeline.training.loop import (
+    TrainConfig,
+    TrainResult,
+    predict_embeddings,
+    preliminary_cosines,
+    seed_everything,
+    train_model,
+)
 
 SIZE = 32
 K = 6
@@ -203,9 +210,23 @@ def test_keeps_only_the_last_checkpoints(tmp_path):
     model = make_tiny_model(0)
     for i in range(1, 5):
         save_checkpoint(tmp_path, model, index=i, keep_last=2)
-    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == [
-        "ckpt-00003.safetensors", "ckpt-00003.state.pt", "ckpt-00004.safetensors", "ckpt-00004.state.pt"
-    ]
+    kept = ["ckpt-00003.safetensors", "ckpt-00003.state.pt", "ckpt-00004.safetensors", "ckpt-00004.state.pt"]
+    # each file with its SHA-256 sidecar, the pruned ones' sidecars gone too
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*")) == sorted(kept + [k + ".sha256" for k in kept])
+
+
+def test_a_garbled_checkpoint_is_refused_naming_the_file(tmp_path):
+    """safetensors has no checksum: tensor bytes flipped in place would load silently without the sidecar."""
+    from pipeline.training.checkpoint import CheckpointError
+
+    model = make_tiny_model(0)
+    save_checkpoint(tmp_path, model, index=1)
+    weights = tmp_path / "ckpt-00001.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0x5A  # a tensor byte, not the header: safetensors itself would accept it
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"ckpt-00001\.safetensors is damaged \(altered"):
+        load_model_weights(weights)
 
 
 # -- training --------------------------------------------------------------------------------------------
@@ -304,6 +325,25 @@ def test_training_learns_the_toy_problem(tmp_path):
     assert len(epochs) == 6 and all(r["images_per_s"] > 0 and 0 <= r["data_wait_fraction"] <= 1 for r in epochs)
     assert set(result.history[0]) >= {"stage", "epoch", "train_loss", "train_cosine", "val_cosine",
                                       "images_per_s", "data_wait_fraction", "gpu_mem_mb"}
+
+
+def test_throughput_metrics_are_recorded_and_old_metrics_still_load(tmp_path):
+    model = make_tiny_model(0, dropout=0.0)
+    train, val = datasets(model, 24, 8)
+    result = train_model(model, train, val, cfg(epochs=2, num_workers=1), tmp_path, loss_fn=make_loss())
+    assert result.images_per_s > 0 and 0 <= result.data_wait_fraction <= 1
+    assert result.peak_gpu_memory_mb is None and result.device == "cpu"  # no GPU: no peak memory figure
+    assert all(r["seconds"] > 0 for r in result.history)
+    # metrics.json round trip (the DDP launcher's), and one written before these fields existed.
+    data = json.loads(json.dumps(result.to_dict(), default=float))
+    assert TrainResult(**data).data_wait_fraction == result.data_wait_fraction
+    old = {k: v for k, v in data.items() if k not in ("data_wait_fraction", "peak_gpu_memory_mb", "device")}
+    assert TrainResult(**old).peak_gpu_memory_mb is None
+    metrics: dict = {}
+    history = preliminary_cosines(model, train, cfg(batch_size=8), epochs=2, loss_fn=make_loss(), metrics=metrics)
+    assert history.shape == (2, 24)
+    assert metrics["images_per_s"] > 0 and 0 <= metrics["data_wait_fraction"] <= 1
+    assert metrics["peak_gpu_memory_mb"] is None and metrics["device"] == "cpu" and len(metrics["epochs"]) == 2
 
 
 def test_predict_embeddings_is_in_dataset_order_and_unit_length():

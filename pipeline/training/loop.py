@@ -79,13 +79,19 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
+    """What a training run gives back.  Fields after ``extra`` are newer and have defaults, so a metrics.json
+    written by an older run still builds one (``TrainResult(**metrics)``)."""
+
     history: list[dict]
     best_val_cosine: float
     final_val_cosine: float
     checkpoint_path: str | None
-    images_per_s: float
+    images_per_s: float  # training images per second (all ranks), mean over the epochs trained
     resumed_epochs: int = 0  # epochs restored from a checkpoint instead of trained in this call
     extra: dict = field(default_factory=dict)
+    data_wait_fraction: float = 0.0  # time blocked on the data loader / training time, epochs trained
+    peak_gpu_memory_mb: float | None = None  # torch.cuda.max_memory_allocated over the run; None on CPU
+    device: str | None = None  # e.g. "cuda:0 (NVIDIA H100 80GB HBM3)" or "cpu"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,6 +121,30 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision in ("auto", "bf16"):
         return torch.bfloat16
     raise ValueError(f"unknown precision {precision!r} (auto | bf16 | fp32)")
+
+
+def device_name(device: torch.device) -> str:
+    """The device as a person reads it: "cpu", or "cuda:0 (NVIDIA H100 80GB HBM3)"."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def throughput_summary(epochs: Sequence[dict], device: torch.device | None = None) -> dict:
+    """images_per_s (mean), data_wait_fraction (total wait / total time) and peak_gpu_memory_mb (max; None
+    off CUDA) over per-epoch records holding images_per_s, data_wait_fraction, gpu_mem_mb and seconds."""
+    seconds = [float(e.get("seconds") or 0.0) for e in epochs]
+    if sum(seconds) > 0:
+        wait = sum(float(e.get("data_wait_fraction", 0.0)) * t for e, t in zip(epochs, seconds)) / sum(seconds)
+    else:
+        wait = float(np.mean([e.get("data_wait_fraction", 0.0) for e in epochs])) if epochs else 0.0
+    peaks = [float(e["gpu_mem_mb"]) for e in epochs if e.get("gpu_mem_mb")]
+    on_gpu = device.type == "cuda" if device is not None else bool(peaks)
+    return {
+        "images_per_s": float(np.mean([e["images_per_s"] for e in epochs])) if epochs else 0.0,
+        "data_wait_fraction": float(wait),
+        "peak_gpu_memory_mb": (max(peaks) if peaks else 0.0) if on_gpu else None,
+    }
 
 
 def is_distributed_env() -> bool:
@@ -288,6 +318,7 @@ class _Loop:
         self.on_log = on_log if self.dist.is_main else None
         self.step = 0
         self.embedding_dim: int | None = None
+        self._eval_loaders: dict[int, tuple[object, torch.utils.data.DataLoader]] = {}
 
     def _rank_samples(self, n_stage: int) -> int:
         return -(-n_stage // self.dist.world_size) if n_stage else 0
@@ -407,13 +438,17 @@ class _Loop:
         if dataset is None or len(dataset) == 0:
             return float("nan")
         cfg = self.config
-        shard = np.arange(self.dist.rank, len(dataset), self.dist.world_size)
-        loader = make_loader(
-            torch.utils.data.Subset(dataset, shard.tolist()),
-            cfg.eval_batch_size or self.rank_batch,
-            num_workers=cfg.num_workers,
-            pin_memory=self.device.type == "cuda",
-        )
+        cached = self._eval_loaders.get(id(dataset))
+        if cached is None or cached[0] is not dataset:  # one loader per dataset: its workers persist
+            shard = np.arange(self.dist.rank, len(dataset), self.dist.world_size)
+            loader = make_loader(
+                torch.utils.data.Subset(dataset, shard.tolist()),
+                cfg.eval_batch_size or self.rank_batch,
+                num_workers=cfg.num_workers,
+                pin_memory=self.device.type == "cuda",
+            )
+            self._eval_loaders[id(dataset)] = (dataset, loader)
+        loader = self._eval_loaders[id(dataset)][1]
         self.unwrapped.eval()
         total = torch.zeros(2, device=self.device, dtype=torch.float64)
         with torch.inference_mode():
@@ -490,7 +525,7 @@ def train_model(
         loop.dist.barrier()
     checkpoint_path = str(latest) if latest is not None else None
 
-    trained_rates = []
+    trained: list[dict] = []  # the epochs trained in this call (a resumed run's restored ones excluded)
     best = None
     if config.keep_best and val_set is not None and len(val_set):
         best = _BestWeights(checkpoint_dir, fingerprint, history, loop.dist.is_main)
@@ -511,11 +546,12 @@ def train_model(
             "images_per_s": stats["images_per_s"],
             "data_wait_fraction": stats["data_wait_fraction"],
             "gpu_mem_mb": stats["gpu_mem_mb"],
+            "seconds": stats["seconds"],
             "lr": loop.scheduler.get_last_lr()[0],
             "step": loop.step,
         }
         history.append(record)
-        trained_rates.append(stats["images_per_s"])
+        trained.append(stats)
         progress = {
             "completed": position + 1,
             "stage": stage,
@@ -550,7 +586,7 @@ def train_model(
     if best is not None and loop.dist.is_main:
         best.discard()  # the final checkpoint holds the selected weights now
     vals = [h["val_cosine"] for h in history if not math.isnan(h["val_cosine"])]
-    rates = trained_rates or [h["images_per_s"] for h in history]
+    speed = throughput_summary(trained or history, loop.device)
     extra = {
         "world_size": loop.dist.world_size,
         "total_steps": loop.total_steps,
@@ -564,9 +600,12 @@ def train_model(
         best_val_cosine=max(vals) if vals else float("nan"),
         final_val_cosine=history[selected]["val_cosine"] if history else float("nan"),
         checkpoint_path=checkpoint_path,
-        images_per_s=float(np.mean(rates)) if rates else 0.0,
+        images_per_s=speed["images_per_s"],
         resumed_epochs=start,
         extra=extra,
+        data_wait_fraction=speed["data_wait_fraction"],
+        peak_gpu_memory_mb=speed["peak_gpu_memory_mb"],
+        device=device_name(loop.device),
     )
 
 
@@ -628,17 +667,25 @@ def replica_max_abs_diff(model: torch.nn.Module) -> float:
 
 
 def preliminary_cosines(
-    model: torch.nn.Module, train_set, config: TrainConfig, epochs: int, loss_fn: LossFn | None = None
+    model: torch.nn.Module,
+    train_set,
+    config: TrainConfig,
+    epochs: int,
+    loss_fn: LossFn | None = None,
+    metrics: dict | None = None,
 ) -> np.ndarray:
     """Train ``epochs`` preliminary epochs over the whole set; return every sample's cosine per epoch [epochs, n].
 
     The cosine is the one of the training forward pass of that epoch (the model as it is when the sample's
     batch comes up, in train mode), recorded by the dataset index each item carries; this costs no extra
     pass.  No checkpoints.  Under DDP the ranks' records are summed, so every rank returns the full matrix.
+    ``metrics``, when given, is filled with the run's images_per_s, data_wait_fraction, peak_gpu_memory_mb
+    (None on CPU), device and per-epoch "epochs" records (as in TrainResult).
     """
     n = len(train_set)
     loop = _Loop(model, train_set, config, [np.arange(n)], epochs, loss_fn, None)
     out = np.full((epochs, n), np.nan, dtype=np.float64)
+    epoch_stats: list[dict] = []
     for position, (stage, epoch) in enumerate(loop.plan):
         sums = torch.zeros(n, dtype=torch.float64, device=loop.device)
         counts = torch.zeros(n, dtype=torch.float64, device=loop.device)
@@ -648,12 +695,16 @@ def preliminary_cosines(
             sums.index_add_(0, idx, cosine.double())  # padded duplicates average out
             counts.index_add_(0, idx, torch.ones_like(cosine, dtype=torch.float64))
 
-        loop.train_epoch(stage, epoch, on_batch=record)
+        epoch_stats.append(loop.train_epoch(stage, epoch, on_batch=record))
         if loop.dist.enabled:
             dist.all_reduce(sums)
             dist.all_reduce(counts)
         c = counts.cpu().numpy()
         out[position] = np.where(c > 0, sums.cpu().numpy() / np.maximum(c, 1), np.nan)
+    if metrics is not None:
+        metrics.update(throughput_summary(epoch_stats, loop.device), device=device_name(loop.device),
+                       epochs=[{k: v for k, v in e.items() if k not in ("train_loss", "train_cosine")}
+                               for e in epoch_stats])
     return out
 
 

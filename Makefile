@@ -8,7 +8,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run test ui install bench clean
+.PHONY: run test ui install bench clean automation-start automation-stop automation-status
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,28 @@ ui: install
 	mkdir -p $(DAGSTER_HOME)
 	test -e $(DAGSTER_HOME)/dagster.yaml || cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/dagster dev -w workspace.yaml -h $${HOST:-127.0.0.1} -p $${PORT:-3000}
+
+# The three automations (STOPPED on a fresh instance): start, stop or list them in this project's instance
+# (DAGSTER_HOME is set above, which a bare `dagster schedule start` in a fresh shell lacks).  `make ui` runs
+# the daemon that executes them.
+AUTOMATIONS_SCHEDULES := observe_diffusiondb
+AUTOMATIONS_SENSORS := diffusiondb_new_parts reverse_sd_automation
+
+$(DAGSTER_HOME)/dagster.yaml:
+	mkdir -p $(DAGSTER_HOME)
+	test -e $@ || cp dagster.yaml $@
+
+automation-start: install $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/dagster schedule start -w workspace.yaml $(AUTOMATIONS_SCHEDULES)
+	for s in $(AUTOMATIONS_SENSORS); do $(BIN)/dagster sensor start -w workspace.yaml $$s || exit 1; done
+
+automation-stop: install $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/dagster schedule stop -w workspace.yaml $(AUTOMATIONS_SCHEDULES)
+	for s in $(AUTOMATIONS_SENSORS); do $(BIN)/dagster sensor stop -w workspace.yaml $$s || exit 1; done
+
+automation-status: install $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/dagster schedule list -w workspace.yaml
+	$(BIN)/dagster sensor list -w workspace.yaml
 
 bench: install
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done

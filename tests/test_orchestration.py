@@ -240,7 +240,7 @@ def test_kill_minus_nine_in_a_gpu_stage_then_stale_rerun_completes_and_sigterm_s
             os.environ["DAGSTER_HOME"] = old_home
 
 
-def test_two_invocations_on_one_storage_root_and_a_failure_in_one_line(tmp_path):
+def test_two_invocations_on_one_storage_root_and_a_failure_in_one_line(tmp_path, monkeypatch):
     """The second invocation says in one line that the first holds the root (nothing computed twice), or with
     --wait queues behind it and then finds nothing stale."""
     env = sample_env(tmp_path, REVERSE_SD_SAMPLE_PARTS="2", REVERSE_SD_SAMPLE_IMAGES_PER_PART="40")
@@ -262,8 +262,11 @@ def test_two_invocations_on_one_storage_root_and_a_failure_in_one_line(tmp_path)
     # where the full log is; no traceback without --verbose.
     damaged = tmp_path / "data" / "diffusiondb_parts" / "part-000002.parquet"
     damaged.write_bytes(damaged.read_bytes()[:100])
+    monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
+    runs_before = len(dg.DagsterInstance.get().get_run_records())
     plan = run_cli(["materialize", "--stale", "--dry-run", "--select", "diffusiondb_parts"], env, timeout=300)
     assert "diffusiondb_parts [1]: part-000002" in plan.stdout, plan.stdout  # a truncated artifact is stale
+    assert len(dg.DagsterInstance.get().get_run_records()) == runs_before  # a dry run writes no run
     result = run_cli(["materialize", "--select", "filtered_pairs"], env, timeout=300)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr

@@ -135,7 +135,7 @@ def difficulty_scores(
     context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
     from pipeline.training.curriculum import bucket_by_difficulty, difficulty_from_history
-    from pipeline.training.loop import preliminary_cosines
+    from pipeline.training.loop import preliminary_cosines, run_figures
 
     backbone = context.partition_key
     splits = load_splits(storage, ("train",))
@@ -144,7 +144,11 @@ def difficulty_scores(
     preliminary_epochs = training_spec(backbone).preliminary_epochs
     config = _train_config(compute, backbone, "mlc", epochs=preliminary_epochs)
     started = time.perf_counter()
-    history = preliminary_cosines(model, _make_dataset(train, model), config, epochs=preliminary_epochs)
+    run_metrics: dict = {}
+    history = preliminary_cosines(
+        model, _make_dataset(train, model), config, epochs=preliminary_epochs, metrics=run_metrics,
+        cache_dir=storage.local_dir("feature_cache"),
+    )
     difficulty = difficulty_from_history(history)
     buckets = bucket_by_difficulty(difficulty)
     table = pl.DataFrame(
@@ -162,6 +166,7 @@ def difficulty_scores(
                 md_image(histogram_png({"difficulty (mean cosine)": difficulty}, f"{backbone}: difficulty"))
             ),
             "seconds": round(time.perf_counter() - started, 1),
+            **run_figures(run_metrics),
             **table_metadata(table, partitioned=True),
             "path": dg.MetadataValue.path(target),
         }
@@ -197,7 +202,7 @@ def trained_models(
     pipes: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
     from pipeline.training.curriculum import aligned_stages
-    from pipeline.training.loop import train_model
+    from pipeline.training.loop import run_figures, train_model
 
     backbone, recipe = _split_key(context)
     splits = load_splits(storage, ("train", "val"))
@@ -228,6 +233,7 @@ def trained_models(
             checkpoint_dir,
             stages=stages,
             on_log=on_log,
+            cache_dir=storage.local_dir("feature_cache"),
         )
     history = result.history
     curves = {
@@ -239,6 +245,7 @@ def trained_models(
             "best_val_cosine": float(result.best_val_cosine),
             "final_val_cosine": float(result.final_val_cosine),
             "images_per_s": float(result.images_per_s),
+            **run_figures(result.to_dict()),
             "world_size": int(result.extra.get("world_size", 1)),
             "epochs": len(history),
             "checkpoint": dg.MetadataValue.path(str(result.checkpoint_path)),
@@ -305,9 +312,13 @@ def model_predictions(
     splits = load_splits(storage)
     frames, metadata = [], {}
     for name, split in splits.items():
+        run_metrics: dict = {}
         predictions = predict_embeddings(
-            model, _make_dataset(split, model), TRAIN.batch_size, compute.device, num_workers=compute.num_workers
+            model, _make_dataset(split, model), TRAIN.batch_size, compute.device, num_workers=compute.num_workers,
+            cache_dir=storage.local_dir("feature_cache"), metrics=run_metrics,
         )
+        cache = run_metrics.get("feature_cache") or {}
+        metadata[f"{name}_feature_cache"] = "built" if cache.get("built") else ("reused" if cache.get("used") else "none")
         metadata[f"{name}_cosine"] = mean_cosine(predictions, split.targets) if len(split) else float("nan")
         frames.append(
             pl.DataFrame({"image_id": split.image_ids, "split": [name] * len(split)}).with_columns(

@@ -17,8 +17,12 @@ Prints, for the device it runs on (named in the first line):
    training step (forward + backward, gradient-checkpoint recompute included), and MFU = FLOPs/image x
    images/s / the device's peak dense bf16 FLOP/s (a table for H100 / H200 / A100, or ``--peak-tflops``).
    Full backbones have random weights (``pretrained=False``: no hub needed).
+   For the backbones with a frozen prefix (clip: the whole tower; unet: the VAE) the same two epochs again
+   through the feature cache (pipeline/training/feature_cache.py, a fresh cache directory): the one-off
+   build (the prefix over every image) and the cached epoch, beside the uncached epoch.
 3. The DiffusionDB-2M GPU-hours that follow from the measured rates: ``--train-pairs`` (670k) images x
-   (``--prelim-epochs`` 2 + ``--recipes`` 3 x ``--recipe-epochs`` 3) per backbone, plus the targets.
+   (``--prelim-epochs`` 2 + ``--recipes`` 3 x ``--recipe-epochs`` 3) per backbone, plus the targets; for
+   clip / unet also with the feature cache (one build pass over the training pairs, then cached epochs).
 
 Nothing here is estimated or hard-coded: every figure printed is measured in this run (the peak FLOP/s
 of the MFU column is the vendor's spec for the named device).  In ``--dry-run`` the figures are those of
@@ -32,6 +36,7 @@ import gc
 import io
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -199,6 +204,22 @@ def bench_backbone(name: str, args, device: torch.device, images: list[bytes], p
     last = metrics["epochs"][-1]
     flops = count_flops_per_image(model, dataset, args.batch, device, "auto")
     rate = float(last["images_per_s"])
+    cached = None
+    if model.frozen_prefix() is not None:  # the same two epochs from the feature cache, built from scratch
+        with tempfile.TemporaryDirectory(prefix="reverse-sd-bench-features-") as cache_dir:
+            fc_metrics: dict = {}
+            preliminary_cosines(model, dataset, config, epochs=2, metrics=fc_metrics, cache_dir=cache_dir)
+        fc_last = fc_metrics["epochs"][-1]
+        build_s = float(fc_metrics["feature_cache"]["build_seconds"])
+        cached = {
+            "uncached_epoch_s": float(last["seconds"]),
+            "epoch_s": float(fc_last["seconds"]),
+            "rate": float(fc_last["images_per_s"]),
+            "wait": float(fc_last["data_wait_fraction"]),
+            "build_s": build_s,
+            "build_rate": n / build_s if build_s > 0 else None,
+            "mem_mb": fc_metrics["peak_gpu_memory_mb"],
+        }
     row = {
         "backbone": name,
         "variant": variant,
@@ -212,6 +233,7 @@ def bench_backbone(name: str, args, device: torch.device, images: list[bytes], p
         "mfu": (flops * rate / (peak * 1e12)) if peak else None,
         "build_s": build_s,
         "seconds": time.perf_counter() - started,
+        "cached": cached,
     }
     del model, dataset
     gc.collect()
@@ -251,7 +273,26 @@ def bench_training(args, device: torch.device, peak: float | None) -> list[dict]
         print("MFU: no peak FLOP/s known for this device; pass --peak-tflops to get it")
     else:
         print(f"MFU against {peak:.0f} TFLOP/s dense bf16")
+    print_cached(rows)
     return rows
+
+
+def print_cached(rows: list[dict]) -> None:
+    """Cached vs uncached epochs of the backbones with a frozen prefix (rows of bench_backbone)."""
+    cached = [r for r in rows if r.get("cached")]
+    if not cached:
+        return
+    print("\n== Frozen parts computed once: epoch 2 of 2 from pixels vs from the feature cache (built once, "
+          "fresh cache directory) ==")
+    print(f"{'backbone':8s} {'uncached s':>10s} {'cached s':>9s} {'speed-up':>8s} {'cached img/s':>12s} "
+          f"{'data wait':>9s} {'build s':>8s} {'build img/s':>11s} {'peak GPU MB':>11s}")
+    for r in cached:
+        c = r["cached"]
+        mem = f"{c['mem_mb']:.0f}" if c["mem_mb"] is not None else "-"
+        build_rate = f"{c['build_rate']:.1f}" if c["build_rate"] else "-"
+        print(f"{r['backbone']:8s} {c['uncached_epoch_s']:10.3f} {c['epoch_s']:9.3f} "
+              f"{c['uncached_epoch_s'] / max(c['epoch_s'], 1e-9):7.1f}x {c['rate']:12.1f} {c['wait']:9.1%} "
+              f"{c['build_s']:8.2f} {build_rate:>11s} {mem:>11s}")
 
 
 # -- 3. estimate -----------------------------------------------------------------------------------------
@@ -262,7 +303,7 @@ def print_estimate(args, encoders: list[dict], training: list[dict]) -> None:
           f"per backbone (training passes only; validation and prediction passes not included) ==")
     if args.dry_run:
         print("(dry run: rates of the tiny twins on the CPU, so these hours say nothing about DiffusionDB on a GPU)")
-    total = 0.0
+    total = total_cached = 0.0
     for r in training:
         if "error" in r or not r["rate"]:
             print(f"{r['backbone']:8s} {'-':>10s}  (no rate measured)")
@@ -270,14 +311,26 @@ def print_estimate(args, encoders: list[dict], training: list[dict]) -> None:
         hours = args.train_pairs * epochs / r["rate"] / 3600
         total += hours
         print(f"{r['backbone']:8s} {hours:10.2f} h")
+        c = r.get("cached")
+        if c and c["rate"] and c["build_rate"]:
+            # one build pass over the training pairs, then every epoch from the cache
+            cached_hours = (args.train_pairs / c["build_rate"] + args.train_pairs * epochs / c["rate"]) / 3600
+            total_cached += cached_hours
+            print(f"{r['backbone'] + ',':8s} {cached_hours:10.2f} h with the feature cache "
+                  f"(1 build pass + {epochs} cached epochs)")
+        else:
+            total_cached += hours
     rates = [e["rate"] for e in encoders if e["rate"] and e["name"].startswith("PromptEncoder")
              and e["cosine"] is not None and e["cosine"] >= 0.9999]
     if rates:
         hours = args.diffusiondb_prompts / max(rates) / 3600
         total += hours
+        total_cached += hours
         print(f"{'targets':8s} {hours:10.2f} h  ({args.diffusiondb_prompts} prompts at the fastest PromptEncoder "
               f"mode with cosine >= 0.9999)")
     print(f"{'total':8s} {total:10.2f} h")
+    if any(r.get("cached") for r in training):
+        print(f"{'total,':8s} {total_cached:10.2f} h with the feature cache for clip / unet")
 
 
 def parse_images(text: str) -> dict[str, int]:

@@ -59,6 +59,48 @@ class Backbone(nn.Module):
             getattr(self, name).eval()
         return self
 
+    # -- the frozen prefix / trainable rest split (pipeline/training/feature_cache.py) -------------------
+    # A backbone whose frozen parts come first (CLIP: the whole tower; unet: the VAE) computes
+    # ``forward = forward_rest(forward_prefix(pixels), context)``.  With no augmentation the prefix's output
+    # is a pure function of the image, so the trainer can compute it once per split and train the rest on it.
+    def forward_prefix(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The frozen prefix: normalised pixels -> what the trainable rest reads (no autograd)."""
+        raise NotImplementedError(f"{type(self).__name__} has no frozen prefix")
+
+    def forward_rest(self, prefix_output: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """The trainable rest: the prefix's output (+ optional context) -> pooled features."""
+        raise NotImplementedError(f"{type(self).__name__} has no frozen prefix")
+
+    def prefix_identity(self) -> dict:
+        """What, besides the frozen modules' weights, decides the prefix's output (class, constants)."""
+        return {"class": type(self).__name__}
+
+    def frozen_prefix(self) -> FrozenPrefix | None:
+        """The frozen prefix as a module (its weights are the frozen submodules'), or None when every
+        part is trained (vit, swin)."""
+        return FrozenPrefix(self) if self.frozen else None
+
+
+class FrozenPrefix(nn.Module):
+    """A backbone's frozen prefix: ``prefix(pixels)`` = ``backbone.forward_prefix(pixels)``.
+
+    Holds the frozen submodules (shared with the backbone, not copies), so ``state_dict()`` is exactly
+    the frozen weights (what a feature cache is keyed on) and ``.to(device)`` moves what it runs.
+    """
+
+    def __init__(self, backbone: Backbone):
+        super().__init__()
+        self.parts = nn.ModuleDict({name: getattr(backbone, name) for name in backbone.frozen})
+        object.__setattr__(self, "_backbone", backbone)  # not a submodule: its trainable parts stay out
+        self.identity = {**backbone.prefix_identity(), "frozen": list(backbone.frozen)}
+        self.training = False
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self._backbone.forward_prefix(pixel_values)
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # frozen: always eval mode
+
 
 def _check_variant(variant: str) -> None:
     if variant not in VARIANTS:
@@ -196,9 +238,15 @@ class ClipBackbone(Backbone):
         self.mean, self.std = CLIP_MEAN, CLIP_STD
         self.freeze()
 
-    def forward(self, pixel_values: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_prefix(self, pixel_values: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():  # frozen: no activations kept for backward
             return self.tower(pixel_values=pixel_values).image_embeds
+
+    def forward_rest(self, prefix_output: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return prefix_output  # the whole backbone is frozen: the heads read the tower's embedding
+
+    def forward(self, pixel_values: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_rest(self.forward_prefix(pixel_values), context)
 
 
 def build_clip(variant: str = "tiny", pretrained: bool = False, weights: str = CLIP_HUB_ID) -> ClipBackbone:
@@ -323,10 +371,24 @@ class UNetBackbone(Backbone):
         # + 0 * null_context keeps the null context in the graph, so DDP sees every parameter used.
         return context.to(self.null_context.dtype) + 0.0 * self.null_context
 
-    def forward(self, pixel_values: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        batch = pixel_values.shape[0]
+    def prefix_identity(self) -> dict:
+        return {**super().prefix_identity(), "latent_scale": self.latent_scale}
+
+    def forward_prefix(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The frozen VAE: pixels in [-1, 1] -> scaled latents (the distribution's mean, no sampling).
+
+        Contiguous: the VAE's output comes channels-last strided, and a conv picks its kernel (and so its
+        rounding) by memory layout; cached latents come back contiguous, so both paths must feed the same."""
         with torch.no_grad():
-            latents = self.vae.encode(pixel_values).latent_dist.mean * self.latent_scale
+            return (self.vae.encode(pixel_values).latent_dist.mean * self.latent_scale).contiguous()
+
+    def forward(self, pixel_values: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_rest(self.forward_prefix(pixel_values), context)
+
+    def forward_rest(self, prefix_output: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """The trainable encoder on VAE latents ``[B, 4, S/8, S/8]``."""
+        latents = prefix_output
+        batch = latents.shape[0]
         unet = self.unet
         if unet.config.center_input_sample:
             latents = 2 * latents - 1.0
@@ -366,6 +428,7 @@ def build_unet(variant: str = "tiny", pretrained: bool = False, weights: str = S
 BuildFn = Callable[[str, bool, str], Backbone]  # (variant, pretrained, weights) -> Backbone
 __all__ = [
     "Backbone",
+    "FrozenPrefix",
     "TimmBackbone",
     "ClipBackbone",
     "UNetBackbone",

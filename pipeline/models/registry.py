@@ -100,10 +100,26 @@ class ReverseSDModel(nn.Module):
         return self.embed_dim
 
     def forward(
-        self, pixel_values: torch.Tensor, context: torch.Tensor | None = None
+        self,
+        pixel_values: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        *,
+        prefix_features: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        features = self.backbone(pixel_values, context if self.uses_context else None)
+        """From pixels, or (``prefix_features``) from the frozen prefix's output, e.g. read from a feature
+        cache: then only the trainable rest runs, the same computation as from pixels after the prefix."""
+        ctx = context if self.uses_context else None
+        if prefix_features is not None:
+            features = self.backbone.forward_rest(prefix_features, ctx)
+        else:
+            features = self.backbone(pixel_values, ctx)
         return self.heads(features)
+
+    def frozen_prefix(self) -> bb.FrozenPrefix | None:
+        """The frozen first part of the model (CLIP's tower, the unet's VAE), pixels -> what the trainable
+        rest reads; None when nothing is frozen (vit, swin).  ``model(prefix_features=prefix(pixels))``
+        equals ``model(pixels)``."""
+        return self.backbone.frozen_prefix()
 
     def config_dict(self) -> dict:
         return {

@@ -11,6 +11,10 @@ Design choices that matter for results:
   (seed, stage, epoch), so resuming from the checkpoint of epoch k gives the same weights as never stopping.
 - Checkpoints carry a fingerprint of what changes results (training config, model config, data, stages); a
   checkpoint directory holding another run's checkpoints is cleared instead of resumed.
+- Frozen parts computed once: given a ``cache_dir``, a model with a frozen prefix (clip's tower, unet's VAE)
+  has it run once per dataset (pipeline/training/feature_cache.py) and every epoch, evaluation and
+  prediction runs only the trainable rest on the cached output; same sampler, seeds, stages and fingerprint,
+  so the same model (up to the rounding of a kernel chosen by batch size) and interchangeable checkpoints.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from pipeline.training.checkpoint import (
     save_checkpoint,
 )
 from pipeline.training.datasets import StageSampler, epoch_seed, make_loader
+from pipeline.training.feature_cache import FeatureCache, feature_cache_for, feature_loader
 from pipeline.storage import as_path, atomic_local_path
 
 LossFn = Callable[..., tuple[torch.Tensor, dict]]
@@ -92,9 +97,30 @@ class TrainResult:
     data_wait_fraction: float = 0.0  # time blocked on the data loader / training time, epochs trained
     peak_gpu_memory_mb: float | None = None  # torch.cuda.max_memory_allocated over the run; None on CPU
     device: str | None = None  # e.g. "cuda:0 (NVIDIA H100 80GB HBM3)" or "cpu"
+    # pipeline.training.feature_cache: {"used", "built", "reused", "build_seconds", "files", "directory"};
+    # None when no cache directory was given or the model has no frozen prefix
+    feature_cache: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def run_figures(metrics: dict) -> dict:
+    """The figures of a run a person wants beside its results (asset metadata), from TrainResult.to_dict() or
+    preliminary_cosines' ``metrics``: images/s, data-wait fraction, device, peak GPU memory (only when on a
+    GPU) and the feature cache (used, built, build seconds).  Plain numbers, strings and booleans."""
+    out = {
+        "images_per_s": round(float(metrics.get("images_per_s") or 0.0), 2),
+        "data_wait_fraction": round(float(metrics.get("data_wait_fraction") or 0.0), 4),
+        "device": str(metrics.get("device") or "unknown"),
+    }
+    if metrics.get("peak_gpu_memory_mb") is not None:
+        out["peak_gpu_memory_mb"] = round(float(metrics["peak_gpu_memory_mb"]), 1)
+    cache = metrics.get("feature_cache") or {}
+    out["feature_cache_used"] = bool(cache.get("used"))
+    out["feature_cache_built"] = bool(cache.get("built"))
+    out["feature_cache_build_s"] = round(float(cache.get("build_seconds") or 0.0), 2)
+    return out
 
 
 # -- environment -----------------------------------------------------------------------------------------
@@ -230,11 +256,27 @@ def _unpack(batch, device: torch.device, non_blocking: bool):
     return move(pixels), move(target), move(labels), index, (move(context) if context is not None else None)
 
 
-def _forward(model, unwrapped, pixels, context, amp_dtype, device):
+def _forward(model, unwrapped, pixels, context, amp_dtype, device, prefix_features: bool = False):
+    """The model on a batch; ``prefix_features``: ``pixels`` is the frozen prefix's cached output."""
     ctx = context if getattr(unwrapped, "uses_context", False) else None
     with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext():
-        embedding, logits = model(pixels, context=ctx)
+        if prefix_features:
+            embedding, logits = model(None, context=ctx, prefix_features=pixels)
+        else:
+            embedding, logits = model(pixels, context=ctx)
     return embedding.float(), (logits.float() if logits is not None else None)
+
+
+def _is_cached(dataset) -> bool:
+    return bool(getattr(dataset, "prefix_features", False))
+
+
+def _loader(dataset, batch_size: int, *, num_workers: int, pin_memory: bool, sampler=None, seed: int = 0):
+    """make_loader, or for cached features (a gather from a mapped file, a whole batch at once in the main
+    process) feature_loader: the same batches either way."""
+    if _is_cached(dataset):
+        return feature_loader(dataset, batch_size, sampler=sampler, seed=seed, pin_memory=pin_memory)
+    return make_loader(dataset, batch_size, seed=seed, num_workers=num_workers, sampler=sampler, pin_memory=pin_memory)
 
 
 def _row_cosine(embedding: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -281,7 +323,9 @@ def init_heads_from_targets(model: torch.nn.Module, train_set) -> None:
 class _Loop:
     """One training run's moving parts; shared by train_model and preliminary_cosines."""
 
-    def __init__(self, model, train_set, config: TrainConfig, stages, epochs_per_stage, loss_fn, on_log):
+    def __init__(
+        self, model, train_set, config: TrainConfig, stages, epochs_per_stage, loss_fn, on_log, cache_dir=None
+    ):
         self.config = config
         self.device = resolve_device(config.device)
         self.dist = init_distributed(self.device)
@@ -293,7 +337,6 @@ class _Loop:
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(self.unwrapped, device_ids=ids)
-        self.train_set = train_set
         self.stages = [np.asarray(s, dtype=np.int64) for s in stages]
         self.plan = [(s, e) for s in range(len(self.stages)) for e in range(epochs_per_stage)]
         world = self.dist.world_size
@@ -301,8 +344,15 @@ class _Loop:
             raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world} DDP ranks")
         self.rank_batch = config.batch_size // world
         self.accum = max(1, int(config.grad_accum_steps))
+        # The frozen prefix (CLIP tower, VAE) run once per dataset when a cache directory is given.
+        self.feature_cache: FeatureCache | None = feature_cache_for(
+            self.unwrapped, cache_dir, device=self.device, amp_dtype=self.amp,
+            batch_size=config.eval_batch_size or self.rank_batch, num_workers=config.num_workers, dist=self.dist,
+        )
+        train_set = self.prepare(train_set)
+        self.train_set = train_set
         self.sampler = StageSampler(self.stages[0] if self.stages else [], True, config.seed, self.dist.rank, world)
-        self.loader = make_loader(
+        self.loader = _loader(
             train_set,
             self.rank_batch,
             seed=config.seed,
@@ -320,6 +370,13 @@ class _Loop:
         self.embedding_dim: int | None = None
         self._eval_loaders: dict[int, tuple[object, torch.utils.data.DataLoader]] = {}
 
+    def prepare(self, dataset):
+        """``dataset`` with the frozen prefix's cached output in place of pixels when a cache is in use."""
+        return self.feature_cache.wrap(dataset) if self.feature_cache is not None else dataset
+
+    def cache_summary(self) -> dict | None:
+        return self.feature_cache.summary() if self.feature_cache is not None else None
+
     def _rank_samples(self, n_stage: int) -> int:
         return -(-n_stage // self.dist.world_size) if n_stage else 0
 
@@ -336,6 +393,7 @@ class _Loop:
         # Dropout and any other randomness of this epoch depend only on (seed, stage, epoch, rank).
         seed_everything(epoch_seed(cfg.seed, stage, epoch, salt=1 + self.dist.rank))
         self.model.train()
+        cached = _is_cached(self.train_set)
         n_rank = len(self.sampler)
         group_span = self.rank_batch * self.accum
         n_micro = len(self.loader)
@@ -360,7 +418,7 @@ class _Loop:
             if self.dist.enabled and not last_in_group:
                 sync = self.model.no_sync()
             with sync:
-                embedding, logits = _forward(self.model, self.unwrapped, pixels, context, self.amp, dev)
+                embedding, logits = _forward(self.model, self.unwrapped, pixels, context, self.amp, dev, cached)
                 if labels.shape[-1] == 0:
                     labels_arg, logits_arg = None, None
                 else:
@@ -441,12 +499,13 @@ class _Loop:
         cached = self._eval_loaders.get(id(dataset))
         if cached is None or cached[0] is not dataset:  # one loader per dataset: its workers persist
             shard = np.arange(self.dist.rank, len(dataset), self.dist.world_size)
-            loader = make_loader(
-                torch.utils.data.Subset(dataset, shard.tolist()),
-                cfg.eval_batch_size or self.rank_batch,
-                num_workers=cfg.num_workers,
-                pin_memory=self.device.type == "cuda",
-            )
+            batch, pin = cfg.eval_batch_size or self.rank_batch, self.device.type == "cuda"
+            if _is_cached(dataset):
+                loader = feature_loader(dataset, batch, sampler=shard.tolist(), pin_memory=pin)
+            else:
+                loader = make_loader(
+                    torch.utils.data.Subset(dataset, shard.tolist()), batch, num_workers=cfg.num_workers, pin_memory=pin
+                )
             self._eval_loaders[id(dataset)] = (dataset, loader)
         loader = self._eval_loaders[id(dataset)][1]
         self.unwrapped.eval()
@@ -454,7 +513,9 @@ class _Loop:
         with torch.inference_mode():
             for batch in loader:
                 pixels, target, _, _, context = _unpack(batch, self.device, self.device.type == "cuda")
-                embedding, _ = _forward(self.unwrapped, self.unwrapped, pixels, context, self.amp, self.device)
+                embedding, _ = _forward(
+                    self.unwrapped, self.unwrapped, pixels, context, self.amp, self.device, _is_cached(dataset)
+                )
                 total[0] += _row_cosine(embedding, target).double().sum()
                 total[1] += pixels.shape[0]
         if self.dist.enabled:
@@ -489,6 +550,7 @@ def train_model(
     on_log: Callable[[dict], None] | None = None,
     resume: bool = True,
     loss_fn: LossFn | None = None,
+    cache_dir=None,
 ) -> TrainResult:
     """Train ``model`` in place; a checkpoint after every epoch; resume from the latest matching checkpoint.
 
@@ -497,10 +559,15 @@ def train_model(
     ``on_log`` gets every epoch's record (the history entries, plus "event": "epoch") and a progress record
     every ``config.log_every`` optimizer steps; under DDP only rank 0 logs and writes checkpoints.
     ``loss_fn`` defaults to pipeline.models.loss.ReverseSDLoss(config.lambda_vocab).
+    ``cache_dir``: when given and the model has a frozen prefix (``model.frozen_prefix()``: CLIP's tower,
+    the unet's VAE), the prefix runs once per dataset into a feature cache there
+    (pipeline.training.feature_cache) and training / validation run only the trainable rest on the cached
+    output: the same model, without recomputing the frozen part every epoch.  Without one, nothing changes.
     """
     stage_list = _check_stages(stages, len(train_set))
     per_stage = config.stage_epochs if stages is not None else config.epochs
-    loop = _Loop(model, train_set, config, stage_list, per_stage, loss_fn, on_log)
+    loop = _Loop(model, train_set, config, stage_list, per_stage, loss_fn, on_log, cache_dir)
+    val_set = loop.prepare(val_set)
     fingerprint = run_fingerprint(config, loop.unwrapped, train_set, stage_list)
 
     history: list[dict] = []
@@ -606,6 +673,7 @@ def train_model(
         data_wait_fraction=speed["data_wait_fraction"],
         peak_gpu_memory_mb=speed["peak_gpu_memory_mb"],
         device=device_name(loop.device),
+        feature_cache=loop.cache_summary(),
     )
 
 
@@ -673,6 +741,7 @@ def preliminary_cosines(
     epochs: int,
     loss_fn: LossFn | None = None,
     metrics: dict | None = None,
+    cache_dir=None,
 ) -> np.ndarray:
     """Train ``epochs`` preliminary epochs over the whole set; return every sample's cosine per epoch [epochs, n].
 
@@ -680,10 +749,11 @@ def preliminary_cosines(
     batch comes up, in train mode), recorded by the dataset index each item carries; this costs no extra
     pass.  No checkpoints.  Under DDP the ranks' records are summed, so every rank returns the full matrix.
     ``metrics``, when given, is filled with the run's images_per_s, data_wait_fraction, peak_gpu_memory_mb
-    (None on CPU), device and per-epoch "epochs" records (as in TrainResult).
+    (None on CPU), device, feature_cache (as in TrainResult) and per-epoch "epochs" records.
+    ``cache_dir``: the frozen prefix's feature cache, as in train_model.
     """
     n = len(train_set)
-    loop = _Loop(model, train_set, config, [np.arange(n)], epochs, loss_fn, None)
+    loop = _Loop(model, train_set, config, [np.arange(n)], epochs, loss_fn, None, cache_dir)
     out = np.full((epochs, n), np.nan, dtype=np.float64)
     epoch_stats: list[dict] = []
     for position, (stage, epoch) in enumerate(loop.plan):
@@ -703,6 +773,7 @@ def preliminary_cosines(
         out[position] = np.where(c > 0, sums.cpu().numpy() / np.maximum(c, 1), np.nan)
     if metrics is not None:
         metrics.update(throughput_summary(epoch_stats, loop.device), device=device_name(loop.device),
+                       feature_cache=loop.cache_summary(),
                        epochs=[{k: v for k, v in e.items() if k not in ("train_loss", "train_cosine")}
                                for e in epoch_stats])
     return out
@@ -715,15 +786,30 @@ def predict_embeddings(
     device: str | torch.device = "auto",
     num_workers: int = 0,
     precision: str = "auto",
+    cache_dir=None,
+    metrics: dict | None = None,
 ) -> np.ndarray:
-    """Predicted embeddings (n, D) float32 in dataset order; eval mode, no autograd."""
+    """Predicted embeddings (n, D) float32 in dataset order; eval mode, no autograd.
+
+    ``cache_dir``: the frozen prefix's feature cache, as in train_model (the splits trained on are cached
+    already, under the same key: same frozen weights, images and precision).  ``metrics``, when given, gets
+    "feature_cache" (None without a cache)."""
     dev = resolve_device(device) if isinstance(device, str) else device
     amp = autocast_dtype(precision, dev)
+    unwrapped = _unwrap(model).to(dev)
+    cache = feature_cache_for(unwrapped, cache_dir, device=dev, amp_dtype=amp, batch_size=batch_size,
+                              num_workers=num_workers)
+    if cache is not None:
+        dataset = cache.wrap(dataset)
+    cached = _is_cached(dataset)
 
     def embed(model, pixels, context):
-        return _forward(model, model, pixels, context, amp, dev)[0]
+        return _forward(model, model, pixels, context, amp, dev, cached)[0]
 
-    return _collect(model, dataset, batch_size, dev, num_workers, embed, getattr(model, "embedding_dim", 384))
+    out = _collect(model, dataset, batch_size, dev, num_workers, embed, getattr(model, "embedding_dim", 384))
+    if metrics is not None:
+        metrics["feature_cache"] = cache.summary() if cache is not None else None
+    return out
 
 
 def backbone_features(
@@ -744,7 +830,7 @@ def backbone_features(
 def _collect(model, dataset, batch_size: int, dev: torch.device, num_workers: int, output, width: int) -> np.ndarray:
     """``output(model, pixels, context)`` over the dataset in order, eval mode, no autograd: (n, width) float32."""
     model = _unwrap(model).to(dev).eval()
-    loader = make_loader(dataset, batch_size, num_workers=num_workers, pin_memory=dev.type == "cuda")
+    loader = _loader(dataset, batch_size, num_workers=num_workers, pin_memory=dev.type == "cuda")
     chunks = []
     with torch.inference_mode():
         for batch in loader:

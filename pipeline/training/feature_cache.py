@@ -1,0 +1,437 @@
+"""Frozen parts computed once: the output of a model's frozen prefix, per image, cached on disk.
+
+The CLIP backbone's image tower and the unet backbone's VAE are frozen, and training has no augmentation,
+so what they compute for an image is a pure function of the image (and of the frozen weights).  Running
+them every epoch (and again for every recipe, the preliminary epochs and prediction) is wasted work: at
+ViT-H/14 size the tower is nearly all of a clip step.  A :class:`FeatureCache` runs a model's frozen
+prefix (``model.frozen_prefix()``, pixels -> what the trainable rest reads) once over a dataset, batched,
+in eval mode, without autograd, on the training device and under the training precision, and stores the
+result as one ``.npy`` file (memory-mapped when read).  Training and prediction then read those rows and
+run only the trainable rest (``model(prefix_features=...)``): the same computation as from pixels.
+
+A cache file is named by
+- the frozen weights' identity: a hash of the prefix's state_dict tensors (names, dtypes, shapes, bytes),
+  its constants (``prefix_identity``: class, latent scale), the autocast dtype and the device type;
+- the image set: a hash of the dataset's images in row order (for a memory-mapped
+  pipeline.data.image_store column: its file, whose name is itself a hash of the image ids and their
+  parts' fingerprints, and the row selection; otherwise the image bytes) and its preprocessing (image
+  size, mean, std).
+Changing either builds a new file; an unchanged pair reuses it across runs, recipes and assets.
+
+Files are written under a temporary name and renamed, with their small JSON description written first,
+so a killed build leaves nothing where a reader looks (its temporary file is removed by a later build
+once it is an hour old).  Under DDP every rank computes its share of the rows into the same temporary
+file (one node, one local directory), then rank 0 renames it.  bfloat16 outputs (CUDA autocast) are
+stored as their raw 16 bits, so the cached values are bit for bit what the prefix produced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from pipeline.training.datasets import make_loader, multi_hot
+
+CACHE_VERSION = 1  # bump when the file layout or what a key covers changes
+ABANDONED_AFTER_S = 3600  # a temporary file nobody has touched for this long belongs to a killed build
+_STORED = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}  # bf16: raw bits in int16
+
+
+# -- keys ------------------------------------------------------------------------------------------------
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's state_dict: every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def prefix_key(prefix: torch.nn.Module, amp_dtype: torch.dtype | None, device: torch.device) -> str:
+    """The frozen weights' identity, plus what changes their output numerically (autocast, device type)."""
+    payload = {
+        "version": CACHE_VERSION,
+        "identity": getattr(prefix, "identity", {"class": type(prefix).__name__}),
+        "amp": str(amp_dtype),
+        "device": torch.device(device).type,
+        "weights": weights_digest(prefix),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _item_bytes(item) -> bytes:
+    return item.as_py() if hasattr(item, "as_py") else bytes(item)
+
+
+def image_set_key(dataset) -> str:
+    """The image set of a PairDataset-like dataset (``images``, ``image_size``, ``mean``, ``std``): its
+    images in row order and their preprocessing.
+
+    A memory-mapped image column (pipeline.data.image_store.ImageColumn) is keyed by its file (name, size,
+    modification time: the name is a hash of the image ids and their source parts) and row selection, which
+    costs nothing; any other image sequence by a hash of every image's bytes."""
+    images = dataset.images
+    h = hashlib.sha256()
+    h.update(
+        json.dumps(
+            {"n": len(images), "size": dataset.image_size, "mean": list(dataset.mean), "std": list(dataset.std)},
+            default=str,
+        ).encode()
+    )
+    path = getattr(images, "path", None)
+    if isinstance(path, str) and hasattr(images, "rows") and os.path.isfile(path):
+        st = os.stat(path)
+        h.update(f"file|{os.path.basename(path)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        rows = images.rows
+        h.update(b"all" if rows is None else np.ascontiguousarray(rows, dtype=np.int64).tobytes())
+    else:
+        for i in range(len(images)):
+            data = _item_bytes(images[i])
+            h.update(len(data).to_bytes(8, "little"))
+            h.update(data)
+    return h.hexdigest()[:20]
+
+
+def supports(dataset) -> bool:
+    """Whether ``dataset`` is one a cache can stand in for (a PairDataset: images + preprocessing)."""
+    return all(hasattr(dataset, a) for a in ("images", "image_size", "mean", "std", "targets"))
+
+
+# -- the dataset the trainer reads -----------------------------------------------------------------------
+class FeatureDataset(Dataset):
+    """A PairDataset with the frozen prefix's output in place of the pixels.
+
+    Items are (prefix features, target, labels multi-hot, index[, context]) with the same targets, labels,
+    context and indices as the PairDataset it stands for, so the trainer, its sampler (curriculum stages,
+    shuffling seed) and its loss see the same data.  ``__getitems__`` gathers a whole batch from the
+    memory-mapped file at once.  Pickles as its file path (workers and launched processes map it again).
+    """
+
+    prefix_features = True  # what the trainer checks: batch[0] is the prefix's output, not pixels
+
+    def __init__(self, path: str | os.PathLike, dtype: str, base) -> None:
+        self.path, self.dtype = str(path), dtype
+        self.targets = base.targets
+        self.labels = getattr(base, "labels", None)
+        self.vocab_size = int(getattr(base, "vocab_size", 0) or 0)
+        self.context = getattr(base, "context", None)
+        self._open()
+
+    def _open(self) -> None:
+        self.features = np.load(self.path, mmap_mode="r")
+        if self.features.shape[0] != len(self.targets):
+            raise ValueError(f"{self.path} holds {self.features.shape[0]} rows for {len(self.targets)} pairs")
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "features"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._open()
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.array(array))  # a copy out of the mapping (writable, owned)
+        return t.view(torch.bfloat16) if self.dtype == "bfloat16" else t
+
+    def __getitem__(self, index: int):
+        index = int(index)
+        item = (
+            self._tensor(self.features[index]),
+            torch.tensor(self.targets[index]),
+            multi_hot(self.labels, index, self.vocab_size),
+            index,
+        )
+        if self.context is not None:
+            return (*item, torch.from_numpy(np.asarray(self.context[index])))
+        return item
+
+    def _multi_hot(self, idx: np.ndarray) -> torch.Tensor:
+        out = torch.zeros((len(idx), self.vocab_size if self.labels is not None else 0), dtype=torch.float32)
+        if self.labels is None or not self.vocab_size or not len(idx):
+            return out
+        offsets, values = getattr(self.labels, "offsets", None), getattr(self.labels, "values", None)
+        if offsets is None or values is None:  # a plain sequence of index arrays
+            for row, i in enumerate(idx.tolist()):
+                out[row] = multi_hot(self.labels, i, self.vocab_size)
+            return out
+        starts, lengths = offsets[idx], offsets[idx + 1] - offsets[idx]  # CSR rows (datasets.LabelLists)
+        rows = np.repeat(np.arange(len(idx)), lengths)
+        within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        out[torch.from_numpy(rows), torch.from_numpy(values[np.repeat(starts, lengths) + within])] = 1.0
+        return out
+
+    def batch(self, indices: Sequence[int]) -> tuple:
+        """The collated batch of ``indices`` (what the default collate makes of their items), in one gather
+        per array: features, targets, labels, indices (int64)[, context]."""
+        idx = np.asarray(indices, dtype=np.int64)
+        out = (
+            self._tensor(self.features[idx]),
+            torch.from_numpy(np.asarray(self.targets)[idx]),
+            self._multi_hot(idx),
+            torch.from_numpy(idx.copy()),
+        )
+        if self.context is not None:
+            return (*out, torch.from_numpy(np.asarray(self.context, dtype=np.float32)[idx]))
+        return out
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple]:
+        """A batch's items from one gather per array (for loaders with the default collate)."""
+        columns = [c.unbind(0) for c in self.batch(indices)]
+        columns[3] = [int(i) for i in indices]
+        return list(zip(*columns))
+
+
+class _Batches(Dataset):
+    """A FeatureDataset read a whole batch at a time (with _keep_batch as the loader's collate)."""
+
+    def __init__(self, dataset: FeatureDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.dataset[index]
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple:
+        return self.dataset.batch(indices)
+
+
+def _keep_batch(batch):
+    return batch
+
+
+def feature_loader(
+    dataset: FeatureDataset, batch_size: int, *, sampler=None, seed: int = 0, pin_memory: bool = False
+) -> DataLoader:
+    """A DataLoader over cached features that yields what make_loader's default collate would, a batch at a
+    time from the mapped file (no per-item work, no workers: a gather is faster than shipping it).
+    ``sampler``: an index order (e.g. a StageSampler, or this rank's shard); default: in order."""
+    return DataLoader(
+        _Batches(dataset),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=0,
+        collate_fn=_keep_batch,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(int(seed)),
+    )
+
+
+# -- the cache -------------------------------------------------------------------------------------------
+class FeatureCache:
+    """One model's frozen prefix, ready to stand cached features in for datasets.
+
+    ``wrap(dataset)`` returns a FeatureDataset over the cached file (built first when missing) or, for a
+    dataset it cannot stand in for, the dataset itself.  ``summary()`` says what it did: files built and
+    reused, build seconds.
+    """
+
+    def __init__(
+        self,
+        prefix: torch.nn.Module,
+        cache_dir: str | os.PathLike,
+        *,
+        device: torch.device | str = "cpu",
+        amp_dtype: torch.dtype | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        dist=None,
+        label: str = "",
+    ) -> None:
+        self.prefix = prefix
+        self.directory = Path(cache_dir)
+        self.device = torch.device(device)
+        self.amp = amp_dtype
+        self.batch_size = max(1, int(batch_size))
+        self.num_workers = int(num_workers)
+        self.rank = int(getattr(dist, "rank", 0))
+        self.world = int(getattr(dist, "world_size", 1))
+        self.label = label
+        self.key = prefix_key(prefix, amp_dtype, self.device)
+        self.built: list[str] = []
+        self.reused: list[str] = []
+        self.skipped = 0
+        self.build_seconds = 0.0
+
+    # paths
+    def path_for(self, dataset) -> Path:
+        name = f"{self.label}-" if self.label else ""
+        return self.directory / f"{name}{self.key}-{image_set_key(dataset)}.npy"
+
+    @staticmethod
+    def _meta_path(path: Path) -> Path:
+        return path.with_suffix(".json")
+
+    def _read_meta(self, path: Path, n: int) -> dict | None:
+        """The description of a complete cache file for ``n`` rows, or None (missing or not matching)."""
+        try:
+            meta = json.loads(self._meta_path(path).read_text())
+            header = np.load(path, mmap_mode="r")
+        except (OSError, ValueError):
+            return None
+        if meta.get("rows") != n or header.shape[0] != n or meta.get("dtype") not in _STORED:
+            return None
+        return meta
+
+    # the public part
+    def wrap(self, dataset):
+        if dataset is None or getattr(dataset, "prefix_features", False):
+            return dataset
+        if not supports(dataset) or len(dataset) == 0:
+            self.skipped += 1
+            return dataset
+        path = self.path_for(dataset)
+        meta = self._read_meta(path, len(dataset))
+        if meta is None:
+            meta = self._build(dataset, path)
+            self.built.append(path.name)
+        else:
+            self.reused.append(path.name)
+        return FeatureDataset(path, meta["dtype"], dataset)
+
+    def summary(self) -> dict:
+        return {
+            "used": bool(self.built or self.reused),
+            "built": len(self.built),
+            "reused": len(self.reused),
+            "build_seconds": round(self.build_seconds, 3),
+            "files": self.built + self.reused,
+            "directory": str(self.directory),
+        }
+
+    # building
+    def _run(self, pixels: torch.Tensor) -> torch.Tensor:
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else contextlib.nullcontext()
+        )
+        with torch.no_grad(), autocast:
+            return self.prefix(pixels)
+
+    @staticmethod
+    def _to_numpy(out: torch.Tensor) -> tuple[np.ndarray, str]:
+        out = out.detach()
+        if out.dtype == torch.bfloat16:
+            return out.cpu().view(torch.int16).numpy(), "bfloat16"
+        if out.dtype == torch.float16:
+            return out.cpu().numpy(), "float16"
+        return out.float().cpu().numpy(), "float32"
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            torch_dist.barrier()
+
+    def _shared_token(self) -> str:
+        token = [uuid.uuid4().hex]
+        if self.world > 1:
+            torch_dist.broadcast_object_list(token, src=0)
+        return token[0]
+
+    def _remove_abandoned(self) -> None:
+        now = time.time()
+        for tmp in self.directory.glob(".*.tmp*"):
+            with contextlib.suppress(OSError):
+                if now - tmp.stat().st_mtime > ABANDONED_AFTER_S:
+                    tmp.unlink()
+
+    def _build(self, dataset, path: Path) -> dict:
+        """Run the prefix over ``dataset`` (this rank's rows) into a temporary file; rank 0 renames it."""
+        started = time.perf_counter()
+        n = len(dataset)
+        self.prefix.to(self.device).eval()
+        if self.rank == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._remove_abandoned()
+        token = self._shared_token()
+        tmp = self.directory / f".{path.stem}.{token}.tmp.npy"
+        # Shape and dtype from one item: every rank creates nothing until rank 0 has made the file.
+        first = self._run(dataset[0][0][None].to(self.device))
+        probe, dtype = self._to_numpy(first)
+        try:
+            if self.rank == 0:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=probe.dtype, shape=(n, *probe.shape[1:]))
+                del out
+            self._barrier()
+            rows = np.arange(self.rank, n, self.world)
+            if rows.size:
+                store = np.load(tmp, mmap_mode="r+")
+                loader = make_loader(
+                    Subset(dataset, rows.tolist()), self.batch_size, num_workers=self.num_workers,
+                    pin_memory=self.device.type == "cuda",
+                )
+                position = 0
+                for batch in loader:
+                    pixels = batch[0].to(self.device, non_blocking=self.device.type == "cuda")
+                    values, _ = self._to_numpy(self._run(pixels))
+                    store[rows[position : position + len(values)]] = values
+                    position += len(values)
+                store.flush()
+                del store
+                if position != rows.size:
+                    raise RuntimeError(f"feature cache: {position} of {rows.size} rows computed")
+            self._barrier()
+            seconds = time.perf_counter() - started
+            meta = {
+                "version": CACHE_VERSION,
+                "rows": n,
+                "shape": list(probe.shape[1:]),
+                "dtype": dtype,
+                "prefix_key": self.key,
+                "build_seconds": round(seconds, 3),
+                "device": str(self.device),
+                "world_size": self.world,
+            }
+            if self.rank == 0:
+                meta_tmp = self.directory / f".{path.stem}.{token}.tmp.json"
+                meta_tmp.write_text(json.dumps(meta, indent=2))
+                os.replace(meta_tmp, self._meta_path(path))  # the description first: a reader looks for the .npy
+                os.replace(tmp, path)
+        finally:
+            if self.rank == 0:
+                for leftover in (tmp, self.directory / f".{path.stem}.{token}.tmp.json"):
+                    with contextlib.suppress(OSError):
+                        leftover.unlink()
+        self._barrier()
+        self.build_seconds += time.perf_counter() - started
+        return meta
+
+
+def feature_cache_for(model: torch.nn.Module, cache_dir: str | os.PathLike | None, **kwargs) -> FeatureCache | None:
+    """A FeatureCache for ``model``'s frozen prefix, or None when there is no cache directory or the model
+    has no frozen prefix (vit, swin, a stand-in without ``frozen_prefix``).  kwargs go to FeatureCache."""
+    if cache_dir is None:
+        return None
+    model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    make = getattr(model, "frozen_prefix", None)
+    prefix = make() if callable(make) else None
+    if prefix is None:
+        return None
+    kwargs.setdefault("label", str(getattr(model, "backbone_name", "") or ""))
+    return FeatureCache(prefix, cache_dir, **kwargs)
+
+
+__all__ = [
+    "FeatureCache",
+    "FeatureDataset",
+    "feature_cache_for",
+    "feature_loader",
+    "image_set_key",
+    "prefix_key",
+    "supports",
+    "weights_digest",
+]

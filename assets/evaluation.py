@@ -1,4 +1,7 @@
-"""Ensemble, k-means centroids, DAKL, the evaluation report and the prompt bank."""
+"""Ensemble, k-means centroids, DAKL, the evaluation report and the prompt bank.
+
+Thin wiring: each asset reads its inputs, calls one function of pipeline.ensemble or pipeline.evaluation,
+writes the result and attaches metadata."""
 
 
 import json
@@ -8,20 +11,35 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from assets.common import PROFILE_CONFIG, SETTINGS, code_version, markdown_table
+from assets.common import (
+    PROFILE_CONFIG,
+    SETTINGS,
+    code_version,
+    metadata_table,
+    rounded_metadata,
+    table_metadata,
+)
 from assets.data import filtered_pairs, prompt_embeddings
 from assets.generation import caption_report_rows
 from assets.plots import bar_plot_png, data_uri, gallery_png, grouped_bars_png, histogram_png, line_plot_png, md_image
 from assets.training import BACKBONES, RECIPES, TRAIN, difficulty_scores, load_splits, model_predictions
 from pipeline import storage as store
-from pipeline.evaluation.report import Report, knn_baseline, normalise_rows, row_cosines
-from pipeline.training.pairs import embedding_series, join_pairs, mean_embedding_baseline
+from pipeline.ensemble.ensemble import BEST, DAKL_INPUT, ENSEMBLE_METHODS, build_ensembles, ensemble_column
+from pipeline.ensemble.selection import DAKL_ALPHAS, DAKL_GAMMAS, select_dakl
+from pipeline.evaluation.report import (
+    BASELINE_COLUMNS,
+    GENERATION_COLUMNS,
+    TABLE1_COLUMNS,
+    Report,
+    SplitScores,
+    knn_baseline,
+    row_cosines,
+    score_test_split,
+)
+from pipeline.training.pairs import embedding_series, join_pairs
 from resources import ComputeResource, StorageResource
 
 EVAL_GROUP = "evaluation"
-ENSEMBLE_METHODS = ("median", "mean")
-DAKL_GAMMAS = (0.001, 0.01, 0.1, 1.0, 10.0)
-DAKL_ALPHAS = (0.01, 0.1, 1.0)
 
 
 def _targets(storage: StorageResource) -> pl.DataFrame:
@@ -37,6 +55,21 @@ def _predictions(storage: StorageResource, backbone: str, recipe: str) -> pl.Dat
     return storage.read_table("model_predictions", f"{backbone}|{recipe}").sort("image_id")
 
 
+def _models_on(storage: StorageResource, rows: pl.DataFrame) -> dict[tuple[str, str], np.ndarray]:
+    """(backbone, recipe) -> that model's predictions for ``rows`` (by image_id, in their order), for every
+    model with predictions; a model that misses one of the rows fails the run."""
+    out = {}
+    for backbone in BACKBONES:
+        for recipe in RECIPES:
+            if storage.has_table("model_predictions", f"{backbone}|{recipe}"):
+                preds = _predictions(storage, backbone, recipe).select("image_id", "embedding")
+                aligned = rows.select("image_id").join(preds, on="image_id", how="left")
+                if aligned["embedding"].null_count():
+                    raise dg.Failure(f"model_predictions[{backbone}|{recipe}] does not cover every pair: re-materialize it")
+                out[(backbone, recipe)] = _matrix(aligned, "embedding")
+    return out
+
+
 @dg.asset(
     deps=[model_predictions],
     group_name=EVAL_GROUP,
@@ -45,58 +78,33 @@ def _predictions(storage: StorageResource, backbone: str, recipe: str) -> pl.Dat
     description="Element-wise median and mean over backbones: per recipe, and over each backbone's best recipe on val.",
 )
 def ensemble_predictions(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-    targets = _targets(storage)
-    ids = targets.sort("image_id")
-    val_mask = (ids["split"] == "val").to_numpy()
-    val_targets = _matrix(ids, "target")[val_mask]
-    per_model: dict[tuple[str, str], np.ndarray] = {}
-    for backbone in BACKBONES:
-        for recipe in RECIPES:
-            if storage.has_table("model_predictions", f"{backbone}|{recipe}"):
-                preds = _predictions(storage, backbone, recipe)
-                aligned = ids.select("image_id").join(preds.select("image_id", "embedding"), on="image_id", how="left")
-                if aligned["embedding"].null_count():
-                    raise dg.Failure(f"model_predictions[{backbone}|{recipe}] does not cover every pair: re-materialize it")
-                per_model[(backbone, recipe)] = _matrix(aligned, "embedding")
+    ids = _targets(storage).sort("image_id")
+    per_model = _models_on(storage, ids)
     if not per_model:
         raise dg.Failure("no model_predictions: materialize trained_models and model_predictions first")
-    best_recipe = {}
-    for backbone in BACKBONES:
-        scored = {r: float(row_cosines(per_model[(backbone, r)][val_mask], val_targets).mean())
-                  for r in RECIPES if (backbone, r) in per_model}
-        if scored:
-            best_recipe[backbone] = max(scored, key=scored.get)
-    columns = {"image_id": ids["image_id"], "split": ids["split"]}
-    groups = {r: [per_model[(b, r)] for b in BACKBONES if (b, r) in per_model] for r in RECIPES}
-    groups["best"] = [per_model[(b, r)] for b, r in best_recipe.items()]
-    metadata = {}
-    for group, members in groups.items():
-        if not members:
-            continue
-        stack = np.stack(members)
-        for method in ENSEMBLE_METHODS:
-            combined = normalise_rows(np.median(stack, axis=0) if method == "median" else stack.mean(axis=0))
-            name = f"{method}_{group}"
-            columns[name] = embedding_series(name, combined)
-            metadata[f"val_cosine_{name}"] = float(row_cosines(combined[val_mask], val_targets).mean())
-    table = pl.DataFrame(columns)
+    val_mask = (ids["split"] == "val").to_numpy()
+    result = build_ensembles(per_model, val_mask, _matrix(ids, "target")[val_mask], BACKBONES, RECIPES)
+    table = pl.DataFrame(
+        {
+            "image_id": ids["image_id"],
+            "split": ids["split"],
+            **{name: embedding_series(name, matrix) for name, matrix in result.predictions.items()},
+        }
+    )
     target = storage.write_table(table, "ensemble_predictions")
     # What `reverse-sd predict` loads: each backbone's best recipe, combined by the median.
     store.write_text(
-        json.dumps({"members": best_recipe, "method": "median"}, indent=2), storage.path("models", "ensemble.json")
+        json.dumps({"members": result.best_recipe, "method": "median"}, indent=2), storage.path("models", "ensemble.json")
     )
     return dg.MaterializeResult(
         metadata={
-            **metadata,
-            "best_recipe_per_backbone": dg.MetadataValue.json(best_recipe),
+            **rounded_metadata({f"val_cosine_{name}": value for name, value in result.val_cosine.items()}),
+            "best_recipe_per_backbone": dg.MetadataValue.json(result.best_recipe),
             "models": len(per_model),
+            **table_metadata(table),
             "path": dg.MetadataValue.path(target),
         }
     )
-
-
-# The ensemble the DAKL stage starts from: each backbone's best recipe, combined by the median (the paper's).
-DAKL_INPUT = "median_best"
 
 
 @dg.asset(
@@ -132,9 +140,10 @@ def kmeans_centroids(context: dg.AssetExecutionContext, storage: StorageResource
         metadata={
             "k": k,
             "train_points": len(train_preds),
-            "inertia_cosine": float(inertia(train_preds, centroids, metric="cosine")),
+            "inertia_cosine": round(float(inertia(train_preds, centroids, metric="cosine")), 4),
             "seconds": round(elapsed, 2),
             "ensemble": column,
+            **table_metadata(table),
             "path": dg.MetadataValue.path(target),
         }
     )
@@ -149,49 +158,54 @@ def kmeans_centroids(context: dg.AssetExecutionContext, storage: StorageResource
     "(val as the unlabeled target), then refit with test as the unlabeled target.",
 )
 def dakl_predictions(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-    from pipeline.ensemble.dakl import DAKLRegressor
-
-    column = DAKL_INPUT
     centroids = storage.read_table("kmeans_centroids")
-    X, Y = _matrix(centroids, "centroid"), _matrix(centroids, "label")
     ensemble = storage.read_table("ensemble_predictions").sort("image_id")
     targets = ensemble.select("image_id").join(_targets(storage), on="image_id", how="left")
-    by_split = {
-        s: (ensemble.filter(pl.col("split") == s), targets.filter(pl.col("split") == s)) for s in ("val", "test")
-    }
-    val_x = _matrix(by_split["val"][0], column)
-    val_y = _matrix(by_split["val"][1], "target")
-    sweep = []
-    for gamma in DAKL_GAMMAS:
-        for alpha in DAKL_ALPHAS:
-            model = DAKLRegressor(gamma=gamma, alpha=alpha).fit(X, Y, val_x)
-            sweep.append({"gamma": gamma, "alpha": alpha, "val_cosine": float(row_cosines(model.predict(val_x), val_y).mean())})
-    best = max(sweep, key=lambda r: r["val_cosine"])
-    context.log.info(f"DAKL sweep best on val: {best}")
-    frames = []
-    for split, (frame, _) in by_split.items():
-        x = _matrix(frame, column)
-        model = DAKLRegressor(gamma=best["gamma"], alpha=best["alpha"]).fit(X, Y, x)
-        frames.append(frame.select("image_id", "split").with_columns(embedding_series("embedding", normalise_rows(model.predict(x)))))
-    table = pl.concat(frames)
+    frames = {s: ensemble.filter(pl.col("split") == s) for s in ("val", "test")}
+    val_x = _matrix(frames["val"], DAKL_INPUT)
+    val_y = _matrix(targets.filter(pl.col("split") == "val"), "target")
+    result = select_dakl(
+        _matrix(centroids, "centroid"),
+        _matrix(centroids, "label"),
+        val_x,
+        val_y,
+        {s: _matrix(frame, DAKL_INPUT) for s, frame in frames.items()},
+        DAKL_GAMMAS,
+        DAKL_ALPHAS,
+    )
+    context.log.info(f"DAKL sweep best on val: gamma={result.gamma}, alpha={result.alpha}, val cosine={result.val_cosine:.4f}")
+    table = pl.concat(
+        frame.select("image_id", "split").with_columns(embedding_series("embedding", result.predictions[s]))
+        for s, frame in frames.items()
+    )
     target = storage.write_table(table, "dakl_predictions")
     store.write_text(
-        json.dumps({"gamma": best["gamma"], "alpha": best["alpha"], "ensemble": column, "sweep": sweep}, indent=2),
+        json.dumps({"gamma": result.gamma, "alpha": result.alpha, "ensemble": DAKL_INPUT, "sweep": result.sweep}, indent=2),
         storage.path("models", "dakl.json"),
     )
-    val_plain = float(row_cosines(val_x, val_y).mean())
-    curves = {f"alpha={a}": [r["val_cosine"] for r in sweep if r["alpha"] == a] for a in DAKL_ALPHAS}
-    sweep_plot = md_image(line_plot_png(curves, f"DAKL on val (x: gamma {DAKL_GAMMAS})", "gamma index", "val cosine"))
     return dg.MaterializeResult(
         metadata={
-            "gamma": best["gamma"],
-            "alpha": best["alpha"],
-            "val_cosine_dakl": best["val_cosine"],
-            "val_cosine_ensemble": val_plain,
-            "sweep": dg.MetadataValue.md(markdown_table(sweep) + "\n\n" + sweep_plot),
+            "gamma": result.gamma,
+            "alpha": result.alpha,
+            **rounded_metadata(
+                {"val_cosine_dakl": result.val_cosine, "val_cosine_ensemble": float(row_cosines(val_x, val_y).mean())}
+            ),
+            "sweep": metadata_table(result.sweep, [("gamma", "float"), ("alpha", "float"), ("val_cosine", "float")]),
+            "sweep_plot": dg.MetadataValue.md(md_image(_sweep_png(result.sweep), "DAKL sweep")),
+            **table_metadata(table),
             "path": dg.MetadataValue.path(target),
         }
     )
+
+
+def _sweep_png(sweep: list[dict]) -> bytes:
+    """Val cosine against gamma (log axis), one line per alpha."""
+    gammas = sorted({r["gamma"] for r in sweep})
+    curves = {
+        f"alpha={a}": [next(r["val_cosine"] for r in sweep if r["alpha"] == a and r["gamma"] == g) for g in gammas]
+        for a in sorted({r["alpha"] for r in sweep})
+    }
+    return line_plot_png(curves, "DAKL on val: cosine by gamma", "gamma", "val cosine", x=gammas, logx=True)
 
 
 def _knn_baseline(storage: StorageResource, compute: ComputeResource) -> tuple[float | None, str]:
@@ -229,6 +243,10 @@ def _knn_baseline(storage: StorageResource, compute: ComputeResource) -> tuple[f
     )
 
 
+# Bump when the report's layout changes (not its figures), so the UI marks the page stale.
+REPORT_LAYOUT = 2  # 2: Table 1 and the baselines as UI tables, plots and gallery as UI images
+
+
 @dg.asset(
     deps=[
         ensemble_predictions,
@@ -243,7 +261,7 @@ def _knn_baseline(storage: StorageResource, compute: ComputeResource) -> tuple[f
     group_name=EVAL_GROUP,
     kinds={"markdown", "html"},
     pool="gpu",  # the k-NN baseline runs the clip backbone over the train and test images
-    code_version=code_version("evaluation_report"),
+    code_version=code_version("evaluation_report", layout=REPORT_LAYOUT),
     description="The paper's Table 1 on this data (mean cosine on test), baselines and plots; "
     "reports/evaluation.{md,html,json} under the storage root.",
 )
@@ -252,91 +270,116 @@ def evaluation_report(
 ) -> dg.MaterializeResult:
     pairs = storage.read_table("filtered_pairs", columns=["image_id", "part", "split"])
     targets = _targets(storage).sort("image_id")
-    test = targets.filter(pl.col("split") == "test")
-    train = targets.filter(pl.col("split") == "train")
-    test_y, train_y = _matrix(test, "target"), _matrix(train, "target")
-    cosine: dict[str, float] = {}
-    histograms = {}
-    for backbone in BACKBONES:
-        for recipe in RECIPES:
-            if storage.has_table("model_predictions", f"{backbone}|{recipe}"):
-                preds = test.select("image_id").join(_predictions(storage, backbone, recipe), on="image_id", how="left")
-                values = row_cosines(_matrix(preds, "embedding"), test_y)
-                cosine[f"{backbone}/{recipe}"] = float(values.mean())
-                histograms[f"{backbone}/{recipe}"] = values
+    test, train = targets.filter(pl.col("split") == "test"), targets.filter(pl.col("split") == "train")
     ensemble = test.select("image_id").join(storage.read_table("ensemble_predictions"), on="image_id", how="left")
-    for method in ENSEMBLE_METHODS:
-        for group in (*RECIPES, "best"):
-            name = f"{method}_{group}"
-            if name in ensemble.columns:
-                value = float(row_cosines(_matrix(ensemble, name), test_y).mean())
-                cosine[f"ensemble/{method}" if group == "best" else f"ensemble/{method}/{group}"] = value
     dakl = test.select("image_id").join(storage.read_table("dakl_predictions"), on="image_id", how="left")
-    cosine["ensemble+dakl"] = float(row_cosines(_matrix(dakl, "embedding"), test_y).mean())
-    cosine["baseline/mean_embedding"] = mean_embedding_baseline(train_y, test_y)
-    id_parts = dict(pairs.select("image_id", "part").iter_rows())
+    scores = score_test_split(
+        _matrix(test, "target"),
+        _matrix(train, "target"),
+        {f"{b}/{r}": preds for (b, r), preds in _models_on(storage, test).items()},
+        {
+            (method, group): _matrix(ensemble, ensemble_column(method, group))
+            for method in ENSEMBLE_METHODS
+            for group in (*RECIPES, BEST)
+            if ensemble_column(method, group) in ensemble.columns
+        },
+        _matrix(dakl, "embedding"),
+    )
+    cosine = scores.cosine
     knn_cosine, knn_note = _knn_baseline(storage, compute)
     if knn_cosine is not None:
         cosine["baseline/knn"] = knn_cosine
-
-    figures = {
-        "Test cosine per model": data_uri(bar_plot_png(cosine, "test mean cosine", "cosine")),
-    }
-    for backbone in BACKBONES:
-        subset = {k: v for k, v in histograms.items() if k.startswith(backbone + "/")}
-        if subset:
-            figures[f"Cosine histogram: {backbone}"] = data_uri(histogram_png(subset, backbone))
-    bucket_cosines = _bucket_cosines(storage, train)
-    if bucket_cosines:
-        figures["Train cosine by difficulty bucket (mlc_cl models)"] = data_uri(
-            grouped_bars_png(bucket_cosines, "mean train cosine per difficulty bucket", "cosine")
-        )
-    dakl_params = json.loads(store.as_path(storage.path("models", "dakl.json")).read_text())
-    sweep = dakl_params.get("sweep", [])
-    if sweep:
-        curves = {
-            f"alpha={a}": [r["val_cosine"] for r in sweep if r["alpha"] == a] for a in sorted({r["alpha"] for r in sweep})
-        }
-        figures[f"DAKL sweep on val (gamma = {', '.join(str(g) for g in DAKL_GAMMAS)})"] = data_uri(
-            line_plot_png(curves, "DAKL: val cosine by gamma", "gamma (index)", "val cosine")
-        )
-    figures["Test images: true prompt and top-3 retrieved"] = data_uri(
-        _gallery(storage, test, dakl, id_parts, n=4)
-    )
-    notes = [
-        f"profile: {SETTINGS.profile}; backbones: {'tiny random-init twins' if SETTINGS.is_sample else 'pretrained'}",
-        knn_note,
-        "unet: the caption context is empty on the sample profile (no captioning model offline); a learned null context is used.",
-    ]
     generation = caption_report_rows(storage)
-    for row in generation:
-        cosine[f"caption/{row['captioner']}"] = row["sbert_cosine"]
-    if generation and SETTINGS.is_sample:
-        notes.append(
-            "generated prompts: tiny random-init captioner and CLIP (sample profile); RefCLIPScore then measures nothing."
-        )
+    cosine.update({f"caption/{row['captioner']}": row["sbert_cosine"] for row in generation})
+    figures = _figures(storage, scores, train, test, dakl, dict(pairs.select("image_id", "part").iter_rows()))
     report = Report(
         profile=SETTINGS.profile,
         generation=generation,
         split="test",
         cosine=cosine,
         counts=dict(pairs.group_by("split").len().sort("split").iter_rows()),
-        notes=notes,
-        figures=figures,
+        notes=_notes(knn_note, bool(generation)),
+        figures={title: data_uri(png) for title, (_, png) in figures.items()},
     )
     reports = storage.path("reports")
-    store.write_text(report.markdown(), f"{reports}/evaluation.md")
-    store.write_text(report.html(), f"{reports}/evaluation.html")
-    store.write_text(report.to_json(), f"{reports}/evaluation.json")
-    table_md = report.markdown().split("\n## ")[0]
-    return dg.MaterializeResult(
-        metadata={
-            "evaluation_table": dg.MetadataValue.md(table_md),
-            **{f"test_cosine/{k}": v for k, v in cosine.items()},
-            "html": dg.MetadataValue.path(f"{reports}/evaluation.html"),
-            "json": dg.MetadataValue.path(f"{reports}/evaluation.json"),
-        }
+    for suffix, text in (("md", report.markdown()), ("html", report.html()), ("json", report.to_json())):
+        store.write_text(text, f"{reports}/evaluation.{suffix}")
+    return dg.MaterializeResult(metadata=_report_metadata(report, figures, reports))
+
+
+def _notes(knn_note: str, generation: bool) -> list[str]:
+    notes = [
+        f"profile: {SETTINGS.profile}; backbones: {'tiny random-init twins' if SETTINGS.is_sample else 'pretrained'}",
+        knn_note,
+        "unet: the caption context is empty on the sample profile (no captioning model offline); a learned null context is used.",
+    ]
+    if generation and SETTINGS.is_sample:
+        notes.append(
+            "generated prompts: tiny random-init captioner and CLIP (sample profile); RefCLIPScore then measures nothing."
+        )
+    return notes
+
+
+def _report_metadata(report: Report, figures: dict[str, tuple[str, bytes]], reports: str) -> dict:
+    """What the UI shows, in page order: the tables, the plots and gallery as images, the notes, then every
+    figure as a rounded scalar (plotted over time) and the report files."""
+    tables = {
+        "evaluation_table": metadata_table(report.table1_records(), TABLE1_COLUMNS),
+        "baselines": metadata_table(report.baseline_records(), BASELINE_COLUMNS),
+    }
+    if report.generation:
+        tables["generated_prompts"] = metadata_table(report.generation_records(), GENERATION_COLUMNS, digits=5)
+    return {
+        **tables,
+        **{key: dg.MetadataValue.md(md_image(png, title)) for title, (key, png) in figures.items()},
+        "notes": dg.MetadataValue.md("\n".join(f"- {note}" for note in report.notes)),
+        **rounded_metadata({f"test_cosine/{k}": v for k, v in report.cosine.items()}),
+        **{f"pairs_{split}": int(n) for split, n in report.counts.items()},
+        **{name: dg.MetadataValue.path(f"{reports}/evaluation.{suffix}") for name, suffix in
+           (("html", "html"), ("markdown", "md"), ("json", "json"))},
+    }
+
+
+def _figures(
+    storage: StorageResource,
+    scores: SplitScores,
+    train: pl.DataFrame,
+    test: pl.DataFrame,
+    dakl: pl.DataFrame,
+    id_parts: dict,
+) -> dict[str, tuple[str, bytes]]:
+    """The report's figures as title -> (metadata key, PNG), in page order."""
+    cosine = scores.cosine
+    figures = {
+        "Test cosine per model": (
+            "plot_test_cosine",
+            bar_plot_png(
+                cosine,
+                "Mean test cosine per model, ensemble and baseline",
+                "mean cosine",
+                reference=cosine.get("baseline/mean_embedding"),
+                reference_label="mean training embedding",
+            ),
+        )
+    }
+    for backbone in BACKBONES:
+        subset = {k: v for k, v in scores.per_row.items() if k.startswith(backbone + "/")}
+        if subset:
+            figures[f"Cosine histogram: {backbone}"] = (f"plot_histogram_{backbone}", histogram_png(subset, backbone))
+    bucket_cosines = _bucket_cosines(storage, train)
+    if bucket_cosines:
+        figures["Train cosine by difficulty bucket (mlc_cl models)"] = (
+            "plot_difficulty_buckets",
+            grouped_bars_png(bucket_cosines, "mean train cosine per difficulty bucket", "cosine"),
+        )
+    sweep = json.loads(store.as_path(storage.path("models", "dakl.json")).read_text()).get("sweep", [])
+    if sweep:
+        figures["DAKL sweep on val"] = ("plot_dakl_sweep", _sweep_png(sweep))
+    figures["Test images: true prompt and top-3 retrieved (ensemble + DAKL)"] = (
+        "gallery",
+        _gallery(storage, test, dakl, id_parts, n=4),
     )
+    return figures
 
 
 def _bucket_cosines(storage: StorageResource, train: pl.DataFrame) -> dict[str, dict[str, float]]:
@@ -371,7 +414,9 @@ def _gallery(storage: StorageResource, test: pl.DataFrame, predictions: pl.DataF
         frame = storage.read_table("diffusiondb_parts", id_parts[image_id], columns=["image_id", "image"])
         images.append(frame.filter(pl.col("image_id") == image_id)["image"][0])
         top = np.argsort(-scores[i])[:3]
-        lines = [f"true: {prompt}"] + [f"{r + 1}. ({scores[i, j]:.3f}) {bank['prompt'][int(j)]}" for r, j in enumerate(top)]
+        lines = [f"true prompt: {prompt}"] + [
+            f"{r + 1}. ({scores[i, j]:.3f}) {bank['prompt'][int(j)]}" for r, j in enumerate(top)
+        ]
         captions.append("\n".join(lines))
     return gallery_png(images, captions)
 
@@ -387,7 +432,9 @@ def prompt_bank(context: dg.AssetExecutionContext, storage: StorageResource) -> 
     targets = _targets(storage).filter(pl.col("split") == "train")
     bank = targets.select("prompt", pl.col("target").alias("embedding")).unique("prompt", maintain_order=True)
     target = storage.write_table(bank, "prompt_bank")
-    return dg.MaterializeResult(metadata={"prompts": bank.height, "path": dg.MetadataValue.path(target)})
+    return dg.MaterializeResult(
+        metadata={"prompts": bank.height, **table_metadata(bank), "path": dg.MetadataValue.path(target)}
+    )
 
 
 EVALUATION_ASSETS = [ensemble_predictions, kmeans_centroids, dakl_predictions, evaluation_report, prompt_bank]

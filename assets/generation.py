@@ -16,7 +16,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from assets.common import PROFILE_CONFIG, SETTINGS, code_version, markdown_table
+from assets.common import PROFILE_CONFIG, SETTINGS, code_version, markdown_table, table_metadata
 from assets.data import filtered_pairs, prompt_embeddings, vocabulary, vocabulary_labels
 from assets.plots import line_plot_png, md_image
 from assets.training import BACKBONES, difficulty_scores, load_splits, trained_models, training_spec
@@ -281,6 +281,7 @@ def _predict_captions(
             "preview": dg.MetadataValue.md(
                 markdown_table(table.select("prompt", "generated", "sbert_cosine", "refclip_s").head(8).to_dicts())
             ),
+            **table_metadata(table, partitioned=True),
             "path": dg.MetadataValue.path(target),
         },
         check_results=[check],

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import storage as store
+from pipeline.ensemble.ensemble import combine
 from pipeline.evaluation.report import normalise_rows
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -192,9 +193,7 @@ class PromptPredictor:
             with torch.inference_mode():
                 embedding, _ = model(pixels)
             outputs.append(embedding.float().cpu().numpy())
-        stack = np.stack(outputs)
-        combined = np.median(stack, axis=0) if len(outputs) > 1 else stack[0]
-        combined = normalise_rows(combined)
+        combined = combine(outputs, "median")  # the ensemble asset's function: the median over the members
         if self.dakl is not None:
             combined = normalise_rows(self.dakl.predict(combined))
         return combined.astype(np.float32)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import html
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
-# Mean cosine on DiffusionDB test, from the paper (../shared/paper-notes.md), for reference only.
+# Mean cosine on the DiffusionDB test split as published in Croitoru et al., "Reverse Stable Diffusion: What
+# prompt was used to generate this image?" (Table 1: backbone x recipe, the ensemble, ensemble + DAKL; and the
+# k-NN baseline on CLIP ViT-H/14 image features). For reference beside this run's figures only.
 PAPER_TABLE = {
     "clip": {"baseline": 0.6725, "mlc": 0.6739, "mlc_cl": 0.6750},
     "unet": {"baseline": 0.6130, "mlc": 0.6455, "mlc_cl": 0.6497},
@@ -19,6 +23,38 @@ PAPER_TABLE = {
 PAPER_DAKL = 0.6917
 PAPER_KNN = 0.6189
 RECIPE_TITLES = {"baseline": "baseline", "mlc": "+ MLC", "mlc_cl": "+ MLC + CL"}
+TABLE_BACKBONES = ("vit", "swin", "clip", "unet")
+DIGITS = 4  # every figure the report shows is rounded to 4 decimals, as the paper prints them
+
+
+def paper_column(title: str) -> str:
+    return f"{title} (paper)"
+
+
+# Table 1's columns as (name, type): this run's mean cosine per recipe, the paper's figure beside it.
+TABLE1_COLUMNS = [("model", "string")] + [
+    column for title in RECIPE_TITLES.values() for column in ((title, "float"), (paper_column(title), "float"))
+]
+BASELINE_COLUMNS = [("baseline", "string"), ("test cosine", "float"), ("paper", "float")]
+GENERATION_COLUMNS = [
+    ("captioner", "string"),
+    ("SBERT cosine (Kaggle metric)", "float"),
+    ("RefCLIPScore", "float"),
+    ("Kaggle first place", "float"),
+]
+
+
+def rounded(value, digits: int = DIGITS):
+    """A float rounded to ``digits`` decimals (None for None or NaN, which JSON and the UI cannot show)."""
+    if value is None:
+        return None
+    value = float(value)
+    return None if math.isnan(value) else round(value, digits)
+
+
+def _ensemble_key(method: str, group: str) -> str:
+    """The report's name of an ensemble: "ensemble/median" over the best recipes, else "ensemble/median/mlc"."""
+    return f"ensemble/{method}" if group == "best" else f"ensemble/{method}/{group}"
 
 
 def normalise_rows(matrix: np.ndarray) -> np.ndarray:
@@ -47,6 +83,36 @@ def knn_baseline(
     return normalise_rows(train_targets[neighbours].mean(axis=1))
 
 
+@dataclass(frozen=True)
+class SplitScores:
+    cosine: dict[str, float]  # the report's keys ("vit/baseline", "ensemble/median", ...) -> mean test cosine
+    per_row: dict[str, np.ndarray]  # "backbone/recipe" -> per-image test cosines (the histograms)
+
+
+def score_test_split(
+    test_targets: np.ndarray,
+    train_targets: np.ndarray,
+    models: Mapping[str, np.ndarray],
+    ensembles: Mapping[tuple[str, str], np.ndarray],
+    dakl: np.ndarray | None,
+) -> SplitScores:
+    """Table 1 on the test split: every model ("backbone/recipe" -> predictions), every ensemble
+    ((method, group) -> predictions, group a recipe or "best"), ensemble + DAKL, and the mean training
+    embedding baseline; all predictions row-aligned with ``test_targets``."""
+    from pipeline.training.pairs import mean_embedding_baseline
+
+    cosine, per_row = {}, {}
+    for name, predictions in models.items():
+        per_row[name] = row_cosines(predictions, test_targets)
+        cosine[name] = float(per_row[name].mean())
+    for (method, group), predictions in ensembles.items():
+        cosine[_ensemble_key(method, group)] = mean_cosine(predictions, test_targets)
+    if dakl is not None:
+        cosine["ensemble+dakl"] = mean_cosine(dakl, test_targets)
+    cosine["baseline/mean_embedding"] = mean_embedding_baseline(train_targets, test_targets)
+    return SplitScores(cosine, per_row)
+
+
 @dataclass
 class Report:
     profile: str
@@ -73,6 +139,54 @@ class Report:
                 f"{r['refclip_score']:.4f}",
                 f"{r['kaggle_first_place']:.5f}",
             ]
+            for r in self.generation
+        ]
+
+    def table1_records(self) -> list[dict]:
+        """Table 1 as records of TABLE1_COLUMNS, rounded: this run's figure, the paper's beside it (None where
+        the run has no such model or the paper no such figure)."""
+
+        def record(model: str, values: dict[str, float | None], paper: dict[str, float | None]) -> dict:
+            out = {"model": model}
+            for recipe, title in RECIPE_TITLES.items():
+                out[title] = rounded(values.get(recipe))
+                out[paper_column(title)] = rounded(paper.get(recipe))
+            return out
+
+        records = [
+            record(b, {r: self.cosine.get(f"{b}/{r}") for r in RECIPE_TITLES}, PAPER_TABLE.get(b, {}))
+            for b in TABLE_BACKBONES
+        ]
+        for method in ("median", "mean"):
+            values = {r: self.cosine.get(_ensemble_key(method, r)) for r in RECIPE_TITLES}
+            records.append(record(f"ensemble {method}", values, PAPER_TABLE["ensemble"] if method == "median" else {}))
+        records.append(record("ensemble + DAKL", {"mlc_cl": self.cosine.get("ensemble+dakl")}, {"mlc_cl": PAPER_DAKL}))
+        return records
+
+    def baseline_records(self) -> list[dict]:
+        """The baselines as records of BASELINE_COLUMNS, rounded, with the paper's figure where it has one."""
+        return [
+            {
+                "baseline": "mean training embedding",
+                "test cosine": rounded(self.cosine.get("baseline/mean_embedding")),
+                "paper": None,
+            },
+            {
+                "baseline": "k-NN on image features (5 nearest; paper: CLIP ViT-H/14)",
+                "test cosine": rounded(self.cosine.get("baseline/knn")),
+                "paper": PAPER_KNN,
+            },
+        ]
+
+    def generation_records(self) -> list[dict]:
+        """Generated prompts as records of GENERATION_COLUMNS, rounded (the Kaggle figure keeps 5 decimals)."""
+        return [
+            {
+                "captioner": f"{r['captioner']} ({r.get('variant', '')})",
+                "SBERT cosine (Kaggle metric)": rounded(r["sbert_cosine"]),
+                "RefCLIPScore": rounded(r["refclip_score"]),
+                "Kaggle first place": rounded(r["kaggle_first_place"], 5),
+            }
             for r in self.generation
         ]
 
@@ -135,33 +249,56 @@ class Report:
         return "\n".join(lines) + "\n"
 
     def html(self) -> str:
-        header = ["model", *RECIPE_TITLES.values()]
-        cells = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.table_rows()
-        )
-        figures = "".join(
-            f"<h2>{html.escape(t)}</h2><img alt='{html.escape(t)}' src='{uri}'/>" for t, uri in self.figures.items()
-        )
-        notes = "".join(f"<li>{html.escape(n)}</li>" for n in self.notes)
-        generation = ""
+        """The page reports/evaluation.html: the tables the UI shows (the paper's figures in their own, grey
+        columns), the notes, then every figure full width."""
+        title = f"reverse-sd evaluation ({self.profile} profile, {self.split} split)"
+        sections = [
+            f"<h1>{html.escape(title)}</h1>",
+            f"<p>Mean cosine between predicted and true all-MiniLM-L6-v2 prompt embeddings on the {self.split} "
+            "split of this run; the paper's DiffusionDB figures beside them, for reference only"
+            + (" (sample-profile figures are not DiffusionDB figures)." if self.profile == "sample" else ".")
+            + "</p>",
+            "<h2>Table 1: mean cosine</h2>",
+            _html_table(TABLE1_COLUMNS, self.table1_records()),
+            "<h2>Baselines</h2>",
+            _html_table(BASELINE_COLUMNS, self.baseline_records()),
+        ]
         if self.generation:
-            heads = ("generated prompts", "SBERT cosine (Kaggle metric)", "RefCLIPScore", "Kaggle first place")
-            generation = (
-                "<table><tr>" + "".join(f"<th>{h}</th>" for h in heads) + "</tr>"
-                + "".join(
-                    "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
-                    for row in self.generation_rows()
-                )
-                + "</table>"
-            )
+            sections += ["<h2>Generated prompts</h2>", _html_table(GENERATION_COLUMNS, self.generation_records())]
+        if self.counts:
+            sections.append("<p>Pairs: " + html.escape(", ".join(f"{k} {v}" for k, v in self.counts.items())) + "</p>")
+        if self.notes:
+            sections.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in self.notes) + "</ul>")
+        sections += [
+            f"<h2>{html.escape(t)}</h2><img alt='{html.escape(t)}' src='{uri}'/>" for t, uri in self.figures.items()
+        ]
         return (
             "<!doctype html><html><head><meta charset='utf-8'><title>reverse-sd evaluation</title>"
-            "<style>body{font-family:sans-serif;max-width:960px;margin:2em auto}"
-            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}</style></head><body>"
-            f"<h1>reverse-sd evaluation ({html.escape(self.profile)} profile, {html.escape(self.split)} split)</h1>"
-            "<p>Mean cosine on this run's data; the paper's DiffusionDB figures in parentheses.</p>"
-            "<table><tr>" + "".join(f"<th>{h}</th>" for h in header) + f"</tr>{cells}</table>"
-            f"<p>Mean training embedding: {self.cosine.get('baseline/mean_embedding', float('nan')):.4f}; "
-            f"k-NN on image features: {self.cosine.get('baseline/knn', float('nan')):.4f}</p>"
-            f"{generation}<ul>{notes}</ul>{figures}</body></html>"
+            "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
+            "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:4px 10px}"
+            "td.num{text-align:right;font-variant-numeric:tabular-nums}.paper{color:#777}"
+            "img{max-width:100%;height:auto}</style></head><body>" + "".join(sections) + "</body></html>"
         )
+
+
+def format_value(value) -> str:
+    """A table cell as text: floats with 4 decimals (more when the value has them), "-" for a missing one."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        text = f"{value:.{DIGITS}f}"
+        return text if float(text) == value else repr(value)
+    return str(value)
+
+
+def _html_table(columns: list[tuple[str, str]], records: list[dict]) -> str:
+    def cell(name: str, kind: str, value) -> str:
+        classes = " ".join(c for c in ("num" if kind == "float" else "", "paper" if "paper" in name else "") if c)
+        attribute = f" class='{classes}'" if classes else ""
+        return f"<td{attribute}>{html.escape(format_value(value))}</td>"
+
+    head = "".join(f"<th>{html.escape(name)}</th>" for name, _ in columns)
+    body = "".join(
+        "<tr>" + "".join(cell(name, kind, record.get(name)) for name, kind in columns) + "</tr>" for record in records
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"

@@ -8,6 +8,8 @@ shuffles only within a stage, so harder samples never leak into an early stage.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 import numpy as np
 
 BUCKETS = ("easy", "medium", "hard")
@@ -79,3 +81,23 @@ def curriculum_stages(buckets: np.ndarray) -> list[np.ndarray]:
     easy_medium = np.flatnonzero((labels == "easy") | (labels == "medium"))
     everything = np.arange(labels.shape[0])
     return [easy, easy_medium, everything, everything.copy()]
+
+
+def align_buckets(
+    image_ids: Sequence[str], scored_ids: Iterable[str], scored_buckets: Iterable[str], default: str = "hard"
+) -> np.ndarray:
+    """The bucket of each of ``image_ids`` (the training order) from difficulty scores given as parallel
+    ``scored_ids`` / ``scored_buckets``; a sample without a score gets ``default`` (hard: trained last)."""
+    position = {image_id: i for i, image_id in enumerate(image_ids)}
+    buckets = np.array([default] * len(image_ids), dtype=object)
+    for image_id, bucket in zip(scored_ids, scored_buckets):
+        if image_id in position:
+            buckets[position[image_id]] = bucket
+    return buckets
+
+
+def aligned_stages(
+    image_ids: Sequence[str], scored_ids: Iterable[str], scored_buckets: Iterable[str]
+) -> list[np.ndarray]:
+    """The mlc_cl stages over the training order ``image_ids``, from a backbone's difficulty scores."""
+    return curriculum_stages(align_buckets(image_ids, scored_ids, scored_buckets))

@@ -15,6 +15,17 @@ SETTINGS = load_settings()
 OBSERVE_CRON = SETTINGS.observe_cron  # when sources are observed (daily by default)
 PROFILE_CONFIG = profile_config(SETTINGS)
 
+
+def transient_retry(hub: bool = False) -> dg.RetryPolicy | None:
+    """A RetryPolicy for steps whose failure can be transient: hub downloads (``hub``) and writes to an
+    object-store storage root; None when the step only touches local files (a retry would fail the same way)."""
+    from pipeline.data.diffusiondb import is_local_location
+
+    remote_source = hub and not is_local_location(SETTINGS.diffusiondb)
+    if remote_source or "://" in SETTINGS.home and not SETTINGS.home.startswith("file://"):
+        return dg.RetryPolicy(max_retries=3, delay=10, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
+    return None
+
 # Bump an entry when the code of that stage changes what it computes.
 CODE_REVISIONS = {
     "diffusiondb_parts": 1,

@@ -12,7 +12,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from assets.common import PROFILE_CONFIG, code_version, markdown_table, table_metadata
+from assets.common import PROFILE_CONFIG, code_version, transient_retry, markdown_table, table_metadata
 from pipeline.constants import EMBED_DIM
 from pipeline.data import filtering
 from pipeline.data import vocabulary as vocab
@@ -47,6 +47,7 @@ def register_parts(instance: dg.DagsterInstance, diffusiondb: DiffusionDBResourc
     group_name=DATA_GROUP,
     kinds={"polars", "parquet"},
     code_version=code_version("diffusiondb_parts", image_size=PROFILE_CONFIG.image_size),
+    retry_policy=transient_retry(hub=True),
     description="One DiffusionDB part: images decoded once, resized, re-encoded, with prompt and metadata.",
 )
 def diffusiondb_parts(

@@ -222,7 +222,10 @@ def trained_models(
         model_kwargs = dict(
             backbone=backbone, variant=compute.backbone_variant, vocab_size=vocab_size, pretrained=compute.pretrained
         )
-        result = _train_with_torchrun(context, pipes, compute, model_kwargs, train, val, config, checkpoint_dir, stages)
+        result = _train_with_torchrun(
+            context, pipes, compute, model_kwargs, train, val, config, checkpoint_dir, stages,
+            cache_dir=storage.local_dir("feature_cache"),
+        )
     else:
         model = _create(backbone, compute, vocab_size)
         result = train_model(
@@ -255,7 +258,7 @@ def trained_models(
     )
 
 
-def _train_with_torchrun(context, pipes, compute, model_kwargs, train, val, config, checkpoint_dir, stages):
+def _train_with_torchrun(context, pipes, compute, model_kwargs, train, val, config, checkpoint_dir, stages, cache_dir=None):
     """DistributedDataParallel over compute.nproc_per_node processes: torchrun launched through Dagster
     Pipes (its output streams into the run's logs), pipeline.training.ddp in each process, the same
     checkpoints and resume as in-process training."""
@@ -275,6 +278,7 @@ def _train_with_torchrun(context, pipes, compute, model_kwargs, train, val, conf
             config=config,
             checkpoint_dir=checkpoint_dir,
             stages=stages,
+            cache_dir=cache_dir,
         )
         command = torchrun_command(spec, compute.nproc_per_node)
         context.log.info("launching " + " ".join(command))

@@ -126,8 +126,12 @@ def write_spec(
     config: TrainConfig,
     checkpoint_dir: str,
     stages: list[np.ndarray] | None = None,
+    cache_dir: str | None = None,
 ) -> Path:
     """Write everything a launched run needs into ``directory`` (train/val Parquet, stages, spec.json).
+
+    ``cache_dir``: where the frozen-prefix feature cache lives (pipeline.training.feature_cache), shared by
+    the ranks (each computes its share of the rows) and by later single-process runs.
 
     ``train`` / ``val`` are (images, targets, labels) triples.  Returns the spec path to pass as --spec;
     the run's TrainResult lands in ``directory``/metrics.json.
@@ -148,6 +152,7 @@ def write_spec(
         "checkpoint_dir": str(checkpoint_dir),
         "metrics": str(directory / "metrics.json"),
         "resume": True,
+        "cache_dir": cache_dir,
     }
     path = directory / "spec.json"
     path.write_text(json.dumps(spec, indent=2))
@@ -194,6 +199,7 @@ def run(spec: dict) -> dict:
         on_log=on_log,
         resume=spec.get("resume", True),
         loss_fn=loss_fn,
+        cache_dir=spec.get("cache_dir"),
     )
     out = result.to_dict()
     rank = dist.get_rank() if dist.is_initialized() else 0

@@ -132,23 +132,65 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    return 0 if text.strip() == "0" else _positive_int(text)
+
+
+TOY_MODELS_NOTE = (
+    "note: these are toy models trained on synthetic images (sample profile: tiny random-init backbones); "
+    "their prompts say little about real Stable Diffusion images. REVERSE_SD_PROFILE=diffusiondb trains the real ones."
+)
+
+
+def _prediction_record(predictor, result, args, generate: bool) -> dict:
+    """One image's JSON object (a line of jsonl, an element of json)."""
+    record = {
+        "path": str(result.path),
+        "model": predictor.method,
+        "prompts": [{"prompt": p, "cosine": round(c, 6)} for p, c in result.prompts],
+    }
+    if predictor.vocabulary is not None and args.words > 0:
+        record["words"] = [{"word": w, "probability": round(q, 4)} for w, q in result.words]
+    if generate:
+        record["generated"] = result.generated
+    if args.embeddings:
+        record["embedding"] = [round(float(v), 7) for v in result.embedding]
+    return record
+
+
 def _predict(args: argparse.Namespace) -> int:
     import csv
+    import io
     import json
+    import uuid
 
     from tqdm import tqdm
 
-    from pipeline.predictor import NotTrainedError, PromptPredictor, expand_inputs
-    from resources.settings import load_settings
+    from pathlib import Path
+
+    from pipeline.predictor import NotTrainedError, PromptPredictor, duplicate_stems, scan_inputs
+    from resources.settings import SettingsError, load_settings
 
     settings = load_settings()
     _check_model(args.model)
     _check_captioner(args.captioner)
+    if args.output is not None and os.path.isdir(args.output):
+        raise SettingsError(f"--output {args.output} is a directory, not a file")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    files = expand_inputs(args.paths)
+    scan = scan_inputs(args.paths)  # only regular files within the size cap; the rest skipped with a reason
+    files = scan.files
     if not files:
-        print("error: no image files found in " + " ".join(args.paths), file=sys.stderr)
+        for path, reason in scan.skipped:
+            print(f"skipped {path}: {reason}", file=sys.stderr)
+        refused = f" ({len(scan.skipped)} skipped)" if scan.skipped else ""
+        print("error: no image files found in " + " ".join(args.paths) + refused, file=sys.stderr)
         return 2
+    if args.format == "kaggle":
+        shared = duplicate_stems(files)
+        if shared:  # image ids are file stems: two files with one stem would write one id twice
+            listed = "; ".join(f"{stem}: {', '.join(map(str, group))}" for stem, group in shared.items())
+            print(f"error: --format kaggle takes image ids from file names, and these repeat: {listed}", file=sys.stderr)
+            return 2
     # a submission holds embeddings only
     generate = (args.generate or args.captioner is not None) and args.format != "kaggle"
     try:
@@ -159,53 +201,153 @@ def _predict(args: argparse.Namespace) -> int:
     except (NotTrainedError, ValueError, OSError) as exc:  # CheckpointError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    skipped = 0
-    out = sys.stdout
-    writer = csv.writer(out, lineterminator="\n") if args.format == "kaggle" else None
-    if writer:
-        writer.writerow(["imgId_eId", "val"])
-    records = []
-    for path, embedding, error, *written in tqdm(
-        predictor.predict_files(files, generate=generate), total=len(files), unit="image", file=sys.stderr,
-        disable=args.quiet,
-    ):
-        if error is not None:
-            skipped += 1
-            print(f"skipped {path}: {error}", file=sys.stderr)
-            continue
+    if predictor.toy_models:  # the first line, before anything about the inputs
+        print(TOY_MODELS_NOTE, file=sys.stderr)
+    for path, reason in scan.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    skipped = len(scan.skipped)
+    total = len(files) + skipped
+    words = args.words if args.format != "kaggle" else 0
+    top_k = args.top_k if args.format != "kaggle" else 0
+
+    def write(out) -> int:
+        """Stream the predictions to ``out``; the number written."""
+        nonlocal skipped
+        written = 0
+        records = []
+        # the bar only on a terminal; what goes to the same terminal is written around it, never through it
+        bar = tqdm(
+            total=len(files), unit="image", file=sys.stderr, disable=args.quiet or not sys.stderr.isatty()
+        )
+
+        def emit(text: str) -> None:
+            if not bar.disable and out is sys.stdout and sys.stdout.isatty():
+                bar.write(text, file=out, end="")
+            else:
+                out.write(text)
+                if out is sys.stdout:
+                    out.flush()  # a reader of a pipe sees each image as it is done
+
         if args.format == "kaggle":
-            for i, value in enumerate(embedding):
-                writer.writerow([f"{path.stem}_{i}", f"{float(value):.6f}"])
-            continue
-        top = predictor.top_k(embedding[None, :], args.top_k)[0]
+            emit("imgId_eId,val\n")
+        for result in predictor.predict(files, top_k=top_k, words=words, generate=generate):
+            bar.update(1)
+            if result.error is not None:
+                skipped += 1
+                bar.write(f"skipped {result.path}: {result.error}", file=sys.stderr)
+                continue
+            written += 1
+            if args.format == "kaggle":
+                rows = io.StringIO()
+                csv.writer(rows, lineterminator="\n").writerows(
+                    [f"{result.path.stem}_{i}", f"{float(v):.6f}"] for i, v in enumerate(result.embedding)
+                )
+                emit(rows.getvalue())
+            elif args.format == "table":
+                lines = [f"{result.path}  [{predictor.method}]"]
+                lines += [f"  {rank}. {score:.4f}  {prompt}" for rank, (prompt, score) in enumerate(result.prompts, 1)]
+                if result.words:
+                    lines.append("  words:  " + ", ".join(f"{w} {q:.2f}" for w, q in result.words))
+                if generate:
+                    lines.append(f"  generated:  {result.generated}")
+                emit("\n".join(lines) + "\n")
+            elif args.format == "json":
+                records.append(_prediction_record(predictor, result, args, generate))
+            else:
+                emit(json.dumps(_prediction_record(predictor, result, args, generate)) + "\n")
+        bar.close()
         if args.format == "json":
-            records.append(
-                {
-                    "path": str(path),
-                    "model": predictor.method,
-                    "prompts": [{"prompt": p, "cosine": round(c, 6)} for p, c in top],
-                    **({"generated": written[0]} if written else {}),
-                    "embedding": [round(float(v), 7) for v in embedding],
-                }
-            )
-        else:
-            print(f"{path}  [{predictor.method}]")
-            for rank, (prompt, score) in enumerate(top, 1):
-                print(f"  {rank}. {score:.4f}  {prompt}")
-            if written:
-                print(f"  generated:  {written[0]}")
-    if args.format == "json":
-        json.dump(records, out, indent=2)
-        out.write("\n")
+            out.write(json.dumps(records, indent=2) + "\n")
+        return written
+
+    if args.output is None:
+        written = write(sys.stdout)
+    else:
+        # atomic: a temporary file beside the target, renamed over it once complete (a user's file, so no
+        # integrity sidecar as the pipeline's artifacts have)
+        target = Path(args.output)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w", encoding="utf-8", newline="") as out:
+                written = write(out)
+            os.replace(tmp, target)
+        except OSError as exc:
+            print(f"error: cannot write --output {args.output}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        finally:
+            tmp.unlink(missing_ok=True)
+        print(f"wrote {written} predictions to {args.output}", file=sys.stderr)
     if skipped:
-        print(f"{skipped} of {len(files)} files skipped (unreadable or not an image)", file=sys.stderr)
+        print(f"{skipped} of {total} files skipped (not a regular file, too large, unreadable or not an image)",
+              file=sys.stderr)
         return 1
     return 0
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each option's help (not the empty ones of flags and unset options), descriptions
+    and examples printed as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("reverse-sd")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+MAIN_EPILOG = """\
+examples:
+  reverse-sd materialize                      build everything (the sample profile by default)
+  reverse-sd materialize --stale              rebuild only what is missing or stale
+  reverse-sd predict photo.png shots/         prompts for images, one JSON object per line
+  reverse-sd predict shots/ --format table    the same as a readable table
+
+settings (environment): REVERSE_SD_PROFILE (sample | diffusiondb), REVERSE_SD_HOME (storage root),
+REVERSE_SD_DIFFUSIONDB (hub dataset id or local mirror), DAGSTER_HOME (Dagster instance).
+more on a command: reverse-sd predict --help, reverse-sd materialize --help
+"""
+
+PREDICT_EPILOG = """\
+output formats:
+  jsonl   one JSON object per image and line: path, model, prompts (prompt + cosine, best first),
+          words (the vocabulary head's most probable words, when the models have one), generated
+          (with --generate), embedding (with --embeddings)
+  json    the same objects as one JSON array
+  table   the same, for reading
+  kaggle  the competition's submission CSV (imgId_eId,val; 384 rows per image, the id is the file's
+          stem, so file names must not repeat)
+
+Only regular files are read: FIFOs, devices, sockets, symlinks to them and files over 100 MB are
+skipped with their reason, as are unreadable images; any skip makes the exit status 1.
+
+examples:
+  reverse-sd predict image.png some/folder "shots/*.jpg" --top-k 3
+  reverse-sd predict some/folder --output predictions.jsonl
+  reverse-sd predict some/folder --format json --embeddings --output predictions.json
+  reverse-sd predict test_images/ --format kaggle --output submission.csv
+  reverse-sd predict image.png --format table --model vit --generate
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reverse-sd", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="reverse-sd",
+        description="Reverse Stable Diffusion: materialize the Dagster pipeline that learns which prompt made\n"
+        "an image, and predict prompts for your own images.",
+        epilog=MAIN_EPILOG,
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     mat = sub.add_parser("materialize", help="materialize an asset selection (default: everything)")
     mat.add_argument("--select", default=None, help="asset selection, as `dagster asset materialize --select`")
     mat.add_argument("--stale", action="store_true", help="only what is missing or stale")
@@ -213,16 +355,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print what would run (after registering parts and observing settings)"
     )
     mat.set_defaults(func=_materialize)
-    pred = sub.add_parser("predict", help="images or folders in, prompts out")
-    pred.add_argument("paths", nargs="+", help="image files, folders (recursive) or globs")
-    pred.add_argument("--top-k", type=_positive_int, default=5)
-    pred.add_argument("--format", choices=["table", "json", "kaggle"], default="table")
-    pred.add_argument("--model", default="auto", help="auto | ensemble | vit | swin | clip | unet")
-    pred.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    pred.add_argument("--batch-size", type=_positive_int, default=32)
-    pred.add_argument("--quiet", action="store_true", help="no progress bar")
+    pred = sub.add_parser(
+        "predict",
+        help="images or folders in, prompts out",
+        description="Predict the prompt of each image: the trained models' embedding, the nearest prompts of\n"
+        "the prompt bank, and the vocabulary head's most probable words. Uses the ensemble (+ DAKL when\n"
+        "fitted) trained under REVERSE_SD_HOME by default.",
+        epilog=PREDICT_EPILOG,
+        formatter_class=_HelpFormatter,
+    )
+    pred.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or globs")
+    pred.add_argument("--top-k", type=_positive_int, default=5, metavar="K", help="nearest bank prompts per image")
     pred.add_argument(
-        "--generate", action="store_true", help="also print a prompt written by the trained captioner (not with kaggle)"
+        "--words", type=_non_negative_int, default=8, metavar="N",
+        help="most probable vocabulary words per image, from the models' vocabulary head (0: none)",
+    )
+    pred.add_argument(
+        "--format", choices=["jsonl", "json", "table", "kaggle"], default="jsonl", help="output format (see below)"
+    )
+    pred.add_argument(
+        "--output", default=None, metavar="FILE",
+        help="write the output to FILE (atomically: complete or not at all) instead of standard output",
+    )
+    pred.add_argument("--embeddings", action="store_true", help="include the 384-d embedding in jsonl / json")
+    pred.add_argument(
+        "--model", default="auto",
+        help="auto (the ensemble when trained, + DAKL when fitted), ensemble, or one backbone: vit, swin, clip, unet",
+    )
+    pred.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the models run")
+    pred.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="images per forward pass")
+    pred.add_argument(
+        "--quiet", action="store_true", help="no progress bar (there is none anyway when stderr is not a terminal)"
+    )
+    pred.add_argument(
+        "--generate", action="store_true", help="also give a prompt written by the trained captioner (not with kaggle)"
     )
     pred.add_argument(
         "--captioner", default=None,

@@ -10,8 +10,9 @@ from __future__ import annotations
 import glob
 import json
 import os
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import stat
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,30 +22,146 @@ from pipeline.ensemble.ensemble import combine
 from pipeline.evaluation.report import normalise_rows
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+# The largest input file predict reads: far above any real image (a 50-megapixel PNG is ~100 MB only when
+# incompressible), far below what would exhaust memory.  Bigger files are skipped unread.
+MAX_INPUT_BYTES = 100 * 1024 * 1024
 
 
 class NotTrainedError(RuntimeError):
     """Nothing to predict with yet; the message names the asset to materialize."""
 
 
-def expand_inputs(paths: Sequence[str]) -> list[Path]:
-    """Files, folders (recursive) and globs -> image-looking files, in a stable order, without repeats."""
+class InputError(OSError):
+    """An input path that is not read (not a regular file, too large, missing); the message is the reason."""
+
+
+def _kind(mode: int) -> str | None:
+    """What a non-regular file is, or None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    return "a special file"
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 2**20:,.0f} MB" if n >= 2**20 else f"{n:,} bytes"
+
+
+def _check_stat(path: Path, info: os.stat_result, max_bytes: int) -> None:
+    kind = _kind(info.st_mode)
+    if kind is not None:
+        link = f"a symlink to {os.path.realpath(path)}, " if os.path.islink(path) else ""
+        raise InputError(f"{link}{kind}, not a regular file")
+    if info.st_size > max_bytes:
+        raise InputError(f"{_megabytes(info.st_size)}, above the {_megabytes(max_bytes)} limit for an input image")
+
+
+def check_input_file(path: str | os.PathLike, max_bytes: int = MAX_INPUT_BYTES) -> None:
+    """InputError unless ``path`` (after symlinks) is a regular file of at most ``max_bytes``: an os.stat,
+    nothing opened, so a FIFO cannot block and /dev/zero is never read."""
+    path = Path(path)
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise InputError("a broken symlink" if os.path.islink(path) else "no such file") from None
+    except OSError as exc:
+        raise InputError(exc.strerror or type(exc).__name__) from None
+    _check_stat(path, info, max_bytes)
+
+
+def read_input_file(path: str | os.PathLike, max_bytes: int = MAX_INPUT_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``, else InputError.
+
+    Checked again on the open descriptor (opened non-blocking, so a path swapped for a FIFO after the scan
+    cannot hang), and never more than ``max_bytes`` read whatever the file grew to.
+    """
+    check_input_file(path, max_bytes)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise InputError(exc.strerror or type(exc).__name__) from None
+    with os.fdopen(fd, "rb") as f:
+        _check_stat(Path(path), os.fstat(fd), max_bytes)
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise InputError(f"more than {_megabytes(max_bytes)}, the limit for an input image")
+    return data
+
+
+@dataclass
+class InputScan:
+    """What expand_inputs found: the files to read, and (path, reason) for every path refused unread."""
+
+    files: list[Path]
+    skipped: list[tuple[Path, str]]
+
+
+def scan_inputs(paths: Sequence[str], max_bytes: int = MAX_INPUT_BYTES) -> InputScan:
+    """Files, folders (recursive) and globs -> regular image-looking files, in a stable order, without repeats.
+
+    Every candidate, named or matched by a glob or found in a folder, goes through check_input_file: FIFOs,
+    devices, sockets, symlinks to those, missing and oversized files are skipped with their reason.  In a
+    folder only image-suffixed names are candidates (other files are not inputs).
+    """
     found: list[Path] = []
     for raw in paths:
-        matches = glob.glob(raw, recursive=True) if any(c in raw for c in "*?[") else [raw]
+        matches = sorted(glob.glob(raw, recursive=True)) if any(c in raw for c in "*?[") else [raw]
         for match in matches:
             path = Path(match)
             if path.is_dir():
-                found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+                found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
             else:
                 found.append(path)
-    seen, unique = set(), []
+    seen: set[str] = set()
+    scan = InputScan([], [])
     for path in found:
         key = os.path.abspath(path)
-        if key not in seen:
-            seen.add(key)
-            unique.append(path)
-    return unique
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            check_input_file(path, max_bytes)
+        except InputError as exc:
+            scan.skipped.append((path, str(exc)))
+            continue
+        scan.files.append(path)
+    return scan
+
+
+def expand_inputs(paths: Sequence[str], max_bytes: int = MAX_INPUT_BYTES) -> list[Path]:
+    """The files of scan_inputs (regular image files within the size cap); see it for what is skipped."""
+    return scan_inputs(paths, max_bytes).files
+
+
+def duplicate_stems(paths: Sequence[Path]) -> dict[str, list[Path]]:
+    """File stems shared by more than one path (a Kaggle submission's image ids are stems)."""
+    by_stem: dict[str, list[Path]] = {}
+    for path in paths:
+        by_stem.setdefault(path.stem, []).append(path)
+    return {stem: group for stem, group in by_stem.items() if len(group) > 1}
+
+
+@dataclass
+class Prediction:
+    """One input's result: the unit embedding, the nearest bank prompts (prompt, cosine), the vocabulary
+    head's most probable words (word, probability; empty without a vocabulary head), the captioner's prompt
+    when asked; or ``error`` (the reason the file was skipped) with everything else empty."""
+
+    path: Path
+    embedding: np.ndarray | None = None
+    prompts: list[tuple[str, float]] = field(default_factory=list)
+    words: list[tuple[str, float]] = field(default_factory=list)
+    generated: str | None = None
+    error: str | None = None
 
 
 @dataclass
@@ -52,6 +169,7 @@ class LoadedModel:
     backbone: str
     recipe: str
     model: object
+    config: dict = field(default_factory=dict)  # the checkpoint's model_config (backbone, variant, vocab_size ...)
 
 
 class PromptPredictor:
@@ -69,6 +187,13 @@ class PromptPredictor:
         self.dakl = self._load_dakl() if model in ("auto", "ensemble") and len(self.members) > 1 else None
         self.method = "ensemble+dakl" if self.dakl else ("ensemble" if len(self.members) > 1 else self.members[0].backbone)
         self.captioner = self._load_captioner(captioner) if captioner else None
+        self.vocabulary = self._load_vocabulary()
+
+    @property
+    def toy_models(self) -> bool:
+        """True when a loaded model is a tiny random-init twin (what the sample profile trains), as its
+        checkpoint's model_config records it: its prompts say little about real Stable Diffusion images."""
+        return any(m.config.get("variant", "full") != "full" for m in self.members)
 
     # -- loading ---------------------------------------------------------------------------------
     def _path(self, *parts: str) -> str:
@@ -119,7 +244,19 @@ class PromptPredictor:
         model = create_model(**config)
         model.load_state_dict(state)
         model.eval().to(self.device)
-        return LoadedModel(backbone, recipe, model)
+        return LoadedModel(backbone, recipe, model, dict(config))
+
+    def _load_vocabulary(self) -> list[str] | None:
+        """The vocabulary asset's words in head order, when a loaded model has a vocabulary head of its size."""
+        sizes = {int(getattr(m.model, "vocab_size", 0) or 0) for m in self.members} - {0}
+        path = self._path("vocabulary.parquet")
+        if not sizes or not store.exists(path):
+            return None
+        try:
+            words = store.read_parquet(path).sort("index")["word"].to_list()
+        except Exception as exc:  # noqa: BLE001 - polars / pyarrow raise many types for a damaged file
+            raise ValueError(f"cannot read {path} ({type(exc).__name__}): materialize the asset vocabulary") from exc
+        return words if len(words) in sizes else None
 
     def _load_captioner(self, name: str):
         """A trained captioner (trained_captioners/<name>); "auto" takes the first registered one found."""
@@ -173,13 +310,17 @@ class PromptPredictor:
             self._threads = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
         return self._threads
 
-    def embed_stored(self, stored: Sequence[bytes]) -> np.ndarray:
-        """As embed, for images already re-encoded the way diffusiondb_parts stores them."""
+    def embed_stored(self, stored: Sequence[bytes], word_probs: list | None = None) -> np.ndarray:
+        """As embed, for images already re-encoded the way diffusiondb_parts stores them.
+
+        With a list as ``word_probs``, the vocabulary heads' mean sigmoid probabilities ([n, K], over the
+        members whose head matches the vocabulary) are appended to it, or nothing without such a head.
+        """
         import torch
 
         from pipeline.training.datasets import decode_image
 
-        outputs = []
+        outputs, probs = [], []
         unit_pixels: dict[int, torch.Tensor] = {}  # decoded once per input size, normalised per model
         for member in self.members:
             model = member.model
@@ -191,11 +332,16 @@ class PromptPredictor:
             std = torch.tensor(model.std).view(1, 3, 1, 1)
             pixels = ((unit_pixels[size] - mean) / std).to(self.device)
             with torch.inference_mode():
-                embedding, _ = model(pixels)
+                embedding, logits = model(pixels)
             outputs.append(embedding.float().cpu().numpy())
+            if word_probs is not None and logits is not None and self.vocabulary is not None:
+                if logits.shape[-1] == len(self.vocabulary):
+                    probs.append(torch.sigmoid(logits.float()).cpu().numpy())
         combined = combine(outputs, "median")  # the ensemble asset's function: the median over the members
         if self.dakl is not None:
             combined = normalise_rows(self.dakl.predict(combined))
+        if word_probs is not None and probs:
+            word_probs.append(np.mean(probs, axis=0))
         return combined.astype(np.float32)
 
     def generate_stored(self, stored: Sequence[bytes]) -> list[str]:
@@ -213,36 +359,70 @@ class PromptPredictor:
         best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return [[(self.bank_prompts[j], float(scores[i, j])) for j in row] for i, row in enumerate(best)]
 
+    def top_words(self, probs: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+        """The k most probable vocabulary words per row of ``probs`` ([n, K] head probabilities), best first."""
+        if self.vocabulary is None or k <= 0:
+            return [[] for _ in range(len(probs))]
+        k = min(k, probs.shape[1])
+        best = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        return [[(self.vocabulary[j], float(probs[i, j])) for j in row] for i, row in enumerate(best)]
+
+    def read_image(self, path: str | os.PathLike, max_bytes: int = MAX_INPUT_BYTES) -> bytes:
+        """A file as the models see it (re-encoded as diffusiondb_parts stores images), or InputError /
+        ImageError naming why not: only a regular file within ``max_bytes`` is read."""
+        from pipeline.data.images import reencode_image
+
+        return reencode_image(read_input_file(path, max_bytes), size=256, name=str(path))
+
+    def predict(
+        self,
+        paths: Iterable[str | os.PathLike],
+        top_k: int = 5,
+        words: int = 0,
+        generate: bool = False,
+        max_bytes: int = MAX_INPUT_BYTES,
+    ) -> Iterator[Prediction]:
+        """One Prediction per path, in input order, batch by batch (files read and decoded on the pool's
+        threads); a file that cannot be used is a Prediction with ``error`` set, never an exception."""
+        from pipeline.data.images import ImageError
+
+        def load(path):
+            try:
+                return self.read_image(path, max_bytes), None
+            except ImageError as exc:
+                return None, exc.detail
+            except OSError as exc:  # InputError, or an I/O error while reading
+                return None, str(exc) or type(exc).__name__
+
+        def run(chunk: list[Path]) -> Iterator[Prediction]:
+            loaded = list(self._pool().map(load, chunk))
+            good = [i for i, (_, error) in enumerate(loaded) if error is None]
+            results = [Prediction(path, error=error) for path, (_, error) in zip(chunk, loaded)]
+            if good:
+                stored = [loaded[i][0] for i in good]
+                probs: list[np.ndarray] = []
+                embeddings = self.embed_stored(stored, probs if words > 0 else None)
+                prompts = self.top_k(embeddings, top_k) if top_k > 0 else [[] for _ in good]
+                found = self.top_words(probs[0], words) if probs else [[] for _ in good]
+                written = self.generate_stored(stored) if generate else [None] * len(good)
+                for i, e, p, w, g in zip(good, embeddings, prompts, found, written):
+                    results[i] = Prediction(chunk[i], e, p, w, g)
+            yield from results
+
+        chunk: list[Path] = []
+        for path in paths:
+            chunk.append(Path(path))
+            if len(chunk) >= self.batch_size:
+                yield from run(chunk)
+                chunk = []
+        if chunk:
+            yield from run(chunk)
+
     def predict_files(self, paths: Iterable[Path], generate: bool = False):
         """Yield (path, embedding or None, error or None) in input order, batch by batch; with ``generate``
         a fourth item, the captioner's prompt (None for a file that could not be read)."""
-        from pipeline.data.images import ImageError, reencode_image
-
-        batch: list[tuple[Path, bytes]] = []
-        extra = (None,) if generate else ()
-
-        def flush():
-            if not batch:
-                return []
-            embeddings = self.embed_stored([b for _, b in batch])
-            if generate:
-                written = self.generate_stored([b for _, b in batch])
-                out = [(p, e, None, g) for (p, _), e, g in zip(batch, embeddings, written)]
-            else:
-                out = [(p, e, None) for (p, _), e in zip(batch, embeddings)]
-            batch.clear()
-            return out
-
-        for path in paths:
-            try:
-                data = reencode_image(Path(path).read_bytes(), size=256)
-            except (OSError, ImageError) as exc:
-                yield (path, None, str(exc) or type(exc).__name__, *extra)
-                continue
-            batch.append((path, data))
-            if len(batch) >= self.batch_size:
-                yield from flush()
-        yield from flush()
+        for result in self.predict(paths, top_k=0, generate=generate):
+            yield (result.path, result.embedding, result.error, *((result.generated,) if generate else ()))
 
 
 def _resolve_device(device: str) -> str:

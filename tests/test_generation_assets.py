@@ -146,7 +146,9 @@ def test_predict_generate_prints_the_captioners_prompt(materialized, tmp_path, m
         paths.append(tmp_path / f"{i}.png")
         paths[-1].write_bytes(data)
     monkeypatch.setenv("REVERSE_SD_HOME", str(home))
-    assert cli.main(["predict", *map(str, paths), "--model", "vit", "--generate", "--top-k", "2", "--quiet"]) == 0
+    assert cli.main(
+        ["predict", *map(str, paths), "--model", "vit", "--generate", "--top-k", "2", "--format", "table", "--quiet"]
+    ) == 0
     out = capsys.readouterr().out
     assert [line.split("generated:", 1)[1].strip() for line in out.splitlines() if "generated:" in line] == [
         g.strip() for g in predictions["generated"]

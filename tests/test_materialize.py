@@ -145,7 +145,7 @@ def test_predict_table_skips_broken_file(sample_run, tmp_path):
     home, env, _ = sample_run
     images = _sample_images(home, tmp_path / "imgs")
     (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG not really")
-    result = _run_cli(["predict", str(tmp_path / "imgs"), "--top-k", "3", "--quiet"], env, timeout=300)
+    result = _run_cli(["predict", str(tmp_path / "imgs"), "--top-k", "3", "--format", "table", "--quiet"], env, 300)
     assert result.returncode == 1, result.stderr[-2000:]
     assert "broken.png" in result.stderr and "Traceback" not in result.stderr
     for path in images:
@@ -156,14 +156,18 @@ def test_predict_table_skips_broken_file(sample_run, tmp_path):
 def test_predict_json_topk_sorted_and_kaggle_rows(sample_run, tmp_path):
     home, env, _ = sample_run
     images = _sample_images(home, tmp_path / "imgs", n=2)
-    result = _run_cli(["predict", *map(str, images), "--format", "json", "--top-k", "4", "--quiet"], env, timeout=300)
+    result = _run_cli(
+        ["predict", *map(str, images), "--format", "json", "--embeddings", "--top-k", "4", "--quiet"], env, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.startswith("note: these are toy models trained on synthetic images")
     records = json.loads(result.stdout)
     assert len(records) == 2
     for record in records:
         scores = [p["cosine"] for p in record["prompts"]]
         assert len(scores) == 4 and scores == sorted(scores, reverse=True)
         assert len(record["embedding"]) == 384
+        assert record["words"] and all(0 <= w["probability"] <= 1 for w in record["words"])  # the MLC heads' words
     kaggle = _run_cli(["predict", *map(str, images), "--format", "kaggle", "--quiet"], env, timeout=300)
     assert kaggle.returncode == 0, kaggle.stderr[-2000:]
     lines = kaggle.stdout.strip().splitlines()

@@ -12,7 +12,6 @@ across ranks the way DistributedSampler does it (padding to equal shards).
 
 from __future__ import annotations
 
-import io
 import random
 from collections.abc import Sequence
 
@@ -21,6 +20,8 @@ import pyarrow as pa
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pipeline.data.images import open_image
 
 
 def _as_byte_sequence(images) -> Sequence:
@@ -77,15 +78,20 @@ def multi_hot(labels: LabelLists | None, index: int, size: int) -> torch.Tensor:
     return out
 
 
-def decode_image(data: bytes, image_size: int | tuple[int, int], mean, std) -> torch.Tensor:
-    """Encoded image -> normalised float tensor [3, H, W] in the backbone's preprocessing."""
+def decode_image(
+    data: bytes, image_size: int | tuple[int, int], mean, std, name: str | None = None
+) -> torch.Tensor:
+    """Encoded image -> normalised float tensor [3, H, W] in the backbone's preprocessing.
+
+    Opened by pipeline.data.images.open_image like every image (pixel limit, EXIF orientation, RGB); an
+    image it refuses is an ImageError naming ``name``.
+    """
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    with Image.open(io.BytesIO(data)) as img:
-        rgb = img.convert("RGB")
-        if rgb.size != (size[1], size[0]):
-            # PIL's resize filters the whole footprint when shrinking (antialiased).
-            rgb = rgb.resize((size[1], size[0]), Image.Resampling.BICUBIC)
-        array = np.asarray(rgb, dtype=np.uint8)
+    rgb = open_image(data, name)
+    if rgb.size != (size[1], size[0]):
+        # PIL's resize filters the whole footprint when shrinking (antialiased).
+        rgb = rgb.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+    array = np.asarray(rgb, dtype=np.uint8)
     pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
     m = torch.as_tensor(mean, dtype=torch.float32).view(3, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32).view(3, 1, 1)

@@ -10,72 +10,163 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 
 def _materialize(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    import signal
+    import warnings
 
-    from resources.profiles import profile_config
-    from resources.settings import check_source, check_storage_root, ensure_dagster_home, load_settings
+    from resources.settings import (
+        available_cores,
+        check_source,
+        check_storage_root,
+        ensure_dagster_home,
+        load_settings,
+    )
 
-    settings = load_settings()
-    profile_config(settings)  # sample sizes and other numbers from the environment, before any heavy import
+    settings = load_settings()  # every setting validated here, before any heavy import
     check_storage_root(settings)
     check_source(settings)
     ensure_dagster_home(settings)
     if settings.is_sample:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the sample profile never needs the hub
+    workers = args.workers or available_cores()
 
     import dagster as dg
 
-    from assets.data import register_parts
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)
+    warnings.filterwarnings("ignore", category=dg.PreviewWarning)
+
+    from assets import orchestration as orch
+    from assets.data import parts_partitions, register_parts
     from assets.definitions import defs
-    from assets.orchestration import observe_settings, plan_stages, run_stages
 
     if args.select:
         _check_selection(defs, args.select)
+    # SIGTERM stops like Ctrl-C: workers stopped, their runs marked canceled, pool slots freed.
+    signal.signal(signal.SIGTERM, _interrupt)
+    lock_dir = settings.home if "://" not in settings.home else settings.dagster_home
+    lock = orch.InvocationLock(lock_dir)
+    try:
+        lock.acquire(
+            wait=args.wait,
+            on_wait=lambda holder: print(f"waiting: another reverse-sd materialize ({holder}) holds {lock_dir}",
+                                         file=sys.stderr),
+        )
+    except orch.StorageRootBusy as busy:
+        print(f"error: another reverse-sd materialize ({busy}) holds the storage root {lock_dir}; "
+              "wait for it, or pass --wait to queue behind it", file=sys.stderr)
+        return 3
+    try:
+        return _materialize_locked(args, settings, defs, orch, parts_partitions, register_parts, workers)
+    finally:
+        lock.release()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _materialize_locked(args, settings, defs, orch, parts_partitions, register_parts, workers: int) -> int:
+    import dagster as dg
+
     instance = dg.DagsterInstance.get()
     resources = defs.resources
-    new_parts = register_parts(instance, resources["diffusiondb"])
-    observe_settings(defs, instance)
     print(f"profile={settings.profile} source={settings.diffusiondb} storage={settings.home}")
+    if args.dry_run:  # nothing is written to the instance: new parts are planned, not registered
+        listed = sorted(resources["diffusiondb"].source().list_parts())
+        new_parts = [p for p in listed if not instance.has_dynamic_partition(parts_partitions.name, p)]
+        extra = {parts_partitions.name: new_parts}
+    else:
+        released = orch.release_dead_runs(instance)
+        if released:
+            print(f"released {len(released)} run(s) whose process was killed: {', '.join(r[:8] for r in released)}")
+        new_parts = register_parts(instance, resources["diffusiondb"])
+        orch.observe_settings(defs, instance)
+        extra = None
     if new_parts:
-        print(f"registered {len(new_parts)} new DiffusionDB parts: {new_parts[0]} .. {new_parts[-1]}")
-    stages = plan_stages(defs, instance, selection=args.select, stale_only=args.stale)
-    total = sum(len(s.partition_keys) for s in stages)
-    if total == 0:
+        verb = "would register" if args.dry_run else "registered"
+        print(f"{verb} {len(new_parts)} new DiffusionDB parts: {new_parts[0]} .. {new_parts[-1]}")
+    started = time.perf_counter()
+    plan = orch.plan_units(defs, instance, selection=args.select, stale_only=args.stale, extra_partitions=extra)
+    planned_in = time.perf_counter() - started
+    if not plan.units:
         print("nothing to materialize: every selected asset is up to date")
         return 0
     if args.dry_run:
-        print(f"would materialize {total} asset runs:")
-        for stage in stages:
+        print(f"would materialize {len(plan.units)} runs (planned in {planned_in:.1f} s):")
+        for stage in plan.stages:
             names = ",".join(k.to_user_string() for k in stage.asset_keys)
             keys = [k for k in stage.partition_keys if k is not None]
             print(f"  {names} [{len(stage.partition_keys)}]" + (": " + " ".join(keys) if keys else ""))
         return 0
-    started = time.perf_counter()
-    bar = tqdm(total=total, unit="run", desc="materialize", file=sys.stderr)
+    gpus = orch.gpu_count()
+    gpu_slots = max(1, gpus)
+    orch.ensure_pool_limit(instance, gpu_slots)
+    tags = orch.new_invocation_tags()
+    invocation = tags[orch.INVOCATION_TAG]
+    print(f"{len(plan.units)} runs, {min(workers, len(plan.units))} at a time, {gpu_slots} in the gpu pool "
+          f"({gpus} GPU{'s' if gpus != 1 else ''}); invocation {invocation} (UI: Runs, filter by tag "
+          f"{orch.INVOCATION_TAG}={invocation})")
+    log_path = Path(settings.dagster_home) / "logs" / f"materialize-{invocation}.log"
+    from tqdm import tqdm
 
-    def on_run(stage, partition_key):
-        names = ",".join(k.to_user_string() for k in stage.asset_keys)
-        bar.set_postfix_str(f"{names}" + (f"[{partition_key}]" if partition_key else ""))
+    bar = tqdm(total=len(plan.units), unit="run", desc="materialize", file=sys.stderr,
+               disable=not sys.stderr.isatty() or args.verbose)
 
-    results = run_stages(defs, instance, stages, on_run=on_run, on_done=lambda _: bar.update(1))
+    def on_start(unit):
+        if args.verbose:
+            print(f"start {unit.label}", file=sys.stderr)
+
+    def on_done(outcome):
+        bar.update(1)
+        if args.verbose or not outcome.success:
+            state = "done" if outcome.success else "FAILED"
+            tqdm.write(f"{state} {outcome.unit.label} in {outcome.seconds:.1f} s", file=sys.stderr)
+        if outcome.detail:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "a", encoding="utf-8") as log:
+                log.write(f"==== {outcome.unit.label} (run {outcome.run_id})\n{outcome.detail}\n\n")
+            if args.verbose:
+                print(outcome.detail, file=sys.stderr)
+
+    try:
+        progress = orch.run_units(
+            plan, workers=workers, gpu_slots=gpu_slots, gpu_devices=gpus > 0, tags=tags,
+            log_level="ERROR" if args.verbose else "CRITICAL", on_start=on_start, on_done=on_done,
+        )
+    except KeyboardInterrupt:
+        bar.close()
+        canceled = orch.cancel_runs(instance, invocation)
+        print(f"stopped: {len(canceled)} run(s) marked canceled, their pool slots freed", file=sys.stderr)
+        return 130
     bar.close()
-    failed = [r for r in results if not r.success]
-    if failed:
-        run = failed[0]
-        messages = [
-            e.message for e in run.all_events if e.is_failure and e.message
-        ] or ["see the run in the UI"]
-        print(f"error: run {run.run_id} failed: {messages[-1]}", file=sys.stderr)
+    failed = [o for o in progress.outcomes if not o.success]
+    elapsed = time.perf_counter() - started
+    if failed or progress.not_run:
+        for outcome in failed:
+            for line in outcome.failures or ["failed"]:
+                step = outcome.unit.asset_keys[0].to_python_identifier() + ": "
+                if len(outcome.unit.asset_keys) == 1 and line.startswith(step):
+                    line = line[len(step):]
+                print(f"failed: {outcome.unit.label}: {line}" + (f" (run {outcome.run_id})" if outcome.run_id else ""),
+                      file=sys.stderr)
+        if progress.not_run:
+            names = ", ".join(u.label for u in progress.not_run[:10])
+            more = f" and {len(progress.not_run) - 10} more" if len(progress.not_run) > 10 else ""
+            print(f"not run (upstream failed): {names}{more}", file=sys.stderr)
+        done = len(progress.outcomes) - len(failed)
+        print(f"error: {len(failed)} of {len(plan.units)} runs failed, {done} succeeded in {elapsed:.0f} s; "
+              + (f"full errors in {log_path}; " if log_path.exists() else "")
+              + "every run is in the UI (make ui)", file=sys.stderr)
         return 1
-    print(f"materialized {total} asset runs in {time.perf_counter() - started:.0f} s")
+    print(f"materialized {len(plan.units)} asset runs in {elapsed:.0f} s ({min(workers, len(plan.units))} at a time)")
     print(f"artifacts under {settings.home}; Dagster instance in {settings.dagster_home} (make ui to browse)")
     report = os.path.join(settings.home, "reports", "evaluation.md")
     if os.path.exists(report):
         print(open(report, encoding="utf-8").read().split("\n## ", 2)[0])
-        print(f"report: {os.path.join(settings.home, 'reports', 'evaluation.html')}")
+        print(f"report: {Path(settings.home, 'reports', 'evaluation.html').as_uri()}")
     return 0
 
 
@@ -348,12 +439,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    mat = sub.add_parser("materialize", help="materialize an asset selection (default: everything)")
-    mat.add_argument("--select", default=None, help="asset selection, as `dagster asset materialize --select`")
-    mat.add_argument("--stale", action="store_true", help="only what is missing or stale")
-    mat.add_argument(
-        "--dry-run", action="store_true", help="print what would run (after registering parts and observing settings)"
+    mat = sub.add_parser(
+        "materialize",
+        help="materialize an asset selection (default: everything)",
+        description="Materialize assets in the configured Dagster instance: one run of a named job per stage and "
+        "partition, independent runs in parallel, each in the UI under Runs.",
+        epilog="examples:\n"
+        "  reverse-sd materialize                          everything\n"
+        "  reverse-sd materialize --stale                  only what is missing or stale\n"
+        "  reverse-sd materialize --select 'filtered_pairs+' --workers 4\n"
+        "  reverse-sd materialize --stale --dry-run        print the plan; write nothing",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    mat.add_argument("--select", default=None,
+                     help="asset selection, as 'dagster asset materialize --select' takes it (default: everything)")
+    mat.add_argument("--stale", action="store_true",
+                     help="only what is missing or stale: new parts, changed code or settings, missing artifacts")
+    mat.add_argument("--dry-run", action="store_true",
+                     help="print the runs that would run, and write nothing to the instance")
+    mat.add_argument("--workers", type=_positive_int, default=None,
+                     help="runs at once (default: the cores available); the gpu pool admits one run per GPU")
+    mat.add_argument("--wait", action="store_true",
+                     help="when another materialize holds the storage root, wait for it instead of exiting")
+    mat.add_argument("--verbose", action="store_true", help="print each run and full error traces")
     mat.set_defaults(func=_materialize)
     pred = sub.add_parser(
         "predict",

@@ -239,27 +239,45 @@ def test_evaluation_report_shows_the_table(ui_server, browser, sample_instance, 
         # the events view opens on the latest materialization: its run is named in the header
         run_link = f"//*[starts-with(normalize-space(.), 'Materialized in run')]//a[normalize-space()='{latest.run_id[:8]}']"
         _wait(browser).until(EC.presence_of_element_located((By.XPATH, run_link)))
-        row = _wait(browser).until(
-            EC.presence_of_element_located((By.XPATH, "//tr[td[normalize-space()='evaluation_table']]"))
+        # Table 1 is Dagster table metadata, shown inline: the figures with the paper's beside them
+        table = _wait(browser).until(
+            EC.presence_of_element_located(
+                (By.XPATH, "//tr[td[normalize-space()='evaluation_table']]//table[.//th[normalize-space()='model']]")
+            )
         )
-        row.find_element(By.XPATH, ".//a[contains(., 'Show Markdown')]").click()
-        dialog = _wait(browser).until(
-            EC.visibility_of_element_located((By.CSS_SELECTOR, "[role='dialog'] .dagster-markdown table"))
-        )
+        header = [th.text.strip() for th in table.find_elements(By.CSS_SELECTOR, "thead th")]
         rows = {}
-        for tr in dialog.find_elements(By.CSS_SELECTOR, "tbody tr"):
+        for tr in table.find_elements(By.CSS_SELECTOR, "tbody tr"):
             cells = [td.text.strip() for td in tr.find_elements(By.TAG_NAME, "td")]
             if cells:
                 rows[cells[0]] = cells[1:]
-    finally:
         browser.save_screenshot(str(screenshot))
+        # at least one plot is an image in the page (Dagster puts long Markdown behind "[Show Markdown]")
+        plot_row = browser.find_element(By.XPATH, "//tr[td[normalize-space()='plot_test_cosine']]")
+        plot_row.find_element(By.XPATH, ".//*[contains(., 'Show Markdown')]").click()
+        image = _wait(browser).until(
+            EC.visibility_of_element_located((By.CSS_SELECTOR, "[role='dialog'] img[src^='data:image/png']"))
+        )
+        assert image.size["width"] > 200, image.size
+        browser.save_screenshot(str(tmp_path / "evaluation_plot.png"))
+    finally:
+        if not screenshot.exists():
+            browser.save_screenshot(str(screenshot))
+    assert any("(paper)" in h for h in header), header
     for backbone in ("vit", "swin", "clip", "unet"):
         assert backbone in rows, f"no {backbone} row in the UI's evaluation table: {sorted(rows)}"
-        # the figure the UI shows is the one in evaluation.json
-        assert rows[backbone][0].startswith(f"{cosine[f'{backbone}/baseline']:.4f}"), (backbone, rows[backbone])
+        # the figure the UI shows is the one in evaluation.json, to 4 decimals
+        assert float(rows[backbone][0]) == round(cosine[f"{backbone}/baseline"], 4), (backbone, rows[backbone])
     ensemble = [name for name in rows if name.startswith("ensemble")]
     assert ensemble, f"no ensemble row in the UI's evaluation table: {sorted(rows)}"
-    assert any(f"{cosine['ensemble+dakl']:.4f}" in " ".join(rows[name]) for name in ensemble)
+    shown = {float(cell) for name in ensemble for cell in rows[name] if cell.replace(".", "", 1).isdigit()}
+    assert round(cosine["ensemble+dakl"], 4) in shown
     reports = home / "reports"
     shutil.copyfile(screenshot, reports / "ui.png")
+    # REVERSE_SD_SCREENSHOT_DIR=docs/ui refreshes the README's screenshots from this run
+    if os.environ.get("REVERSE_SD_SCREENSHOT_DIR"):
+        target = Path(os.environ["REVERSE_SD_SCREENSHOT_DIR"])
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(screenshot, target / "evaluation_report.png")
+        shutil.copyfile(tmp_path / "evaluation_plot.png", target / "evaluation_plot.png")
     assert (reports / "ui.png").stat().st_size > 10_000  # a real page, not a blank image

@@ -24,6 +24,8 @@ run: install
 	$(BIN)/reverse-sd materialize
 
 test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 ui: install

@@ -26,7 +26,6 @@ from assets.data import diffusiondb_parts, diffusiondb_source, parts_partitions
 from assets.training import training_settings
 from resources import DiffusionDBResource
 
-
 observe_job = dg.define_asset_job("observe_sources", selection=[diffusiondb_source, training_settings])
 
 observe_diffusiondb = dg.ScheduleDefinition(

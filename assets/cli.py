@@ -51,12 +51,16 @@ def _materialize(args: argparse.Namespace) -> int:
     try:
         lock.acquire(
             wait=args.wait,
-            on_wait=lambda holder: print(f"waiting: another reverse-sd materialize ({holder}) holds {lock_dir}",
-                                         file=sys.stderr),
+            on_wait=lambda holder: print(
+                f"waiting: another reverse-sd materialize ({holder}) holds {lock_dir}", file=sys.stderr
+            ),
         )
     except orch.StorageRootBusy as busy:
-        print(f"error: another reverse-sd materialize ({busy}) holds the storage root {lock_dir}; "
-              "wait for it, or pass --wait to queue behind it", file=sys.stderr)
+        print(
+            f"error: another reverse-sd materialize ({busy}) holds the storage root {lock_dir}; "
+            "wait for it, or pass --wait to queue behind it",
+            file=sys.stderr,
+        )
         return 3
     try:
         return _materialize_locked(args, settings, defs, orch, parts_partitions, register_parts, workers)
@@ -106,14 +110,21 @@ def _materialize_locked(args, settings, defs, orch, parts_partitions, register_p
     orch.ensure_pool_limit(instance, gpu_slots)
     tags = orch.new_invocation_tags()
     invocation = tags[orch.INVOCATION_TAG]
-    print(f"{len(plan.units)} runs, {min(workers, len(plan.units))} at a time, {gpu_slots} in the gpu pool "
-          f"({gpus} GPU{'s' if gpus != 1 else ''}); invocation {invocation} (UI: Runs, filter by tag "
-          f"{orch.INVOCATION_TAG}={invocation})")
+    print(
+        f"{len(plan.units)} runs, {min(workers, len(plan.units))} at a time, {gpu_slots} in the gpu pool "
+        f"({gpus} GPU{'s' if gpus != 1 else ''}); invocation {invocation} (UI: Runs, filter by tag "
+        f"{orch.INVOCATION_TAG}={invocation})"
+    )
     log_path = Path(settings.dagster_home) / "logs" / f"materialize-{invocation}.log"
     from tqdm import tqdm
 
-    bar = tqdm(total=len(plan.units), unit="run", desc="materialize", file=sys.stderr,
-               disable=not sys.stderr.isatty() or args.verbose)
+    bar = tqdm(
+        total=len(plan.units),
+        unit="run",
+        desc="materialize",
+        file=sys.stderr,
+        disable=not sys.stderr.isatty() or args.verbose,
+    )
 
     def on_start(unit):
         if args.verbose:
@@ -133,8 +144,14 @@ def _materialize_locked(args, settings, defs, orch, parts_partitions, register_p
 
     try:
         progress = orch.run_units(
-            plan, workers=workers, gpu_slots=gpu_slots, gpu_devices=gpus > 0, tags=tags,
-            log_level="ERROR" if args.verbose else "CRITICAL", on_start=on_start, on_done=on_done,
+            plan,
+            workers=workers,
+            gpu_slots=gpu_slots,
+            gpu_devices=gpus > 0,
+            tags=tags,
+            log_level="ERROR" if args.verbose else "CRITICAL",
+            on_start=on_start,
+            on_done=on_done,
         )
     except KeyboardInterrupt:
         bar.close()
@@ -149,17 +166,22 @@ def _materialize_locked(args, settings, defs, orch, parts_partitions, register_p
             for line in outcome.failures or ["failed"]:
                 step = outcome.unit.asset_keys[0].to_python_identifier() + ": "
                 if len(outcome.unit.asset_keys) == 1 and line.startswith(step):
-                    line = line[len(step):]
-                print(f"failed: {outcome.unit.label}: {line}" + (f" (run {outcome.run_id})" if outcome.run_id else ""),
-                      file=sys.stderr)
+                    line = line[len(step) :]
+                print(
+                    f"failed: {outcome.unit.label}: {line}" + (f" (run {outcome.run_id})" if outcome.run_id else ""),
+                    file=sys.stderr,
+                )
         if progress.not_run:
             names = ", ".join(u.label for u in progress.not_run[:10])
             more = f" and {len(progress.not_run) - 10} more" if len(progress.not_run) > 10 else ""
             print(f"not run (upstream failed): {names}{more}", file=sys.stderr)
         done = len(progress.outcomes) - len(failed)
-        print(f"error: {len(failed)} of {len(plan.units)} runs failed, {done} succeeded in {elapsed:.0f} s; "
-              + (f"full errors in {log_path}; " if log_path.exists() else "")
-              + "every run is in the UI (make ui)", file=sys.stderr)
+        print(
+            f"error: {len(failed)} of {len(plan.units)} runs failed, {done} succeeded in {elapsed:.0f} s; "
+            + (f"full errors in {log_path}; " if log_path.exists() else "")
+            + "every run is in the UI (make ui)",
+            file=sys.stderr,
+        )
         return 1
     print(f"materialized {len(plan.units)} asset runs in {elapsed:.0f} s ({min(workers, len(plan.units))} at a time)")
     print(f"artifacts under {settings.home}; Dagster instance in {settings.dagster_home} (make ui to browse)")
@@ -254,10 +276,9 @@ def _predict(args: argparse.Namespace) -> int:
     import io
     import json
     import uuid
+    from pathlib import Path
 
     from tqdm import tqdm
-
-    from pathlib import Path
 
     from pipeline.predictor import NotTrainedError, PromptPredictor, duplicate_stems, scan_inputs
     from resources.settings import SettingsError, load_settings
@@ -280,13 +301,18 @@ def _predict(args: argparse.Namespace) -> int:
         shared = duplicate_stems(files)
         if shared:  # image ids are file stems: two files with one stem would write one id twice
             listed = "; ".join(f"{stem}: {', '.join(map(str, group))}" for stem, group in shared.items())
-            print(f"error: --format kaggle takes image ids from file names, and these repeat: {listed}", file=sys.stderr)
+            print(
+                f"error: --format kaggle takes image ids from file names, and these repeat: {listed}", file=sys.stderr
+            )
             return 2
     # a submission holds embeddings only
     generate = (args.generate or args.captioner is not None) and args.format != "kaggle"
     try:
         predictor = PromptPredictor(
-            settings.home, model=args.model, device=args.device, batch_size=args.batch_size,
+            settings.home,
+            model=args.model,
+            device=args.device,
+            batch_size=args.batch_size,
             captioner=(args.captioner or "auto") if generate else None,
         )
     except (NotTrainedError, ValueError, OSError) as exc:  # CheckpointError is a ValueError
@@ -307,9 +333,7 @@ def _predict(args: argparse.Namespace) -> int:
         written = 0
         records = []
         # the bar only on a terminal; what goes to the same terminal is written around it, never through it
-        bar = tqdm(
-            total=len(files), unit="image", file=sys.stderr, disable=args.quiet or not sys.stderr.isatty()
-        )
+        bar = tqdm(total=len(files), unit="image", file=sys.stderr, disable=args.quiet or not sys.stderr.isatty())
 
         def emit(text: str) -> None:
             if not bar.disable and out is sys.stdout and sys.stdout.isatty():
@@ -370,8 +394,10 @@ def _predict(args: argparse.Namespace) -> int:
             tmp.unlink(missing_ok=True)
         print(f"wrote {written} predictions to {args.output}", file=sys.stderr)
     if skipped:
-        print(f"{skipped} of {total} files skipped (not a regular file, too large, unreadable or not an image)",
-              file=sys.stderr)
+        print(
+            f"{skipped} of {total} files skipped (not a regular file, too large, unreadable or not an image)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -451,16 +477,30 @@ def build_parser() -> argparse.ArgumentParser:
         "  reverse-sd materialize --stale --dry-run        print the plan; write nothing",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    mat.add_argument("--select", default=None,
-                     help="asset selection, as 'dagster asset materialize --select' takes it (default: everything)")
-    mat.add_argument("--stale", action="store_true",
-                     help="only what is missing or stale: new parts, changed code or settings, missing artifacts")
-    mat.add_argument("--dry-run", action="store_true",
-                     help="print the runs that would run, and write nothing to the instance")
-    mat.add_argument("--workers", type=_positive_int, default=None,
-                     help="runs at once (default: the cores available); the gpu pool admits one run per GPU")
-    mat.add_argument("--wait", action="store_true",
-                     help="when another materialize holds the storage root, wait for it instead of exiting")
+    mat.add_argument(
+        "--select",
+        default=None,
+        help="asset selection, as 'dagster asset materialize --select' takes it (default: everything)",
+    )
+    mat.add_argument(
+        "--stale",
+        action="store_true",
+        help="only what is missing or stale: new parts, changed code or settings, missing artifacts",
+    )
+    mat.add_argument(
+        "--dry-run", action="store_true", help="print the runs that would run, and write nothing to the instance"
+    )
+    mat.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        help="runs at once (default: the cores available); the gpu pool admits one run per GPU",
+    )
+    mat.add_argument(
+        "--wait",
+        action="store_true",
+        help="when another materialize holds the storage root, wait for it instead of exiting",
+    )
     mat.add_argument("--verbose", action="store_true", help="print each run and full error traces")
     mat.set_defaults(func=_materialize)
     pred = sub.add_parser(
@@ -475,19 +515,25 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or globs")
     pred.add_argument("--top-k", type=_positive_int, default=5, metavar="K", help="nearest bank prompts per image")
     pred.add_argument(
-        "--words", type=_non_negative_int, default=8, metavar="N",
+        "--words",
+        type=_non_negative_int,
+        default=8,
+        metavar="N",
         help="most probable vocabulary words per image, from the models' vocabulary head (0: none)",
     )
     pred.add_argument(
         "--format", choices=["jsonl", "json", "table", "kaggle"], default="jsonl", help="output format (see below)"
     )
     pred.add_argument(
-        "--output", default=None, metavar="FILE",
+        "--output",
+        default=None,
+        metavar="FILE",
         help="write the output to FILE (atomically: complete or not at all) instead of standard output",
     )
     pred.add_argument("--embeddings", action="store_true", help="include the 384-d embedding in jsonl / json")
     pred.add_argument(
-        "--model", default="auto",
+        "--model",
+        default="auto",
         help="auto (the ensemble when trained, + DAKL when fitted), ensemble, or one backbone: vit, swin, clip, unet",
     )
     pred.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the models run")
@@ -499,7 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--generate", action="store_true", help="also give a prompt written by the trained captioner (not with kaggle)"
     )
     pred.add_argument(
-        "--captioner", default=None,
+        "--captioner",
+        default=None,
         help="which trained captioner --generate uses: auto (the first trained: blip, then blip2) or a name; "
         "implies --generate",
     )

@@ -26,6 +26,7 @@ def transient_retry(hub: bool = False) -> dg.RetryPolicy | None:
         return dg.RetryPolicy(max_retries=3, delay=10, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
     return None
 
+
 # Bump an entry when the code of that stage changes what it computes.
 CODE_REVISIONS = {
     "diffusiondb_parts": 1,
@@ -115,4 +116,7 @@ def metadata_table(records: list[dict], columns: list[tuple[str, str]], digits: 
 
 def rounded_metadata(metadata: dict, digits: int = DIGITS) -> dict:
     """The same metadata with every plain float (and numpy scalar) rounded to ``digits`` decimals."""
-    return {k: _plain(v, digits) if isinstance(v, float) or getattr(v, "ndim", None) == 0 else v for k, v in metadata.items()}
+    return {
+        k: _plain(v, digits) if isinstance(v, float) or getattr(v, "ndim", None) == 0 else v
+        for k, v in metadata.items()
+    }

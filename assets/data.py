@@ -5,14 +5,13 @@ Tables are written by the assets themselves (not an IO manager) so that downstre
 just the columns they need: filtered_pairs never loads image bytes.
 """
 
-
 import time
 
 import dagster as dg
 import numpy as np
 import polars as pl
 
-from assets.common import PROFILE_CONFIG, code_version, transient_retry, markdown_table, table_metadata
+from assets.common import PROFILE_CONFIG, code_version, markdown_table, table_metadata, transient_retry
 from pipeline.constants import EMBED_DIM
 from pipeline.data import filtering
 from pipeline.data import vocabulary as vocab
@@ -101,9 +100,7 @@ def materialized_parts(context: dg.AssetExecutionContext, storage: StorageResour
     deps=[diffusiondb_parts],
     group_name=DATA_GROUP,
     kinds={"polars", "parquet"},
-    code_version=code_version(
-        "filtered_pairs", ratios=PROFILE_CONFIG.split_ratios, seed=PROFILE_CONFIG.split_seed
-    ),
+    code_version=code_version("filtered_pairs", ratios=PROFILE_CONFIG.split_ratios, seed=PROFILE_CONFIG.split_seed),
     description="The paper's prompt filter over all parts, and a deterministic train/val/test split.",
 )
 def filtered_pairs(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:

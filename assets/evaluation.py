@@ -3,7 +3,6 @@
 Thin wiring: each asset reads its inputs, calls one function of pipeline.ensemble or pipeline.evaluation,
 writes the result and attaches metadata."""
 
-
 import json
 import time
 
@@ -65,7 +64,9 @@ def _models_on(storage: StorageResource, rows: pl.DataFrame) -> dict[tuple[str, 
                 preds = _predictions(storage, backbone, recipe).select("image_id", "embedding")
                 aligned = rows.select("image_id").join(preds, on="image_id", how="left")
                 if aligned["embedding"].null_count():
-                    raise dg.Failure(f"model_predictions[{backbone}|{recipe}] does not cover every pair: re-materialize it")
+                    raise dg.Failure(
+                        f"model_predictions[{backbone}|{recipe}] does not cover every pair: re-materialize it"
+                    )
                 out[(backbone, recipe)] = _matrix(aligned, "embedding")
     return out
 
@@ -94,7 +95,8 @@ def ensemble_predictions(context: dg.AssetExecutionContext, storage: StorageReso
     target = storage.write_table(table, "ensemble_predictions")
     # What `reverse-sd predict` loads: each backbone's best recipe, combined by the median.
     store.write_text(
-        json.dumps({"members": result.best_recipe, "method": "median"}, indent=2), storage.path("models", "ensemble.json")
+        json.dumps({"members": result.best_recipe, "method": "median"}, indent=2),
+        storage.path("models", "ensemble.json"),
     )
     return dg.MaterializeResult(
         metadata={
@@ -116,7 +118,8 @@ def ensemble_predictions(context: dg.AssetExecutionContext, storage: StorageReso
     "embedding of the training sample whose prediction is nearest.",
 )
 def kmeans_centroids(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-    from pipeline.ensemble.clustering import inertia, kmeans_centroids as fit_kmeans, label_centroids
+    from pipeline.ensemble.clustering import inertia, label_centroids
+    from pipeline.ensemble.clustering import kmeans_centroids as fit_kmeans
 
     column = DAKL_INPUT
     ensemble = storage.read_table("ensemble_predictions").filter(pl.col("split") == "train").sort("image_id")
@@ -173,14 +176,18 @@ def dakl_predictions(context: dg.AssetExecutionContext, storage: StorageResource
         DAKL_GAMMAS,
         DAKL_ALPHAS,
     )
-    context.log.info(f"DAKL sweep best on val: gamma={result.gamma}, alpha={result.alpha}, val cosine={result.val_cosine:.4f}")
+    context.log.info(
+        f"DAKL sweep best on val: gamma={result.gamma}, alpha={result.alpha}, val cosine={result.val_cosine:.4f}"
+    )
     table = pl.concat(
         frame.select("image_id", "split").with_columns(embedding_series("embedding", result.predictions[s]))
         for s, frame in frames.items()
     )
     target = storage.write_table(table, "dakl_predictions")
     store.write_text(
-        json.dumps({"gamma": result.gamma, "alpha": result.alpha, "ensemble": DAKL_INPUT, "sweep": result.sweep}, indent=2),
+        json.dumps(
+            {"gamma": result.gamma, "alpha": result.alpha, "ensemble": DAKL_INPUT, "sweep": result.sweep}, indent=2
+        ),
         storage.path("models", "dakl.json"),
     )
     return dg.MaterializeResult(
@@ -214,8 +221,8 @@ def _knn_baseline(storage: StorageResource, compute: ComputeResource) -> tuple[f
     The features come from the clip backbone's frozen tower as stored in its checkpoint (the same for every
     recipe): the pretrained ViT-H/14 on DiffusionDB, the tiny random-init twin on the sample profile.
     """
-    from pipeline.training.checkpoint import latest_checkpoint, load_model_weights
     from pipeline.models import create_model
+    from pipeline.training.checkpoint import latest_checkpoint, load_model_weights
     from pipeline.training.datasets import PairDataset
     from pipeline.training.loop import backbone_features
 
@@ -335,8 +342,10 @@ def _report_metadata(report: Report, figures: dict[str, tuple[str, bytes]], repo
         "notes": dg.MetadataValue.md("\n".join(f"- {note}" for note in report.notes)),
         **rounded_metadata({f"test_cosine/{k}": v for k, v in report.cosine.items()}),
         **{f"pairs_{split}": int(n) for split, n in report.counts.items()},
-        **{name: dg.MetadataValue.path(f"{reports}/evaluation.{suffix}") for name, suffix in
-           (("html", "html"), ("markdown", "md"), ("json", "json"))},
+        **{
+            name: dg.MetadataValue.path(f"{reports}/evaluation.{suffix}")
+            for name, suffix in (("html", "html"), ("markdown", "md"), ("json", "json"))
+        },
     }
 
 

@@ -7,7 +7,6 @@ twins of every model (captioner, CLIP scorer, Stable Diffusion); its CLIP-based 
 and measure nothing, which the metadata says.
 """
 
-
 import contextlib
 import json
 import time
@@ -249,7 +248,11 @@ def _predict_captions(
     device = str(resolve_device(compute.device))
     captioner = load_captioner(directory, device)
     generated = generate_prompts(
-        captioner, test.images, CAPTION.batch_size, CAPTION.num_beams, device=device,
+        captioner,
+        test.images,
+        CAPTION.batch_size,
+        CAPTION.num_beams,
+        device=device,
         no_repeat_ngram_size=CAPTION.no_repeat_ngram_size,
     )
     scorer = load_clip_scorer(_variant(compute), CAPTION.clip_model, device, seed=CAPTION.seed)
@@ -335,7 +338,6 @@ def _swap_report(
     context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
     from pipeline.captioning.captioner import load_clip_scorer
-    from pipeline.training.loop import resolve_device
     from pipeline.evaluation.unet_swap import (
         DEFAULT_PROMPTS,
         SD_HUB_ID,
@@ -346,6 +348,7 @@ def _swap_report(
         swap_grid,
         tiny_sd_pipeline,
     )
+    from pipeline.training.loop import resolve_device
 
     started = time.perf_counter()
     recipe, checkpoint = _unet_checkpoint(storage)
@@ -357,7 +360,10 @@ def _swap_report(
         pipe, pipeline_name = tiny_sd_pipeline(training_spec("unet").seed).to(device), "tiny Stable Diffusion twin"
     prompts = list(DEFAULT_PROMPTS[: CAPTION.swap_prompts])
     settings = dict(
-        seed=CAPTION.seed, steps=CAPTION.swap_steps, height=CAPTION.swap_size, width=CAPTION.swap_size,
+        seed=CAPTION.seed,
+        steps=CAPTION.swap_steps,
+        height=CAPTION.swap_size,
+        width=CAPTION.swap_size,
         guidance_scale=CAPTION.swap_guidance,
     )
     plain = generate_images(pipe, prompts, None, **settings)

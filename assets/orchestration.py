@@ -57,7 +57,9 @@ def stage_jobs(assets_defs: Sequence[dg.AssetsDefinition]) -> list[dg.Unresolved
         partitions_def = assets_def.partitions_def
         existing = next((n for n, (p, _) in groups.items() if p == partitions_def), None)
         name = existing or (
-            "materialize_unpartitioned" if partitions_def is None else f"materialize_{assets_def.key.to_python_identifier()}"
+            "materialize_unpartitioned"
+            if partitions_def is None
+            else f"materialize_{assets_def.key.to_python_identifier()}"
         )
         groups.setdefault(name, (partitions_def, []))[1].extend(assets_def.keys)
     return [
@@ -158,16 +160,20 @@ def plan_units(
     writing them to the instance: a dry run plans the parts the source lists but the instance lacks.
     """
     asset_graph = defs.resolve_asset_graph()
-    extra = {name: [k for k in keys if not instance.has_dynamic_partition(name, k)]
-             for name, keys in (extra_partitions or {}).items()}
+    extra = {
+        name: [k for k in keys if not instance.has_dynamic_partition(name, k)]
+        for name, keys in (extra_partitions or {}).items()
+    }
     jobs = {key: job for job in defs.jobs if job.name.startswith("materialize_") for key in _job_keys(job, asset_graph)}
     units: list[Unit] = []
     index: dict[tuple[dg.AssetKey, str | None], int] = {}
     with dg.partition_loading_context(dynamic_partitions_store=instance):
         for stage in _stages(asset_graph, resolve_selection(asset_graph, selection)):
             keys = (
-                [*stage.partitions_def.get_partition_keys(dynamic_partitions_store=instance),
-                 *extra.get(_dynamic_name(stage.partitions_def), [])]
+                [
+                    *stage.partitions_def.get_partition_keys(dynamic_partitions_store=instance),
+                    *extra.get(_dynamic_name(stage.partitions_def), []),
+                ]
                 if stage.partitions_def
                 else [None]
             )
@@ -484,8 +490,9 @@ def execute_unit(unit: Unit, device_index: int | None, tags: dict[str, str]) -> 
             tags=run_tags,
         )
     except Exception as exc:  # a run that could not even start (e.g. an unknown partition)
-        return Outcome(unit, None, False, [f"{type(exc).__name__}: {exc}"], traceback.format_exc(),
-                       time.perf_counter() - started)
+        return Outcome(
+            unit, None, False, [f"{type(exc).__name__}: {exc}"], traceback.format_exc(), time.perf_counter() - started
+        )
     lines = failure_lines(result) if not result.success else []
     detail = ""
     if not result.success:

@@ -101,7 +101,9 @@ def bar_plot_png(
     for i, value in enumerate(numbers):
         ax.text(value, i, f" {value:.4f}", va="center", fontsize=8)
     if reference is not None and np.isfinite(reference):
-        ax.axvline(reference, color="#c62828", linestyle="--", linewidth=1.2, label=f"{reference_label} ({reference:.4f})")
+        ax.axvline(
+            reference, color="#c62828", linestyle="--", linewidth=1.2, label=f"{reference_label} ({reference:.4f})"
+        )
         ax.legend(fontsize=8, loc="lower right")
     ax.set_title(title, fontsize=11)
     ax.set_xlabel(xlabel + " (axis zoomed, not from 0)", fontsize=9)
@@ -114,10 +116,15 @@ def grouped_bars_png(groups: dict[str, dict[str, float]], title: str, ylabel: st
     """One cluster of bars per group (e.g. backbone), one bar per key (e.g. difficulty bucket)."""
     fig, ax = plt.subplots(figsize=(6, 3))
     names = list(groups)
-    keys = sorted({k for g in groups.values() for k in g}, key=lambda k: ["easy", "medium", "hard"].index(k) if k in ("easy", "medium", "hard") else 9)
+    keys = sorted(
+        {k for g in groups.values() for k in g},
+        key=lambda k: ["easy", "medium", "hard"].index(k) if k in ("easy", "medium", "hard") else 9,
+    )
     width = 0.8 / max(1, len(keys))
     for j, key in enumerate(keys):
-        ax.bar([i + j * width for i in range(len(names))], [groups[n].get(key, np.nan) for n in names], width, label=key)
+        ax.bar(
+            [i + j * width for i in range(len(names))], [groups[n].get(key, np.nan) for n in names], width, label=key
+        )
     ax.set_xticks([i + width * (len(keys) - 1) / 2 for i in range(len(names))], names)
     ax.set_title(title)
     ax.set_ylabel(ylabel)
@@ -144,7 +151,12 @@ def gallery_png(images: list[bytes], captions: list[str], wrap: int = 60) -> byt
         for n, line in enumerate(lines):
             wrapped = textwrap.fill(line, wrap, subsequent_indent="    ")
             text_ax.text(
-                0, y, wrapped, transform=text_ax.transAxes, va="top", fontsize=10.5,
+                0,
+                y,
+                wrapped,
+                transform=text_ax.transAxes,
+                va="top",
+                fontsize=10.5,
                 fontweight="bold" if n == 0 else "normal",
             )
             y -= 0.085 * (wrapped.count("\n") + 1) + 0.03  # a 10.5 pt line is ~0.085 of a 2.6 in row

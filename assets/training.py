@@ -1,7 +1,6 @@
 """Training stages: preliminary-epoch difficulty per backbone, then baseline / mlc / mlc_cl models per
 backbone x recipe, and their predicted embeddings.  Training runs in the "gpu" concurrency pool."""
 
-
 import os
 import time
 
@@ -12,6 +11,8 @@ import polars as pl
 from assets.common import OBSERVE_CRON, PROFILE_CONFIG, code_version, markdown_table, metadata_table, table_metadata
 from assets.data import filtered_pairs, prompt_embeddings, vocabulary, vocabulary_labels
 from assets.plots import histogram_png, line_plot_png, md_image
+from pipeline.constants import BACKBONE_NAMES
+from pipeline.constants import RECIPES as RECIPE_NAMES
 from pipeline.evaluation.report import mean_cosine
 from pipeline.training.pairs import (
     SplitData,
@@ -21,7 +22,6 @@ from pipeline.training.pairs import (
     mean_embedding_baseline,
     split_rows,
 )
-from pipeline.constants import BACKBONE_NAMES, RECIPES as RECIPE_NAMES
 from resources import ComputeResource, StorageResource
 from resources.settings import PROJECT_DIR
 
@@ -146,7 +146,11 @@ def difficulty_scores(
     started = time.perf_counter()
     run_metrics: dict = {}
     history = preliminary_cosines(
-        model, _make_dataset(train, model), config, epochs=preliminary_epochs, metrics=run_metrics,
+        model,
+        _make_dataset(train, model),
+        config,
+        epochs=preliminary_epochs,
+        metrics=run_metrics,
         cache_dir=storage.local_dir("feature_cache"),
     )
     difficulty = difficulty_from_history(history)
@@ -223,7 +227,15 @@ def trained_models(
             backbone=backbone, variant=compute.backbone_variant, vocab_size=vocab_size, pretrained=compute.pretrained
         )
         result = _train_with_torchrun(
-            context, pipes, compute, model_kwargs, train, val, config, checkpoint_dir, stages,
+            context,
+            pipes,
+            compute,
+            model_kwargs,
+            train,
+            val,
+            config,
+            checkpoint_dir,
+            stages,
             cache_dir=storage.local_dir("feature_cache"),
         )
     else:
@@ -258,7 +270,9 @@ def trained_models(
     )
 
 
-def _train_with_torchrun(context, pipes, compute, model_kwargs, train, val, config, checkpoint_dir, stages, cache_dir=None):
+def _train_with_torchrun(
+    context, pipes, compute, model_kwargs, train, val, config, checkpoint_dir, stages, cache_dir=None
+):
     """DistributedDataParallel over compute.nproc_per_node processes: torchrun launched through Dagster
     Pipes (its output streams into the run's logs), pipeline.training.ddp in each process, the same
     checkpoints and resume as in-process training."""
@@ -302,8 +316,8 @@ def _train_with_torchrun(context, pipes, compute, model_kwargs, train, val, conf
 def model_predictions(
     context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
-    from pipeline.training.checkpoint import latest_checkpoint, load_model_weights
     from pipeline.models import create_model
+    from pipeline.training.checkpoint import latest_checkpoint, load_model_weights
     from pipeline.training.loop import predict_embeddings
 
     backbone, recipe = _split_key(context)
@@ -318,11 +332,18 @@ def model_predictions(
     for name, split in splits.items():
         run_metrics: dict = {}
         predictions = predict_embeddings(
-            model, _make_dataset(split, model), TRAIN.batch_size, compute.device, num_workers=compute.num_workers,
-            cache_dir=storage.local_dir("feature_cache"), metrics=run_metrics,
+            model,
+            _make_dataset(split, model),
+            TRAIN.batch_size,
+            compute.device,
+            num_workers=compute.num_workers,
+            cache_dir=storage.local_dir("feature_cache"),
+            metrics=run_metrics,
         )
         cache = run_metrics.get("feature_cache") or {}
-        metadata[f"{name}_feature_cache"] = "built" if cache.get("built") else ("reused" if cache.get("used") else "none")
+        metadata[f"{name}_feature_cache"] = (
+            "built" if cache.get("built") else ("reused" if cache.get("used") else "none")
+        )
         metadata[f"{name}_cosine"] = mean_cosine(predictions, split.targets) if len(split) else float("nan")
         frames.append(
             pl.DataFrame({"image_id": split.image_ids, "split": [name] * len(split)}).with_columns(

@@ -173,7 +173,10 @@ def corpus() -> list[Case]:
     return [
         # whole archives that cannot be read
         Case("truncated archive", whole(write(lambda part: good_zip_bytes(part)[:-40]), held=1)),
-        Case("archive cut in half", whole(write(lambda part: good_zip_bytes(part)[: len(good_zip_bytes(part)) // 2]), held=1)),
+        Case(
+            "archive cut in half",
+            whole(write(lambda part: good_zip_bytes(part)[: len(good_zip_bytes(part)) // 2]), held=1),
+        ),
         Case("random bytes", whole(write(lambda part: np.random.default_rng(0).bytes(20_000)))),
         Case("zero-byte archive", whole(write(lambda part: b""))),
         Case("zip magic then garbage", whole(write(lambda part: b"PK\x03\x04" + np.random.default_rng(1).bytes(5000)))),
@@ -183,14 +186,20 @@ def corpus() -> list[Case]:
         Case("JSON not JSON", whole(json_case(lambda part: b"{this is not json"))),
         Case("JSON is a list", whole(json_case(lambda part: b"[1, 2, 3]"))),
         Case("JSON UTF-16", whole(json_case(lambda part: '{"good-0.png": {"p": "x"}}'.encode("utf-16")))),
-        Case("JSON nested 100000 deep", whole(json_case(lambda part: b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"))),
+        Case(
+            "JSON nested 100000 deep", whole(json_case(lambda part: b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"))
+        ),
         # members that leave their folder or are links
-        Case("member ../ climbs out", standard(lambda b: [(f"../../{escape}", png(5))], {f"../../{escape}": entry("x")})),
+        Case(
+            "member ../ climbs out", standard(lambda b: [(f"../../{escape}", png(5))], {f"../../{escape}": entry("x")})
+        ),
         Case("member sub/../../ climbs out", standard([("sub/../../x.png", png(6))], {"sub/../../x.png": entry("x")})),
         Case("member backslash climbs out", standard([("..\\..\\x.png", png(7))], {"..\\..\\x.png": entry("x")})),
         Case(
             "member absolute path",
-            standard(lambda b: [(str(b / "outside" / escape), png(8))], lambda b: {str(b / "outside" / escape): entry("x")}),
+            standard(
+                lambda b: [(str(b / "outside" / escape), png(8))], lambda b: {str(b / "outside" / escape): entry("x")}
+            ),
         ),
         Case("member drive path", standard([("C:/x.png", png(9))], {"C:/x.png": entry("x")})),
         Case("member symlink", standard([(symlink("link.png"), b"/etc/passwd")], {"link.png": entry("x")})),
@@ -207,10 +216,15 @@ def corpus() -> list[Case]:
         Case("JSON: a Latin-1 byte in one prompt", raw_json(b'"l1.png": {"p": "caf\xe9"}', ["l1.png"])),
         Case("JSON: a key that is not UTF-8", raw_json(b'"\xff.png": {"p": "x"}', [])),
         Case("JSON: an escaped lone surrogate", raw_json(b'"s.png": {"p": "\\ud800"}', ["s.png"])),
-        Case("JSON: a 5000-digit seed", raw_json(b'"n.png": {"p": "fine", "se": ' + b"9" * 5000 + b"}", ["n.png"], {"n.png": "fine"})),
+        Case(
+            "JSON: a 5000-digit seed",
+            raw_json(b'"n.png": {"p": "fine", "se": ' + b"9" * 5000 + b"}", ["n.png"], {"n.png": "fine"}),
+        ),
         Case(
             "JSON: raw control characters in a prompt",
-            raw_json(b'"c.png": {"p": "tab\there\nline \x07\x1b[31m"}', ["c.png"], {"c.png": "tab\there\nline \x07\x1b[31m"}),
+            raw_json(
+                b'"c.png": {"p": "tab\there\nline \x07\x1b[31m"}', ["c.png"], {"c.png": "tab\there\nline \x07\x1b[31m"}
+            ),
         ),
         Case(
             "prompts with control characters",
@@ -222,7 +236,9 @@ def corpus() -> list[Case]:
         ),
         # images
         Case("zero-byte image", standard([("zero.png", b"")], {"zero.png": entry("x")})),
-        Case("random-byte image", standard([("rand.png", np.random.default_rng(3).bytes(500))], {"rand.png": entry("x")})),
+        Case(
+            "random-byte image", standard([("rand.png", np.random.default_rng(3).bytes(500))], {"rand.png": entry("x")})
+        ),
         Case("truncated image", standard([("trunc.png", png(15, (200, 200))[:300])], {"trunc.png": entry("x")})),
         Case("bad CRC member", corrupt_crc),
         Case("PNG bomb 100000x100000", standard([("bomb.png", bomb_png(100_000, 100_000))], {"bomb.png": entry("x")})),

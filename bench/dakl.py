@@ -87,13 +87,34 @@ def child(args) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     if args.out:
         np.save(args.out, pred)
-    print(json.dumps({"fit_s": t_fit, "predict_s": t_pred, "total_s": t_fit + t_pred,
-                      "peak_rss_gb": peak / 2**20, "data_rss_gb": rss0 / 2**20}))
+    print(
+        json.dumps(
+            {
+                "fit_s": t_fit,
+                "predict_s": t_pred,
+                "total_s": t_fit + t_pred,
+                "peak_rss_gb": peak / 2**20,
+                "data_rss_gb": rss0 / 2**20,
+            }
+        )
+    )
 
 
 def run_child(kind: str, n: int, m: int, args, out: str | None) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, "--n", str(n), "--m", str(m),
-           "--gamma", str(args.gamma), "--alpha", str(args.alpha)] + (["--out", out] if out else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--n",
+        str(n),
+        "--m",
+        str(m),
+        "--gamma",
+        str(args.gamma),
+        "--alpha",
+        str(args.alpha),
+    ] + (["--out", out] if out else [])
     res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
     if res.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{res.stderr}")
@@ -114,8 +135,11 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=1.0)
     ap.add_argument("--skip-paper", action="store_true")
     ap.add_argument("--skip-compare", action="store_true")
-    ap.add_argument("--check-paper", action="store_true",
-                    help="also run the paper scale with float64 features and compare (about 2x the time)")
+    ap.add_argument(
+        "--check-paper",
+        action="store_true",
+        help="also run the paper scale with float64 features and compare (about 2x the time)",
+    )
     ap.add_argument("--child", choices=["dense", "dakl", "dakl64"])
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -134,26 +158,34 @@ def main() -> None:
         for name, key in (("dense textbook (float64, (n+m)^2)", "dense"), ("DAKLRegressor fit+predict", "dakl")):
             r = res[key]
             extra = f"   (fit {r['fit_s']:.2f} + predict {r['predict_s']:.2f})" if key == "dakl" else ""
-            print(f"{name:34s} {r['total_s']:8.2f} {r['peak_rss_gb']:12.2f} {r['peak_rss_gb'] - r['data_rss_gb']:14.2f}{extra}")
-        print(f"speed-up {res['dense']['total_s'] / res['dakl']['total_s']:.1f}x (goal >= 5x); "
-              f"peak memory {res['dense']['peak_rss_gb'] / res['dakl']['peak_rss_gb']:.1f}x less; "
-              f"min row cosine vs dense {cos:.12f} (1 - cos = {1 - cos:.1e}; must be >= 0.9999) "
-              f"{'OK' if ok else 'FAIL'}")
+            print(
+                f"{name:34s} {r['total_s']:8.2f} {r['peak_rss_gb']:12.2f} {r['peak_rss_gb'] - r['data_rss_gb']:14.2f}{extra}"
+            )
+        print(
+            f"speed-up {res['dense']['total_s'] / res['dakl']['total_s']:.1f}x (goal >= 5x); "
+            f"peak memory {res['dense']['peak_rss_gb'] / res['dakl']['peak_rss_gb']:.1f}x less; "
+            f"min row cosine vs dense {cos:.12f} (1 - cos = {1 - cos:.1e}; must be >= 0.9999) "
+            f"{'OK' if ok else 'FAIL'}"
+        )
         print(f"(data alone: {res['dakl']['data_rss_gb']:.2f} GB RSS)")
     if not args.skip_paper:
         tmp = tempfile.TemporaryDirectory()
         r = run_child("dakl", args.paper_n, args.paper_m, args, f"{tmp.name}/dakl.npy")
         print(f"\n== paper scale: n={args.paper_n:,} centroids + m={args.paper_m:,} targets, d=p=384")
-        print(f"DAKLRegressor fit {r['fit_s']:.1f} s + predict {r['predict_s']:.1f} s = {r['total_s']:.1f} s; "
-              f"peak RSS {r['peak_rss_gb']:.2f} GB (data alone {r['data_rss_gb']:.2f} GB; goal < 8 GB)")
+        print(
+            f"DAKLRegressor fit {r['fit_s']:.1f} s + predict {r['predict_s']:.1f} s = {r['total_s']:.1f} s; "
+            f"peak RSS {r['peak_rss_gb']:.2f} GB (data alone {r['data_rss_gb']:.2f} GB; goal < 8 GB)"
+        )
         dense_gb = 3 * (args.paper_n + args.paper_m) ** 2 * 8 / 1e9
         print(f"(the dense textbook would hold ~{dense_gb:.0f} GB: kernel, phi and Gram, (n+m)^2 float64 each)")
         if args.check_paper:
             r64 = run_child("dakl64", args.paper_n, args.paper_m, args, f"{tmp.name}/dakl64.npy")
             cos = row_cosine(np.load(f"{tmp.name}/dakl.npy"), np.load(f"{tmp.name}/dakl64.npy")).min()
             ok = ok and cos >= 0.9999
-            print(f"float64 features: {r64['total_s']:.1f} s, peak RSS {r64['peak_rss_gb']:.2f} GB; min row cosine "
-                  f"float32 vs float64 {cos:.12f} (1 - cos = {1 - cos:.1e}) {'OK' if cos >= 0.9999 else 'FAIL'}")
+            print(
+                f"float64 features: {r64['total_s']:.1f} s, peak RSS {r64['peak_rss_gb']:.2f} GB; min row cosine "
+                f"float32 vs float64 {cos:.12f} (1 - cos = {1 - cos:.1e}) {'OK' if cos >= 0.9999 else 'FAIL'}"
+            )
         tmp.cleanup()
     if not ok:
         raise SystemExit(1)

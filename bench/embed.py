@@ -31,23 +31,79 @@ import torch  # noqa: E402
 from pipeline.data.embedding import PromptEncoder, embed_incremental, resolve_model_location  # noqa: E402
 
 SUBJECTS = [
-    "a portrait of a cyberpunk samurai", "a cat wearing a wizard hat", "an ancient castle on a cliff",
-    "a futuristic city at night", "a bowl of ramen", "a dragon flying over mountains", "a lonely astronaut on mars",
-    "a cozy cabin in the woods", "a steampunk airship", "a beautiful elf princess", "a robot painting a canvas",
-    "an underwater temple", "a fox in a snowy forest", "a surreal melting clock", "a knight in shining armor",
-    "portrait of an old fisherman", "a giant mushroom house", "a neon tiger", "an abandoned subway station",
+    "a portrait of a cyberpunk samurai",
+    "a cat wearing a wizard hat",
+    "an ancient castle on a cliff",
+    "a futuristic city at night",
+    "a bowl of ramen",
+    "a dragon flying over mountains",
+    "a lonely astronaut on mars",
+    "a cozy cabin in the woods",
+    "a steampunk airship",
+    "a beautiful elf princess",
+    "a robot painting a canvas",
+    "an underwater temple",
+    "a fox in a snowy forest",
+    "a surreal melting clock",
+    "a knight in shining armor",
+    "portrait of an old fisherman",
+    "a giant mushroom house",
+    "a neon tiger",
+    "an abandoned subway station",
 ]
 MODIFIERS = [
-    "highly detailed", "digital painting", "artstation", "concept art", "smooth", "sharp focus", "illustration",
-    "8k", "4k", "unreal engine", "octane render", "cinematic lighting", "volumetric light", "intricate",
-    "elegant", "matte painting", "trending on artstation", "hyperrealistic", "photorealistic",
-    "dramatic lighting", "golden hour", "bokeh", "vivid colors", "pastel colors", "dark fantasy",
-    "oil on canvas", "studio ghibli style", "vaporwave", "synthwave", "low poly", "isometric",
-    "35mm photograph", "film grain", "masterpiece", "award winning", "ultra wide angle",
+    "highly detailed",
+    "digital painting",
+    "artstation",
+    "concept art",
+    "smooth",
+    "sharp focus",
+    "illustration",
+    "8k",
+    "4k",
+    "unreal engine",
+    "octane render",
+    "cinematic lighting",
+    "volumetric light",
+    "intricate",
+    "elegant",
+    "matte painting",
+    "trending on artstation",
+    "hyperrealistic",
+    "photorealistic",
+    "dramatic lighting",
+    "golden hour",
+    "bokeh",
+    "vivid colors",
+    "pastel colors",
+    "dark fantasy",
+    "oil on canvas",
+    "studio ghibli style",
+    "vaporwave",
+    "synthwave",
+    "low poly",
+    "isometric",
+    "35mm photograph",
+    "film grain",
+    "masterpiece",
+    "award winning",
+    "ultra wide angle",
 ]
 ARTISTS = [
-    "greg rutkowski", "alphonse mucha", "artgerm", "wlop", "james jean", "beeple", "moebius", "simon stalenhag",
-    "ross tran", "makoto shinkai", "thomas kinkade", "zdzislaw beksinski", "hr giger", "craig mullins",
+    "greg rutkowski",
+    "alphonse mucha",
+    "artgerm",
+    "wlop",
+    "james jean",
+    "beeple",
+    "moebius",
+    "simon stalenhag",
+    "ross tran",
+    "makoto shinkai",
+    "thomas kinkade",
+    "zdzislaw beksinski",
+    "hr giger",
+    "craig mullins",
 ]
 
 
@@ -88,13 +144,19 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtypes", default="float32",
-                        help="PromptEncoder dtypes, comma separated: float32, float16, bfloat16, auto (float16 on "
-                             "CUDA if its load-time probe keeps cosine >= 0.9999)")
+    parser.add_argument(
+        "--dtypes",
+        default="float32",
+        help="PromptEncoder dtypes, comma separated: float32, float16, bfloat16, auto (float16 on "
+        "CUDA if its load-time probe keeps cosine >= 0.9999)",
+    )
     parser.add_argument("--model", default=None)
     parser.add_argument("--ablation", action="store_true", help="also time PromptEncoder without the oneDNN kernel")
-    parser.add_argument("--bands", action="store_true",
-                        help="also time the length-band path (what CUDA runs: BertModel on padded length bands)")
+    parser.add_argument(
+        "--bands",
+        action="store_true",
+        help="also time the length-band path (what CUDA runs: BertModel on padded length bands)",
+    )
     parser.add_argument("--skip-unique", action="store_true", help="skip A' (plain encode of distinct prompts)")
     args = parser.parse_args()
 
@@ -104,8 +166,10 @@ def main() -> None:
     unique = list(dict.fromkeys(prompts))
     words = np.array([len(p.split()) for p in prompts])
     print(f"device={args.device} torch threads={torch.get_num_threads()} cpus={os.cpu_count()}")
-    print(f"{len(prompts)} prompts, {len(unique)} distinct ({1 - len(unique) / len(prompts):.1%} duplicates), "
-          f"words mean {words.mean():.1f} min {words.min()} max {words.max()}")
+    print(
+        f"{len(prompts)} prompts, {len(unique)} distinct ({1 - len(unique) / len(prompts):.1%} duplicates), "
+        f"words mean {words.mean():.1f} min {words.min()} max {words.max()}"
+    )
 
     plain = SentenceTransformer(resolve_model_location(args.model), device=args.device)
     contenders: dict[str, object] = {}
@@ -113,11 +177,13 @@ def main() -> None:
         encoder = PromptEncoder(args.model, device=args.device, dtype=dtype)
         contenders[f"B PromptEncoder {dtype}"] = encoder
     if args.ablation:
-        contenders["B PromptEncoder float32, no oneDNN kernel"] = PromptEncoder(args.model, device=args.device,
-                                                                               fast_kernel=False)
+        contenders["B PromptEncoder float32, no oneDNN kernel"] = PromptEncoder(
+            args.model, device=args.device, fast_kernel=False
+        )
     if args.bands:
-        contenders["B PromptEncoder float32, length bands"] = PromptEncoder(args.model, device=args.device,
-                                                                           dtype=None, packed=False)
+        contenders["B PromptEncoder float32, length bands"] = PromptEncoder(
+            args.model, device=args.device, dtype=None, packed=False
+        )
     warm = prompts[:64]
     plain.encode(warm)
     for name, encoder in contenders.items():
@@ -148,22 +214,25 @@ def main() -> None:
         print(f"{name:45s} {n / best[name]:10.1f} {base / best[name]:6.2f}x {cosine:>20s}")
     main_name = next(iter(contenders))
     if not args.skip_unique:
-        print(f"speed-up without de-duplication credit (A' time / B time): "
-              f"{best[distinct_name] / best[main_name]:.2f}x")
+        print(
+            f"speed-up without de-duplication credit (A' time / B time): {best[distinct_name] / best[main_name]:.2f}x"
+        )
 
     # ---- incremental: 1% new prompts -----------------------------------------------------------
     encoder = contenders[main_name]
     full_s, (full, stats) = timed(lambda: embed_incremental(prompts, None, encoder))
-    new = set(unique[-max(1, len(unique) // 100):])
+    new = set(unique[-max(1, len(unique) // 100) :])
     cache = full.filter(~full["prompt"].is_in(list(new)))
     inc_best = float("inf")
     for _ in range(max(2, args.rounds)):
         inc_s, (frame, inc_stats) = timed(lambda: embed_incremental(prompts, cache, encoder))
         inc_best = min(inc_best, inc_s)
-    same = bool(np.array_equal(frame["embedding"].to_numpy()[:-len(new)], full["embedding"].to_numpy()[:-len(new)]))
-    print(f"\nincremental: full run {full_s:.2f} s ({stats['encoded']} encoded); "
-          f"1% new run {inc_best:.3f} s = {inc_best / full_s:.1%} of full ({inc_stats['cached']} cached, "
-          f"{inc_stats['encoded']} encoded); cached rows identical: {same}")
+    same = bool(np.array_equal(frame["embedding"].to_numpy()[: -len(new)], full["embedding"].to_numpy()[: -len(new)]))
+    print(
+        f"\nincremental: full run {full_s:.2f} s ({stats['encoded']} encoded); "
+        f"1% new run {inc_best:.3f} s = {inc_best / full_s:.1%} of full ({inc_stats['cached']} cached, "
+        f"{inc_stats['encoded']} encoded); cached rows identical: {same}"
+    )
 
 
 if __name__ == "__main__":

@@ -109,11 +109,16 @@ def make_prompts(n: int, seed: int = 0):
     pad = pl.Series(np.array([" ", "  ", "\n", "\t", " \n"])[rng.integers(5, size=n)])
     odd = pl.Series(np.array(NON_ASCII)[rng.integers(len(NON_ASCII), size=n)])
     prompt = pl.select(
-        pl.when(pl.Series(noise < 0.002)).then(pl.lit(None, dtype=pl.String))
-        .when(pl.Series(noise < 0.007)).then(pl.lit(""))
-        .when(pl.Series(noise < 0.012)).then(pad)
-        .when(pl.Series(noise < 0.052)).then(pl.concat_str(text, odd, separator=" "))
-        .when(pl.Series(noise < 0.112)).then(pl.concat_str(pad, text, pad))
+        pl.when(pl.Series(noise < 0.002))
+        .then(pl.lit(None, dtype=pl.String))
+        .when(pl.Series(noise < 0.007))
+        .then(pl.lit(""))
+        .when(pl.Series(noise < 0.012))
+        .then(pad)
+        .when(pl.Series(noise < 0.052))
+        .then(pl.concat_str(text, odd, separator=" "))
+        .when(pl.Series(noise < 0.112))
+        .then(pl.concat_str(pad, text, pad))
         .otherwise(text)
     ).to_series()
     return pl.DataFrame({"id": np.arange(n, dtype=np.int64), "prompt": prompt})
@@ -187,7 +192,9 @@ def child(which: str, path: str, repeat: int, out: str) -> None:
     peak = _status_mb("VmHWM")
     np.save(out + ".npy", ids)
     with open(out + ".json", "w") as f:
-        json.dump({"seconds": min(times), "first": times[0], "all": times, "peak_mb": peak, "growth_mb": peak - rss_loaded}, f)
+        json.dump(
+            {"seconds": min(times), "first": times[0], "all": times, "peak_mb": peak, "growth_mb": peak - rss_loaded}, f
+        )
 
 
 def main() -> None:
@@ -218,7 +225,18 @@ def main() -> None:
         for which in CONTENDERS:
             out = os.path.join(tmp, which)
             subprocess.run(
-                [sys.executable, __file__, "--child", which, "--data", data, "--repeat", str(args.repeat), "--out", out],
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    which,
+                    "--data",
+                    data,
+                    "--repeat",
+                    str(args.repeat),
+                    "--out",
+                    out,
+                ],
                 check=True,
             )
             with open(out + ".json") as f:
@@ -227,15 +245,21 @@ def main() -> None:
     reference = results["polars"]["ids"]
     same = {which: np.array_equal(r["ids"], reference) for which, r in results.items()}
     base = results["polars"]["seconds"]
-    print(f"\n{args.n:,} prompts, {len(reference):,} kept; best of {args.repeat} runs; {os.cpu_count()} CPU cores (shared)")
-    print(f"{'contender':<15}{'seconds':>9}{'x polars':>10}{'first run':>11}{'peak RSS MB':>13}{'growth MB':>11}{'same rows':>11}")
+    print(
+        f"\n{args.n:,} prompts, {len(reference):,} kept; best of {args.repeat} runs; {os.cpu_count()} CPU cores (shared)"
+    )
+    print(
+        f"{'contender':<15}{'seconds':>9}{'x polars':>10}{'first run':>11}{'peak RSS MB':>13}{'growth MB':>11}{'same rows':>11}"
+    )
     for which, r in results.items():
         print(
             f"{which:<15}{r['seconds']:>9.3f}{r['seconds'] / base:>10.1f}{r['first']:>11.3f}"
             f"{r['peak_mb']:>13.0f}{r['growth_mb']:>11.0f}{str(same[which]):>11}"
         )
-    print(f"goal: polars under 0.5 s for 2M ({base:.3f} s) and >= 20x faster than pandas "
-          f"(str: {results['pandas-str']['seconds'] / base:.1f}x, object: {results['pandas-object']['seconds'] / base:.1f}x)")
+    print(
+        f"goal: polars under 0.5 s for 2M ({base:.3f} s) and >= 20x faster than pandas "
+        f"(str: {results['pandas-str']['seconds'] / base:.1f}x, object: {results['pandas-object']['seconds'] / base:.1f}x)"
+    )
     if not all(same.values()):
         sys.exit("kept rows differ")
 

@@ -112,16 +112,24 @@ def bench_encoders(args, device: str) -> list[dict]:
     st = SentenceTransformer(resolve_model_location(None), device=device)
     st.eval()
     tokens = st.tokenizer(prompts, truncation=True, max_length=st.max_seq_length)["input_ids"]
-    print(f"\n== SBERT targets: {len(prompts)} prompts ({len(set(prompts))} distinct), "
-          f"{np.mean([len(t) for t in tokens]):.1f} tokens on average ==")
+    print(
+        f"\n== SBERT targets: {len(prompts)} prompts ({len(set(prompts))} distinct), "
+        f"{np.mean([len(t) for t in tokens]):.1f} tokens on average =="
+    )
 
     rows: list[dict] = []
     st.encode(warm, batch_size=128)
     seconds, reference = best_time(lambda: st.encode(prompts, batch_size=128, convert_to_numpy=True), 1, sync)
     reference = np.asarray(reference, dtype=np.float32)
     reference /= np.linalg.norm(reference, axis=1, keepdims=True)
-    rows.append({"name": "SentenceTransformer.encode fp32, batch 128", "rate": len(prompts) / seconds,
-                 "cosine": 1.0, "note": ""})
+    rows.append(
+        {
+            "name": "SentenceTransformer.encode fp32, batch 128",
+            "rate": len(prompts) / seconds,
+            "cosine": 1.0,
+            "note": "",
+        }
+    )
     for dtype in ("float32", "float16", "bfloat16"):
         name = f"PromptEncoder {dtype}"
         try:
@@ -133,16 +141,24 @@ def bench_encoders(args, device: str) -> list[dict]:
             del encoder
         except Exception as err:  # noqa: BLE001 - one contender failing must not hide the others
             rows.append({"name": name, "rate": None, "cosine": None, "note": f"failed: {type(err).__name__}: {err}"})
-    seconds, _ = best_time(lambda: st.tokenizer(prompts, truncation=True, max_length=st.max_seq_length), args.rounds,
-                           False)
-    rows.append({"name": "tokenizer alone (st.tokenizer, one call)", "rate": len(prompts) / seconds,
-                 "cosine": None, "note": ""})
+    seconds, _ = best_time(
+        lambda: st.tokenizer(prompts, truncation=True, max_length=st.max_seq_length), args.rounds, False
+    )
+    rows.append(
+        {"name": "tokenizer alone (st.tokenizer, one call)", "rate": len(prompts) / seconds, "cosine": None, "note": ""}
+    )
     probe = PromptEncoder(device="cpu")
     probe._st = st  # only its tokenizer is used
     probe._tokenize(warm)
     seconds, _ = best_time(lambda: probe._tokenize(prompts), args.rounds, False)
-    rows.append({"name": "tokenizer alone (PromptEncoder's encode_batch)", "rate": len(prompts) / seconds,
-                 "cosine": None, "note": ""})
+    rows.append(
+        {
+            "name": "tokenizer alone (PromptEncoder's encode_batch)",
+            "rate": len(prompts) / seconds,
+            "cosine": None,
+            "note": "",
+        }
+    )
     base = rows[0]["rate"]
     print(f"{'contender':50s} {'prompts/s':>10s} {'vs ST':>7s} {'min row cos vs ST fp32':>23s}  backend")
     for r in rows:
@@ -170,8 +186,12 @@ def count_flops_per_image(model, dataset, batch: int, device: torch.device, prec
     with counter:
         with torch.autocast(device.type, dtype=amp) if amp is not None else torch.autocast(device.type, enabled=False):
             embedding, logits = model(pixels, context=None)
-        loss, _ = loss_fn(embedding.float(), target, logits.float() if logits is not None else None,
-                          labels if logits is not None and labels.shape[-1] else None)
+        loss, _ = loss_fn(
+            embedding.float(),
+            target,
+            logits.float() if logits is not None else None,
+            labels if logits is not None and labels.shape[-1] else None,
+        )
         loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / pixels.shape[0]
@@ -197,8 +217,9 @@ def bench_backbone(name: str, args, device: torch.device, images: list[bytes], p
     targets /= np.linalg.norm(targets, axis=1, keepdims=True)
     labels = [rng.choice(args.vocab, size=8, replace=False) for _ in range(n)]
     dataset = PairDataset.for_model(images[:n], targets, labels, model)
-    config = TrainConfig(batch_size=args.batch, device=str(device), precision="auto", num_workers=args.workers,
-                         log_every=0, seed=0)
+    config = TrainConfig(
+        batch_size=args.batch, device=str(device), precision="auto", num_workers=args.workers, log_every=0, seed=0
+    )
     metrics: dict = {}
     preliminary_cosines(model, dataset, config, epochs=2, metrics=metrics)
     last = metrics["epochs"][-1]
@@ -247,11 +268,16 @@ def bench_training(args, device: torch.device, peak: float | None) -> list[dict]
 
     names = [b for b in available_backbones() if b in args.backbones]
     images = synthetic_jpegs(max(args.images.get(b, args.images.get("*")) for b in names))
-    print(f"\n== Training: the trainer's epoch loop (preliminary_cosines), precision auto "
-          f"({'bf16 autocast' if device.type == 'cuda' else 'fp32'}), batch {args.batch}, {args.workers} loader "
-          f"workers, 256-px JPEG q95 inputs; figures of epoch 2 of 2 ==")
-    print(f"{'backbone':8s} {'variant':7s} {'params M':>9s} {'train M':>8s} {'images':>7s} {'images/s':>9s} "
-          f"{'data wait':>9s} {'peak GPU MB':>11s} {'GFLOP/img':>10s} {'MFU':>6s} {'wall s':>7s}", flush=True)
+    print(
+        f"\n== Training: the trainer's epoch loop (preliminary_cosines), precision auto "
+        f"({'bf16 autocast' if device.type == 'cuda' else 'fp32'}), batch {args.batch}, {args.workers} loader "
+        f"workers, 256-px JPEG q95 inputs; figures of epoch 2 of 2 =="
+    )
+    print(
+        f"{'backbone':8s} {'variant':7s} {'params M':>9s} {'train M':>8s} {'images':>7s} {'images/s':>9s} "
+        f"{'data wait':>9s} {'peak GPU MB':>11s} {'GFLOP/img':>10s} {'MFU':>6s} {'wall s':>7s}",
+        flush=True,
+    )
     rows = []
     for name in names:
         try:
@@ -267,8 +293,11 @@ def bench_training(args, device: torch.device, peak: float | None) -> list[dict]
             continue
         mem = f"{r['mem_mb']:.0f}" if r["mem_mb"] is not None else "-"
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        print(f"{r['backbone']:8s} {r['variant']:7s} {r['params_m']:9.1f} {r['trainable_m']:8.1f} {r['images']:7d} "
-              f"{r['rate']:9.1f} {r['wait']:9.1%} {mem:>11s} {r['gflop']:10.2f} {mfu:>6s} {r['seconds']:7.0f}", flush=True)
+        print(
+            f"{r['backbone']:8s} {r['variant']:7s} {r['params_m']:9.1f} {r['trainable_m']:8.1f} {r['images']:7d} "
+            f"{r['rate']:9.1f} {r['wait']:9.1%} {mem:>11s} {r['gflop']:10.2f} {mfu:>6s} {r['seconds']:7.0f}",
+            flush=True,
+        )
     if peak is None:
         print("MFU: no peak FLOP/s known for this device; pass --peak-tflops to get it")
     else:
@@ -282,25 +311,33 @@ def print_cached(rows: list[dict]) -> None:
     cached = [r for r in rows if r.get("cached")]
     if not cached:
         return
-    print("\n== Frozen parts computed once: epoch 2 of 2 from pixels vs from the feature cache (built once, "
-          "fresh cache directory) ==")
-    print(f"{'backbone':8s} {'uncached s':>10s} {'cached s':>9s} {'speed-up':>8s} {'cached img/s':>12s} "
-          f"{'data wait':>9s} {'build s':>8s} {'build img/s':>11s} {'peak GPU MB':>11s}")
+    print(
+        "\n== Frozen parts computed once: epoch 2 of 2 from pixels vs from the feature cache (built once, "
+        "fresh cache directory) =="
+    )
+    print(
+        f"{'backbone':8s} {'uncached s':>10s} {'cached s':>9s} {'speed-up':>8s} {'cached img/s':>12s} "
+        f"{'data wait':>9s} {'build s':>8s} {'build img/s':>11s} {'peak GPU MB':>11s}"
+    )
     for r in cached:
         c = r["cached"]
         mem = f"{c['mem_mb']:.0f}" if c["mem_mb"] is not None else "-"
         build_rate = f"{c['build_rate']:.1f}" if c["build_rate"] else "-"
-        print(f"{r['backbone']:8s} {c['uncached_epoch_s']:10.3f} {c['epoch_s']:9.3f} "
-              f"{c['uncached_epoch_s'] / max(c['epoch_s'], 1e-9):7.1f}x {c['rate']:12.1f} {c['wait']:9.1%} "
-              f"{c['build_s']:8.2f} {build_rate:>11s} {mem:>11s}")
+        print(
+            f"{r['backbone']:8s} {c['uncached_epoch_s']:10.3f} {c['epoch_s']:9.3f} "
+            f"{c['uncached_epoch_s'] / max(c['epoch_s'], 1e-9):7.1f}x {c['rate']:12.1f} {c['wait']:9.1%} "
+            f"{c['build_s']:8.2f} {build_rate:>11s} {mem:>11s}"
+        )
 
 
 # -- 3. estimate -----------------------------------------------------------------------------------------
 def print_estimate(args, encoders: list[dict], training: list[dict]) -> None:
     epochs = args.prelim_epochs + args.recipes * args.recipe_epochs
-    print(f"\n== DiffusionDB-2M GPU-hours (hours on this device) from the rates above: {args.train_pairs} training pairs x "
-          f"({args.prelim_epochs} preliminary + {args.recipes} recipes x {args.recipe_epochs}) = {epochs} epochs "
-          f"per backbone (training passes only; validation and prediction passes not included) ==")
+    print(
+        f"\n== DiffusionDB-2M GPU-hours (hours on this device) from the rates above: {args.train_pairs} training pairs x "
+        f"({args.prelim_epochs} preliminary + {args.recipes} recipes x {args.recipe_epochs}) = {epochs} epochs "
+        f"per backbone (training passes only; validation and prediction passes not included) =="
+    )
     if args.dry_run:
         print("(dry run: rates of the tiny twins on the CPU, so these hours say nothing about DiffusionDB on a GPU)")
     total = total_cached = 0.0
@@ -316,25 +353,32 @@ def print_estimate(args, encoders: list[dict], training: list[dict]) -> None:
             # one build pass over the training pairs, then every epoch from the cache
             cached_hours = (args.train_pairs / c["build_rate"] + args.train_pairs * epochs / c["rate"]) / 3600
             total_cached += cached_hours
-            print(f"{r['backbone'] + ',':8s} {cached_hours:10.2f} h with the feature cache "
-                  f"(1 build pass + {epochs} cached epochs)")
+            print(
+                f"{r['backbone'] + ',':8s} {cached_hours:10.2f} h with the feature cache "
+                f"(1 build pass + {epochs} cached epochs)"
+            )
         else:
             total_cached += hours
-    rates = [e["rate"] for e in encoders if e["rate"] and e["name"].startswith("PromptEncoder")
-             and e["cosine"] is not None and e["cosine"] >= 0.9999]
+    rates = [
+        e["rate"]
+        for e in encoders
+        if e["rate"] and e["name"].startswith("PromptEncoder") and e["cosine"] is not None and e["cosine"] >= 0.9999
+    ]
     if rates:
         hours = args.diffusiondb_prompts / max(rates) / 3600
         total += hours
         total_cached += hours
-        print(f"{'targets':8s} {hours:10.2f} h  ({args.diffusiondb_prompts} prompts at the fastest PromptEncoder "
-              f"mode with cosine >= 0.9999)")
+        print(
+            f"{'targets':8s} {hours:10.2f} h  ({args.diffusiondb_prompts} prompts at the fastest PromptEncoder "
+            f"mode with cosine >= 0.9999)"
+        )
     print(f"{'total':8s} {total:10.2f} h")
     if any(r.get("cached") for r in training):
         print(f"{'total,':8s} {total_cached:10.2f} h with the feature cache for clip / unet")
 
 
 def parse_images(text: str) -> dict[str, int]:
-    """"2048" (every backbone) or "vit=8192,swin=2048,..." (per backbone, "*" for the rest)."""
+    """ "2048" (every backbone) or "vit=8192,swin=2048,..." (per backbone, "*" for the rest)."""
     out: dict[str, int] = {}
     for part in text.split(","):
         if "=" in part:
@@ -355,9 +399,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--prompts", type=int, default=None, help="prompts to embed (40000; dry run 64)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per encoder, best kept (2; dry 1)")
-    parser.add_argument("--images", default=None,
-                        help="training images per backbone: N or vit=N,swin=N,... (vit=8192,swin=2048,clip=4096,"
-                             "unet=1024; dry run 32)")
+    parser.add_argument(
+        "--images",
+        default=None,
+        help="training images per backbone: N or vit=N,swin=N,... (vit=8192,swin=2048,clip=4096,unet=1024; dry run 32)",
+    )
     parser.add_argument("--batch", type=int, default=None, help="training batch (64; dry run 8)")
     parser.add_argument("--workers", type=int, default=None, help="loader workers (cores - 2, at most 14)")
     parser.add_argument("--vocab", type=int, default=1000)
@@ -369,8 +415,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     dry = args.dry_run
-    device = torch.device("cpu" if dry or args.device == "cpu" or not torch.cuda.is_available()
-                          else ("cuda" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cpu"
+        if dry or args.device == "cpu" or not torch.cuda.is_available()
+        else ("cuda" if args.device == "auto" else args.device)
+    )
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     args.prompts = args.prompts or (64 if dry else 40_000)
@@ -393,8 +442,10 @@ def main(argv: list[str] | None = None) -> None:
     encoders_s = time.perf_counter() - started
     training = [] if args.skip_training else bench_training(args, device, peak)
     print_estimate(args, encoders, training)
-    print(f"\nbench/gpu.py done in {time.perf_counter() - started:.0f} s on {name} (encoders {encoders_s:.0f} s, "
-          f"training {time.perf_counter() - started - encoders_s:.0f} s)")
+    print(
+        f"\nbench/gpu.py done in {time.perf_counter() - started:.0f} s on {name} (encoders {encoders_s:.0f} s, "
+        f"training {time.perf_counter() - started - encoders_s:.0f} s)"
+    )
 
 
 if __name__ == "__main__":

@@ -60,8 +60,10 @@ def _read_part(directory: str):
 def as_list(directory: str, rows: pl.DataFrame):
     """The previous load_split: every part read, joined, concatenated, image bytes to a Python list."""
     read = _read_part(directory)
-    chunks = [group.join(read(part, group["image_id"].to_list()), on="image_id")
-              for (part,), group in rows.group_by("part", maintain_order=True)]
+    chunks = [
+        group.join(read(part, group["image_id"].to_list()), on="image_id")
+        for (part,), group in rows.group_by("part", maintain_order=True)
+    ]
     return pl.concat(chunks).sort("image_id")["image"].to_list()
 
 
@@ -89,9 +91,13 @@ def child(which: str, directory: str, out: str) -> None:
     total = sum(len(images[int(i)]) for i in order)
     read_s = time.perf_counter() - started
     result = {
-        "load_s": load_s, "peak_growth_mb": peak_growth, "anon_loaded_mb": anon_loaded,
-        "anon_after_pass_mb": _status_mb("RssAnon") - anon_before, "file_mb": _status_mb("RssFile"),
-        "images_per_s": len(order) / read_s, "bytes": total,
+        "load_s": load_s,
+        "peak_growth_mb": peak_growth,
+        "anon_loaded_mb": anon_loaded,
+        "anon_after_pass_mb": _status_mb("RssAnon") - anon_before,
+        "file_mb": _status_mb("RssFile"),
+        "images_per_s": len(order) / read_s,
+        "bytes": total,
     }
     with open(out, "w") as f:
         json.dump(result, f)
@@ -121,15 +127,23 @@ def main() -> None:
                 results[label] = json.load(f)
     size_mb = results["python list"]["bytes"] / 2**20
     print(f"{args.n:,} images of ~{args.kb} KiB ({size_mb:.0f} MiB) in {args.parts} parts; {os.cpu_count()} CPU cores")
-    print(f"{'contender':<22}{'load s':>8}{'peak growth MB':>16}{'private MB':>12}{'private after pass':>20}"
-          f"{'page cache MB':>15}{'images/s':>10}")
+    print(
+        f"{'contender':<22}{'load s':>8}{'peak growth MB':>16}{'private MB':>12}{'private after pass':>20}"
+        f"{'page cache MB':>15}{'images/s':>10}"
+    )
     for label, r in results.items():
-        print(f"{label:<22}{r['load_s']:>8.2f}{r['peak_growth_mb']:>16.0f}{r['anon_loaded_mb']:>12.0f}"
-              f"{r['anon_after_pass_mb']:>20.0f}{r['file_mb']:>15.0f}{r['images_per_s']:>10.0f}")
-    ratio = results["python list"]["anon_after_pass_mb"] / max(results["mapped file (cached)"]["anon_after_pass_mb"], 1.0)
-    print(f"private memory per process after a pass: {ratio:.0f}x less with the mapped file; "
-          f"the list's grows with the split (~{size_mb / args.n * 730_000 / 1024:.0f} GiB for 730k such images), "
-          "the mapped file's does not")
+        print(
+            f"{label:<22}{r['load_s']:>8.2f}{r['peak_growth_mb']:>16.0f}{r['anon_loaded_mb']:>12.0f}"
+            f"{r['anon_after_pass_mb']:>20.0f}{r['file_mb']:>15.0f}{r['images_per_s']:>10.0f}"
+        )
+    ratio = results["python list"]["anon_after_pass_mb"] / max(
+        results["mapped file (cached)"]["anon_after_pass_mb"], 1.0
+    )
+    print(
+        f"private memory per process after a pass: {ratio:.0f}x less with the mapped file; "
+        f"the list's grows with the split (~{size_mb / args.n * 730_000 / 1024:.0f} GiB for 730k such images), "
+        "the mapped file's does not"
+    )
 
 
 if __name__ == "__main__":

@@ -102,11 +102,21 @@ print(json.dumps(dict(runs=len(plan.units), ok=ok, seconds=seconds, planning=pla
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", type=int, default=4, help="parts of the realistic mirror (default 4)")
-    parser.add_argument("--images-per-part", type=int, default=250, help="PNGs per part (default 250; DiffusionDB: 1000)")
-    parser.add_argument("--sigma", type=float, default=10.0, help="grain that brings PNGs to DiffusionDB's size (default 10)")
-    parser.add_argument("--workers", type=int, default=None, help="the parallel contender's workers (default: the cores)")
-    parser.add_argument("--tiny-parts", type=int, default=2000, help="parts of four 64-px images for the overhead part (default 2000)")
-    parser.add_argument("--tiny-runs", type=int, default=200, help="of those, how many to run (default 200; all are planned)")
+    parser.add_argument(
+        "--images-per-part", type=int, default=250, help="PNGs per part (default 250; DiffusionDB: 1000)"
+    )
+    parser.add_argument(
+        "--sigma", type=float, default=10.0, help="grain that brings PNGs to DiffusionDB's size (default 10)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="the parallel contender's workers (default: the cores)"
+    )
+    parser.add_argument(
+        "--tiny-parts", type=int, default=2000, help="parts of four 64-px images for the overhead part (default 2000)"
+    )
+    parser.add_argument(
+        "--tiny-runs", type=int, default=200, help="of those, how many to run (default 200; all are planned)"
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     from pipeline.data.sample_data import generate_sample_mirror
@@ -119,8 +129,10 @@ def main() -> None:
         t0 = time.perf_counter()
         generate_sample_mirror(mirror, n_parts=args.parts, images_per_part=args.images_per_part, image_size=512)
         kb = add_grain(mirror, args.sigma)
-        print(f"mirror: {args.parts} parts x {args.images_per_part} PNGs of 512 px, mean PNG {kb:.0f} KB "
-              f"(built in {time.perf_counter() - t0:.0f} s)")
+        print(
+            f"mirror: {args.parts} parts x {args.images_per_part} PNGs of 512 px, mean PNG {kb:.0f} KB "
+            f"(built in {time.perf_counter() - t0:.0f} s)"
+        )
         images = args.parts * args.images_per_part
         rows = []
         for n in sorted({1, workers}):
@@ -150,15 +162,21 @@ def main() -> None:
         _environment(work, subset)
         result = materialize_parts(work, subset, workers)
         per_run = result["seconds"] / result["runs"]
-        print(f"\nrun overhead: {result['runs']} four-image parts with {workers} workers in {result['seconds']:.1f} s: "
-              f"{per_run:.3f} s per run (wall), {result['run_seconds'] / result['runs']:.3f} s inside each run")
-        print(f"  -> {args.tiny_parts} parts: about {per_run * args.tiny_parts / 60:.1f} min of overhead at {workers} workers")
+        print(
+            f"\nrun overhead: {result['runs']} four-image parts with {workers} workers in {result['seconds']:.1f} s: "
+            f"{per_run:.3f} s per run (wall), {result['run_seconds'] / result['runs']:.3f} s inside each run"
+        )
+        print(
+            f"  -> {args.tiny_parts} parts: about {per_run * args.tiny_parts / 60:.1f} min of overhead at {workers} workers"
+        )
         plan_work = tmp / "plan"
         plan_work.mkdir()
         _environment(plan_work, tiny)
         result = materialize_parts_plan_only(plan_work)
-        print(f"planning {args.tiny_parts} registered parts (whole graph): {result['plan']:.2f} s; "
-              f"--stale planning: {result['stale']:.2f} s ({result['units']} runs)")
+        print(
+            f"planning {args.tiny_parts} registered parts (whole graph): {result['plan']:.2f} s; "
+            f"--stale planning: {result['stale']:.2f} s ({result['units']} runs)"
+        )
 
 
 def materialize_parts_plan_only(workdir: Path) -> dict:
@@ -181,7 +199,9 @@ t0 = time.perf_counter(); plan = orch.plan_units(defs, instance); t1 = time.perf
 orch.plan_units(defs, instance, stale_only=True); t2 = time.perf_counter()
 print(json.dumps(dict(plan=t1 - t0, stale=t2 - t1, units=len(plan.units))))
 """
-    result = subprocess.run([sys.executable, "-c", code], env={**os.environ}, capture_output=True, text=True, cwd=workdir)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ}, capture_output=True, text=True, cwd=workdir
+    )
     if result.returncode != 0:
         raise SystemExit(result.stderr[-3000:])
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -42,9 +42,11 @@ def make_embeddings(n: int, d: int, topics: int, seed: int = 0, noise: float = 1
 
 def full_scale(args) -> None:
     X = make_embeddings(args.n, args.d, 2 * args.k, seed=0)
-    print(f"== kmeans_centroids: n={args.n:,} d={args.d} k={args.k:,} n_iter={args.n_iter} "
-          f"max_points_per_centroid={args.max_points_per_centroid} (trains on "
-          f"{min(args.n, args.k * args.max_points_per_centroid):,} points)")
+    print(
+        f"== kmeans_centroids: n={args.n:,} d={args.d} k={args.k:,} n_iter={args.n_iter} "
+        f"max_points_per_centroid={args.max_points_per_centroid} (trains on "
+        f"{min(args.n, args.k * args.max_points_per_centroid):,} points)"
+    )
     t0 = time.perf_counter()
     C = kmeans_centroids(X, args.k, seed=0, n_iter=args.n_iter, max_points_per_centroid=args.max_points_per_centroid)
     t_km = time.perf_counter() - t0
@@ -70,19 +72,32 @@ def subsample_comparison(args) -> None:
         C = np.asarray(fn(), dtype=np.float32)
         rows.append((name, time.perf_counter() - t0, inertia(X, C), inertia(X, C, "cosine")))
 
-    timed(f"faiss spherical (ours, n_iter={args.n_iter})",
-          lambda: kmeans_centroids(X, k, seed=0, n_iter=args.n_iter, max_points_per_centroid=args.max_points_per_centroid))
-    timed("faiss spherical, all points, n_iter=25",
-          lambda: kmeans_centroids(X, k, seed=0, n_iter=25, max_points_per_centroid=10**6))
-    timed(f"faiss euclidean (n_iter={args.n_iter})",
-          lambda: kmeans_centroids(X, k, seed=0, n_iter=args.n_iter, spherical=False,
-                                   max_points_per_centroid=args.max_points_per_centroid))
+    timed(
+        f"faiss spherical (ours, n_iter={args.n_iter})",
+        lambda: kmeans_centroids(
+            X, k, seed=0, n_iter=args.n_iter, max_points_per_centroid=args.max_points_per_centroid
+        ),
+    )
+    timed(
+        "faiss spherical, all points, n_iter=25",
+        lambda: kmeans_centroids(X, k, seed=0, n_iter=25, max_points_per_centroid=10**6),
+    )
+    timed(
+        f"faiss euclidean (n_iter={args.n_iter})",
+        lambda: kmeans_centroids(
+            X, k, seed=0, n_iter=args.n_iter, spherical=False, max_points_per_centroid=args.max_points_per_centroid
+        ),
+    )
     timed("sklearn KMeans (n_init=1)", lambda: KMeans(k, n_init=1, random_state=0).fit(X).cluster_centers_)
-    timed("sklearn MiniBatchKMeans (3 inits)",
-          lambda: MiniBatchKMeans(k, batch_size=4096, n_init=3, random_state=0).fit(X).cluster_centers_)
+    timed(
+        "sklearn MiniBatchKMeans (3 inits)",
+        lambda: MiniBatchKMeans(k, batch_size=4096, n_init=3, random_state=0).fit(X).cluster_centers_,
+    )
     ref = next(r for r in rows if r[0].startswith("sklearn KMeans"))
     print(f"\n== subsample: n={args.sub_n:,} k={k} d={args.d}")
-    print(f"{'method':44s} {'time s':>8s} {'vs KMeans':>9s} {'L2 inertia':>11s} {'ratio':>6s} {'cos obj':>9s} {'ratio':>6s}")
+    print(
+        f"{'method':44s} {'time s':>8s} {'vs KMeans':>9s} {'L2 inertia':>11s} {'ratio':>6s} {'cos obj':>9s} {'ratio':>6s}"
+    )
     for name, t, l2, cos in rows:
         print(f"{name:44s} {t:8.2f} {ref[1] / t:8.1f}x {l2:11.1f} {l2 / ref[2]:6.3f} {cos:9.1f} {cos / ref[3]:6.3f}")
     print("(ratio < 1: better objective than scikit-learn KMeans; 'vs KMeans' > 1: faster)")

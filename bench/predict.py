@@ -64,7 +64,9 @@ def main() -> None:
     print(f"{'mode':<14}{'images':>8}{'seconds':>10}{'images/s':>10}")
     print(f"{'batched':<14}{args.n:>8}{batched_s:>10.2f}{rate_batched:>10.1f}")
     print(f"{'one-by-one':<14}{single_n:>8}{single_s:>10.2f}{rate_single:>10.1f}")
-    print(f"batching speed-up: {rate_batched / rate_single:.2f}x (goal >= 3x); min row cosine batched vs single {agreement:.6f}")
+    print(
+        f"batching speed-up: {rate_batched / rate_single:.2f}x (goal >= 3x); min row cosine batched vs single {agreement:.6f}"
+    )
 
 
 if __name__ == "__main__":

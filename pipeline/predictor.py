@@ -7,6 +7,7 @@ then the backbone's own preprocessing), so predictions match what the models saw
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -185,7 +186,9 @@ class PromptPredictor:
         self.bank_prompts, self.bank_embeddings = self._load_bank()
         self.members = self._choose_members(model)
         self.dakl = self._load_dakl() if model in ("auto", "ensemble") and len(self.members) > 1 else None
-        self.method = "ensemble+dakl" if self.dakl else ("ensemble" if len(self.members) > 1 else self.members[0].backbone)
+        self.method = (
+            "ensemble+dakl" if self.dakl else ("ensemble" if len(self.members) > 1 else self.members[0].backbone)
+        )
         self.captioner = self._load_captioner(captioner) if captioner else None
         self.vocabulary = self._load_vocabulary()
 
@@ -213,14 +216,14 @@ class PromptPredictor:
         if model in ("auto", "ensemble"):
             if not store.exists(ensemble_file):
                 if model == "ensemble":
-                    raise NotTrainedError(
-                        f"no ensemble under {self.home}: materialize the asset ensemble_predictions"
-                    )
+                    raise NotTrainedError(f"no ensemble under {self.home}: materialize the asset ensemble_predictions")
                 members = {}
             else:
                 members = json.loads(store.as_path(ensemble_file).read_text())["members"]
             if not members:
-                raise NotTrainedError(f"no trained model under {self.home}: materialize trained_models and ensemble_predictions (make run)")
+                raise NotTrainedError(
+                    f"no trained model under {self.home}: materialize trained_models and ensemble_predictions (make run)"
+                )
         else:
             recipes = ("mlc_cl", "mlc", "baseline")
             chosen = next(
@@ -234,8 +237,8 @@ class PromptPredictor:
         return [self._load_model(b, r) for b, r in members.items()]
 
     def _load_model(self, backbone: str, recipe: str) -> LoadedModel:
-        from pipeline.training.checkpoint import latest_checkpoint, load_model_weights
         from pipeline.models import create_model
+        from pipeline.training.checkpoint import latest_checkpoint, load_model_weights
 
         checkpoint = latest_checkpoint(self._path("trained_models", backbone, recipe))
         if checkpoint is None:
@@ -326,7 +329,7 @@ class PromptPredictor:
             model = member.model
             size = model.image_size
             if size not in unit_pixels:
-                decode = lambda b: decode_image(b, size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # noqa: E731
+                decode = functools.partial(decode_image, image_size=size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
                 unit_pixels[size] = torch.stack(list(self._pool().map(decode, stored)))
             mean = torch.tensor(model.mean).view(1, 3, 1, 1)
             std = torch.tensor(model.std).view(1, 3, 1, 1)

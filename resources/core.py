@@ -144,7 +144,7 @@ class SentenceEncoderResource(dg.ConfigurableResource):
 
 
 def resolve_device_name(device: str) -> str:
-    """"auto" -> "cuda" when a GPU is visible, else "cpu"; anything else as given."""
+    """ "auto" -> "cuda" when a GPU is visible, else "cpu"; anything else as given."""
     if device != "auto":
         return device
     import torch

@@ -111,7 +111,13 @@ def profile_config(settings: Settings) -> ProfileConfig:
             # The tiny random-init captioner learns in ~9 epochs (3 per curriculum stage) only at a larger
             # learning rate; greedy decoding does as well as beams at this size; the swap runs at 32 px.
             captioning=CaptionerSpec(
-                captioners=captioners, stage_epochs=3, lr=3e-3, num_beams=1, swap_prompts=4, swap_steps=3, swap_size=32,
+                captioners=captioners,
+                stage_epochs=3,
+                lr=3e-3,
+                num_beams=1,
+                swap_prompts=4,
+                swap_steps=3,
+                swap_size=32,
             ),
         )
     return ProfileConfig(

@@ -203,9 +203,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if environ is None else environ
     profile = _text(env, "REVERSE_SD_PROFILE") or "sample"
     if profile not in PROFILES:
-        raise SettingsError(
-            f"REVERSE_SD_PROFILE={profile!r} is not a profile; use one of: {', '.join(PROFILES)}"
-        )
+        raise SettingsError(f"REVERSE_SD_PROFILE={profile!r} is not a profile; use one of: {', '.join(PROFILES)}")
     home = _text(env, "REVERSE_SD_HOME") or str(PROJECT_DIR / "data")
     if "://" not in home:
         home = str(Path(home).expanduser().resolve())
@@ -281,6 +279,8 @@ def check_source(settings: Settings) -> None:
             f"{name} {what}: give a local DiffusionDB mirror directory or a hub dataset id ({HUB_DATASET})"
         )
     images = root / "images"
-    parts = [p for p in images.iterdir() if p.suffix == ".zip" and PART_KEY.fullmatch(p.stem)] if images.is_dir() else []
+    parts = (
+        [p for p in images.iterdir() if p.suffix == ".zip" and PART_KEY.fullmatch(p.stem)] if images.is_dir() else []
+    )
     if not parts:
         raise SettingsError(f"{name} is not a DiffusionDB mirror: it has no images/part-NNNNNN.zip")

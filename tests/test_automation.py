@@ -116,7 +116,7 @@ def test_new_part_rebuilds_its_downstream_once_in_graph_order():
         )
         # Graph order: nothing is requested in an earlier tick than a parent it reads (requests of one tick
         # go out as one backfill, which runs them in dependency order).
-        for (name, partition), tick in when.items():
+        for (name, _partition), tick in when.items():
             for parent in graph.get(dg.AssetKey(name)).parent_keys:
                 parent_ticks = [w for (n, _), w in when.items() if n == parent.to_user_string()]
                 assert all(tick >= w for w in parent_ticks), (name, parent)
@@ -133,7 +133,9 @@ def test_settings_are_observed_once_on_a_new_instance():
         assert result.get_num_requested(dg.AssetKey("training_settings")) == 4
         _observe_settings(instance)
         again = dg.evaluate_automation_conditions(
-            defs=defs, instance=instance, cursor=result.cursor,
+            defs=defs,
+            instance=instance,
+            cursor=result.cursor,
             asset_selection=dg.AssetSelection.assets("training_settings"),
         )
         assert again.total_requested == 0

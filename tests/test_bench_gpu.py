@@ -15,14 +15,24 @@ def test_gpu_bench_dry_run_prints_the_table():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "gpu.py"), "--dry-run", "--peak-tflops", "1"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     out = done.stdout
     assert done.returncode == 0, done.stderr[-3000:] + out[-3000:]
     assert out.startswith("device: cpu") and "DRY RUN" in out
     # Encoder contenders, each with a rate; the PromptEncoder modes with their cosine to fp32 ST encode.
-    for name in ("SentenceTransformer.encode fp32", "PromptEncoder float32", "PromptEncoder float16",
-                 "PromptEncoder bfloat16", "tokenizer alone"):
+    for name in (
+        "SentenceTransformer.encode fp32",
+        "PromptEncoder float32",
+        "PromptEncoder float16",
+        "PromptEncoder bfloat16",
+        "tokenizer alone",
+    ):
         line = next((line for line in out.splitlines() if line.startswith(name)), None)
         assert line is not None and "failed" not in line, (name, out)
         assert re.search(r"\s\d+\s+\d+\.\d+x", line), line

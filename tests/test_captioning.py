@@ -14,10 +14,10 @@ from PIL import Image
 
 from pipeline.captioning.captioner import (
     CAPTIONERS,
+    KAGGLE_FIRST_PLACE,
     CaptionDataset,
     Captioner,
     CaptionTrainConfig,
-    KAGGLE_FIRST_PLACE,
     available_captioners,
     caption_loss,
     caption_table,
@@ -194,8 +194,9 @@ def test_a_killed_captioner_run_resumes_to_the_uninterrupted_weights(pairs, tmp_
     def run(directory, on_batch=None, captioner_config=config):
         captioner = _captioner(prompts)
         data = CaptionDataset(images, prompts, labels, captioner)
-        history = train_captioner(captioner, data, captioner_config, stages=stages, on_batch=on_batch,
-                                  checkpoint_dir=str(directory))
+        history = train_captioner(
+            captioner, data, captioner_config, stages=stages, on_batch=on_batch, checkpoint_dir=str(directory)
+        )
         return captioner, history
 
     whole, whole_history = run(tmp_path / "whole")
@@ -217,7 +218,11 @@ def test_a_killed_captioner_run_resumes_to_the_uninterrupted_weights(pairs, tmp_
         assert torch.equal(a, b), name
     # progress from other settings is not resumed: the run starts over
     stages_run.clear()
-    run(tmp_path / "killed", lambda stage, *_: stages_run.append(stage), CaptionTrainConfig(**{**config.__dict__, "lr": 2e-3}))
+    run(
+        tmp_path / "killed",
+        lambda stage, *_: stages_run.append(stage),
+        CaptionTrainConfig(**{**config.__dict__, "lr": 2e-3}),
+    )
     assert stages_run[0] == 0
 
 
@@ -354,15 +359,29 @@ def test_blip2_text_layout_image_tokens_and_frozen_language_model(pairs):
         assert tokenizer.decode(kept, skip_special_tokens=True) == prompt
     assert captioner.image_token_id == tokenizer.convert_tokens_to_ids("<image>")
     assert "<image>" in tokenizer.all_special_tokens
+
     # a random-init LM trains; BLIP-2's recipe for a pre-trained one freezes it, and only it
     def trainable(c):
         return {".".join(n.split(".")[:2]) for n, p in c.named_parameters() if p.requires_grad}
 
     assert "model.language_model" in trainable(captioner)
-    frozen = Captioner(captioner.model, tokenizer, name="blip2", variant="tiny", vocab_size=K, max_length=48,
-                       freeze_language_model=True)
-    assert trainable(frozen) == {"model.vision_model", "model.query_tokens", "model.qformer",
-                                 "model.language_projection", "vocab_head.weight", "vocab_head.bias"}
+    frozen = Captioner(
+        captioner.model,
+        tokenizer,
+        name="blip2",
+        variant="tiny",
+        vocab_size=K,
+        max_length=48,
+        freeze_language_model=True,
+    )
+    assert trainable(frozen) == {
+        "model.vision_model",
+        "model.query_tokens",
+        "model.qformer",
+        "model.language_projection",
+        "vocab_head.weight",
+        "vocab_head.bias",
+    }
     captioner.model.language_model.requires_grad_(True)
     pixels, ids, mask, labels = _batch(CaptionDataset(pairs[0], prompts, pairs[2], captioner), (0, 4, 5))
     token_logits, vocab_logits = captioner(pixels, ids, mask)
@@ -395,12 +414,23 @@ def test_blip2_learns_the_prompts_saves_and_loads(pairs, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(pixels, ids, mask)[0], captioner(pixels, ids, mask)[0])
     # with the LM frozen (the pre-trained recipe) training leaves it exactly as it was
-    frozen = Captioner(loaded.model, loaded.tokenizer, name="blip2", variant="tiny", vocab_size=K, max_length=48,
-                       freeze_language_model=True)
+    frozen = Captioner(
+        loaded.model,
+        loaded.tokenizer,
+        name="blip2",
+        variant="tiny",
+        vocab_size=K,
+        max_length=48,
+        freeze_language_model=True,
+    )
     frozen.vocab_head = loaded.vocab_head
     language_model = {k: v.clone() for k, v in frozen.model.language_model.state_dict().items()}
     qformer = {k: v.clone() for k, v in frozen.model.qformer.state_dict().items()}
-    train_captioner(frozen, CaptionDataset(images, prompts, labels, frozen), CaptionTrainConfig(epochs=1, batch_size=4, device="cpu"))
+    train_captioner(
+        frozen,
+        CaptionDataset(images, prompts, labels, frozen),
+        CaptionTrainConfig(epochs=1, batch_size=4, device="cpu"),
+    )
     assert all(torch.equal(v, language_model[k]) for k, v in frozen.model.language_model.state_dict().items())
     assert any(not torch.equal(v, qformer[k]) for k, v in frozen.model.qformer.state_dict().items())
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_training import cfg, make_loss, make_tiny_model, toy_data
 
 from pipeline.training.curriculum import bucket_by_difficulty, curriculum_stages, difficulty_from_history
 from pipeline.training.datasets import PairDataset, StageSampler
 from pipeline.training.loop import train_model
-from test_training import cfg, make_loss, make_tiny_model, toy_data
 
 
 def test_difficulty_is_mean_cosine_over_epochs_ignoring_unseen():
@@ -103,8 +103,16 @@ def test_trainer_sees_only_the_stage_subset_in_each_stage(tmp_path):
             per_epoch.append(train.seen.copy())
             train.seen.clear()
 
-    result = train_model(model, train, None, cfg(batch_size=4, stage_epochs=1), tmp_path, stages=stages,
-                         on_log=on_log, loss_fn=make_loss())
+    result = train_model(
+        model,
+        train,
+        None,
+        cfg(batch_size=4, stage_epochs=1),
+        tmp_path,
+        stages=stages,
+        on_log=on_log,
+        loss_fn=make_loss(),
+    )
     assert [h["stage"] for h in result.history] == [0, 1, 2, 3]
     assert [h["stage_size"] for h in result.history] == [8, 16, 24, 24]
     allowed = [{"easy"}, {"easy", "medium"}, {"easy", "medium", "hard"}, {"easy", "medium", "hard"}]

@@ -121,9 +121,7 @@ def test_sklearn_api_clone_get_set_params_and_1d_targets():
     assert np.isfinite(model.score(X, Y[:, 0]))  # RegressorMixin
     # X_target omitted: U = X, plain kernel ridge on these features
     model_plain = DAKLRegressor(gamma=0.01).fit(X, Y)
-    np.testing.assert_allclose(
-        model_plain.predict(Xt), dense_reference_predict(X, Y, X[:0], Xt, 0.01, 1.0), atol=1e-5
-    )
+    np.testing.assert_allclose(model_plain.predict(Xt), dense_reference_predict(X, Y, X[:0], Xt, 0.01, 1.0), atol=1e-5)
 
 
 def test_input_validation():

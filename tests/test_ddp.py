@@ -17,10 +17,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from test_training import make_tiny_model, toy_data
 
 from pipeline.training import ddp as ddp_train
 from pipeline.training.checkpoint import load_model_weights
-from test_training import make_tiny_model, toy_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,8 +43,17 @@ def _spec(tmp_path: Path, name: str, curriculum: bool) -> Path:
         "train": str(tmp_path / "train.parquet"),
         "val": str(tmp_path / "val.parquet"),
         "stages": str(tmp_path / "stages.npz") if curriculum else None,
-        "config": {"epochs": 2, "stage_epochs": 1, "batch_size": 8, "lr": 3e-3, "warmup_fraction": 0.1,
-                   "seed": 0, "device": "cpu", "precision": "fp32", "log_every": 1},
+        "config": {
+            "epochs": 2,
+            "stage_epochs": 1,
+            "batch_size": 8,
+            "lr": 3e-3,
+            "warmup_fraction": 0.1,
+            "seed": 0,
+            "device": "cpu",
+            "precision": "fp32",
+            "log_every": 1,
+        },
         "checkpoint_dir": str(tmp_path / name / "ckpt"),
         "metrics": str(tmp_path / name / "metrics.json"),
     }
@@ -62,8 +71,18 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "pipeline.training.ddp", "--spec", str(_spec(tmp_path, "ddp", curriculum=True))]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "pipeline.training.ddp",
+        "--spec",
+        str(_spec(tmp_path, "ddp", curriculum=True)),
+    ]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 

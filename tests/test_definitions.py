@@ -46,10 +46,18 @@ def test_captioners_setting_chooses_the_captioner_partitions():
     import sys
     from pathlib import Path
 
-    code = "from assets.generation import trained_captioners as a; print(','.join(a.partitions_def.get_partition_keys()))"
+    code = (
+        "from assets.generation import trained_captioners as a; print(','.join(a.partitions_def.get_partition_keys()))"
+    )
     env = {**os.environ, "REVERSE_SD_CAPTIONERS": "blip2,blip", "REVERSE_SD_PROFILE": "sample"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=Path(__file__).resolve().parents[1],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.strip().splitlines()[-1] == "blip2,blip"
     from assets.generation import trained_captioners
 

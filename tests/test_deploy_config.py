@@ -74,8 +74,12 @@ def test_postgres_instance_keeps_the_project_queue_and_gpu_pool():
 
 def test_postgres_storage_classes_resolve():
     pytest.importorskip("dagster_postgres", reason="dagster-postgres is not installed: pip install -e '.[deploy]'")
-    from dagster_postgres import DagsterPostgresStorage, PostgresEventLogStorage, PostgresRunStorage
-    from dagster_postgres import PostgresScheduleStorage
+    from dagster_postgres import (
+        DagsterPostgresStorage,
+        PostgresEventLogStorage,
+        PostgresRunStorage,
+        PostgresScheduleStorage,
+    )
 
     assert all([DagsterPostgresStorage, PostgresRunStorage, PostgresEventLogStorage, PostgresScheduleStorage])
 
@@ -110,7 +114,9 @@ def test_every_gpu_pool_asset_requests_a_gpu(name):
     gpu_ops = _gpu_ops()
     assert gpu_ops >= {"trained_models", "difficulty_scores"}
     with_gpu = {
-        op for op, cfg in per_step.items() if GPU in cfg.get("container_config", {}).get("resources", {}).get("requests", {})
+        op
+        for op, cfg in per_step.items()
+        if GPU in cfg.get("container_config", {}).get("resources", {}).get("requests", {})
     }
     assert with_gpu == gpu_ops, f"GPU steps {sorted(with_gpu)} vs assets in the gpu pool {sorted(gpu_ops)}"
     from assets.definitions import defs
@@ -160,7 +166,9 @@ def _step_job(op: str | None, name: str = "executor.yaml"):
         override = UserDefinedDagsterK8sConfig.from_dict(config["per_step_k8s_config"][op])
         context = context.merge(K8sContainerContext(run_k8s_config=override))
     return construct_dagster_k8s_job(
-        DagsterK8sJobConfig(job_image="registry.example.com/reverse-sd:0.1.0", dagster_home="/opt/dagster/dagster_home"),
+        DagsterK8sJobConfig(
+            job_image="registry.example.com/reverse-sd:0.1.0", dagster_home="/opt/dagster/dagster_home"
+        ),
         ["dagster", "api", "execute_step"],
         f"dagster-step-{op or 'data'}",
         user_defined_k8s_config=context.run_k8s_config,
@@ -215,7 +223,10 @@ def test_helm_values_point_at_real_files_and_settings():
     pg = values["postgresql"]
     assert pg["enabled"] is False and "postgresqlPassword" not in pg
     assert values["generatePostgresqlPasswordSecret"] is False
-    assert pg["postgresqlScheme"] == _load(DEPLOY / "postgres" / "dagster.yaml")["storage"]["postgres"]["postgres_db"]["scheme"]
+    assert (
+        pg["postgresqlScheme"]
+        == _load(DEPLOY / "postgres" / "dagster.yaml")["storage"]["postgres"]["postgres_db"]["scheme"]
+    )
     pools = values["concurrency"]["pools"]
     local_pools = _load(PROJECT / "dagster.yaml")["concurrency"]["pools"]
     assert pools["defaultLimit"] == local_pools["default_limit"] and pools["granularity"] == local_pools["granularity"]

@@ -45,7 +45,9 @@ def _bomb_png(width=100_000, height=100_000) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def _entry(prompt, seed=1) -> dict:
@@ -207,7 +209,11 @@ def test_corrupt_member_is_skipped_not_fatal(tmp_path):
     a, b = _png((10, 200, 10)), _png((10, 10, 200))
     path = _write_zip(
         tmp_path / f"{PART}.zip",
-        [("a.png", a), ("b.png", b), (f"{PART}.json", json.dumps({"a.png": _entry("a"), "b.png": _entry("b")}).encode())],
+        [
+            ("a.png", a),
+            ("b.png", b),
+            (f"{PART}.json", json.dumps({"a.png": _entry("a"), "b.png": _entry("b")}).encode()),
+        ],
     )
     raw = bytearray(path.read_bytes())
     start = raw.find(b)  # stored uncompressed: flip a byte inside b.png's data -> bad CRC

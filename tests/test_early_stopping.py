@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_training import Interrupt, cfg, make_loss, make_tiny_model, toy_data
 
 from pipeline.training.checkpoint import latest_checkpoint, list_checkpoints, load_model_weights
 from pipeline.training.datasets import PairDataset
 from pipeline.training.loop import init_heads_from_targets, predict_embeddings, train_model
-from test_training import Interrupt, cfg, make_loss, make_tiny_model, toy_data
 
 
 def _diverging_sets(model, n_train=40, n_val=12):
@@ -25,7 +25,11 @@ def test_keep_best_leaves_the_best_val_epoch_as_the_latest_checkpoint(tmp_path):
     plain_model = make_tiny_model(0)
     train, val = _diverging_sets(plain_model)
     plain = train_model(
-        plain_model, train, val, cfg(epochs=3, keep_best=False, keep_checkpoints=None), tmp_path / "plain",
+        plain_model,
+        train,
+        val,
+        cfg(epochs=3, keep_best=False, keep_checkpoints=None),
+        tmp_path / "plain",
         loss_fn=make_loss(),
     )
     vals = [h["val_cosine"] for h in plain.history]
@@ -54,8 +58,15 @@ def test_keep_best_after_a_kill_selects_what_an_uninterrupted_run_selects(tmp_pa
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        train_model(make_tiny_model(0), train, val, cfg(epochs=3), tmp_path / "b", on_log=stop_after_second_epoch,
-                    loss_fn=make_loss())
+        train_model(
+            make_tiny_model(0),
+            train,
+            val,
+            cfg(epochs=3),
+            tmp_path / "b",
+            on_log=stop_after_second_epoch,
+            loss_fn=make_loss(),
+        )
     resumed_model = make_tiny_model(7)
     resumed = train_model(resumed_model, train, val, cfg(epochs=3), tmp_path / "b", loss_fn=make_loss())
     assert resumed.resumed_epochs == 2

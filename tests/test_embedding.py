@@ -22,27 +22,33 @@ from pipeline.data.embedding import (
 )
 
 LONG = ", ".join(["a highly detailed matte painting of a castle by greg rutkowski"] * 60)  # > 256 tokens
-PROMPTS = [
-    "a cat wearing a wizard hat, digital art, trending on artstation",
-    "",
-    " ",
-    "a",
-    "!!!",
-    "portrait of a cyberpunk samurai, highly detailed, 8k, octane render, by artgerm and wlop",
-    LONG,
-    "a cat wearing a wizard hat, digital art, trending on artstation",  # exact duplicate
-    "A CAT WEARING A WIZARD HAT",  # case: the tokenizer lower-cases, so this equals its lower-case twin
-    "a cat wearing a wizard hat",
-    "café über naïve 東京",  # non-ASCII never reaches here after filtering, but must not break the encoder
-    "1234567890 3.14159 -- ## @@",
-    "\tleading and trailing whitespace\n",
-    LONG[:1600],
-] + [f"a {c} {s} in the style of {a}, {m}" for c, s, a, m in zip(
-    ["red", "blue", "green", "golden", "black", "white", "purple", "neon", "pastel", "rusty"] * 4,
-    ["cube", "dragon", "forest", "robot", "city", "ship", "flower", "skull"] * 5,
-    ["moebius", "alphonse mucha", "beeple", "studio ghibli", "hr giger"] * 8,
-    ["4k", "unreal engine", "concept art, smooth, sharp focus", "oil on canvas", "bokeh, 35mm"] * 8,
-)][:36]
+PROMPTS = (
+    [
+        "a cat wearing a wizard hat, digital art, trending on artstation",
+        "",
+        " ",
+        "a",
+        "!!!",
+        "portrait of a cyberpunk samurai, highly detailed, 8k, octane render, by artgerm and wlop",
+        LONG,
+        "a cat wearing a wizard hat, digital art, trending on artstation",  # exact duplicate
+        "A CAT WEARING A WIZARD HAT",  # case: the tokenizer lower-cases, so this equals its lower-case twin
+        "a cat wearing a wizard hat",
+        "café über naïve 東京",  # non-ASCII never reaches here after filtering, but must not break the encoder
+        "1234567890 3.14159 -- ## @@",
+        "\tleading and trailing whitespace\n",
+        LONG[:1600],
+    ]
+    + [
+        f"a {c} {s} in the style of {a}, {m}"
+        for c, s, a, m in zip(
+            ["red", "blue", "green", "golden", "black", "white", "purple", "neon", "pastel", "rusty"] * 4,
+            ["cube", "dragon", "forest", "robot", "city", "ship", "flower", "skull"] * 5,
+            ["moebius", "alphonse mucha", "beeple", "studio ghibli", "hr giger"] * 8,
+            ["4k", "unreal engine", "concept art, smooth, sharp focus", "oil on canvas", "bokeh, 35mm"] * 8,
+        )
+    ][:36]
+)
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +179,9 @@ def test_band_batching_mixed_lengths_duplicates_order(encoder, reference):
     # the background thread while the previous one runs.
     enc = sharing(encoder, tokens_per_batch=256, chunk_size=8)
     chunk = enc._prepare(list(dict.fromkeys(PROMPTS))[:8])
-    assert len({width for _, _, width, _ in chunk.batches}) < len(set(chunk.lengths.tolist())) or len(chunk.batches) == 1
+    assert (
+        len({width for _, _, width, _ in chunk.batches}) < len(set(chunk.lengths.tolist())) or len(chunk.batches) == 1
+    )
     out = enc.encode(PROMPTS)
     assert out.shape == reference.shape and out.dtype == np.float32
     cosine = row_cosine(out, reference)
@@ -265,8 +273,11 @@ def test_incremental_encodes_only_new_prompts(encoder):
     np.testing.assert_allclose(first["embedding"].to_numpy(), encoder.encode(unique_first), atol=1e-6)
 
     # Second run: drop the first 5 prompts, add new ones (one twice); only the new ones are encoded.
-    second_prompts = PROMPTS[5:30] + ["a brand new prompt about a lighthouse", "another new one, 4k",
-                                      "a brand new prompt about a lighthouse"]
+    second_prompts = PROMPTS[5:30] + [
+        "a brand new prompt about a lighthouse",
+        "another new one, 4k",
+        "a brand new prompt about a lighthouse",
+    ]
     counting.seen.clear()
     second, stats = embed_incremental(second_prompts, first, counting)
     new = ["a brand new prompt about a lighthouse", "another new one, 4k"]

@@ -39,8 +39,11 @@ def _old_ensemble_asset(per_model, val_mask, val_targets):
     """assets/evaluation.py's ensemble_predictions before the move into pipeline/, verbatim but for I/O."""
     best_recipe = {}
     for backbone in BACKBONES:
-        scored = {r: float(row_cosines(per_model[(backbone, r)][val_mask], val_targets).mean())
-                  for r in RECIPES if (backbone, r) in per_model}
+        scored = {
+            r: float(row_cosines(per_model[(backbone, r)][val_mask], val_targets).mean())
+            for r in RECIPES
+            if (backbone, r) in per_model
+        }
         if scored:
             best_recipe[backbone] = max(scored, key=scored.get)
     columns, metadata = {}, {}
@@ -142,7 +145,9 @@ def test_dakl_selection_gives_the_same_numbers_as_the_asset_did():
     for gamma in gammas:
         for alpha in alphas:
             model = DAKLRegressor(gamma=gamma, alpha=alpha).fit(X, Y, val_x)
-            sweep.append({"gamma": gamma, "alpha": alpha, "val_cosine": float(row_cosines(model.predict(val_x), val_y).mean())})
+            sweep.append(
+                {"gamma": gamma, "alpha": alpha, "val_cosine": float(row_cosines(model.predict(val_x), val_y).mean())}
+            )
     best = max(sweep, key=lambda r: r["val_cosine"])
     assert result.sweep == sweep
     assert (result.gamma, result.alpha, result.val_cosine) == (best["gamma"], best["alpha"], best["val_cosine"])

@@ -62,8 +62,15 @@ def test_report_contains_table_and_architecture_json_keys():
 
 
 def test_report_shows_generated_prompt_scores_beside_the_kaggle_reference():
-    row = {"captioner": "blip", "variant": "tiny", "sbert_cosine": 0.6512, "refclip_score": 0.0012, "clip_s": 0.0006,
-           "test_images": 77, "kaggle_first_place": 0.66316}
+    row = {
+        "captioner": "blip",
+        "variant": "tiny",
+        "sbert_cosine": 0.6512,
+        "refclip_score": 0.0012,
+        "clip_s": 0.0006,
+        "test_images": 77,
+        "kaggle_first_place": 0.66316,
+    }
     report = Report(profile="sample", split="test", cosine={"caption/blip": 0.6512}, generation=[row])
     assert "| blip (tiny) | 0.6512 | 0.0012 | 0.66316 |" in report.markdown()
     assert "0.6512" in report.html() and "RefCLIPScore" in report.html()
@@ -123,8 +130,11 @@ def test_the_report_is_the_landing_page(sample_graph_run):
         assert rows[backbone]["+ MLC + CL (paper)"] is not None
     assert rows["ensemble + DAKL"]["+ MLC + CL"] == round(cosine["ensemble+dakl"], 4)
     assert isinstance(metadata["baselines"], dg.TableMetadataValue)
-    images = {k: v.value for k, v in metadata.items() if isinstance(v, dg.MarkdownMetadataValue)
-              and "data:image/png;base64," in v.value}
+    images = {
+        k: v.value
+        for k, v in metadata.items()
+        if isinstance(v, dg.MarkdownMetadataValue) and "data:image/png;base64," in v.value
+    }
     assert {"plot_test_cosine", "gallery"} <= set(images), sorted(metadata)
     floats = {k: v.value for k, v in metadata.items() if isinstance(v, dg.FloatMetadataValue)}
     assert floats and all(v == round(v, 4) for v in floats.values()), floats

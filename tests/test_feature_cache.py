@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from test_training import toy_data
 from torch.utils.data import default_collate
 
 from pipeline.data.image_store import SCHEMA, ImageColumn
@@ -25,7 +26,6 @@ from pipeline.training.feature_cache import (
     image_set_key,
 )
 from pipeline.training.loop import TrainConfig, predict_embeddings, preliminary_cosines, seed_everything, train_model
-from test_training import toy_data
 
 K = 6
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -39,19 +39,35 @@ def _model(name: str, seed: int = 0):
 def _sets(model, n_train: int = 30, n_val: int = 14, context: bool = False):
     """30 training pairs (a short last batch of 6 at batch 8), 14 val pairs; the unet gets a caption context."""
     images, targets, labels = toy_data(n_train + n_val)
-    ctx = np.random.default_rng(5).normal(size=(n_train + n_val, 3, model.context_dim)).astype(np.float32) if context else None
+    ctx = (
+        np.random.default_rng(5).normal(size=(n_train + n_val, 3, model.context_dim)).astype(np.float32)
+        if context
+        else None
+    )
 
     def part(a, b):
         return None if ctx is None else ctx[a:b]
 
-    train = PairDataset.for_model(images[:n_train], targets[:n_train], labels[:n_train], model, context=part(0, n_train))
-    val = PairDataset.for_model(images[n_train:], targets[n_train:], labels[n_train:], model, context=part(n_train, None))
+    train = PairDataset.for_model(
+        images[:n_train], targets[:n_train], labels[:n_train], model, context=part(0, n_train)
+    )
+    val = PairDataset.for_model(
+        images[n_train:], targets[n_train:], labels[n_train:], model, context=part(n_train, None)
+    )
     return train, val
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = {"epochs": 2, "stage_epochs": 1, "batch_size": 8, "lr": 3e-3, "warmup_fraction": 0.1, "seed": 0,
-            "device": "cpu", "log_every": 0}
+    base = {
+        "epochs": 2,
+        "stage_epochs": 1,
+        "batch_size": 8,
+        "lr": 3e-3,
+        "warmup_fraction": 0.1,
+        "seed": 0,
+        "device": "cpu",
+        "log_every": 0,
+    }
     return TrainConfig(**{**base, **kw})
 
 
@@ -120,8 +136,12 @@ def test_cached_training_gives_the_same_model(name, tmp_path):
         assert torch.allclose(w_plain[key], w_cached[key], rtol=0, atol=1e-6), key
     assert r_cached.extra["fingerprint"] == r_plain.extra["fingerprint"]  # checkpoints interchangeable
     assert r_cached.extra["selected_epoch"] == r_plain.extra["selected_epoch"]
-    assert [h["val_cosine"] for h in r_cached.history] == pytest.approx([h["val_cosine"] for h in r_plain.history], abs=1e-6)
-    assert [h["train_loss"] for h in r_cached.history] == pytest.approx([h["train_loss"] for h in r_plain.history], abs=1e-6)
+    assert [h["val_cosine"] for h in r_cached.history] == pytest.approx(
+        [h["val_cosine"] for h in r_plain.history], abs=1e-6
+    )
+    assert [h["train_loss"] for h in r_cached.history] == pytest.approx(
+        [h["train_loss"] for h in r_plain.history], abs=1e-6
+    )
     np.testing.assert_allclose(p_cached, p_plain, rtol=0, atol=1e-6)
     np.testing.assert_allclose(e_cached, e_plain, rtol=0, atol=1e-6)
     if name == "clip":  # the whole clip backbone is frozen: only the heads train, and their epoch skips the tower

@@ -39,7 +39,9 @@ def reference_filter(prompts: list) -> list[int]:
 
 
 def frame(prompts) -> pl.DataFrame:
-    return pl.DataFrame({"id": list(range(len(prompts))), "prompt": prompts}, schema={"id": pl.Int64, "prompt": pl.String})
+    return pl.DataFrame(
+        {"id": list(range(len(prompts))), "prompt": prompts}, schema={"id": pl.Int64, "prompt": pl.String}
+    )
 
 
 def kept_ids(prompts) -> list[int]:
@@ -129,7 +131,11 @@ def test_order_and_other_columns_pass_through():
     out = filter_prompts(f)
     assert out.columns == ["image_id", "prompt", "seed"]
     assert out.schema == f.schema
-    assert out.to_dict(as_series=False) == {"image_id": ["b", "a", "d"], "prompt": ["z prompt", "y prompt", "x"], "seed": [3, 1, 9]}
+    assert out.to_dict(as_series=False) == {
+        "image_id": ["b", "a", "d"],
+        "prompt": ["z prompt", "y prompt", "x"],
+        "seed": [3, 1, 9],
+    }
 
 
 def test_empty_frame_and_missing_column():

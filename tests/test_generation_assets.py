@@ -53,10 +53,10 @@ def materialized(tmp_path_factory):
 
 
 def _write_unet_checkpoint(storage: StorageResource) -> None:
-    from pipeline.training.checkpoint import save_checkpoint
-    from pipeline.models import create_model
-    from pipeline.training.loop import seed_everything
     from pipeline.evaluation.unet_swap import encoder_from_model
+    from pipeline.models import create_model
+    from pipeline.training.checkpoint import save_checkpoint
+    from pipeline.training.loop import seed_everything
 
     seed_everything(0)
     model = create_model("unet", variant="tiny", vocab_size=8)
@@ -94,9 +94,9 @@ def test_caption_predictions_table_scores_and_check(materialized):
     assert table["sbert_cosine"].is_between(-1.0, 1.0).all() and (table["refclip_s"] >= 0).all()
     # the stored cosine is the generated prompt's embedding against the true prompt's
     truth = table.select("image_id", "embedding").join(
-        storage.read_table("prompt_embeddings").join(test.select("prompt", "image_id"), on="prompt").select(
-            "image_id", pl.col("embedding").alias("target")
-        ),
+        storage.read_table("prompt_embeddings")
+        .join(test.select("prompt", "image_id"), on="prompt")
+        .select("image_id", pl.col("embedding").alias("target")),
         on="image_id",
     )
     a, b = truth["embedding"].to_numpy(), truth["target"].to_numpy()
@@ -132,12 +132,14 @@ def test_predict_generate_prints_the_captioners_prompt(materialized, tmp_path, m
     """`reverse-sd predict --generate`: the retrieved prompts, then the captioner's own, which is the prompt
     caption_predictions wrote for the same image (the same stored bytes go through the same decoding)."""
     from assets import cli
-    from pipeline.training.checkpoint import save_checkpoint
     from pipeline.models import create_model
+    from pipeline.training.checkpoint import save_checkpoint
 
     storage, home, _, _ = materialized
     storage.write_table(storage.read_table("prompt_embeddings").select("prompt", "embedding"), "prompt_bank")
-    save_checkpoint(storage.path("trained_models", "vit", "baseline"), create_model("vit", variant="tiny", vocab_size=0))
+    save_checkpoint(
+        storage.path("trained_models", "vit", "baseline"), create_model("vit", variant="tiny", vocab_size=0)
+    )
     predictions = pl.read_parquet(home / "caption_predictions" / "blip.parquet").head(2)
     parts = pl.concat([pl.read_parquet(p) for p in (home / "diffusiondb_parts").glob("*.parquet")])
     images = predictions.join(parts.select("image_id", "image"), on="image_id", maintain_order="left")
@@ -146,9 +148,23 @@ def test_predict_generate_prints_the_captioners_prompt(materialized, tmp_path, m
         paths.append(tmp_path / f"{i}.png")
         paths[-1].write_bytes(data)
     monkeypatch.setenv("REVERSE_SD_HOME", str(home))
-    assert cli.main(
-        ["predict", *map(str, paths), "--model", "vit", "--generate", "--top-k", "2", "--format", "table", "--quiet"]
-    ) == 0
+    assert (
+        cli.main(
+            [
+                "predict",
+                *map(str, paths),
+                "--model",
+                "vit",
+                "--generate",
+                "--top-k",
+                "2",
+                "--format",
+                "table",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert [line.split("generated:", 1)[1].strip() for line in out.splitlines() if "generated:" in line] == [
         g.strip() for g in predictions["generated"]

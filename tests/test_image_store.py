@@ -9,10 +9,10 @@ import polars as pl
 import pytest
 import torch
 
-from pipeline.training.datasets import PairDataset, make_loader
-from pipeline.training.ddp import read_pairs, write_pairs
 from pipeline.data.image_store import ImageColumn, split_images, write_image_files
 from pipeline.data.images import reencode_image
+from pipeline.training.datasets import PairDataset, make_loader
+from pipeline.training.ddp import read_pairs, write_pairs
 
 
 def _png(seed: int) -> bytes:
@@ -45,8 +45,10 @@ class PartReader:
         if part == self.fail_on:
             raise OSError(f"cannot read {part}")
         have = PARTS[part]
-        return pl.DataFrame({"image_id": [i for i in ids if i in have], "image": [have[i] for i in ids if i in have]},
-                            schema={"image_id": pl.String, "image": pl.Binary})
+        return pl.DataFrame(
+            {"image_id": [i for i in ids if i in have], "image": [have[i] for i in ids if i in have]},
+            schema={"image_id": pl.String, "image": pl.Binary},
+        )
 
 
 def _rows(ids: list[str]) -> pl.DataFrame:
@@ -229,7 +231,7 @@ def test_temporary_files_of_killed_builds_are_swept_live_ones_kept(tmp_path):
     assert remove_abandoned(tmp_path, idle_s=0) == 1 and not live.exists()
 
 
-DRIVER = r'''
+DRIVER = r"""
 import sys, time
 import polars as pl
 sys.path.insert(0, sys.argv[1])
@@ -251,7 +253,7 @@ built = split_images_many({"train": rows.filter(pl.col("split") == "train").drop
                            "val": rows.filter(pl.col("split") == "val").drop("split")},
                           read_part, lambda part: "v1", cache)
 print("DONE", *[len(built[n][0]) for n in ("train", "val")], flush=True)
-'''
+"""
 
 
 def test_a_build_killed_mid_write_leaves_no_file_and_the_next_build_is_complete(tmp_path):

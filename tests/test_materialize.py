@@ -42,8 +42,15 @@ def test_whole_graph_materializes(sample_run):
     assert not list(home.rglob("*.tmp*"))
     report = json.loads((home / "reports" / "evaluation.json").read_text())
     cosine = report["cosine"]
-    for key in ("vit/baseline", "unet/mlc_cl", "ensemble/median", "ensemble/mean", "ensemble+dakl",
-                "baseline/mean_embedding", "baseline/knn"):
+    for key in (
+        "vit/baseline",
+        "unet/mlc_cl",
+        "ensemble/median",
+        "ensemble/mean",
+        "ensemble+dakl",
+        "baseline/mean_embedding",
+        "baseline/knn",
+    ):
         assert -1.0 <= cosine[key] <= 1.0, key
     # every trained model beats the mean training embedding on test (the blocking check enforces it on val)
     models = [f"{b}/{r}" for b in ("vit", "swin", "clip", "unet") for r in ("baseline", "mlc", "mlc_cl")]

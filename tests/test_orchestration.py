@@ -49,14 +49,17 @@ class _Recorder:
         time.sleep(self.seconds)
         with self.lock:
             del self.running[unit.partition_key]
-        return orch.Outcome(unit, "run", unit.partition_key not in self.fail, ["boom"] if unit.partition_key in self.fail else [])
+        return orch.Outcome(
+            unit, "run", unit.partition_key not in self.fail, ["boom"] if unit.partition_key in self.fail else []
+        )
 
 
 def test_gpu_pool_admits_one_run_per_gpu_each_on_its_own_device():
     """12 trained_models partitions on an 8-GPU box run 8 at a time, never two on one device."""
     recorder = _Recorder()
-    progress = orch.run_units(_fake_plan(12, gpu=True), workers=16, gpu_slots=8, gpu_devices=True, tags={},
-                              launch=recorder)
+    progress = orch.run_units(
+        _fake_plan(12, gpu=True), workers=16, gpu_slots=8, gpu_devices=True, tags={}, launch=recorder
+    )
     assert recorder.max_running == 8
     assert not recorder.device_clash
     assert len(progress.outcomes) == 12 and all(o.success for o in progress.outcomes)
@@ -65,8 +68,9 @@ def test_gpu_pool_admits_one_run_per_gpu_each_on_its_own_device():
 @pytest.mark.parametrize("gpus, expected", [(0, 1), (1, 1), (2, 2)])
 def test_fake_gpu_counts_bound_the_gpu_runs(gpus, expected):
     recorder = _Recorder()
-    orch.run_units(_fake_plan(6, gpu=True), workers=8, gpu_slots=max(1, gpus), gpu_devices=gpus > 0, tags={},
-                   launch=recorder)
+    orch.run_units(
+        _fake_plan(6, gpu=True), workers=8, gpu_slots=max(1, gpus), gpu_devices=gpus > 0, tags={}, launch=recorder
+    )
     assert recorder.max_running == expected
 
 
@@ -94,8 +98,8 @@ def test_runs_wait_for_what_they_read():
 
 
 def test_plan_is_runs_of_named_jobs_in_dependency_order_and_a_dry_plan_writes_nothing():
-    from assets.definitions import defs
     from assets.data import parts_partitions
+    from assets.definitions import defs
 
     instance = dg.DagsterInstance.ephemeral()
     parts = [f"part-{i:06d}" for i in range(1, 4)]
@@ -126,7 +130,7 @@ def test_no_private_dagster_import_in_assets_or_resources():
 
 # ---- recovery, with real processes -----------------------------------------------------------------------
 
-SLEEPER = r'''
+SLEEPER = r"""
 import os, sys, time
 import dagster as dg
 from assets import orchestration as orch
@@ -140,7 +144,7 @@ instance = dg.DagsterInstance.get()
 orch.ensure_pool_limit(instance, 1)
 dg.materialize([sleeper], instance=instance, tags={orch.LAUNCHED_BY_TAG: "cli", orch.PID_TAG: str(os.getpid()),
                orch.HOST_TAG: __import__("socket").gethostname()})
-'''
+"""
 
 
 def _wait_for(predicate, timeout: float, what: str):
@@ -180,8 +184,15 @@ def test_a_run_killed_in_the_gpu_pool_is_released_and_its_slot_freed(tmp_path):
 
 
 def _cli(args, env) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "assets.cli", *args], cwd=PROJECT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "assets.cli", *args],
+        cwd=PROJECT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _started_run(dagster_home: Path, job: str):
@@ -197,8 +208,13 @@ def _started_run(dagster_home: Path, job: str):
 def test_kill_minus_nine_in_a_gpu_stage_then_stale_rerun_completes_and_sigterm_stops_within_seconds(tmp_path):
     """kill -9 of `materialize` inside difficulty_scores: the next --stale run frees the slot the dead run held
     and completes; SIGTERM during a gpu stage stops within seconds, marking the run canceled."""
-    env = sample_env(tmp_path, REVERSE_SD_SAMPLE_PARTS="1", REVERSE_SD_SAMPLE_IMAGES_PER_PART="24",
-                     REVERSE_SD_TRAIN_EPOCHS="1", OMP_NUM_THREADS="1")
+    env = sample_env(
+        tmp_path,
+        REVERSE_SD_SAMPLE_PARTS="1",
+        REVERSE_SD_SAMPLE_IMAGES_PER_PART="24",
+        REVERSE_SD_TRAIN_EPOCHS="1",
+        OMP_NUM_THREADS="1",
+    )
     old_home = os.environ.get("DAGSTER_HOME")
     dagster_home = tmp_path / "dagster_home"
     selection = ["--select", "*difficulty_scores", "--workers", "2"]
@@ -217,7 +233,8 @@ def test_kill_minus_nine_in_a_gpu_stage_then_stale_rerun_completes_and_sigterm_s
         proc = _cli(["materialize", "--stale", *selection], env)
         second = _wait_for(
             lambda: (r := _started_run(dagster_home, "materialize_difficulty_scores")) and r.run_id != run.run_id and r,
-            240, "the re-run's gpu run",
+            240,
+            "the re-run's gpu run",
         )
         assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE  # released at start
         stopped_at = time.monotonic()

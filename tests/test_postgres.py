@@ -60,13 +60,24 @@ class _Cluster:
             for path in (self.root, pwfile):
                 os.chown(path, self.run_as.pw_uid, self.run_as.pw_gid)
         init = self._run(
-            self.bindir / "initdb", "-D", self.data, "-U", PG_USER, f"--pwfile={pwfile}",
-            "--auth-host=scram-sha-256", "--auth-local=trust", "-E", "UTF8", "--locale=C",
+            self.bindir / "initdb",
+            "-D",
+            self.data,
+            "-U",
+            PG_USER,
+            f"--pwfile={pwfile}",
+            "--auth-host=scram-sha-256",
+            "--auth-local=trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
         )
         if init.returncode != 0:
             return f"initdb failed: {(init.stderr or init.stdout)[-800:]}"
         options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} -c fsync=off"
-        start = self._run(self.bindir / "pg_ctl", "-D", self.data, "-l", self.log, "-w", "-t", "60", "-o", options, "start")
+        start = self._run(
+            self.bindir / "pg_ctl", "-D", self.data, "-l", self.log, "-w", "-t", "60", "-o", options, "start"
+        )
         if start.returncode != 0:
             log = self.log.read_text()[-800:] if self.log.exists() else ""
             return f"pg_ctl start failed: {(start.stderr or start.stdout)[-400:]} {log}"
@@ -79,9 +90,7 @@ class _Cluster:
     def connect(self, dbname: str = PG_DB):
         import psycopg2
 
-        return psycopg2.connect(
-            host="127.0.0.1", port=self.port, user=PG_USER, password=self.password, dbname=dbname
-        )
+        return psycopg2.connect(host="127.0.0.1", port=self.port, user=PG_USER, password=self.password, dbname=dbname)
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +175,8 @@ def _rows(cluster: _Cluster, sql: str) -> list[tuple]:
 
 def _materializations(cluster: _Cluster) -> list[tuple]:
     return _rows(
-        cluster, "SELECT asset_key, partition FROM event_logs WHERE dagster_event_type = 'ASSET_MATERIALIZATION' ORDER BY id"
+        cluster,
+        "SELECT asset_key, partition FROM event_logs WHERE dagster_event_type = 'ASSET_MATERIALIZATION' ORDER BY id",
     )
 
 
@@ -177,12 +187,18 @@ def test_runs_and_materializations_are_rows_in_postgres(postgres, shared_run):
     # one run per part and one for filtered_pairs (plus any observation runs the CLI records)
     assert len(runs) >= 3 and {r[0] for r in runs} == {"SUCCESS"}
     assert sorted(_materializations(postgres), key=str) == sorted(
-        [('["diffusiondb_parts"]', "part-000001"), ('["diffusiondb_parts"]', "part-000002"), ('["filtered_pairs"]', None)],
+        [
+            ('["diffusiondb_parts"]', "part-000001"),
+            ('["diffusiondb_parts"]', "part-000002"),
+            ('["filtered_pairs"]', None),
+        ],
         key=str,
     )
     checks = _rows(postgres, "SELECT check_name, execution_status FROM asset_check_executions")
     assert ("no_prompt_in_two_splits", "SUCCEEDED") in checks
-    partitions = _rows(postgres, "SELECT partition FROM dynamic_partitions WHERE partitions_def_name = 'diffusiondb_part'")
+    partitions = _rows(
+        postgres, "SELECT partition FROM dynamic_partitions WHERE partitions_def_name = 'diffusiondb_part'"
+    )
     assert sorted(p[0] for p in partitions) == ["part-000001", "part-000002"]
     # nothing fell back to SQLite under DAGSTER_HOME
     home = Path(env["DAGSTER_HOME"])

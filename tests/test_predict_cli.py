@@ -36,7 +36,9 @@ def tiny_home(tmp_path_factory) -> Path:
     rng = np.random.default_rng(1)
     bank = rng.normal(size=(6, 384)).astype(np.float32)
     bank /= np.linalg.norm(bank, axis=1, keepdims=True)
-    pl.DataFrame({"prompt": [f"prompt {i}" for i in range(6)], "embedding": bank}).write_parquet(home / "prompt_bank.parquet")
+    pl.DataFrame({"prompt": [f"prompt {i}" for i in range(6)], "embedding": bank}).write_parquet(
+        home / "prompt_bank.parquet"
+    )
     pl.DataFrame(
         {"index": np.arange(len(WORDS), dtype=np.int32), "word": WORDS, "count": np.arange(len(WORDS), 0, -1)}
     ).write_parquet(home / "vocabulary.parquet")
@@ -199,17 +201,34 @@ def test_hostile_inputs_are_skipped_by_name_without_hang_or_traceback(tiny_home,
     env = {k: v for k, v in os.environ.items() if not k.startswith("REVERSE_SD_")}
     env.update(REVERSE_SD_HOME=str(tiny_home), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [sys.executable, "-m", "assets.cli", "predict", str(folder / "*.png"), str(folder / "pipe.png"),
-         str(images[1]), "--model", "vit", "--format", "table"],
-        cwd=PROJECT, env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "assets.cli",
+            "predict",
+            str(folder / "*.png"),
+            str(folder / "pipe.png"),
+            str(images[1]),
+            "--model",
+            "vit",
+            "--format",
+            "table",
+        ],
+        cwd=PROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 1, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "MemoryError" not in result.stderr
     skipped = [line for line in result.stderr.splitlines() if line.startswith("skipped ")]
-    assert sorted(skipped) == sorted([
-        f"skipped {folder / 'pipe.png'}: a FIFO (named pipe), not a regular file",
-        f"skipped {folder / 'sparse.png'}: 20,480 MB, above the 100 MB limit for an input image",
-        f"skipped {folder / 'zero.png'}: a symlink to /dev/zero, a character device, not a regular file",
-    ])
+    assert sorted(skipped) == sorted(
+        [
+            f"skipped {folder / 'pipe.png'}: a FIFO (named pipe), not a regular file",
+            f"skipped {folder / 'sparse.png'}: 20,480 MB, above the 100 MB limit for an input image",
+            f"skipped {folder / 'zero.png'}: a symlink to /dev/zero, a character device, not a regular file",
+        ]
+    )
     assert "3 of 5 files skipped" in result.stderr
     assert result.stdout.count("  1. ") == 2

@@ -42,6 +42,7 @@ def _png(size=(32, 32), color="red") -> bytes:
 
 def _png_header(width: int, height: int) -> bytes:
     """A PNG that declares width x height and holds no pixels: a decompression bomb's header."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
@@ -65,8 +66,13 @@ def hostile(tmp_path) -> dict[str, Path]:
     """A folder of good and hostile '.png' inputs: a FIFO, a symlink to /dev/zero, a 20 GB sparse file."""
     folder = tmp_path / "in"
     folder.mkdir()
-    paths = {"good": folder / "good.png", "fifo": folder / "pipe.png", "zero": folder / "zero.png",
-             "sparse": folder / "sparse.png", "broken": folder / "broken.png"}
+    paths = {
+        "good": folder / "good.png",
+        "fifo": folder / "pipe.png",
+        "zero": folder / "zero.png",
+        "sparse": folder / "sparse.png",
+        "broken": folder / "broken.png",
+    }
     paths["good"].write_bytes(_png())
     os.mkfifo(paths["fifo"])
     os.symlink("/dev/zero", paths["zero"])
@@ -193,7 +199,10 @@ def test_parts_reader_names_the_archive_member(tmp_path):
         zf.writestr("ok.png", _png())
         zf.writestr("bomb.png", _png_header(30000, 30000))
         zf.writestr("turned.jpg", _rotated_jpeg())
-        entries = {n: {"p": "a prompt", "se": 1, "c": 7.0, "st": 50, "sa": "k_lms"} for n in ("ok.png", "bomb.png", "turned.jpg")}
+        entries = {
+            n: {"p": "a prompt", "se": 1, "c": 7.0, "st": 50, "sa": "k_lms"}
+            for n in ("ok.png", "bomb.png", "turned.jpg")
+        }
         zf.writestr("part-000001.json", json.dumps(entries))
     result = read_part(archive, "part-000001", image_size=16)
     assert result.counts == {"image_too_large": 1}
@@ -215,7 +224,9 @@ def tiny_home(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     bank = rng.normal(size=(6, 384)).astype(np.float32)
     bank /= np.linalg.norm(bank, axis=1, keepdims=True)
-    pl.DataFrame({"prompt": [f"prompt {i}" for i in range(6)], "embedding": bank}).write_parquet(home / "prompt_bank.parquet")
+    pl.DataFrame({"prompt": [f"prompt {i}" for i in range(6)], "embedding": bank}).write_parquet(
+        home / "prompt_bank.parquet"
+    )
     pl.DataFrame(
         {"index": np.arange(len(WORDS), dtype=np.int32), "word": WORDS, "count": np.arange(len(WORDS), 0, -1)}
     ).write_parquet(home / "vocabulary.parquet")

@@ -15,7 +15,6 @@ import pytest
 from assets.common import metadata_table, rounded_metadata, table_metadata
 from assets.plots import bar_plot_png, data_uri, gallery_png, md_image, zoomed_limits
 from pipeline.evaluation.report import (
-    BASELINE_COLUMNS,
     PAPER_DAKL,
     PAPER_KNN,
     PAPER_TABLE,
@@ -51,7 +50,13 @@ def test_table1_records_put_the_papers_figure_beside_each_cell():
     assert list(records) == ["vit", "swin", "clip", "unet", "ensemble median", "ensemble mean", "ensemble + DAKL"]
     names = [name for name, _ in TABLE1_COLUMNS]
     assert names == [
-        "model", "baseline", "baseline (paper)", "+ MLC", "+ MLC (paper)", "+ MLC + CL", "+ MLC + CL (paper)"
+        "model",
+        "baseline",
+        "baseline (paper)",
+        "+ MLC",
+        "+ MLC (paper)",
+        "+ MLC + CL",
+        "+ MLC + CL (paper)",
     ]
     assert all(list(r) == names for r in records.values())
     assert records["vit"]["baseline"] == 0.6123  # rounded to 4 decimals
@@ -68,7 +73,11 @@ def test_table1_records_put_the_papers_figure_beside_each_cell():
 
 def test_baseline_records_round_and_cite_the_paper():
     records = {r["baseline"].split(" (")[0]: r for r in _report().baseline_records()}
-    assert records["mean training embedding"] == {"baseline": "mean training embedding", "test cosine": 0.5, "paper": None}
+    assert records["mean training embedding"] == {
+        "baseline": "mean training embedding",
+        "test cosine": 0.5,
+        "paper": None,
+    }
     knn = next(r for name, r in records.items() if name.startswith("k-NN"))
     assert knn["test cosine"] == 0.55 and knn["paper"] == PAPER_KNN
     missing = Report(profile="sample", split="test", cosine={}).baseline_records()
@@ -81,8 +90,10 @@ def test_metadata_table_is_a_typed_dagster_table_with_four_decimals():
     assert [(c.name, c.type) for c in value.schema.columns] == TABLE1_COLUMNS
     vit = value.records[0].data
     assert vit["model"] == "vit" and vit["baseline"] == 0.6123
-    nan = metadata_table([{"x": float("nan"), "y": np.float32(0.123456), "z": np.bool_(True)}],
-                         [("x", "float"), ("y", "float"), ("z", "bool")])
+    nan = metadata_table(
+        [{"x": float("nan"), "y": np.float32(0.123456), "z": np.bool_(True)}],
+        [("x", "float"), ("y", "float"), ("z", "bool")],
+    )
     assert nan.records[0].data == {"x": None, "y": 0.1235, "z": True}  # JSON-safe: the UI parses records as JSON
     json.dumps(nan.records[0].data, allow_nan=False)
 
@@ -99,7 +110,9 @@ def test_table_metadata_is_dagsters_row_count_and_column_schema():
     assert metadata["dagster/row_count"] == dg.MetadataValue.int(3)
     schema = metadata["dagster/column_schema"].schema
     assert [(c.name, c.type) for c in schema.columns] == [
-        ("image_id", "String"), ("split", "String"), ("embedding", "Array(Float32, shape=(2,))")
+        ("image_id", "String"),
+        ("split", "String"),
+        ("embedding", "Array(Float32, shape=(2,))"),
     ]
     assert "dagster/partition_row_count" not in metadata
     assert table_metadata(frame, partitioned=True)["dagster/partition_row_count"] == dg.MetadataValue.int(3)
@@ -124,8 +137,13 @@ def test_score_test_split_names_every_figure_like_evaluation_json():
         test_y,
     )
     assert list(scores.cosine) == [
-        "vit/baseline", "vit/mlc", "ensemble/median/baseline", "ensemble/median", "ensemble/mean",
-        "ensemble+dakl", "baseline/mean_embedding",
+        "vit/baseline",
+        "vit/mlc",
+        "ensemble/median/baseline",
+        "ensemble/median",
+        "ensemble/mean",
+        "ensemble+dakl",
+        "baseline/mean_embedding",
     ]
     assert scores.cosine["vit/baseline"] == pytest.approx(1.0) and scores.cosine["vit/mlc"] == pytest.approx(-1.0)
     assert scores.per_row["vit/baseline"].shape == (6,)
@@ -165,7 +183,7 @@ def test_plots_are_pngs_that_embed_as_markdown_images():
     assert png.startswith(PNG_MAGIC)
     markdown = md_image(png, "bars")
     assert markdown.startswith("![bars](data:image/png;base64,")
-    assert base64.b64decode(markdown[len("![bars](data:image/png;base64,"):-1]) == png
+    assert base64.b64decode(markdown[len("![bars](data:image/png;base64,") : -1]) == png
     image = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 30, 30)).save(image, "PNG")
     gallery = gallery_png([image.getvalue()] * 2, ["true prompt: a red square\n1. (0.900) a red square"] * 2)

@@ -51,7 +51,7 @@ def test_layout_is_diffusiondb(mirror):
             pngs = [n for n in names if n != f"{key}.json"]
             assert len(pngs) == 40 and all(UUID_PNG.fullmatch(n) for n in pngs)
             assert list(entries) == pngs  # one entry per image, in archive order
-            for name, entry in entries.items():
+            for entry in entries.values():
                 assert set(entry) == {"p", "se", "c", "st", "sa"}
                 assert isinstance(entry["p"], str) and isinstance(entry["sa"], str)
                 assert isinstance(entry["se"], int) and isinstance(entry["st"], int)
@@ -95,7 +95,9 @@ def test_adding_a_part_later_matches_one_go(tmp_path):
     generate_sample_mirror(once, n_parts=3, images_per_part=10, seed=1, image_size=32)
     after = _files(later)
     # old parts untouched, the new part as it would have been, metadata covering all three
-    assert {k: after[k] for k in before if k.endswith(".zip")} == {k: v for k, v in before.items() if k.endswith(".zip")}
+    assert {k: after[k] for k in before if k.endswith(".zip")} == {
+        k: v for k, v in before.items() if k.endswith(".zip")
+    }
     assert after["images/part-000003.zip"] == _files(once)["images/part-000003.zip"]
     assert pl.read_parquet(later / "metadata.parquet").equals(pl.read_parquet(once / "metadata.parquet"))
     assert not [p for p in later.rglob("*") if ".tmp" in p.name]

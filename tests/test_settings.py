@@ -38,7 +38,9 @@ def test_a_wrong_value_is_one_error_naming_the_variable(environ, words):
 def test_per_backbone_overrides_change_only_that_backbone():
     config = profile_config(load_settings({"REVERSE_SD_TRAIN_VIT_LR": "0.5", "REVERSE_SD_TRAIN_UNET_EPOCHS": "2"}))
     plain = profile_config(load_settings({}))
-    assert config.training_for("vit").lr == 0.5 and config.training_for("vit").epochs == plain.training_for("vit").epochs
+    assert (
+        config.training_for("vit").lr == 0.5 and config.training_for("vit").epochs == plain.training_for("vit").epochs
+    )
     assert config.training_for("unet").epochs == 2 and config.training_for("unet").lr == plain.training_for("unet").lr
     assert config.training_for("swin") == plain.training_for("swin")
     # the profile's own departure (the sample's unet stops at 4 epochs) stays unless the user overrides it
@@ -84,6 +86,8 @@ def test_no_module_but_the_settings_module_reads_reverse_sd_variables():
     readers = []
     for path in [*root.glob("assets/*.py"), *root.glob("resources/*.py"), *root.glob("pipeline/**/*.py")]:
         text = path.read_text()
-        if re.search(r"(environ(\.get)?\(|getenv\()\s*[\"']REVERSE_SD_", text) or re.search(r"environ\[[\"']REVERSE_SD_", text):
+        if re.search(r"(environ(\.get)?\(|getenv\()\s*[\"']REVERSE_SD_", text) or re.search(
+            r"environ\[[\"']REVERSE_SD_", text
+        ):
             readers.append(path.relative_to(root).as_posix())
     assert readers == [], readers

@@ -161,9 +161,7 @@ def test_materialize_data_assets_into_memory_root(tiny_mirror, memory_root):
         instance.add_dynamic_partitions(parts_partitions.name, ["part-000001"])
         parts = dg.materialize([diffusiondb_parts], partition_key="part-000001", instance=instance, resources=resources)
         assert parts.success
-        pairs = dg.materialize(
-            [filtered_pairs, no_prompt_in_two_splits], instance=instance, resources=resources
-        )
+        pairs = dg.materialize([filtered_pairs, no_prompt_in_two_splits], instance=instance, resources=resources)
         assert pairs.success
         checks = pairs.get_asset_check_evaluations()
         assert [c.passed for c in checks] == [True]
@@ -230,7 +228,9 @@ def test_local_dirs_stay_local_under_an_object_store_root(tmp_path, monkeypatch)
     from resources import StorageResource, load_settings
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    assert StorageResource(root="memory://bucket/x").local_dir("downloads") == str(tmp_path / "cache" / "reverse-sd" / "downloads")
+    assert StorageResource(root="memory://bucket/x").local_dir("downloads") == str(
+        tmp_path / "cache" / "reverse-sd" / "downloads"
+    )
     assert StorageResource(root=f"file://{tmp_path}/home").local_dir("downloads") == f"{tmp_path}/home/downloads"
     assert StorageResource(root=str(tmp_path / "home")).local_dir("downloads") == str(tmp_path / "home" / "downloads")
     settings = load_settings({"REVERSE_SD_PROFILE": "sample", "REVERSE_SD_HOME": "s3://bucket/prefix"})

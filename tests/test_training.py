@@ -48,7 +48,12 @@ class TinyModel(nn.Module):
 
     def __init__(self, vocab_size: int = K, embedding_dim: int = 384, dropout: float = 0.1, image_size: int = SIZE):
         super().__init__()
-        self.vocab_size, self.embedding_dim, self.dropout_p, self.image_size = vocab_size, embedding_dim, dropout, image_size
+        self.vocab_size, self.embedding_dim, self.dropout_p, self.image_size = (
+            vocab_size,
+            embedding_dim,
+            dropout,
+            image_size,
+        )
         self.mean, self.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
         self.uses_context = False
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.GELU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
@@ -138,7 +143,13 @@ def cfg(**kw) -> TrainConfig:
 def test_pair_dataset_decodes_normalises_and_labels():
     images, targets, labels = toy_data(3)
     ds = PairDataset(
-        pa.array(images, type=pa.binary()), targets, labels, image_size=SIZE, mean=(0.5,) * 3, std=(0.25,) * 3, vocab_size=K
+        pa.array(images, type=pa.binary()),
+        targets,
+        labels,
+        image_size=SIZE,
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        vocab_size=K,
     )
     pixels, target, multi_hot, index = ds[2]
     assert pixels.shape == (3, SIZE, SIZE) and pixels.dtype == torch.float32
@@ -168,8 +179,15 @@ def test_checkpoint_round_trip_safetensors_and_weights_only_state(tmp_path):
     optimizer.step()
     scheduler.step()
     torch.manual_seed(7)
-    path = save_checkpoint(tmp_path, model, optimizer, scheduler, progress={"completed": 3, "history": [{"a": 1.0}]},
-                           config={"lr": 1e-3}, index=3)
+    path = save_checkpoint(
+        tmp_path,
+        model,
+        optimizer,
+        scheduler,
+        progress={"completed": 3, "history": [{"a": 1.0}]},
+        config={"lr": 1e-3},
+        index=3,
+    )
     after_save = torch.rand(4)  # what the RNG gives next, to compare after restoring
     assert path.name == "ckpt-00003.safetensors" and latest_checkpoint(tmp_path) == path
     # the weights file is plain safetensors with the model config in its metadata
@@ -286,8 +304,9 @@ def test_loader_workers_do_not_change_the_result(tmp_path):
     for workers in (0, 2):
         model = make_tiny_model(0)
         train, val = datasets(model, 24, 8)
-        result = train_model(model, train, val, cfg(epochs=2, num_workers=workers), tmp_path / str(workers),
-                             loss_fn=make_loss())
+        result = train_model(
+            model, train, val, cfg(epochs=2, num_workers=workers), tmp_path / str(workers), loss_fn=make_loss()
+        )
         runs.append((weights(model), result.final_val_cosine))
     assert all(torch.equal(runs[0][0][k], runs[1][0][k]) for k in runs[0][0])
     assert runs[0][1] == runs[1][1]
@@ -299,8 +318,12 @@ def test_gradient_accumulation_matches_a_bigger_batch(tmp_path):
         model = make_tiny_model(0, dropout=0.0)
         train, val = datasets(model, 20, 4)  # 20 = 2 full groups of 8 + a group of 4 (uneven tail)
         train_model(
-            model, train, val, cfg(epochs=1, batch_size=batch, grad_accum_steps=accum, precision="fp32"),
-            tmp_path / str(batch), loss_fn=make_loss(),
+            model,
+            train,
+            val,
+            cfg(epochs=1, batch_size=batch, grad_accum_steps=accum, precision="fp32"),
+            tmp_path / str(batch),
+            loss_fn=make_loss(),
         )
         results.append(weights(model))
     init = weights(make_tiny_model(0, dropout=0.0))
@@ -315,16 +338,25 @@ def test_training_learns_the_toy_problem(tmp_path):
     before = predict_embeddings(model, val, batch_size=16, device="cpu")
     start = float(np.mean(np.sum(before * val.targets, axis=1)))
     logs = []
-    result = train_model(model, train, val, cfg(epochs=6, batch_size=16, lr=1e-2), tmp_path,
-                         on_log=logs.append, loss_fn=make_loss())
+    result = train_model(
+        model, train, val, cfg(epochs=6, batch_size=16, lr=1e-2), tmp_path, on_log=logs.append, loss_fn=make_loss()
+    )
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert result.final_val_cosine > start + 0.2, (start, result.final_val_cosine)
     mean_baseline = float(np.mean(val.targets @ (m := train.targets.mean(0)) / np.linalg.norm(m)))
     assert result.best_val_cosine > mean_baseline
     epochs = [r for r in logs if r.get("event") == "epoch"]
     assert len(epochs) == 6 and all(r["images_per_s"] > 0 and 0 <= r["data_wait_fraction"] <= 1 for r in epochs)
-    assert set(result.history[0]) >= {"stage", "epoch", "train_loss", "train_cosine", "val_cosine",
-                                      "images_per_s", "data_wait_fraction", "gpu_mem_mb"}
+    assert set(result.history[0]) >= {
+        "stage",
+        "epoch",
+        "train_loss",
+        "train_cosine",
+        "val_cosine",
+        "images_per_s",
+        "data_wait_fraction",
+        "gpu_mem_mb",
+    }
 
 
 def test_throughput_metrics_are_recorded_and_old_metrics_still_load(tmp_path):

@@ -10,8 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.models import create_model
-from pipeline.training.loop import seed_everything
 from pipeline.evaluation.unet_swap import (
     DEFAULT_PROMPTS,
     EncoderSwap,
@@ -22,6 +20,8 @@ from pipeline.evaluation.unet_swap import (
     swap_grid,
     tiny_sd_pipeline,
 )
+from pipeline.models import create_model
+from pipeline.training.loop import seed_everything
 
 PROMPTS = list(DEFAULT_PROMPTS[:2])
 STEPS = 3
@@ -137,7 +137,9 @@ def test_incompatible_encoder_is_rejected(pipe):
 
     other = UNet2DConditionModel(**{**bb.TINY_UNET_CONFIG, "block_out_channels": (16, 32), "norm_num_groups": 8})
     with pytest.raises(ValueError, match="does not fit"):
-        check_compatible(pipe.unet, torch.nn.ModuleDict({"down_blocks": other.down_blocks, "mid_block": other.mid_block}))
+        check_compatible(
+            pipe.unet, torch.nn.ModuleDict({"down_blocks": other.down_blocks, "mid_block": other.mid_block})
+        )
     with pytest.raises(ValueError, match="after_steps"):
         EncoderSwap(pipe.unet, encoder_from_model(_unet_model(0.0)), after_steps=0)
 

@@ -237,7 +237,9 @@ def test_evaluation_report_shows_the_table(ui_server, browser, sample_instance, 
     screenshot = tmp_path / "evaluation_report.png"
     try:
         # the events view opens on the latest materialization: its run is named in the header
-        run_link = f"//*[starts-with(normalize-space(.), 'Materialized in run')]//a[normalize-space()='{latest.run_id[:8]}']"
+        run_link = (
+            f"//*[starts-with(normalize-space(.), 'Materialized in run')]//a[normalize-space()='{latest.run_id[:8]}']"
+        )
         _wait(browser).until(EC.presence_of_element_located((By.XPATH, run_link)))
         # Table 1 is Dagster table metadata, shown inline: the figures with the paper's beside them
         table = _wait(browser).until(

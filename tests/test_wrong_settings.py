@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-
 from conftest import sample_env
 
 from pipeline.training.checkpoint import CheckpointError, load_checkpoint, load_model_weights, save_checkpoint
@@ -70,7 +69,11 @@ def _cases(tmp: Path) -> dict[str, tuple[dict[str, str], list[str], list[str]]]:
             ["materialize"],
             ["REVERSE_SD_DIFFUSIONDB", "does not exist"],
         ),
-        "mirror is a file": ({"REVERSE_SD_DIFFUSIONDB": str(tmp / "a_file")}, ["materialize"], ["REVERSE_SD_DIFFUSIONDB"]),
+        "mirror is a file": (
+            {"REVERSE_SD_DIFFUSIONDB": str(tmp / "a_file")},
+            ["materialize"],
+            ["REVERSE_SD_DIFFUSIONDB"],
+        ),
         "mirror without DiffusionDB's layout": (
             {"REVERSE_SD_DIFFUSIONDB": str(tmp / "not_a_mirror")},
             ["materialize", "--select", "diffusiondb_parts"],
@@ -81,12 +84,24 @@ def _cases(tmp: Path) -> dict[str, tuple[dict[str, str], list[str], list[str]]]:
             ["materialize"],
             ["REVERSE_SD_HOME", "not writable"],
         ),
-        "unwritable Dagster instance": ({"DAGSTER_HOME": str(tmp / "a_file" / "dh")}, ["materialize"], ["DAGSTER_HOME"]),
+        "unwritable Dagster instance": (
+            {"DAGSTER_HOME": str(tmp / "a_file" / "dh")},
+            ["materialize"],
+            ["DAGSTER_HOME"],
+        ),
         "sample size not a number": ({"REVERSE_SD_SAMPLE_PARTS": "two"}, ["materialize"], ["REVERSE_SD_SAMPLE_PARTS"]),
-        "unknown captioner": ({"REVERSE_SD_CAPTIONERS": "blip, pez"}, ["materialize"], ["REVERSE_SD_CAPTIONERS", "pez", "blip2"]),
+        "unknown captioner": (
+            {"REVERSE_SD_CAPTIONERS": "blip, pez"},
+            ["materialize"],
+            ["REVERSE_SD_CAPTIONERS", "pez", "blip2"],
+        ),
         "unknown asset": ({}, ["materialize", "--select", "nosuch_asset+"], ["--select", "nosuch_asset"]),
         "unknown backbone": ({}, ["predict", image, "--model", "nosuch"], ["--model", "'nosuch'", "vit"]),
-        "unknown captioner (predict)": ({}, ["predict", image, "--captioner", "pez"], ["--captioner", "'pez'", "blip2"]),
+        "unknown captioner (predict)": (
+            {},
+            ["predict", image, "--captioner", "pez"],
+            ["--captioner", "'pez'", "blip2"],
+        ),
         "wrong embedding size in a checkpoint": (
             {"REVERSE_SD_HOME": str(checkpoint.parents[3])},
             ["predict", image, "--model", "vit"],
@@ -114,7 +129,12 @@ def cli_runs(tmp_path_factory):
     token_root = tmp / "token_run"
     jobs = {name: ({**base, **changes}, args) for name, (changes, args, _) in cases.items()}
     jobs["token run"] = (
-        {**base, "HF_TOKEN": SECRET, "REVERSE_SD_HOME": str(token_root / "data"), "DAGSTER_HOME": str(token_root / "dh")},
+        {
+            **base,
+            "HF_TOKEN": SECRET,
+            "REVERSE_SD_HOME": str(token_root / "data"),
+            "DAGSTER_HOME": str(token_root / "dh"),
+        },
         ["materialize", "--select", "diffusiondb_parts"],
     )
     with ThreadPoolExecutor(max_workers=4) as pool:

@@ -61,18 +61,24 @@ FULL_MAX_LENGTH = 77  # Stable Diffusion reads 77 CLIP tokens of a prompt; longe
 CLIP_S_WEIGHT = 2.5  # Hessel et al.'s w in CLIP-S = w * max(cos, 0)
 
 TINY_VISION = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-    image_size=TINY_IMAGE_SIZE, patch_size=8,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=TINY_IMAGE_SIZE,
+    patch_size=8,
 )
 TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
 TINY_QFORMER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
 TINY_OPT = dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=2, word_embed_proj_dim=64)
 TINY_QUERY_TOKENS = 4
 TINY_CLIP = dict(
-    text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-              max_position_embeddings=77),
-    vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                image_size=32, patch_size=8),
+    text=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77
+    ),
+    vision=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    ),
     projection_dim=32,
 )
 
@@ -174,13 +180,20 @@ def build_blip2(variant: str, pretrained: bool, weights: str, corpus: Sequence[s
     tokenizer = _with_image_token(tiny_tokenizer(corpus))
     ids = _blip_text_ids(tokenizer)
     text = {
-        **TINY_OPT, "model_type": "opt", "vocab_size": ids["vocab_size"], "bos_token_id": ids["bos_token_id"],
-        "eos_token_id": ids["eos_token_id"], "pad_token_id": ids["pad_token_id"],
+        **TINY_OPT,
+        "model_type": "opt",
+        "vocab_size": ids["vocab_size"],
+        "bos_token_id": ids["bos_token_id"],
+        "eos_token_id": ids["eos_token_id"],
+        "pad_token_id": ids["pad_token_id"],
         "max_position_embeddings": TINY_MAX_LENGTH + TINY_QUERY_TOKENS + 2,
     }
     qformer = {**TINY_QFORMER, "encoder_hidden_size": TINY_VISION["hidden_size"], "vocab_size": ids["vocab_size"]}
     config = Blip2Config(
-        vision_config=TINY_VISION, qformer_config=qformer, text_config=text, num_query_tokens=TINY_QUERY_TOKENS,
+        vision_config=TINY_VISION,
+        qformer_config=qformer,
+        text_config=text,
+        num_query_tokens=TINY_QUERY_TOKENS,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
     )
     return Blip2ForConditionalGeneration(config), tokenizer
@@ -323,8 +336,12 @@ class Captioner(nn.Module):
         settings = {**self.generation, **{k: v for k, v in kwargs.items() if v is not None}}
         settings.update(max_new_tokens=max_new_tokens or self.max_length, do_sample=False)
         if self.family == "blip2":
-            bos = torch.full((pixel_values.shape[0], 1), self.model.config.text_config.bos_token_id,
-                             dtype=torch.long, device=pixel_values.device)
+            bos = torch.full(
+                (pixel_values.shape[0], 1),
+                self.model.config.text_config.bos_token_id,
+                dtype=torch.long,
+                device=pixel_values.device,
+            )
             prompt, mask = self._with_image_tokens(bos, torch.ones_like(bos))
             ids = self.model.generate(pixel_values=pixel_values, input_ids=prompt, attention_mask=mask, **settings)
             if ids.shape[1] >= prompt.shape[1] and torch.equal(ids[:, : prompt.shape[1]], prompt):
@@ -368,7 +385,12 @@ def create_captioner(
     arch = CAPTIONERS[name]
     model, tokenizer = arch.build(variant, pretrained, weights or arch.weights, corpus)
     return Captioner(
-        model, tokenizer, name=name, variant=variant, vocab_size=vocab_size, max_length=arch.max_length[variant],
+        model,
+        tokenizer,
+        name=name,
+        variant=variant,
+        vocab_size=vocab_size,
+        max_length=arch.max_length[variant],
         freeze_language_model=pretrained,
     )
 
@@ -516,8 +538,20 @@ def train_captioner(
     resumes after its last finished epoch, with the weights an uninterrupted run has (every epoch seeds its
     own shuffle and RNG); a checkpoint from other settings, data or stages is discarded, not resumed.
     """
-    from pipeline.training.checkpoint import latest_checkpoint, load_checkpoint, read_state, remove_checkpoints, save_checkpoint
-    from pipeline.training.loop import autocast_dtype, cosine_with_warmup, make_optimizer, resolve_device, seed_everything
+    from pipeline.training.checkpoint import (
+        latest_checkpoint,
+        load_checkpoint,
+        read_state,
+        remove_checkpoints,
+        save_checkpoint,
+    )
+    from pipeline.training.loop import (
+        autocast_dtype,
+        cosine_with_warmup,
+        make_optimizer,
+        resolve_device,
+        seed_everything,
+    )
 
     n = len(train_set)
     stage_list = [np.arange(n)] if stages is None else [np.asarray(s, dtype=np.int64) for s in stages]
@@ -532,7 +566,11 @@ def train_captioner(
     captioner.to(device)
     sampler = StageSampler(stage_list[0], True, config.seed)
     loader = make_loader(
-        train_set, config.batch_size, seed=config.seed, num_workers=config.num_workers, sampler=sampler,
+        train_set,
+        config.batch_size,
+        seed=config.seed,
+        num_workers=config.num_workers,
+        sampler=sampler,
         pin_memory=device.type == "cuda",
     )
     total_steps = sum(-(-len(stage_list[s]) // config.batch_size) for s, _ in plan)
@@ -565,9 +603,7 @@ def train_captioner(
             pixels, ids, mask, labels = (t.to(device) for t in (pixels, ids, mask, labels))
             with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
                 token_logits, vocab_logits = captioner(pixels, ids, mask)
-            loss, parts, per_sample = caption_loss(
-                token_logits, ids, mask, vocab_logits, labels, config.lambda_vocab
-            )
+            loss, parts, per_sample = caption_loss(token_logits, ids, mask, vocab_logits, labels, config.lambda_vocab)
             loss.backward()
             if config.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(captioner.trainable_parameters(), config.max_grad_norm)
@@ -597,8 +633,17 @@ def train_captioner(
             on_log(record)
         if checkpoint_dir:
             progress = {"done": k + 1, "history": history, "fingerprint": fingerprint}
-            save_checkpoint(checkpoint_dir, captioner, optimizer, scheduler, progress=progress,
-                            config=config.result_dict(), index=k + 1, rng=False, keep_last=1)
+            save_checkpoint(
+                checkpoint_dir,
+                captioner,
+                optimizer,
+                scheduler,
+                progress=progress,
+                config=config.result_dict(),
+                index=k + 1,
+                rng=False,
+                keep_last=1,
+            )
     return history
 
 
@@ -822,8 +867,9 @@ class ClipScorer:
     mean / std, which is what CLIPImageProcessor does to a square image.
     """
 
-    def __init__(self, model, tokenizer, device: str | torch.device = "cpu",
-                 batch_size: int = 32, description: str = ""):
+    def __init__(
+        self, model, tokenizer, device: str | torch.device = "cpu", batch_size: int = 32, description: str = ""
+    ):
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.device = torch.device(device)
@@ -845,8 +891,11 @@ class ClipScorer:
         out = []
         for start in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(
-                list(texts[start : start + self.batch_size]), padding=True, truncation=True,
-                max_length=self.max_length, return_tensors="pt",
+                list(texts[start : start + self.batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
             )
             feats = self.model.get_text_features(
                 input_ids=enc["input_ids"].to(self.device), attention_mask=enc["attention_mask"].to(self.device)
@@ -884,8 +933,12 @@ def load_clip_scorer(
             CLIPModel.from_pretrained(source), AutoTokenizer.from_pretrained(source), device, description=source
         )
     tokenizer = minilm_tokenizer()
-    ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
-               pad_token_id=tokenizer.pad_token_id)
+    ids = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:

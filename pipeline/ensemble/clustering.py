@@ -128,8 +128,8 @@ def nearest(queries: np.ndarray, base: np.ndarray, metric: str = "cosine") -> tu
     else:
         raise ValueError(f"metric must be 'cosine' or 'l2', got {metric!r}")
     index.add(b)
-    D, I = index.search(q, 1)
-    return D[:, 0], I[:, 0].astype(np.int64)
+    distances, indices = index.search(q, 1)
+    return distances[:, 0], indices[:, 0].astype(np.int64)
 
 
 def label_centroids(

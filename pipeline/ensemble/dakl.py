@@ -142,9 +142,7 @@ class DAKLRegressor(MultiOutputMixin, RegressorMixin, BaseEstimator):
             X_target = np.empty((0, X.shape[1]))
         X_target = check_array(X_target, dtype=np.float64, ensure_min_samples=0, input_name="X_target")
         if X_target.shape[1] != X.shape[1]:
-            raise ValueError(
-                f"X_target has {X_target.shape[1]} features but X has {X.shape[1]}; they must match"
-            )
+            raise ValueError(f"X_target has {X_target.shape[1]} features but X has {X.shape[1]}; they must match")
         Y2 = Y.reshape(len(Y), -1)
         n = len(X)
         Xn = cosine_normalise(X, dtype)

@@ -201,13 +201,14 @@ class Report:
 
         rows = []
         for backbone in ("vit", "swin", "clip", "unet"):
-            rows.append(
-                [backbone] + [fmt(f"{backbone}/{r}") + paper(backbone, r) for r in RECIPE_TITLES]
-            )
+            rows.append([backbone] + [fmt(f"{backbone}/{r}") + paper(backbone, r) for r in RECIPE_TITLES])
         for method in ("median", "mean"):
             rows.append(
                 [f"ensemble {method}"]
-                + [fmt(f"ensemble/{method}/{r}") + (paper("ensemble", r) if method == "median" else "") for r in RECIPE_TITLES]
+                + [
+                    fmt(f"ensemble/{method}/{r}") + (paper("ensemble", r) if method == "median" else "")
+                    for r in RECIPE_TITLES
+                ]
             )
         rows.append(["ensemble + DAKL", "-", "-", fmt("ensemble+dakl") + f" ({PAPER_DAKL:.4f})"])
         return rows

@@ -45,8 +45,14 @@ DEFAULT_PROMPTS = (
 )
 # DDIM as Stable Diffusion 2 base ships it (scheduler/scheduler_config.json).
 SD2_DDIM = dict(
-    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-    set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon", timestep_spacing="leading",
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+    timestep_spacing="leading",
 )
 TINY_TEXT_ENCODER = dict(intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77)
 
@@ -120,8 +126,8 @@ def encoder_from_model(model) -> nn.ModuleDict:
 
 def load_finetuned_encoder(checkpoint) -> tuple[nn.ModuleDict, dict]:
     """(encoder, model config) from a trained_models unet checkpoint (weights file or its directory)."""
-    from pipeline.training.checkpoint import load_model_weights
     from pipeline.models import create_model
+    from pipeline.training.checkpoint import load_model_weights
 
     state, config = load_model_weights(checkpoint)
     if config.get("backbone") != "unet":

@@ -1,8 +1,8 @@
 """Models of reverse-sd: four backbones (vit, swin, clip, unet), the embedding / vocabulary heads, the loss.
 
-    from pipeline.models import create_model
-    model = create_model("vit", variant="tiny", vocab_size=1000)
-    embedding, logits = model(pixels)            # [B, 384] unit rows, [B, 1000] (None when vocab_size=0)
+from pipeline.models import create_model
+model = create_model("vit", variant="tiny", vocab_size=1000)
+embedding, logits = model(pixels)            # [B, 384] unit rows, [B, 1000] (None when vocab_size=0)
 """
 
 from pipeline.models.heads import HEAD_MODES, EmbeddingHead, ReverseSDHeads, VocabularyHead

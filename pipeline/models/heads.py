@@ -64,7 +64,11 @@ class ReverseSDHeads(nn.Module):
     """Both heads wired in one of HEAD_MODES: features -> (embedding, vocab logits or None)."""
 
     def __init__(
-        self, feature_dim: int, embed_dim: int, vocab_size: int, head_mode: str = "emb_to_cls",
+        self,
+        feature_dim: int,
+        embed_dim: int,
+        vocab_size: int,
+        head_mode: str = "emb_to_cls",
         hidden: Sequence[int] = (),
     ):
         super().__init__()

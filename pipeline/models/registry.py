@@ -14,10 +14,9 @@ from types import MappingProxyType
 import torch
 from torch import nn
 
-from pipeline.models import backbones as bb
 from pipeline.constants import BACKBONE_NAMES, EMBED_DIM
+from pipeline.models import backbones as bb
 from pipeline.models.heads import HEAD_MODES, ReverseSDHeads, check_head_mode
-
 
 
 @dataclass(frozen=True)
@@ -33,9 +32,7 @@ class BackboneSpec:
 
 BACKBONES: MappingProxyType[str, BackboneSpec] = MappingProxyType(
     {
-        "vit": BackboneSpec(
-            "vit", "timm ViT-B/16, 224 px; linear embedding head", bb.build_vit, bb.VIT_NAME
-        ),
+        "vit": BackboneSpec("vit", "timm ViT-B/16, 224 px; linear embedding head", bb.build_vit, bb.VIT_NAME),
         "swin": BackboneSpec(
             "swin",
             "timm SwinV2-Large, 256 px, gradient checkpointing; linear embedding head",

@@ -29,9 +29,9 @@ from safetensors.torch import load as st_load_bytes
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file as st_save_file
 
+from pipeline.constants import EMBED_DIM as EMBEDDING_DIM
 from pipeline.storage import IntegrityError, PathLike, as_path, atomic_local_path, sidecar_path, verify
 
-from pipeline.constants import EMBED_DIM as EMBEDDING_DIM
 _NAME = re.compile(r"^ckpt-(\d+)\.safetensors$")
 _STATE_NAME = re.compile(r"^ckpt-(\d+)\.state\.pt$")
 # pipeline.storage's atomic temporaries of checkpoints and of the trainer's best-weights file

@@ -78,9 +78,7 @@ def multi_hot(labels: LabelLists | None, index: int, size: int) -> torch.Tensor:
     return out
 
 
-def decode_image(
-    data: bytes, image_size: int | tuple[int, int], mean, std, name: str | None = None
-) -> torch.Tensor:
+def decode_image(data: bytes, image_size: int | tuple[int, int], mean, std, name: str | None = None) -> torch.Tensor:
     """Encoded image -> normalised float tensor [3, H, W] in the backbone's preprocessing.
 
     Opened by pipeline.data.images.open_image like every image (pixel limit, EXIF orientation, RGB); an

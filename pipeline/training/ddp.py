@@ -37,9 +37,9 @@ import pyarrow.parquet as pq
 import torch.distributed as dist
 
 from pipeline.constants import EMBED_DIM
-from pipeline.training.datasets import PairDataset
 from pipeline.data.image_store import ImageColumn
 from pipeline.storage import write_text
+from pipeline.training.datasets import PairDataset
 from pipeline.training.loop import TrainConfig, seed_everything, train_model
 
 DEFAULT_COLUMNS = {"image": "image", "target": "embedding", "labels": "label_indices"}
@@ -48,7 +48,7 @@ IMAGE_FILE_KEY = b"reverse_sd.image_file"
 
 
 def load_factory(spec: str):
-    """"package.module:function" -> the function."""
+    """ "package.module:function" -> the function."""
     module, _, name = spec.partition(":")
     if not name:
         raise ValueError(f"model factory must look like 'module:function', got {spec!r}")
@@ -113,7 +113,9 @@ def write_pairs(path: str, images, targets: np.ndarray, labels) -> None:
     else:
         columns["image"] = pa.array(list(images), type=pa.binary())
     if labels is not None:
-        columns["label_indices"] = pa.array([np.asarray(x, dtype=np.int64).tolist() for x in labels], pa.list_(pa.int64()))
+        columns["label_indices"] = pa.array(
+            [np.asarray(x, dtype=np.int64).tolist() for x in labels], pa.list_(pa.int64())
+        )
     pq.write_table(pa.table(columns).replace_schema_metadata(metadata), path)
 
 
@@ -162,8 +164,16 @@ def write_spec(
 def torchrun_command(spec_path: str | Path, nproc_per_node: int) -> list[str]:
     """The launch command: torchrun (as ``python -m torch.distributed.run``) on this node, N processes."""
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(int(nproc_per_node)),
-        "-m", "pipeline.training.ddp", "--spec", str(spec_path),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(int(nproc_per_node)),
+        "-m",
+        "pipeline.training.ddp",
+        "--spec",
+        str(spec_path),
     ]
 
 

@@ -371,7 +371,9 @@ class FeatureCache:
             if rows.size:
                 store = np.load(tmp, mmap_mode="r+")
                 loader = make_loader(
-                    Subset(dataset, rows.tolist()), self.batch_size, num_workers=self.num_workers,
+                    Subset(dataset, rows.tolist()),
+                    self.batch_size,
+                    num_workers=self.num_workers,
                     pin_memory=self.device.type == "cuda",
                 )
                 position = 0

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from pipeline.storage import as_path, atomic_local_path
 from pipeline.training.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
@@ -45,7 +46,6 @@ from pipeline.training.checkpoint import (
 )
 from pipeline.training.datasets import StageSampler, epoch_seed, make_loader
 from pipeline.training.feature_cache import FeatureCache, feature_cache_for, feature_loader
-from pipeline.storage import as_path, atomic_local_path
 
 LossFn = Callable[..., tuple[torch.Tensor, dict]]
 
@@ -132,12 +132,14 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """"auto" is CUDA when present (the local rank's GPU under torchrun), else CPU."""
+    """ "auto" is CUDA when present (the local rank's GPU under torchrun), else CPU."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) if is_distributed_env() else torch.cuda.current_device())
+        dev = torch.device(
+            "cuda", int(os.environ.get("LOCAL_RANK", 0)) if is_distributed_env() else torch.cuda.current_device()
+        )
     return dev
 
 
@@ -346,8 +348,13 @@ class _Loop:
         self.accum = max(1, int(config.grad_accum_steps))
         # The frozen prefix (CLIP tower, VAE) run once per dataset when a cache directory is given.
         self.feature_cache: FeatureCache | None = feature_cache_for(
-            self.unwrapped, cache_dir, device=self.device, amp_dtype=self.amp,
-            batch_size=config.eval_batch_size or self.rank_batch, num_workers=config.num_workers, dist=self.dist,
+            self.unwrapped,
+            cache_dir,
+            device=self.device,
+            amp_dtype=self.amp,
+            batch_size=config.eval_batch_size or self.rank_batch,
+            num_workers=config.num_workers,
+            dist=self.dist,
         )
         train_set = self.prepare(train_set)
         self.train_set = train_set
@@ -772,10 +779,12 @@ def preliminary_cosines(
         c = counts.cpu().numpy()
         out[position] = np.where(c > 0, sums.cpu().numpy() / np.maximum(c, 1), np.nan)
     if metrics is not None:
-        metrics.update(throughput_summary(epoch_stats, loop.device), device=device_name(loop.device),
-                       feature_cache=loop.cache_summary(),
-                       epochs=[{k: v for k, v in e.items() if k not in ("train_loss", "train_cosine")}
-                               for e in epoch_stats])
+        metrics.update(
+            throughput_summary(epoch_stats, loop.device),
+            device=device_name(loop.device),
+            feature_cache=loop.cache_summary(),
+            epochs=[{k: v for k, v in e.items() if k not in ("train_loss", "train_cosine")} for e in epoch_stats],
+        )
     return out
 
 
@@ -797,8 +806,9 @@ def predict_embeddings(
     dev = resolve_device(device) if isinstance(device, str) else device
     amp = autocast_dtype(precision, dev)
     unwrapped = _unwrap(model).to(dev)
-    cache = feature_cache_for(unwrapped, cache_dir, device=dev, amp_dtype=amp, batch_size=batch_size,
-                              num_workers=num_workers)
+    cache = feature_cache_for(
+        unwrapped, cache_dir, device=dev, amp_dtype=amp, batch_size=batch_size, num_workers=num_workers
+    )
     if cache is not None:
         dataset = cache.wrap(dataset)
     cached = _is_cached(dataset)

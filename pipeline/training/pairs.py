@@ -61,7 +61,9 @@ def load_split(rows: pl.DataFrame, images: Sequence[bytes], found: list[str]) ->
     if len(images) != rows.height:
         raise ValueError(f"{len(images)} images for {rows.height} pairs")
     targets = (
-        rows["embedding"].to_numpy().astype(np.float32, copy=False) if rows.height else np.zeros((0, EMBED_DIM), np.float32)
+        rows["embedding"].to_numpy().astype(np.float32, copy=False)
+        if rows.height
+        else np.zeros((0, EMBED_DIM), np.float32)
     )
     labels = (
         [np.asarray(x if x is not None else [], dtype=np.int64) for x in rows["label_indices"].to_list()]

@@ -15,8 +15,8 @@ from pathlib import Path
 
 def _materialize(args: argparse.Namespace) -> int:
     import signal
-    import warnings
 
+    from pipeline.storage import RootBusy, RootLock
     from resources.settings import (
         available_cores,
         check_source,
@@ -32,6 +32,37 @@ def _materialize(args: argparse.Namespace) -> int:
     if settings.is_sample:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the sample profile never needs the hub
     workers = args.workers or available_cores()
+    # SIGTERM stops like Ctrl-C: workers stopped, their runs marked canceled, pool slots freed.
+    signal.signal(signal.SIGTERM, _interrupt)
+    # One invocation per storage root, decided before the slow imports.
+    lock_dir = settings.home if "://" not in settings.home else settings.dagster_home
+    lock = RootLock(lock_dir)
+    try:
+        lock.acquire(
+            wait=args.wait,
+            on_wait=lambda holder: print(
+                f"waiting: another reverse-sd materialize ({holder}) holds {lock_dir}", file=sys.stderr, flush=True
+            ),
+        )
+    except RootBusy as busy:
+        print(
+            f"error: another reverse-sd materialize ({busy}) holds the storage root {lock_dir}; "
+            "wait for it, or pass --wait to queue behind it",
+            file=sys.stderr,
+        )
+        return 3
+    try:
+        return _materialize_locked(args, settings, workers)
+    finally:
+        lock.release()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _materialize_locked(args, settings, workers: int) -> int:
+    import warnings
 
     import dagster as dg
 
@@ -44,36 +75,6 @@ def _materialize(args: argparse.Namespace) -> int:
 
     if args.select:
         _check_selection(defs, args.select)
-    # SIGTERM stops like Ctrl-C: workers stopped, their runs marked canceled, pool slots freed.
-    signal.signal(signal.SIGTERM, _interrupt)
-    lock_dir = settings.home if "://" not in settings.home else settings.dagster_home
-    lock = orch.InvocationLock(lock_dir)
-    try:
-        lock.acquire(
-            wait=args.wait,
-            on_wait=lambda holder: print(
-                f"waiting: another reverse-sd materialize ({holder}) holds {lock_dir}", file=sys.stderr
-            ),
-        )
-    except orch.StorageRootBusy as busy:
-        print(
-            f"error: another reverse-sd materialize ({busy}) holds the storage root {lock_dir}; "
-            "wait for it, or pass --wait to queue behind it",
-            file=sys.stderr,
-        )
-        return 3
-    try:
-        return _materialize_locked(args, settings, defs, orch, parts_partitions, register_parts, workers)
-    finally:
-        lock.release()
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def _materialize_locked(args, settings, defs, orch, parts_partitions, register_parts, workers: int) -> int:
-    import dagster as dg
 
     instance = dg.DagsterInstance.get()
     resources = defs.resources
@@ -82,18 +83,28 @@ def _materialize_locked(args, settings, defs, orch, parts_partitions, register_p
         listed = sorted(resources["diffusiondb"].source().list_parts())
         new_parts = [p for p in listed if not instance.has_dynamic_partition(parts_partitions.name, p)]
         extra = {parts_partitions.name: new_parts}
+        from assets.training import training_settings, training_settings_versions
+
+        observed_now = {training_settings.key: training_settings_versions()}
     else:
         released = orch.release_dead_runs(instance)
         if released:
             print(f"released {len(released)} run(s) whose process was killed: {', '.join(r[:8] for r in released)}")
         new_parts = register_parts(instance, resources["diffusiondb"])
         orch.observe_settings(defs, instance)
-        extra = None
+        extra = observed_now = None
     if new_parts:
         verb = "would register" if args.dry_run else "registered"
         print(f"{verb} {len(new_parts)} new DiffusionDB parts: {new_parts[0]} .. {new_parts[-1]}")
     started = time.perf_counter()
-    plan = orch.plan_units(defs, instance, selection=args.select, stale_only=args.stale, extra_partitions=extra)
+    plan = orch.plan_units(
+        defs,
+        instance,
+        selection=args.select,
+        stale_only=args.stale,
+        extra_partitions=extra,
+        observed_now=observed_now,
+    )
     planned_in = time.perf_counter() - started
     if not plan.units:
         print("nothing to materialize: every selected asset is up to date")

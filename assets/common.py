@@ -120,3 +120,12 @@ def rounded_metadata(metadata: dict, digits: int = DIGITS) -> dict:
         k: _plain(v, digits) if isinstance(v, float) or getattr(v, "ndim", None) == 0 else v
         for k, v in metadata.items()
     }
+
+
+def artifact_metadata(path: str, key: str = "path") -> dict:
+    """The artifact's path and its SHA-256 (from the sidecar written with it), which readers verify."""
+    from pipeline import storage
+
+    record = storage.recorded_hash(path) or {}
+    sha = {f"{key}_sha256": record["sha256"]} if record.get("sha256") else {}
+    return {key: dg.MetadataValue.path(path), **sha}

@@ -11,7 +11,14 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from assets.common import PROFILE_CONFIG, code_version, markdown_table, table_metadata, transient_retry
+from assets.common import (
+    PROFILE_CONFIG,
+    artifact_metadata,
+    code_version,
+    markdown_table,
+    table_metadata,
+    transient_retry,
+)
 from pipeline.constants import EMBED_DIM
 from pipeline.data import filtering
 from pipeline.data import vocabulary as vocab
@@ -75,7 +82,7 @@ def diffusiondb_parts(
             "skipped_records": dg.MetadataValue.md(skipped_md),
             "seconds": round(elapsed, 2),
             **table_metadata(result.frame, partitioned=True),
-            "path": dg.MetadataValue.path(target),
+            **artifact_metadata(target),
             "preview": dg.MetadataValue.md(
                 markdown_table(result.frame.select("image_id", "prompt", "seed", "cfg").head(5).to_dicts())
             ),
@@ -121,7 +128,7 @@ def filtered_pairs(context: dg.AssetExecutionContext, storage: StorageResource) 
             **{f"removed_{rule}": int(n) for rule, n in counts.items() if rule != "kept"},
             **{f"split_{name}": int(n) for name, n in split_counts.items()},
             **table_metadata(pairs),
-            "path": dg.MetadataValue.path(target),
+            **artifact_metadata(target),
             "preview": dg.MetadataValue.md(markdown_table(pairs.head(8).to_dicts())),
         }
     )
@@ -153,7 +160,7 @@ def prompt_embeddings(
             "prompts_per_s_encoded": round(stats.get("encoded", 0) / elapsed, 1) if elapsed > 0 else 0.0,
             "dimension": int(embeddings["embedding"].dtype.size) if embeddings.height else 0,
             **table_metadata(embeddings),
-            "path": dg.MetadataValue.path(target),
+            **artifact_metadata(target),
         }
     )
 
@@ -176,7 +183,7 @@ def vocabulary(context: dg.AssetExecutionContext, storage: StorageResource) -> d
             "training_prompts": train_prompts.len(),
             "top_words": dg.MetadataValue.md(markdown_table(words.head(20).to_dicts())),
             **table_metadata(words),
-            "path": dg.MetadataValue.path(target),
+            **artifact_metadata(target),
         }
     )
 
@@ -200,7 +207,7 @@ def vocabulary_labels(context: dg.AssetExecutionContext, storage: StorageResourc
             "mean_labels_per_pair": round(float(sizes.mean() or 0.0), 2),
             "pairs_without_label": int((sizes == 0).sum()),
             **table_metadata(table),
-            "path": dg.MetadataValue.path(target),
+            **artifact_metadata(target),
         }
     )
 

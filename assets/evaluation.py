@@ -13,6 +13,7 @@ import polars as pl
 from assets.common import (
     PROFILE_CONFIG,
     SETTINGS,
+    artifact_metadata,
     code_version,
     metadata_table,
     rounded_metadata,
@@ -104,7 +105,7 @@ def ensemble_predictions(context: dg.AssetExecutionContext, storage: StorageReso
             "best_recipe_per_backbone": dg.MetadataValue.json(result.best_recipe),
             "models": len(per_model),
             **table_metadata(table),
-            "path": dg.MetadataValue.path(target),
+            **artifact_metadata(target),
         }
     )
 
@@ -147,7 +148,7 @@ def kmeans_centroids(context: dg.AssetExecutionContext, storage: StorageResource
             "seconds": round(elapsed, 2),
             "ensemble": column,
             **table_metadata(table),
-            "path": dg.MetadataValue.path(target),
+            **artifact_metadata(target),
         }
     )
 
@@ -200,7 +201,7 @@ def dakl_predictions(context: dg.AssetExecutionContext, storage: StorageResource
             "sweep": metadata_table(result.sweep, [("gamma", "float"), ("alpha", "float"), ("val_cosine", "float")]),
             "sweep_plot": dg.MetadataValue.md(md_image(_sweep_png(result.sweep), "DAKL sweep")),
             **table_metadata(table),
-            "path": dg.MetadataValue.path(target),
+            **artifact_metadata(target),
         }
     )
 
@@ -441,9 +442,7 @@ def prompt_bank(context: dg.AssetExecutionContext, storage: StorageResource) -> 
     targets = _targets(storage).filter(pl.col("split") == "train")
     bank = targets.select("prompt", pl.col("target").alias("embedding")).unique("prompt", maintain_order=True)
     target = storage.write_table(bank, "prompt_bank")
-    return dg.MaterializeResult(
-        metadata={"prompts": bank.height, **table_metadata(bank), "path": dg.MetadataValue.path(target)}
-    )
+    return dg.MaterializeResult(metadata={"prompts": bank.height, **table_metadata(bank), **artifact_metadata(target)})
 
 
 EVALUATION_ASSETS = [ensemble_predictions, kmeans_centroids, dakl_predictions, evaluation_report, prompt_bank]

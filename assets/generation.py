@@ -15,7 +15,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from assets.common import PROFILE_CONFIG, SETTINGS, code_version, markdown_table, table_metadata
+from assets.common import PROFILE_CONFIG, SETTINGS, artifact_metadata, code_version, markdown_table, table_metadata
 from assets.data import filtered_pairs, prompt_embeddings, vocabulary, vocabulary_labels
 from assets.plots import line_plot_png, md_image
 from assets.training import BACKBONES, difficulty_scores, load_splits, trained_models, training_spec
@@ -186,7 +186,7 @@ def _train_captioner(
             "difficulty_source": source,
             **{f"stage_{i}_size": int(len(s)) for i, s in enumerate(stages)},
             "seconds": round(time.perf_counter() - started, 1),
-            "checkpoint": dg.MetadataValue.path(str(weights)),
+            **artifact_metadata(str(weights), "checkpoint"),
             "curves": dg.MetadataValue.md(md_image(line_plot_png(curves, f"{name}: LM loss", "epoch", "loss"))),
             "history": dg.MetadataValue.md(markdown_table(history)),
             "val_samples": dg.MetadataValue.md(
@@ -285,7 +285,7 @@ def _predict_captions(
                 markdown_table(table.select("prompt", "generated", "sbert_cosine", "refclip_s").head(8).to_dicts())
             ),
             **table_metadata(table, partitioned=True),
-            "path": dg.MetadataValue.path(target),
+            **artifact_metadata(target),
         },
         check_results=[check],
     )

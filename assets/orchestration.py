@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import dagster as dg
 
@@ -153,11 +153,14 @@ def plan_units(
     selection: str | None = None,
     stale_only: bool = False,
     extra_partitions: dict[str, Sequence[str]] | None = None,
+    observed_now: dict[dg.AssetKey, dict[str | None, str]] | None = None,
 ) -> Plan:
     """The runs that materialize ``selection`` (default: every asset), in dependency order.
 
     ``extra_partitions`` (dynamic partitions definition name -> keys) counts keys as registered without
     writing them to the instance: a dry run plans the parts the source lists but the instance lacks.
+    ``observed_now`` (source asset -> partition -> data version) counts versions as observed without
+    recording them: a dry run sees changed settings.
     """
     asset_graph = defs.resolve_asset_graph()
     extra = {
@@ -185,11 +188,13 @@ def plan_units(
                     index[(key, partition_key)] = len(units)
                 units.append(unit)
         depends_on: dict[int, set[int]] = {}
-        parents_of: dict[int, list[tuple[dg.AssetKey, str | None]]] = {}
+        # unit index -> asset key -> the (asset, partition) pairs that asset reads
+        parents_of: dict[int, dict[dg.AssetKey, list[tuple[dg.AssetKey, str | None]]]] = {}
         unregistered = {k for keys in extra.values() for k in keys}
         for i, unit in enumerate(units):
-            parents = []
+            parents_of[i] = {}
             for key in unit.asset_keys:
+                parents = parents_of[i].setdefault(key, [])
                 if unit.partition_key in unregistered:
                     continue  # not in the instance yet (dry run): it reads only the source
                 for parent in asset_graph.get_parents_partitions(key, unit.partition_key).parent_partitions:
@@ -197,11 +202,11 @@ def plan_units(
                 for parent_key in asset_graph.get(key).parent_keys:  # a dry run's new parts feed their children
                     name = _dynamic_name(asset_graph.get(parent_key).partitions_def)
                     parents.extend((parent_key, k) for k in extra.get(name, []))
-            parents_of[i] = parents
-            depends_on[i] = {index[p] for p in parents if p in index and index[p] != i}
+            every = [p for parents in parents_of[i].values() for p in parents]
+            depends_on[i] = {index[p] for p in every if p in index and index[p] != i}
         plan = Plan(units, depends_on)
         if stale_only:
-            plan = _keep_stale(plan, parents_of, asset_graph, instance)
+            plan = _keep_stale(plan, parents_of, _Records(instance, asset_graph, observed_now))
     return plan
 
 
@@ -217,34 +222,48 @@ def _job_keys(job, asset_graph) -> set[dg.AssetKey]:
 
 
 class _Records:
-    """Latest materialization / observation per (asset, partition), fetched once per asset."""
+    """Every materialization / observation of an asset, per partition (newest first), fetched once per asset:
+    (storage id, data version) pairs, and the latest event itself."""
 
-    def __init__(self, instance: dg.DagsterInstance, asset_graph):
+    def __init__(self, instance: dg.DagsterInstance, asset_graph, observed_now=None):
         self.instance, self.graph = instance, asset_graph
+        self.observed_now = observed_now or {}  # key -> partition -> version not recorded (dry run)
+        self._history: dict[dg.AssetKey, dict[str | None, list[tuple[int, str | None]]]] = {}
         self._latest: dict[dg.AssetKey, dict[str | None, object]] = {}
 
-    def latest(self, key: dg.AssetKey) -> dict[str | None, object]:
-        if key not in self._latest:
-            fetch = (
-                self.instance.fetch_materializations
-                if self.graph.get(key).is_materializable
-                else self.instance.fetch_observations
-            )
-            latest: dict[str | None, object] = {}
-            cursor = None
-            while True:
-                result = fetch(dg.AssetRecordsFilter(asset_key=key), limit=1000, cursor=cursor, ascending=False)
-                for record in result.records:
-                    event = record.asset_materialization or record.asset_observation
-                    latest.setdefault(event.partition, record)
-                if not result.has_more:
-                    break
-                cursor = result.cursor
-            self._latest[key] = latest
-        return self._latest[key]
+    def _load(self, key: dg.AssetKey) -> None:
+        fetch = (
+            self.instance.fetch_materializations
+            if self.graph.get(key).is_materializable
+            else self.instance.fetch_observations
+        )
+        history: dict[str | None, list[tuple[int, str | None]]] = {}
+        latest: dict[str | None, object] = {}
+        cursor = None
+        while True:
+            result = fetch(dg.AssetRecordsFilter(asset_key=key), limit=1000, cursor=cursor, ascending=False)
+            for record in result.records:
+                event = _event(record)
+                latest.setdefault(event.partition, record)
+                history.setdefault(event.partition, []).append((record.storage_id, _data_version(record)))
+            if not result.has_more:
+                break
+            cursor = result.cursor
+        for partition, version in self.observed_now.get(key, {}).items():
+            events = history.setdefault(partition, [])
+            if not events or events[0][1] != version:
+                events.insert(0, (sys.maxsize, version))  # as if observed now, after every recorded event
+        self._history[key], self._latest[key] = history, latest
 
     def record(self, key: dg.AssetKey, partition: str | None):
-        return self.latest(key).get(partition)
+        if key not in self._latest:
+            self._load(key)
+        return self._latest[key].get(partition)
+
+    def history(self, key: dg.AssetKey, partition: str | None) -> list[tuple[int, str | None]]:
+        if key not in self._history:
+            self._load(key)
+        return self._history[key].get(partition, [])
 
 
 def _event(record):
@@ -253,6 +272,24 @@ def _event(record):
 
 def _data_version(record) -> str | None:
     return None if record is None else _event(record).tags.get("dagster/data_version")
+
+
+def _parent_changed(records: _Records, key: dg.AssetKey, partition: str | None, pointer: str | None) -> bool:
+    """Whether a parent partition's data version moved on since the child read it.
+
+    Dagster records, per parent, the newest parent event the child's run read (its input event pointer).
+    The version the child saw is the parent's newest event at or before that pointer; compare it with the
+    parent's latest (a re-observation or rematerialization with the same version is no change)."""
+    history = records.history(key, partition)
+    if not history:
+        return False  # never built or observed: nothing newer to read
+    latest_version = history[0][1]
+    if pointer in (None, "NULL") or not str(pointer).isdigit():
+        return True  # the child ran before this parent had any version
+    seen = next((version for storage_id, version in history if storage_id <= int(pointer)), None)
+    if seen is None:
+        return True  # a partition that did not exist when the child ran (a new part)
+    return latest_version != seen
 
 
 def stale_reason(
@@ -275,37 +312,21 @@ def stale_reason(
             return f"artifact missing: {local}"
         if os.path.isfile(local) and not storage.is_intact(local):
             return f"artifact damaged: {local}"
-    by_parent: dict[dg.AssetKey, list[str | None]] = {}
     for parent_key, parent_partition in parents:
-        by_parent.setdefault(parent_key, []).append(parent_partition)
-    for parent_key, partitions in by_parent.items():
-        name = parent_key.to_user_string()
-        recorded = tags.get(f"dagster/input_data_version/{name}")
-        if len(partitions) == 1:
-            current = _data_version(records.record(parent_key, partitions[0]))
-            if current is not None and recorded is not None and current != recorded:
-                return f"{name} changed"
-            if current is not None and recorded is None:
-                return f"{name} is new"
-        else:
-            # Many parent partitions (parts -> filtered_pairs): Dagster records one combined version and
-            # the newest parent event it read; a newer parent event, or a different set, means new input.
-            pointer = tags.get(f"dagster/input_event_pointer/{name}")
-            parent_records = [records.record(parent_key, p) for p in partitions]
-            newest = max((r.storage_id for r in parent_records if r is not None), default=None)
-            if newest is not None and (pointer in (None, "NULL") or newest > int(pointer)):
-                return f"{name} changed"
+        pointer = tags.get(f"dagster/input_event_pointer/{parent_key.to_user_string()}")
+        if _parent_changed(records, parent_key, parent_partition, pointer):
+            label = parent_key.to_user_string() + (f"[{parent_partition}]" if parent_partition else "")
+            return f"{label} changed"
     return None
 
 
-def _keep_stale(plan: Plan, parents_of, asset_graph, instance: dg.DagsterInstance) -> Plan:
+def _keep_stale(plan: Plan, parents_of, records: _Records) -> Plan:
     """Keep the units with a missing or stale (asset, partition), or that read from a unit kept earlier.
 
     A unit downstream of one that will be rebuilt now is stale *after* the rebuild even if it looks fresh
     before it; partition mappings decide which downstream partitions that is (a new part -> the
     unpartitioned filtered_pairs; difficulty_scores[unet] -> trained_models[unet|*] only).
     """
-    records = _Records(instance, asset_graph)
     kept: list[int] = []
     reasons: dict[int, str] = {}
     for i, unit in enumerate(plan.units):  # units are in dependency order
@@ -314,8 +335,7 @@ def _keep_stale(plan: Plan, parents_of, asset_graph, instance: dg.DagsterInstanc
             reasons[i] = f"reads {plan.units[min(rebuilt_parents)].label}"
         else:
             for key in unit.asset_keys:
-                own = [p for p in parents_of[i] if p[0] not in unit.asset_keys]
-                reason = stale_reason(key, unit.partition_key, own, records)
+                reason = stale_reason(key, unit.partition_key, parents_of[i][key], records)
                 if reason:
                     reasons[i] = f"{key.to_user_string()}: {reason}"
                     break
@@ -743,48 +763,3 @@ class _ThreadLauncher:
 
 def new_invocation_tags() -> dict[str, str]:
     return {LAUNCHED_BY_TAG: "cli", INVOCATION_TAG: uuid.uuid4().hex[:12]}
-
-
-# ---- one invocation per storage root ------------------------------------------------------------------
-
-
-class StorageRootBusy(RuntimeError):
-    pass
-
-
-class InvocationLock:
-    """An exclusive lock per storage root (a file lock beside the artifacts, or in DAGSTER_HOME for an
-    object-store root): two `materialize` runs on one root never compute the same thing twice."""
-
-    def __init__(self, directory: str | os.PathLike):
-        self.path = Path(directory) / ".reverse-sd-materialize.lock"
-        self._fd: int | None = None
-
-    def holder(self) -> str:
-        try:
-            return self.path.read_text().strip() or "unknown"
-        except OSError:
-            return "unknown"
-
-    def acquire(self, wait: bool, on_wait: Callable[[str], None] | None = None) -> None:
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not wait:
-                os.close(fd)
-                raise StorageRootBusy(self.holder()) from None
-            if on_wait:
-                on_wait(self.holder())
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock; the file stays (unlinking would race a waiter)
-            self._fd = None

@@ -8,7 +8,15 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
-from assets.common import OBSERVE_CRON, PROFILE_CONFIG, code_version, markdown_table, metadata_table, table_metadata
+from assets.common import (
+    OBSERVE_CRON,
+    PROFILE_CONFIG,
+    artifact_metadata,
+    code_version,
+    markdown_table,
+    metadata_table,
+    table_metadata,
+)
 from assets.data import filtered_pairs, prompt_embeddings, vocabulary, vocabulary_labels
 from assets.plots import histogram_png, line_plot_png, md_image
 from pipeline.constants import BACKBONE_NAMES
@@ -51,9 +59,12 @@ def training_spec(backbone: str):
     "backbone's difficulty scores and models stale. Observed by `reverse-sd materialize` and the observe schedule.",
 )
 def training_settings() -> dg.DataVersionsByPartition:
-    return dg.DataVersionsByPartition(
-        {b: code_version("training_settings", **training_spec(b).as_dict()) for b in BACKBONES}
-    )
+    return dg.DataVersionsByPartition(training_settings_versions())
+
+
+def training_settings_versions() -> dict[str, str]:
+    """backbone -> the data version training_settings reports now (a dry run compares it, observing nothing)."""
+    return {b: code_version("training_settings", **training_spec(b).as_dict()) for b in BACKBONES}
 
 
 _BY_BACKBONE = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="backbone")
@@ -172,7 +183,7 @@ def difficulty_scores(
             "seconds": round(time.perf_counter() - started, 1),
             **run_figures(run_metrics),
             **table_metadata(table, partitioned=True),
-            "path": dg.MetadataValue.path(target),
+            **artifact_metadata(target),
         }
     )
 
@@ -263,7 +274,7 @@ def trained_models(
             **run_figures(result.to_dict()),
             "world_size": int(result.extra.get("world_size", 1)),
             "epochs": len(history),
-            "checkpoint": dg.MetadataValue.path(str(result.checkpoint_path)),
+            **artifact_metadata(str(result.checkpoint_path), "checkpoint"),
             "curves": dg.MetadataValue.md(md_image(line_plot_png(curves, f"{backbone}/{recipe}", "epoch", "cosine"))),
             "history": dg.MetadataValue.md(markdown_table(history)),
         }
@@ -358,7 +369,7 @@ def model_predictions(
             **metadata,
             "rows": table.height,
             **table_metadata(table, partitioned=True),
-            "path": dg.MetadataValue.path(target),
+            **artifact_metadata(target),
         }
     )
 

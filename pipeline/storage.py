@@ -21,9 +21,10 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import polars as pl
@@ -45,8 +46,9 @@ def as_path(path: PathLike) -> UPath | Path:
 
 
 @contextlib.contextmanager
-def atomic_local_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary local path; on success it is renamed (or uploaded) to ``target``.
+def atomic_local_path(target: PathLike, suffix: str = "", sidecar: bool = True) -> Iterator[Path]:
+    """Yield a temporary local path; on success it is renamed (or uploaded) to ``target``, then its SHA-256
+    sidecar is written (``sidecar=False``: files in someone else's layout, such as a DiffusionDB mirror).
 
     On failure the temporary file is removed and ``target`` is left as it was.
     """
@@ -56,9 +58,10 @@ def atomic_local_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
         tmp = dest.parent / f".{dest.name}.{uuid.uuid4().hex}.tmp{suffix}"
         try:
             yield tmp
-            digest = file_sha256(tmp)
+            digest = file_sha256(tmp) if sidecar else None
             os.replace(tmp, dest)
-            _write_sidecar(dest, digest)
+            if sidecar:
+                _write_sidecar(dest, digest)
         finally:
             if tmp.exists():
                 tmp.unlink()
@@ -68,9 +71,10 @@ def atomic_local_path(target: PathLike, suffix: str = "") -> Iterator[Path]:
         tmp = Path(name)
         try:
             yield tmp
-            digest = file_sha256(tmp)
+            digest = file_sha256(tmp) if sidecar else None
             upload(tmp, dest)
-            _write_sidecar(dest, digest, size=tmp.stat().st_size)
+            if sidecar:
+                _write_sidecar(dest, digest, size=tmp.stat().st_size)
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -227,3 +231,48 @@ def fingerprint(path: PathLike) -> str:
     keys = ("ETag", "etag", "md5", "mtime", "LastModified", "last_modified", "created")
     stamp = next((info[k] for k in keys if info.get(k)), "")
     return f"{info.get('size', '')}:{stamp}"
+
+
+# ---- one writer per storage root ----------------------------------------------------------------------
+
+
+class RootBusy(RuntimeError):
+    """Another process holds the storage root's lock; the message says who."""
+
+
+class RootLock:
+    """An exclusive lock per storage root (a file lock beside the artifacts, or in DAGSTER_HOME for an
+    object-store root): two `materialize` runs on one root never compute the same thing twice."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.path = Path(directory) / ".reverse-sd-materialize.lock"
+        self._fd: int | None = None
+
+    def holder(self) -> str:
+        try:
+            return self.path.read_text().strip() or "unknown"
+        except OSError:
+            return "unknown"
+
+    def acquire(self, wait: bool, on_wait: Callable[[str], None] | None = None) -> None:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                os.close(fd)
+                raise RootBusy(self.holder()) from None
+            if on_wait:
+                on_wait(self.holder())
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock; the file stays (unlinking would race a waiter)
+            self._fd = None

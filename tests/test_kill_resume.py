@@ -255,7 +255,8 @@ def test_killed_part_write_leaves_no_partial_parquet_and_rerun_is_identical(tmp_
     cli = _script(tmp_path, "cli", CLI)
     parts_dir = tmp_path / "data" / "diffusiondb_parts"
     killed_env = {**env, "KILL_TEST_HALF_WRITE": "parquet:part-000001.parquet"}
-    leftover = _kill_mid_write(cli, ["materialize", "--select", "diffusiondb_parts"], killed_env)
+    # one worker: the other part must not be written while this one stalls
+    leftover = _kill_mid_write(cli, ["materialize", "--select", "diffusiondb_parts", "--workers", "1"], killed_env)
     assert leftover.parent == parts_dir
     _assert_not_parquet(leftover)
     assert not list(parts_dir.glob("part-*.parquet"))  # no reader finds a table

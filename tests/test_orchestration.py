@@ -19,6 +19,7 @@ import pytest
 from conftest import run_cli, sample_env
 
 from assets import orchestration as orch
+from pipeline import storage
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -258,21 +259,25 @@ def test_kill_minus_nine_in_a_gpu_stage_then_stale_rerun_completes_and_sigterm_s
 
 
 def test_two_invocations_on_one_storage_root_and_a_failure_in_one_line(tmp_path, monkeypatch):
-    """The second invocation says in one line that the first holds the root (nothing computed twice), or with
-    --wait queues behind it and then finds nothing stale."""
+    """While another invocation holds the storage root (here the test holds its lock), a second one says so in
+    one line and computes nothing; with --wait it queues behind it, then runs."""
     env = sample_env(tmp_path, REVERSE_SD_SAMPLE_PARTS="2", REVERSE_SD_SAMPLE_IMAGES_PER_PART="40")
-    first = _cli(["materialize", "--select", "diffusiondb_parts", "--workers", "1"], env)
-    lock = tmp_path / "data" / ".reverse-sd-materialize.lock"
-    _wait_for(lambda: lock.exists() and lock.read_text().startswith("pid"), 120, "the first to hold the lock")
-    second = run_cli(["materialize", "--select", "diffusiondb_parts"], env, timeout=300)
-    waited = _cli(["materialize", "--stale", "--wait", "--select", "diffusiondb_parts"], env)
-    out, err = first.communicate(timeout=300)
-    assert first.returncode == 0, err[-3000:]
-    assert second.returncode == 3
-    assert len(second.stderr.strip().splitlines()) == 1 and "holds the storage root" in second.stderr
-    out, err = waited.communicate(timeout=300)
-    assert waited.returncode == 0, err[-3000:]
-    assert "nothing to materialize" in out
+    holder = storage.RootLock(tmp_path / "data")
+    holder.acquire(wait=False)
+    try:
+        refused = run_cli(["materialize", "--select", "diffusiondb_parts"], env, timeout=300)
+        assert refused.returncode == 3
+        assert len(refused.stderr.strip().splitlines()) == 1 and "holds the storage root" in refused.stderr
+        assert not (tmp_path / "data" / "diffusiondb_parts").exists()  # nothing computed
+        waiting = _cli(["materialize", "--wait", "--select", "diffusiondb_parts"], env)
+        first_line = waiting.stderr.readline()  # it says it waits, and waits
+        assert first_line.startswith("waiting: another reverse-sd materialize"), first_line
+        time.sleep(1)
+        assert waiting.poll() is None
+    finally:
+        holder.release()
+    out, err = waiting.communicate(timeout=300)
+    assert waiting.returncode == 0, err[-3000:]
     assert len(list((tmp_path / "data" / "diffusiondb_parts").glob("*.parquet"))) == 2
 
     # A failure is one line per asset[partition] with its cause (a truncated table: the file is named), and
@@ -289,5 +294,8 @@ def test_two_invocations_on_one_storage_root_and_a_failure_in_one_line(tmp_path,
     assert "Traceback" not in result.stderr
     failed = [line for line in result.stderr.splitlines() if line.startswith("failed: ")]
     assert len(failed) == 1 and failed[0].startswith("failed: filtered_pairs")
-    assert "part-000002.parquet is unreadable" in failed[0] and "re-materialize asset 'diffusiondb_parts'" in failed[0]
+    assert (
+        "part-000002.parquet is damaged (truncated" in failed[0]
+        and "re-materialize asset 'diffusiondb_parts'" in failed[0]
+    )
     assert "materialize-" in result.stderr.splitlines()[-1]  # where the full log is

@@ -256,7 +256,7 @@ def test_evaluation_report_shows_the_table(ui_server, browser, sample_instance, 
         browser.save_screenshot(str(screenshot))
         # at least one plot is an image in the page (Dagster puts long Markdown behind "[Show Markdown]")
         plot_row = browser.find_element(By.XPATH, "//tr[td[normalize-space()='plot_test_cosine']]")
-        plot_row.find_element(By.XPATH, ".//*[contains(., 'Show Markdown')]").click()
+        plot_row.find_element(By.XPATH, ".//*[normalize-space(text())='[Show Markdown]']").click()
         image = _wait(browser).until(
             EC.visibility_of_element_located((By.CSS_SELECTOR, "[role='dialog'] img[src^='data:image/png']"))
         )

@@ -394,7 +394,7 @@ def _generate_part(root: Path, seed: int, index: int, n: int, size: int) -> list
     rows: list[dict] = []
     start = EPOCH + timedelta(hours=int(index) * 3)
     target = root / "images" / f"{key}.zip"
-    with atomic_local_path(target) as tmp:
+    with atomic_local_path(target, sidecar=False) as tmp:  # DiffusionDB's layout, nothing added
         with zipfile.ZipFile(tmp, "w") as zf:
             for i, kind in enumerate(plan):
                 record = _make_record(kind, earlier, rng)
@@ -488,6 +488,6 @@ def generate_sample_mirror(
     meta = pl.concat(frames).with_row_index("_order").sort("part_id", "_order").drop("_order")
     present = {int(p.stem.split("-")[1]) for p in (root / "images").glob("part-[0-9][0-9][0-9][0-9][0-9][0-9].zip")}
     meta = meta.filter(pl.col("part_id").is_in(sorted(present)))
-    with atomic_local_path(meta_path) as tmp:
+    with atomic_local_path(meta_path, sidecar=False) as tmp:
         meta.write_parquet(tmp, statistics=False)
     return keys

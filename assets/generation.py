@@ -1,4 +1,4 @@
-"""Beyond the embedding (issue 9): captioners fine-tuned to write the prompt (vocabulary head + curriculum),
+"""Beyond the embedding: captioners fine-tuned to write the prompt (vocabulary head + curriculum),
 their prompts scored as the Kaggle competition scores them (SBERT cosine) and by RefCLIPScore, and the
 fine-tuned U-Net encoder put back into Stable Diffusion after the first DDIM step.
 

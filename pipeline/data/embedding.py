@@ -1,16 +1,16 @@
 """Prompt embeddings: all-MiniLM-L6-v2 (SBERT) vectors of prompt texts, with an incremental cache.
 
 The targets of the whole method are these 384-d unit vectors, so the encoder must give exactly what
-``SentenceTransformer(...).encode`` gives (cosine >= 0.9999 row-wise), only faster.  Where the speed
-comes from on CPU (measured with bench/embed.py on 2 cores):
+``SentenceTransformer(...).encode`` gives (cosine >= 0.9999 row-wise), only faster (bench/embed.py and
+bench/gpu.py measure it).  Where the speed comes from:
 
 * identical prompts are encoded once (DiffusionDB repeats ~5-10% of its prompts);
 * prompts are tokenised once and sorted by token length; on CPU a batch is the *packed* tokens of
   consecutive prompts (no padding at all, ~4k tokens per batch), and attention runs per group of
-  equal-length prompts, so no mask is needed and mean pooling is a plain mean (~1.2x);
+  equal-length prompts, so no mask is needed and mean pooling is a plain mean;
 * on CPU the linears run through oneDNN with pre-packed fp32 weights, the three attention
-  projections fused into one GEMM and GELU fused into the FFN GEMM (MKL's sgemm, which the stock
-  ``nn.Linear`` uses, is ~15% slower here); the kernel is checked against the transformers model at
+  projections fused into one GEMM and GELU fused into the FFN GEMM (faster than MKL's sgemm, which the
+  stock ``nn.Linear`` uses); the kernel is checked against the transformers model at
   load time and we fall back to that model if anything differs;
 * on CUDA (and with a reduced ``dtype``) the transformers BertModel runs with SDPA attention on
   *length bands*: prompts sorted by token length and padded only within narrow bands, many lengths

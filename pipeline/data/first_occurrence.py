@@ -2,11 +2,10 @@
 
 Why not Polars' ``is_first_distinct`` (or pandas' ``duplicated``, or pyarrow's ``dictionary_encode``, all
 measured): each inserts every row into one global hash table from one thread, so at DiffusionDB sizes
-almost every insert is a cache miss, 30-45 ns per row: 0.06-0.09 s per pass over 2M keys on the 2-core dev
-machine, and the filter needs two passes, one after the other.  Here a counting sort first groups the
-rows by the top bits of their key into buckets of about 4,096 rows, row order kept inside each bucket;
-each bucket then gets its own small table, which stays in L2 cache, and threads share out the buckets
-(equal keys always share one).  The same 2M keys take about 0.02 s per pass.
+almost every insert is a cache miss, and the filter needs two passes, one after the other.  Here a
+counting sort first groups the rows by the top bits of their key into buckets of about 4,096 rows, row
+order kept inside each bucket; each bucket then gets its own small table, which stays in L2 cache, and
+threads share out the buckets (equal keys always share one).  bench/filter.py measures the difference.
 
 The kernels are compiled by numba on first use and cached on disk (next to this file, NUMBA_CACHE_DIR or
 the user cache), so only the first process on a machine pays the compile (~2 s); a later process pays

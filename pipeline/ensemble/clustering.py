@@ -53,18 +53,14 @@ def kmeans_centroids(
 ) -> np.ndarray:
     """k centroids (k x d, float32) of the rows of X by faiss k-means.
 
-    Cost is one (points x k x d) GEMM per iteration: ~9 s per iteration for 200,000 points at k = 10,000
-    on 2 cores. So:
+    Cost is one (points x k x d) GEMM per iteration, so:
     n_iter = 10 Lloyd iterations (faiss's own default is 25; the objective gains little after ~10).
-    max_points_per_centroid = 32 caps the training sample at 32 k points, drawn uniformly by faiss:
-    320,000 of the 670,000 training predictions at k = 10,000, which halves the time against using them
-    all (faiss's default 256) for a small objective cost that bench/kmeans.py reports (measured: 163 s for
-    k = 10,000 over 670,000 x 384 on 2 shared cores, plus 31 s for label_centroids).
+    max_points_per_centroid = 32 caps the training sample at 32 k points, drawn uniformly by faiss (at
+    k = 10,000, 320,000 of the 670,000 training predictions): about half the time of faiss's default 256
+    for a small objective cost; bench/kmeans.py prints both.
     init: "k-means++" (D^2 sampling, as scikit-learn), "afk-mc2" (its MCMC approximation), "random"
     (uniform rows: faiss's default, which can merge well-separated clusters and split others), or "auto":
-    k-means++ up to k = 2,000 and random above, where D^2 sampling costs more than the whole clustering
-    (measured: AFK-MC2 alone ~65 s at k = 10,000; an HNSW assignment index or faiss's SuperKMeans were
-    no faster than the flat GEMM assignment on 2 cores).
+    k-means++ up to k = 2,000 and random above, where D^2 sampling costs more than the whole clustering.
     k larger than the number of rows is clamped to it (with a warning), since a centroid needs a point.
     """
     X = _as_float32_matrix(X, "X")

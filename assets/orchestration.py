@@ -321,32 +321,41 @@ def stale_reason(
 
 
 def _keep_stale(plan: Plan, parents_of, records: _Records) -> Plan:
-    """Keep the units with a missing or stale (asset, partition), or that read from a unit kept earlier.
+    """Keep the (asset, partition) pairs that are missing or stale, or that read a pair kept earlier; a unit
+    shrinks to the assets it must rebuild (a damaged prompt_bank does not rebuild filtered_pairs).
 
-    A unit downstream of one that will be rebuilt now is stale *after* the rebuild even if it looks fresh
+    A pair downstream of one that will be rebuilt now is stale *after* the rebuild even if it looks fresh
     before it; partition mappings decide which downstream partitions that is (a new part -> the
     unpartitioned filtered_pairs; difficulty_scores[unet] -> trained_models[unet|*] only).
     """
-    kept: list[int] = []
+    rebuilding: dict[tuple[dg.AssetKey, str | None], int] = {}  # pair -> index of its kept unit
+    units: list[Unit] = []
+    depends_on: dict[int, set[int]] = {}
     reasons: dict[int, str] = {}
-    for i, unit in enumerate(plan.units):  # units are in dependency order
-        rebuilt_parents = plan.depends_on[i] & set(kept)
-        if rebuilt_parents:
-            reasons[i] = f"reads {plan.units[min(rebuilt_parents)].label}"
-        else:
-            for key in unit.asset_keys:
-                reason = stale_reason(key, unit.partition_key, parents_of[i][key], records)
-                if reason:
-                    reasons[i] = f"{key.to_user_string()}: {reason}"
-                    break
-        if i in reasons:
-            kept.append(i)
-    remap = {old: new for new, old in enumerate(kept)}
-    return Plan(
-        [plan.units[i] for i in kept],
-        {remap[i]: {remap[d] for d in plan.depends_on[i] if d in remap} for i in kept},
-        {remap[i]: reasons[i] for i in kept},
-    )
+    for i, unit in enumerate(plan.units):  # units, and the assets inside each, are in dependency order
+        keys, reads, why = [], set(), None
+        for key in unit.asset_keys:
+            parents = parents_of[i][key]
+            rebuilt = [p for p in parents if p in rebuilding]
+            if rebuilt:
+                reason = "reads " + rebuilt[0][0].to_user_string() + (f"[{rebuilt[0][1]}]" if rebuilt[0][1] else "")
+            else:
+                reason = stale_reason(key, unit.partition_key, parents, records)
+                reason = reason and f"{key.to_user_string()}: {reason}"
+            if reason:
+                keys.append(key)
+                reads |= {rebuilding[p] for p in rebuilt}
+                why = why or reason
+                rebuilding[(key, unit.partition_key)] = -1  # this unit; its index is set below
+        if keys:
+            index = len(units)
+            for key in keys:
+                rebuilding[(key, unit.partition_key)] = index
+            gpu = any(GPU_POOL in (records.graph.get(k).pools or ()) for k in keys)
+            units.append(Unit(unit.job, tuple(keys), unit.partition_key, gpu))
+            depends_on[index] = {r for r in reads if r not in (-1, index)}
+            reasons[index] = why
+    return Plan(units, depends_on, reasons)
 
 
 # ---- settings observation -------------------------------------------------------------------------------

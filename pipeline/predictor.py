@@ -202,11 +202,21 @@ class PromptPredictor:
     def _path(self, *parts: str) -> str:
         return "/".join([self.home, *parts])
 
+    @staticmethod
+    def _read_table(path: str, asset: str):
+        """An artifact of ``asset``, checked against its recorded hash; damage names the asset to rebuild."""
+        try:
+            return store.read_parquet(path)
+        except store.IntegrityError as exc:
+            raise store.IntegrityError(
+                f"{exc}: re-materialize the asset {asset} (reverse-sd materialize --stale)"
+            ) from None
+
     def _load_bank(self):
         path = self._path("prompt_bank.parquet")
         if not store.exists(path):
             raise NotTrainedError(f"no prompt bank under {self.home}: materialize the asset prompt_bank (make run)")
-        bank = store.read_parquet(path)
+        bank = self._read_table(path, "prompt_bank")
         return bank["prompt"].to_list(), bank["embedding"].to_numpy().astype(np.float32)
 
     def _choose_members(self, model: str) -> list[LoadedModel]:
@@ -256,7 +266,9 @@ class PromptPredictor:
         if not sizes or not store.exists(path):
             return None
         try:
-            words = store.read_parquet(path).sort("index")["word"].to_list()
+            words = self._read_table(path, "vocabulary").sort("index")["word"].to_list()
+        except store.IntegrityError:
+            raise
         except Exception as exc:  # noqa: BLE001 - polars / pyarrow raise many types for a damaged file
             raise ValueError(f"cannot read {path} ({type(exc).__name__}): materialize the asset vocabulary") from exc
         return words if len(words) in sizes else None
@@ -289,8 +301,8 @@ class PromptPredictor:
         if not all(store.exists(f) for f in (params_file, centroids_file, ensemble_file)):
             return None
         params = json.loads(store.as_path(params_file).read_text())
-        centroids = store.read_parquet(centroids_file)
-        ensemble = store.read_parquet(ensemble_file)
+        centroids = self._read_table(centroids_file, "kmeans_centroids")
+        ensemble = self._read_table(ensemble_file, "ensemble_predictions")
         target = ensemble.filter(ensemble["split"] == "test")[params["ensemble"]].to_numpy().astype(np.float32)
         return DAKLRegressor(gamma=params["gamma"], alpha=params["alpha"]).fit(
             centroids["centroid"].to_numpy().astype(np.float32),

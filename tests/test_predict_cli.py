@@ -232,3 +232,31 @@ def test_hostile_inputs_are_skipped_by_name_without_hang_or_traceback(tiny_home,
     )
     assert "3 of 5 files skipped" in result.stderr
     assert result.stdout.count("  1. ") == 2
+
+
+def test_a_damaged_prompt_bank_stops_in_one_line_naming_the_file_and_the_asset(
+    tiny_home, images, tmp_path, capsys, monkeypatch
+):
+    """Bytes flipped inside prompt_bank.parquet used to give cosines like 1e37 with exit 0."""
+    import shutil
+
+    from pipeline import storage
+
+    home = tmp_path / "home"
+    shutil.copytree(tiny_home, home)
+    bank = home / "prompt_bank.parquet"
+    storage.write_parquet(pl.read_parquet(bank), bank)  # as the asset writes it: with its SHA-256 sidecar
+    for key in list(os.environ):
+        if key.startswith("REVERSE_SD_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("REVERSE_SD_HOME", str(home))
+    assert _predict(capsys, str(images[0]))[0] == 0
+    data = bytearray(bank.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 200] = bytes(b ^ 0x5A for b in data[middle : middle + 200])
+    bank.write_bytes(bytes(data))
+    code, out, err = _predict(capsys, str(images[0]))
+    assert code == 2 and out == ""
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "prompt_bank.parquet is damaged" in lines[0] and "asset prompt_bank" in lines[0]
+    assert "Traceback" not in err

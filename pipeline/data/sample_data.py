@@ -252,7 +252,8 @@ def _bait_plan(n: int, rng: np.random.Generator) -> list[str]:
     plan: list[str] = []
     for kind, share in BAIT_SHARES.items():
         plan += [kind] * (max(1, round(share * n)) if n >= 20 else int(rng.random() < share * n))
-    plan = plan[: max(n - 1, 0)] + ["clean"] * (n - len(plan))
+    kept = plan[: max(n - 1, 0)]  # at least one clean image per part
+    plan = kept + ["clean"] * (n - len(kept))
     order = rng.permutation(n)
     plan = [plan[i] for i in order]
     if n and plan[0] in ("duplicate", "shared_prefix", "shared_suffix"):

@@ -61,6 +61,20 @@ def test_whole_graph_materializes(sample_run):
     assert "evaluation" in result.stdout  # make run prints the table
 
 
+def test_every_artifact_records_its_sha256_and_the_file_matches(sample_run):
+    import hashlib
+
+    import dagster as dg
+
+    home, env, _ = sample_run
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        for key in ("filtered_pairs", "prompt_embeddings", "prompt_bank"):
+            event = instance.get_latest_materialization_event(dg.AssetKey(key)).asset_materialization
+            path = event.metadata["path"].value
+            assert path == str(home / f"{key}.parquet")
+            assert event.metadata["path_sha256"].value == hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def test_stale_rerun_does_nothing(sample_run):
     _, env, _ = sample_run
     again = _run_cli(["materialize", "--stale"], env)

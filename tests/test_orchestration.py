@@ -299,3 +299,18 @@ def test_two_invocations_on_one_storage_root_and_a_failure_in_one_line(tmp_path,
         and "re-materialize asset 'diffusiondb_parts'" in failed[0]
     )
     assert "materialize-" in result.stderr.splitlines()[-1]  # where the full log is
+
+
+def test_a_full_disk_is_one_line_with_the_errno_text(tmp_path):
+    """ "No space left on device" used to show only inside a 110-line trace."""
+    import errno
+
+    target = tmp_path / "data" / "filtered_pairs.parquet"
+
+    @dg.asset
+    def filtered_pairs():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+
+    result = dg.materialize([filtered_pairs], instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    lines = orch.failure_lines(result)
+    assert lines == [f"filtered_pairs: OSError: [Errno 28] No space left on device: '{target}'"]

@@ -137,19 +137,10 @@ class SentenceEncoderResource(dg.ConfigurableResource):
     batch_size: int = 128
 
     def encoder(self, device: str | None = None):
-        """The encoder on ``device`` (default: this resource's; "auto" is CUDA when present, else CPU)."""
+        """The encoder on ``device`` (default: this resource's; PromptEncoder takes "auto" as CUDA when present)."""
         from pipeline.data.embedding import PromptEncoder
 
-        return PromptEncoder(self.model, device=resolve_device_name(device or self.device), batch_size=self.batch_size)
-
-
-def resolve_device_name(device: str) -> str:
-    """ "auto" -> "cuda" when a GPU is visible, else "cpu"; anything else as given."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+        return PromptEncoder(self.model, device=device or self.device, batch_size=self.batch_size)
 
 
 class ComputeResource(dg.ConfigurableResource):

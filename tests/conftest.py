@@ -64,6 +64,35 @@ def materialized_sample(sample_graph_run) -> dict[str, str]:
     return dict(sample_graph_run[1])
 
 
+PREDICT_WORDS = ["red", "blue", "circle", "square", "painting", "photo"]
+
+
+def write_tiny_predict_home(home: Path, seed: int = 0) -> Path:
+    """A storage root holding what predict reads: a prompt bank, a vocabulary (PREDICT_WORDS) and one tiny vit
+    with an MLC head."""
+    import numpy as np
+    import polars as pl
+
+    from pipeline.models import create_model
+    from pipeline.training.checkpoint import save_checkpoint
+
+    vit = create_model("vit", variant="tiny", vocab_size=len(PREDICT_WORDS))
+    save_checkpoint(home / "trained_models" / "vit" / "mlc", vit)
+    bank = np.random.default_rng(seed).normal(size=(6, 384)).astype(np.float32)
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    pl.DataFrame({"prompt": [f"prompt {i}" for i in range(6)], "embedding": bank}).write_parquet(
+        home / "prompt_bank.parquet"
+    )
+    pl.DataFrame(
+        {
+            "index": np.arange(len(PREDICT_WORDS), dtype=np.int32),
+            "word": PREDICT_WORDS,
+            "count": np.arange(len(PREDICT_WORDS), 0, -1),
+        }
+    ).write_parquet(home / "vocabulary.parquet")
+    return home
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models gain nothing from threads; on a shared 2-core box two threads make them many times slower.

@@ -12,9 +12,9 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import pytest
+from conftest import PREDICT_WORDS, write_tiny_predict_home
 from PIL import Image
 
 from assets import cli
@@ -22,27 +22,12 @@ from assets import cli
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.timeout(300)]
 
 PROJECT = Path(__file__).resolve().parents[1]
-WORDS = ["red", "blue", "circle", "square", "painting", "photo"]
+WORDS = PREDICT_WORDS
 
 
 @pytest.fixture(scope="module")
 def tiny_home(tmp_path_factory) -> Path:
-    """A prompt bank, a vocabulary and one tiny vit with an MLC head: all that predict reads."""
-    from pipeline.models import create_model
-    from pipeline.training.checkpoint import save_checkpoint
-
-    home = tmp_path_factory.mktemp("tiny_home")
-    save_checkpoint(home / "trained_models" / "vit" / "mlc", create_model("vit", variant="tiny", vocab_size=len(WORDS)))
-    rng = np.random.default_rng(1)
-    bank = rng.normal(size=(6, 384)).astype(np.float32)
-    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
-    pl.DataFrame({"prompt": [f"prompt {i}" for i in range(6)], "embedding": bank}).write_parquet(
-        home / "prompt_bank.parquet"
-    )
-    pl.DataFrame(
-        {"index": np.arange(len(WORDS), dtype=np.int32), "word": WORDS, "count": np.arange(len(WORDS), 0, -1)}
-    ).write_parquet(home / "vocabulary.parquet")
-    return home
+    return write_tiny_predict_home(tmp_path_factory.mktemp("tiny_home"), seed=1)
 
 
 @pytest.fixture()

@@ -13,8 +13,8 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import pytest
+from conftest import PREDICT_WORDS, write_tiny_predict_home
 from PIL import Image
 
 from pipeline.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, open_image, reencode
@@ -31,7 +31,7 @@ from pipeline.predictor import (
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.timeout(120)]
 
-WORDS = ["red", "blue", "circle", "square", "painting", "photo"]
+WORDS = PREDICT_WORDS
 
 
 def _png(size=(32, 32), color="red") -> bytes:
@@ -215,22 +215,7 @@ def test_parts_reader_names_the_archive_member(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_home(tmp_path_factory) -> Path:
-    """A storage root holding what predict needs: a prompt bank, a vocabulary and one tiny vit with an MLC head."""
-    from pipeline.models import create_model
-    from pipeline.training.checkpoint import save_checkpoint
-
-    home = tmp_path_factory.mktemp("tiny_home")
-    save_checkpoint(home / "trained_models" / "vit" / "mlc", create_model("vit", variant="tiny", vocab_size=len(WORDS)))
-    rng = np.random.default_rng(0)
-    bank = rng.normal(size=(6, 384)).astype(np.float32)
-    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
-    pl.DataFrame({"prompt": [f"prompt {i}" for i in range(6)], "embedding": bank}).write_parquet(
-        home / "prompt_bank.parquet"
-    )
-    pl.DataFrame(
-        {"index": np.arange(len(WORDS), dtype=np.int32), "word": WORDS, "count": np.arange(len(WORDS), 0, -1)}
-    ).write_parquet(home / "vocabulary.parquet")
-    return home
+    return write_tiny_predict_home(tmp_path_factory.mktemp("tiny_home"), seed=0)
 
 
 def test_predictor_skips_hostile_inputs_and_keeps_the_good_one(tiny_home, hostile):

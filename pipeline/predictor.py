@@ -247,17 +247,13 @@ class PromptPredictor:
         return [self._load_model(b, r) for b, r in members.items()]
 
     def _load_model(self, backbone: str, recipe: str) -> LoadedModel:
-        from pipeline.models import create_model
-        from pipeline.training.checkpoint import latest_checkpoint, load_model_weights
+        from pipeline.training.checkpoint import latest_checkpoint, load_model
 
         checkpoint = latest_checkpoint(self._path("trained_models", backbone, recipe))
         if checkpoint is None:
             raise NotTrainedError(f"no checkpoint for {backbone}/{recipe}: materialize trained_models")
-        state, config = load_model_weights(checkpoint)
-        model = create_model(**config)
-        model.load_state_dict(state)
-        model.eval().to(self.device)
-        return LoadedModel(backbone, recipe, model, dict(config))
+        model = load_model(checkpoint, device=self.device)
+        return LoadedModel(backbone, recipe, model, model.config_dict())
 
     def _load_vocabulary(self) -> list[str] | None:
         """The vocabulary asset's words in head order, when a loaded model has a vocabulary head of its size."""

@@ -126,15 +126,10 @@ def encoder_from_model(model) -> nn.ModuleDict:
 
 def load_finetuned_encoder(checkpoint) -> tuple[nn.ModuleDict, dict]:
     """(encoder, model config) from a trained_models unet checkpoint (weights file or its directory)."""
-    from pipeline.models import create_model
-    from pipeline.training.checkpoint import load_model_weights
+    from pipeline.training.checkpoint import load_model
 
-    state, config = load_model_weights(checkpoint)
-    if config.get("backbone") != "unet":
-        raise ValueError(f"checkpoint {checkpoint} is a {config.get('backbone')!r} model, not unet")
-    model = create_model(**config)
-    model.load_state_dict(state)
-    return encoder_from_model(model).eval(), config
+    model = load_model(checkpoint, backbone="unet")
+    return encoder_from_model(model).eval(), model.config_dict()
 
 
 def check_compatible(unet: nn.Module, encoder: nn.ModuleDict) -> None:

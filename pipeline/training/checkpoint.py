@@ -20,6 +20,7 @@ import io
 import json
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -346,3 +347,34 @@ def load_checkpoint(
     state.setdefault("model_config", model_cfg)
     state["weights_path"] = str(weights_path)
     return state
+
+
+def load_model(
+    path: PathLike,
+    *,
+    device: str | torch.device | None = None,
+    expected_embedding_dim: int | None = EMBEDDING_DIM,
+    backbone: str | None = None,
+    factory: Callable[..., torch.nn.Module] | None = None,
+) -> torch.nn.Module:
+    """The model of a checkpoint (its weights file or its directory's newest), in eval mode, for inference.
+
+    The one place a checkpoint becomes a model: the weights are read and their SHA-256 sidecar verified
+    (``load_model_weights``), the architecture is rebuilt from the recorded model config by ``factory``
+    (default ``pipeline.models.create_model``, the backbone registry), the weights are checked against it
+    and loaded, and the model is moved to ``device`` when one is given.  ``model.config_dict()`` gives the
+    recorded config back.  ``backbone``, when given, is the backbone the checkpoint must hold.  Every
+    failure is a one-line CheckpointError (a ValueError) naming the file.  Resuming training is
+    ``load_checkpoint``, which also restores optimizer, scheduler and RNG state.
+    """
+    weights_path = _resolve(path)
+    state, config = load_model_weights(weights_path, expected_embedding_dim)
+    if backbone is not None and config.get("backbone") != backbone:
+        raise CheckpointError(f"checkpoint {weights_path} is a {config.get('backbone')!r} model, not {backbone}")
+    if factory is None:
+        from pipeline.models import create_model as factory
+    model = factory(**config)
+    check_state_fits(model, state, weights_path)
+    model.load_state_dict(state)
+    model.eval()
+    return model if device is None else model.to(device)

@@ -222,8 +222,7 @@ def _knn_baseline(storage: StorageResource, compute: ComputeResource) -> tuple[f
     The features come from the clip backbone's frozen tower as stored in its checkpoint (the same for every
     recipe): the pretrained ViT-H/14 on DiffusionDB, the tiny random-init twin on the sample profile.
     """
-    from pipeline.models import create_model
-    from pipeline.training.checkpoint import latest_checkpoint, load_model_weights
+    from pipeline.training.checkpoint import latest_checkpoint, load_model
     from pipeline.training.datasets import PairDataset
     from pipeline.training.loop import backbone_features
 
@@ -232,9 +231,7 @@ def _knn_baseline(storage: StorageResource, compute: ComputeResource) -> tuple[f
     )
     if checkpoint is None:
         return None, "k-NN baseline: not computed (no trained clip model to take CLIP image features from)."
-    state, config = load_model_weights(checkpoint)
-    model = create_model(**config)
-    model.load_state_dict(state)
+    model = load_model(checkpoint)
     splits = load_splits(storage, ("train", "test"))
     train, test = splits["train"], splits["test"]
     features = {
@@ -244,7 +241,7 @@ def _knn_baseline(storage: StorageResource, compute: ComputeResource) -> tuple[f
         for name, s in splits.items()
     }
     predicted = knn_baseline(features["train"], train.targets, features["test"], k=5)
-    variant = "pretrained CLIP" if config.get("variant") == "full" else "the tiny random-init CLIP twin's"
+    variant = "pretrained CLIP" if model.config_dict().get("variant") == "full" else "the tiny random-init CLIP twin's"
     return (
         float(row_cosines(predicted, test.targets).mean()),
         f"k-NN baseline: 5 nearest training images by {variant} image features (the paper: CLIP ViT-H/14).",

@@ -327,17 +327,14 @@ def _train_with_torchrun(
 def model_predictions(
     context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
-    from pipeline.models import create_model
-    from pipeline.training.checkpoint import latest_checkpoint, load_model_weights
+    from pipeline.training.checkpoint import latest_checkpoint, load_model
     from pipeline.training.loop import predict_embeddings
 
     backbone, recipe = _split_key(context)
     checkpoint = latest_checkpoint(storage.path("trained_models", backbone, recipe))
     if checkpoint is None:
         raise dg.Failure(f"no checkpoint for {backbone}/{recipe}: materialize trained_models first")
-    state, config = load_model_weights(checkpoint)
-    model = create_model(**config)
-    model.load_state_dict(state)
+    model = load_model(checkpoint)
     splits = load_splits(storage)
     frames, metadata = [], {}
     for name, split in splits.items():

@@ -15,6 +15,10 @@ Design choices that matter for results:
   has it run once per dataset (pipeline/training/feature_cache.py) and every epoch, evaluation and
   prediction runs only the trainable rest on the cached output; same sampler, seeds, stages and fingerprint,
   so the same model (up to the rounding of a kernel chosen by batch size) and interchangeable checkpoints.
+- One loop for every model: what is specific to a model (forward, loss, per-epoch figures, the validation
+  metric) is a small task object (``TrainTask``); the embedding regressors use ``EmbeddingTask``, the
+  captioner pipeline.captioning.training.CaptionTask, and both get DDP, accumulation, best-epoch selection
+  and resume from this one loop.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -289,13 +294,15 @@ def _hash_array(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
 
 
-def run_fingerprint(config: TrainConfig, model: torch.nn.Module, train_set, stages: Sequence[np.ndarray]) -> str:
-    """What decides the trained weights: config, model config, training targets, stage membership."""
+def run_fingerprint(
+    config: TrainConfig, model: torch.nn.Module, train_set, stages: Sequence[np.ndarray], task: TrainTask | None = None
+) -> str:
+    """What decides the trained weights: config, model config, training data, stage membership."""
     payload = {
         "config": config.result_dict(),
         "model": model_config(model),
         "n": len(train_set),
-        "targets": _hash_array(getattr(train_set, "targets", np.zeros(0))),
+        "targets": (task or EmbeddingTask()).data_hash(train_set),
         "stages": [_hash_array(np.asarray(s, dtype=np.int64)) for s in stages],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -321,20 +328,113 @@ def init_heads_from_targets(model: torch.nn.Module, train_set) -> None:
     heads.init_from_targets(mean, frequency)
 
 
+# -- tasks: what differs between the models the loop trains ----------------------------------------------
+@dataclass
+class StepOutput:
+    """One micro-batch's training step as a task returns it to the loop."""
+
+    loss: torch.Tensor  # the micro-batch's mean loss; the loop weights it for accumulation and runs backward
+    size: int  # samples in the micro-batch
+    sums: dict[str, torch.Tensor]  # per-epoch figures (task.stat_keys) summed over the micro-batch, float64
+    per_sample: torch.Tensor  # one value per sample (cosine, LM loss) for on_batch
+    index: Any  # the samples' dataset indices
+
+
+class TrainTask:
+    """What the shared loop needs to know about a model: forward + loss of a batch, the per-epoch figures,
+    the validation metric and what identifies the training data.  Subclasses override the methods."""
+
+    stat_keys: tuple[str, ...] = ("train_loss",)  # the keys of StepOutput.sums, in history order
+    val_key = "val_cosine"  # the history field of the validation metric
+    higher_is_better = True  # direction of val_key for best-epoch selection
+    load_kwargs: dict = {}  # extra keyword arguments for checkpoint.load_checkpoint on resume
+
+    def setup(self, loop: _Loop, train_set) -> None:
+        """Called once the model is on its device, before DDP wraps it (every rank the same)."""
+
+    def data_hash(self, train_set) -> str:
+        raise NotImplementedError
+
+    def train_step(self, loop: _Loop, batch) -> StepOutput:
+        raise NotImplementedError
+
+    def evaluate(self, loop: _Loop, dataset) -> float:
+        raise NotImplementedError
+
+    def score(self, record: dict) -> float:
+        """The record's validation metric, higher = better (NaN when there is none)."""
+        value = float(record.get(self.val_key, float("nan")))
+        return value if self.higher_is_better else -value
+
+
+class EmbeddingTask(TrainTask):
+    """The paper's regressors: image (+ caption context) -> unit embedding and vocabulary logits, trained with
+    ``loss_fn`` (default ReverseSDLoss(lambda_vocab)); validated by the mean cosine to the targets."""
+
+    stat_keys = ("train_loss", "train_cosine")
+
+    def __init__(self, loss_fn: LossFn | None = None):
+        self.loss_fn = loss_fn
+
+    def setup(self, loop: _Loop, train_set) -> None:
+        if loop.config.init_heads_from_targets:
+            init_heads_from_targets(loop.unwrapped, train_set)
+        if self.loss_fn is None:
+            self.loss_fn = default_loss(loop.config.lambda_vocab)
+
+    def data_hash(self, train_set) -> str:
+        return _hash_array(getattr(train_set, "targets", np.zeros(0)))
+
+    def train_step(self, loop: _Loop, batch) -> StepOutput:
+        dev, cfg = loop.device, loop.config
+        pixels, target, labels, index, context = _unpack(batch, dev, dev.type == "cuda")
+        cached = _is_cached(loop.train_set)
+        embedding, logits = _forward(loop.model, loop.unwrapped, pixels, context, loop.amp, dev, cached)
+        if labels.shape[-1] == 0:
+            labels_arg, logits_arg = None, None
+        else:
+            labels_arg, logits_arg = labels, logits
+        loss, _ = self.loss_fn(embedding, target, logits_arg, labels_arg)
+        if logits is not None and (logits_arg is None or (loop.dist.enabled and cfg.lambda_vocab == 0)):
+            # Keep the vocabulary head in the graph with zero weight: DDP needs every parameter used.
+            loss = loss + 0.0 * logits.sum()
+        with torch.no_grad():
+            cosine = _row_cosine(embedding.detach(), target)
+        loop.embedding_dim = int(embedding.shape[-1])
+        size = pixels.shape[0]
+        sums = {"train_loss": loss.detach().double() * size, "train_cosine": cosine.double().sum()}
+        return StepOutput(loss, size, sums, cosine.detach(), index)
+
+    def evaluate(self, loop: _Loop, dataset) -> float:
+        """Mean cosine on ``dataset``, each rank scoring its own shard."""
+        loader = loop.eval_loader(dataset)
+        loop.unwrapped.eval()
+        total = torch.zeros(2, device=loop.device, dtype=torch.float64)
+        with torch.inference_mode():
+            for batch in loader:
+                pixels, target, _, _, context = _unpack(batch, loop.device, loop.device.type == "cuda")
+                embedding, _ = _forward(
+                    loop.unwrapped, loop.unwrapped, pixels, context, loop.amp, loop.device, _is_cached(dataset)
+                )
+                total[0] += _row_cosine(embedding, target).double().sum()
+                total[1] += pixels.shape[0]
+        return loop.mean_over_ranks(total)
+
+
 # -- the epoch loop --------------------------------------------------------------------------------------
 class _Loop:
     """One training run's moving parts; shared by train_model and preliminary_cosines."""
 
     def __init__(
-        self, model, train_set, config: TrainConfig, stages, epochs_per_stage, loss_fn, on_log, cache_dir=None
+        self, model, train_set, config: TrainConfig, stages, epochs_per_stage, task: TrainTask, on_log, cache_dir=None
     ):
         self.config = config
+        self.task = task
         self.device = resolve_device(config.device)
         self.dist = init_distributed(self.device)
         self.amp = autocast_dtype(config.precision, self.device)
         self.unwrapped = model.to(self.device)
-        if config.init_heads_from_targets:
-            init_heads_from_targets(self.unwrapped, train_set)
+        task.setup(self, train_set)
         self.model = self.unwrapped
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -371,7 +471,6 @@ class _Loop:
         self.optimizer = make_optimizer(self.unwrapped, config)
         warmup = int(round(config.warmup_fraction * self.total_steps))
         self.scheduler = cosine_with_warmup(self.optimizer, self.total_steps, warmup)
-        self.loss_fn = loss_fn if loss_fn is not None else default_loss(config.lambda_vocab)
         self.on_log = on_log if self.dist.is_main else None
         self.step = 0
         self.embedding_dim: int | None = None
@@ -400,12 +499,10 @@ class _Loop:
         # Dropout and any other randomness of this epoch depend only on (seed, stage, epoch, rank).
         seed_everything(epoch_seed(cfg.seed, stage, epoch, salt=1 + self.dist.rank))
         self.model.train()
-        cached = _is_cached(self.train_set)
         n_rank = len(self.sampler)
         group_span = self.rank_batch * self.accum
         n_micro = len(self.loader)
-        loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
-        cos_sum = torch.zeros((), device=dev, dtype=torch.float64)
+        sums = {k: torch.zeros((), device=dev, dtype=torch.float64) for k in self.task.stat_keys}
         seen = 0
         wait = 0.0
         if dev.type == "cuda":
@@ -417,32 +514,20 @@ class _Loop:
             t_wait = time.perf_counter()
             batch = next(iterator)
             wait += time.perf_counter() - t_wait
-            pixels, target, labels, index, context = _unpack(batch, dev, dev.type == "cuda")
             group_start = (i // self.accum) * group_span
-            weight = pixels.shape[0] / min(group_span, n_rank - group_start)  # mean over the whole group
             last_in_group = (i + 1) % self.accum == 0 or i == n_micro - 1
             sync = contextlib.nullcontext()
             if self.dist.enabled and not last_in_group:
                 sync = self.model.no_sync()
             with sync:
-                embedding, logits = _forward(self.model, self.unwrapped, pixels, context, self.amp, dev, cached)
-                if labels.shape[-1] == 0:
-                    labels_arg, logits_arg = None, None
-                else:
-                    labels_arg, logits_arg = labels, logits
-                loss, _ = self.loss_fn(embedding, target, logits_arg, labels_arg)
-                if logits is not None and (logits_arg is None or (self.dist.enabled and cfg.lambda_vocab == 0)):
-                    # Keep the vocabulary head in the graph with zero weight: DDP needs every parameter used.
-                    loss = loss + 0.0 * logits.sum()
-                (loss * weight).backward()
-            with torch.no_grad():
-                cosine = _row_cosine(embedding.detach(), target)
-                loss_sum += loss.detach().double() * pixels.shape[0]
-                cos_sum += cosine.double().sum()
-            seen += pixels.shape[0]
-            self.embedding_dim = int(embedding.shape[-1])
+                out = self.task.train_step(self, batch)
+                weight = out.size / min(group_span, n_rank - group_start)  # mean over the whole group
+                (out.loss * weight).backward()
+            for key in self.task.stat_keys:
+                sums[key] += out.sums[key]
+            seen += out.size
             if on_batch is not None:
-                on_batch(index, cosine.detach())
+                on_batch(out.index, out.per_sample)
             if last_in_group:
                 if cfg.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(_trainable(self.unwrapped), cfg.max_grad_norm)
@@ -458,21 +543,20 @@ class _Loop:
                             "epoch": epoch,
                             "step": self.step,
                             "of": self.total_steps,
-                            "loss": round(float(loss.detach()), 5),
+                            "loss": round(float(out.loss.detach()), 5),
                             "lr": self.scheduler.get_last_lr()[0],
                         }
                     )
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         elapsed = time.perf_counter() - started
-        totals = torch.stack([loss_sum, cos_sum, torch.tensor(float(seen), device=dev, dtype=torch.float64)])
+        totals = torch.stack([*sums.values(), torch.tensor(float(seen), device=dev, dtype=torch.float64)])
         if self.dist.enabled:
             dist.all_reduce(totals)
-        count = max(float(totals[2]), 1.0)
+        count = max(float(totals[-1]), 1.0)
         return {
-            "train_loss": float(totals[0]) / count,
-            "train_cosine": float(totals[1]) / count,
-            "images_per_s": float(totals[2]) / max(elapsed, 1e-9),
+            **{key: float(totals[k]) / count for k, key in enumerate(sums)},
+            "images_per_s": float(totals[-1]) / max(elapsed, 1e-9),
             "data_wait_fraction": wait / max(elapsed, 1e-9),
             "gpu_mem_mb": (torch.cuda.max_memory_allocated(dev) / 2**20) if dev.type == "cuda" else 0.0,
             "seconds": elapsed,
@@ -499,12 +583,16 @@ class _Loop:
         return path
 
     def evaluate(self, dataset) -> float:
-        """Mean cosine on ``dataset``, each rank scoring its own shard."""
+        """The task's validation metric on ``dataset`` (NaN without one)."""
         if dataset is None or len(dataset) == 0:
             return float("nan")
+        return self.task.evaluate(self, dataset)
+
+    def eval_loader(self, dataset):
+        """This rank's shard of ``dataset`` in order; one loader per dataset, so its workers persist."""
         cfg = self.config
         cached = self._eval_loaders.get(id(dataset))
-        if cached is None or cached[0] is not dataset:  # one loader per dataset: its workers persist
+        if cached is None or cached[0] is not dataset:
             shard = np.arange(self.dist.rank, len(dataset), self.dist.world_size)
             batch, pin = cfg.eval_batch_size or self.rank_batch, self.device.type == "cuda"
             if _is_cached(dataset):
@@ -514,17 +602,10 @@ class _Loop:
                     torch.utils.data.Subset(dataset, shard.tolist()), batch, num_workers=cfg.num_workers, pin_memory=pin
                 )
             self._eval_loaders[id(dataset)] = (dataset, loader)
-        loader = self._eval_loaders[id(dataset)][1]
-        self.unwrapped.eval()
-        total = torch.zeros(2, device=self.device, dtype=torch.float64)
-        with torch.inference_mode():
-            for batch in loader:
-                pixels, target, _, _, context = _unpack(batch, self.device, self.device.type == "cuda")
-                embedding, _ = _forward(
-                    self.unwrapped, self.unwrapped, pixels, context, self.amp, self.device, _is_cached(dataset)
-                )
-                total[0] += _row_cosine(embedding, target).double().sum()
-                total[1] += pixels.shape[0]
+        return self._eval_loaders[id(dataset)][1]
+
+    def mean_over_ranks(self, total: torch.Tensor) -> float:
+        """``total`` = (sum, count) of this rank's shard -> the mean over all ranks (NaN for no samples)."""
         if self.dist.enabled:
             dist.all_reduce(total)
         return float(total[0] / total[1]) if float(total[1]) else float("nan")
@@ -539,7 +620,7 @@ def _check_stages(stages, n: int) -> list[np.ndarray]:
         if arr.size and (arr.min() < 0 or arr.max() >= n):
             raise ValueError(f"stage {k} has indices outside the training set of {n}")
         if arr.size == 0:
-            raise ValueError(f"stage {k} is empty")
+            raise ValueError(f"stage {k} is empty: every curriculum stage needs at least one sample")
         out.append(arr)
     if not out:
         raise ValueError("stages is an empty list")
@@ -558,6 +639,8 @@ def train_model(
     resume: bool = True,
     loss_fn: LossFn | None = None,
     cache_dir=None,
+    task: TrainTask | None = None,
+    on_batch: Callable[[int, int, Any, torch.Tensor], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place; a checkpoint after every epoch; resume from the latest matching checkpoint.
 
@@ -570,12 +653,19 @@ def train_model(
     the unet's VAE), the prefix runs once per dataset into a feature cache there
     (pipeline.training.feature_cache) and training / validation run only the trainable rest on the cached
     output: the same model, without recomputing the frozen part every epoch.  Without one, nothing changes.
+    ``task`` says what the model is trained to do (default EmbeddingTask(loss_fn)); the history records
+    its per-epoch figures and validation metric, and best-epoch selection follows that metric.
+    ``on_batch(stage, epoch, indices, per-sample values)`` sees every training micro-batch.
     """
+    if task is None:
+        task = EmbeddingTask(loss_fn)
+    elif loss_fn is not None:
+        raise ValueError("give loss_fn to the task, not beside it")
     stage_list = _check_stages(stages, len(train_set))
     per_stage = config.stage_epochs if stages is not None else config.epochs
-    loop = _Loop(model, train_set, config, stage_list, per_stage, loss_fn, on_log, cache_dir)
+    loop = _Loop(model, train_set, config, stage_list, per_stage, task, on_log, cache_dir)
     val_set = loop.prepare(val_set)
-    fingerprint = run_fingerprint(config, loop.unwrapped, train_set, stage_list)
+    fingerprint = run_fingerprint(config, loop.unwrapped, train_set, stage_list, task)
 
     history: list[dict] = []
     start = 0
@@ -585,7 +675,9 @@ def train_model(
         progress = read_state(latest).get("progress", {})  # is it this run's?
         if progress.get("fingerprint") == fingerprint:
             resumed_progress = progress
-            load_checkpoint(latest, loop.unwrapped, loop.optimizer, loop.scheduler, restore_rng=True)
+            load_checkpoint(
+                latest, loop.unwrapped, loop.optimizer, loop.scheduler, restore_rng=True, **task.load_kwargs
+            )
             start = int(progress["completed"])
             loop.step = int(progress["step"])
             history = list(progress.get("history", []))
@@ -602,21 +694,21 @@ def train_model(
     trained: list[dict] = []  # the epochs trained in this call (a resumed run's restored ones excluded)
     best = None
     if config.keep_best and val_set is not None and len(val_set):
-        best = _BestWeights(checkpoint_dir, fingerprint, history, loop.dist.is_main)
+        best = _BestWeights(checkpoint_dir, fingerprint, history, loop.dist.is_main, task.score)
     for position, (stage, epoch) in enumerate(loop.plan):
         if position < start:
             continue
-        stats = loop.train_epoch(stage, epoch)
-        val_cosine = loop.evaluate(val_set)
-        if best is not None:
-            best.offer(position, val_cosine, loop.unwrapped)
+        batch_hook = None
+        if on_batch is not None:
+            batch_hook = lambda index, values, stage=stage, epoch=epoch: on_batch(stage, epoch, index, values)  # noqa: E731
+        stats = loop.train_epoch(stage, epoch, on_batch=batch_hook)
+        val_value = loop.evaluate(val_set)
         record = {
             "stage": stage,
             "epoch": epoch,
             "stage_size": int(len(stage_list[stage])),
-            "train_loss": stats["train_loss"],
-            "train_cosine": stats["train_cosine"],
-            "val_cosine": val_cosine,
+            **{key: stats[key] for key in task.stat_keys},
+            task.val_key: val_value,
             "images_per_s": stats["images_per_s"],
             "data_wait_fraction": stats["data_wait_fraction"],
             "gpu_mem_mb": stats["gpu_mem_mb"],
@@ -624,6 +716,8 @@ def train_model(
             "lr": loop.scheduler.get_last_lr()[0],
             "step": loop.step,
         }
+        if best is not None:
+            best.offer(position, task.score(record), loop.unwrapped)
         history.append(record)
         trained.append(stats)
         progress = {
@@ -659,7 +753,6 @@ def train_model(
             checkpoint_path = loop.save(checkpoint_dir, progress, len(loop.plan) + 1) or checkpoint_path
     if best is not None and loop.dist.is_main:
         best.discard()  # the final checkpoint holds the selected weights now
-    vals = [h["val_cosine"] for h in history if not math.isnan(h["val_cosine"])]
     speed = throughput_summary(trained or history, loop.device)
     extra = {
         "world_size": loop.dist.world_size,
@@ -667,12 +760,19 @@ def train_model(
         "fingerprint": fingerprint,
         "selected_epoch": selected,
     }
+    key = task.val_key
+    vals = [h[key] for h in history if not math.isnan(h[key])]
+    best_val = (max(vals) if task.higher_is_better else min(vals)) if vals else float("nan")
+    final_val = history[selected][key] if history else float("nan")
+    if key != "val_cosine":  # TrainResult's fields are named for the cosine; other metrics go to extra
+        extra.update({f"best_{key}": best_val, f"final_{key}": final_val})
+        best_val = final_val = float("nan")
     if loop.dist.enabled:
         extra["replica_max_abs_diff"] = replica_max_abs_diff(loop.unwrapped)
     return TrainResult(
         history=history,
-        best_val_cosine=max(vals) if vals else float("nan"),
-        final_val_cosine=history[selected]["val_cosine"] if history else float("nan"),
+        best_val_cosine=best_val,
+        final_val_cosine=final_val,
         checkpoint_path=checkpoint_path,
         images_per_s=speed["images_per_s"],
         resumed_epochs=start,
@@ -691,12 +791,19 @@ class _BestWeights:
 
     FILE = "best-weights.safetensors"
 
-    def __init__(self, checkpoint_dir, fingerprint: str, restored_history: list[dict], is_main: bool):
+    def __init__(
+        self,
+        checkpoint_dir,
+        fingerprint: str,
+        restored_history: list[dict],
+        is_main: bool,
+        score: Callable[[dict], float] = lambda record: float(record.get("val_cosine", float("nan"))),
+    ):
         self.path = as_path(checkpoint_dir) / self.FILE
         self.fingerprint, self.is_main = fingerprint, is_main
         self.position, self.value = None, -math.inf
         for i, record in enumerate(restored_history):
-            value = record.get("val_cosine", float("nan"))
+            value = score(record)
             if not math.isnan(value) and value > self.value:
                 self.position, self.value = i, value
 
@@ -707,7 +814,9 @@ class _BestWeights:
         if self.is_main:
             from safetensors.torch import save_file
 
-            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            from pipeline.training.checkpoint import _plain_state_dict  # tied weights cloned, as safetensors needs
+
+            state = _plain_state_dict(model)
             meta = {"fingerprint": self.fingerprint, "position": str(position)}
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_local_path(self.path, suffix=".safetensors") as tmp:
@@ -749,6 +858,7 @@ def preliminary_cosines(
     loss_fn: LossFn | None = None,
     metrics: dict | None = None,
     cache_dir=None,
+    task: TrainTask | None = None,
 ) -> np.ndarray:
     """Train ``epochs`` preliminary epochs over the whole set; return every sample's cosine per epoch [epochs, n].
 
@@ -757,10 +867,15 @@ def preliminary_cosines(
     pass.  No checkpoints.  Under DDP the ranks' records are summed, so every rank returns the full matrix.
     ``metrics``, when given, is filled with the run's images_per_s, data_wait_fraction, peak_gpu_memory_mb
     (None on CPU), device, feature_cache (as in TrainResult) and per-epoch "epochs" records.
-    ``cache_dir``: the frozen prefix's feature cache, as in train_model.
+    ``cache_dir``: the frozen prefix's feature cache, as in train_model.  ``task`` as in train_model: the
+    matrix then holds the task's per-sample training value (e.g. the captioner's LM loss) instead.
     """
+    if task is None:
+        task = EmbeddingTask(loss_fn)
+    elif loss_fn is not None:
+        raise ValueError("give loss_fn to the task, not beside it")
     n = len(train_set)
-    loop = _Loop(model, train_set, config, [np.arange(n)], epochs, loss_fn, None, cache_dir)
+    loop = _Loop(model, train_set, config, [np.arange(n)], epochs, task, None, cache_dir)
     out = np.full((epochs, n), np.nan, dtype=np.float64)
     epoch_stats: list[dict] = []
     for position, (stage, epoch) in enumerate(loop.plan):
@@ -783,7 +898,7 @@ def preliminary_cosines(
             throughput_summary(epoch_stats, loop.device),
             device=device_name(loop.device),
             feature_cache=loop.cache_summary(),
-            epochs=[{k: v for k, v in e.items() if k not in ("train_loss", "train_cosine")} for e in epoch_stats],
+            epochs=[{k: v for k, v in e.items() if k not in task.stat_keys} for e in epoch_stats],
         )
     return out
 

@@ -266,6 +266,63 @@ TOY_MODELS_NOTE = (
 )
 
 
+ZERO_SHOT_TWIN_NOTE = (
+    "note: zero-shot with the sample profile's tiny random-init CLIP twin: its ranking exercises the code path "
+    "and means nothing. --clip openai/clip-vit-large-patch14 (with HF_HUB_OFFLINE=0) ranks with the real CLIP."
+)
+
+
+def _zero_shot_clip(args: argparse.Namespace, settings) -> str | None:
+    """The CLIP model --zero-shot ranks with (None without --zero-shot): --clip, else the profile's default
+    (sample: the tiny CLIP twin saved under the storage root; otherwise openai/clip-vit-large-patch14)."""
+    from resources.settings import SettingsError
+
+    if not args.zero_shot:
+        if args.clip is not None:
+            raise SettingsError("--clip chooses the model of --zero-shot; add --zero-shot")
+        return None
+    if args.model != "auto":
+        raise SettingsError("--model chooses a trained model; --zero-shot ranks with --clip instead")
+    if args.generate or args.captioner is not None:
+        raise SettingsError("--generate needs a trained captioner; not with --zero-shot")
+    if args.clip is not None:
+        return args.clip
+    from pipeline.zero_shot import DEFAULT_CLIP, twin_directory
+    from resources.settings import local_dir
+
+    return twin_directory(local_dir(settings.home, "")) if settings.is_sample else DEFAULT_CLIP
+
+
+def _zero_shot_predictor(settings, clip: str, args: argparse.Namespace):
+    """A ZeroShotRetriever over the storage root's prompt bank; the sample's CLIP twin is saved on first use."""
+    from tqdm import tqdm
+
+    from pipeline.zero_shot import ZeroShotRetriever, ensure_tiny_clip, load_bank, twin_directory
+    from resources.settings import local_dir
+
+    load_bank(settings.home)  # no bank: say so before building or loading any model
+    if settings.is_sample and args.clip is None:
+        ensure_tiny_clip(twin_directory(local_dir(settings.home, "")))
+    bars = []
+
+    def progress(total: int):
+        bar = tqdm(
+            total=total,
+            unit="prompt",
+            desc="encoding the prompt bank (once; cached)",
+            file=sys.stderr,
+            disable=args.quiet or not sys.stderr.isatty(),
+        )
+        bars.append(bar)
+        return bar.update
+
+    try:
+        return ZeroShotRetriever(settings.home, clip, device=args.device, batch_size=args.batch_size, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
+
+
 def _prediction_record(predictor, result, args, generate: bool) -> dict:
     """One image's JSON object (a line of jsonl, an element of json)."""
     record = {
@@ -299,7 +356,9 @@ def _predict(args: argparse.Namespace) -> int:
     _check_captioner(args.captioner)
     if args.output is not None and os.path.isdir(args.output):
         raise SettingsError(f"--output {args.output} is a directory, not a file")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    clip = _zero_shot_clip(args, settings)
+    if clip is None or os.path.isdir(clip):  # trained models and local CLIP directories never need the hub
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     scan = scan_inputs(args.paths)  # only regular files within the size cap; the rest skipped with a reason
     files = scan.files
     if not files:
@@ -319,18 +378,21 @@ def _predict(args: argparse.Namespace) -> int:
     # a submission holds embeddings only
     generate = (args.generate or args.captioner is not None) and args.format != "kaggle"
     try:
-        predictor = PromptPredictor(
-            settings.home,
-            model=args.model,
-            device=args.device,
-            batch_size=args.batch_size,
-            captioner=(args.captioner or "auto") if generate else None,
-        )
-    except (NotTrainedError, ValueError, OSError) as exc:  # CheckpointError is a ValueError
+        if clip is not None:
+            predictor = _zero_shot_predictor(settings, clip, args)
+        else:
+            predictor = PromptPredictor(
+                settings.home,
+                model=args.model,
+                device=args.device,
+                batch_size=args.batch_size,
+                captioner=(args.captioner or "auto") if generate else None,
+            )
+    except (NotTrainedError, ValueError, OSError, RuntimeError) as exc:  # CheckpointError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if predictor.toy_models:  # the first line, before anything about the inputs
-        print(TOY_MODELS_NOTE, file=sys.stderr)
+        print(ZERO_SHOT_TWIN_NOTE if clip is not None else TOY_MODELS_NOTE, file=sys.stderr)
     for path, reason in scan.skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     skipped = len(scan.skipped)
@@ -463,6 +525,8 @@ examples:
   reverse-sd predict some/folder --format json --embeddings --output predictions.json
   reverse-sd predict test_images/ --format kaggle --output submission.csv
   reverse-sd predict image.png --format table --model vit --generate
+  reverse-sd predict some/folder --zero-shot --format table       before training: CLIP ranks the bank
+  reverse-sd predict some/folder --zero-shot --clip openai/clip-vit-base-patch32
 """
 
 
@@ -560,6 +624,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="which trained captioner --generate uses: auto (the first trained: blip, then blip2) or a name; "
         "implies --generate",
+    )
+    pred.add_argument(
+        "--zero-shot",
+        action="store_true",
+        help="no trained model: rank the prompt bank by a CLIP model's image-text similarity, as "
+        "clip-interrogator does (needs only the data stages: reverse-sd materialize --select '*prompt_bank')",
+    )
+    pred.add_argument(
+        "--clip",
+        default=None,
+        metavar="MODEL",
+        help="the CLIP model of --zero-shot: a hub id or a local save_pretrained directory (default: "
+        "openai/clip-vit-large-patch14; on the sample profile the tiny random-init CLIP twin it saves under "
+        "REVERSE_SD_HOME/zero_shot/tiny_clip)",
     )
     pred.set_defaults(func=_predict)
     return parser

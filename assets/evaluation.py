@@ -30,6 +30,7 @@ from pipeline.evaluation.report import (
     BASELINE_COLUMNS,
     GENERATION_COLUMNS,
     TABLE1_COLUMNS,
+    ZERO_SHOT_KEY,
     Report,
     SplitScores,
     knn_baseline,
@@ -248,8 +249,35 @@ def _knn_baseline(storage: StorageResource, compute: ComputeResource) -> tuple[f
     )
 
 
+def _zero_shot_baseline(storage: StorageResource, compute: ComputeResource) -> tuple[float | None, str, str]:
+    """(mean test cosine, CLIP model, note) of zero-shot CLIP retrieval, the baseline with no training: each
+    test image's top-1 prompt-bank prompt by CLIP image-text cosine (pipeline.zero_shot), scored by that
+    prompt's SBERT embedding against the true prompt's. The sample profile ranks with its tiny random-init
+    CLIP twin, any other with openai/clip-vit-large-patch14 (what `reverse-sd predict --zero-shot` uses)."""
+    from pipeline.zero_shot import (
+        DEFAULT_CLIP,
+        ZeroShotError,
+        ZeroShotRetriever,
+        ensure_tiny_clip,
+        top1_sbert_cosine,
+        twin_directory,
+    )
+
+    clip = ensure_tiny_clip(twin_directory(storage.local_dir(""))) if SETTINGS.is_sample else DEFAULT_CLIP
+    try:
+        retriever = ZeroShotRetriever(storage.root, clip, device=compute.device)
+    except ZeroShotError as exc:
+        return None, "", f"zero-shot CLIP retrieval: not computed ({exc})."
+    test = load_splits(storage, ("test",))["test"]
+    value = top1_sbert_cosine(retriever, test.images, test.targets)
+    note = f"zero-shot CLIP retrieval: top-1 prompt-bank prompt by {retriever.description}'s image-text cosine"
+    if retriever.toy_models:
+        note += " (random-init on the sample profile: what a random bank prompt scores, not CLIP)"
+    return value, retriever.description, note + "."
+
+
 # Bump when the report's layout changes (not its figures), so the UI marks the page stale.
-REPORT_LAYOUT = 2  # 2: Table 1 and the baselines as UI tables, plots and gallery as UI images
+REPORT_LAYOUT = 3  # 2: Table 1 and the baselines as UI tables, plots and gallery as UI images; 3: zero-shot row
 
 
 @dg.asset(
@@ -294,6 +322,9 @@ def evaluation_report(
     knn_cosine, knn_note = _knn_baseline(storage, compute)
     if knn_cosine is not None:
         cosine["baseline/knn"] = knn_cosine
+    zero_shot_cosine, zero_shot_model, zero_shot_note = _zero_shot_baseline(storage, compute)
+    if zero_shot_cosine is not None:
+        cosine[ZERO_SHOT_KEY] = zero_shot_cosine
     generation = caption_report_rows(storage)
     cosine.update({f"caption/{row['captioner']}": row["sbert_cosine"] for row in generation})
     figures = _figures(storage, scores, train, test, dakl, dict(pairs.select("image_id", "part").iter_rows()))
@@ -303,8 +334,9 @@ def evaluation_report(
         split="test",
         cosine=cosine,
         counts=dict(pairs.group_by("split").len().sort("split").iter_rows()),
-        notes=_notes(knn_note, bool(generation)),
+        notes=[*_notes(knn_note, bool(generation)), zero_shot_note],
         figures={title: data_uri(png) for title, (_, png) in figures.items()},
+        zero_shot_model=zero_shot_model,
     )
     reports = storage.path("reports")
     for suffix, text in (("md", report.markdown()), ("html", report.html()), ("json", report.to_json())):

@@ -24,6 +24,8 @@ PAPER_DAKL = 0.6917
 PAPER_KNN = 0.6189
 RECIPE_TITLES = {"baseline": "baseline", "mlc": "+ MLC", "mlc_cl": "+ MLC + CL"}
 TABLE_BACKBONES = ("vit", "swin", "clip", "unet")
+# The zero-shot baseline: top-1 prompt-bank prompt by CLIP image-text cosine (pipeline.zero_shot), no training.
+ZERO_SHOT_KEY = "baseline/zero_shot_clip"
 DIGITS = 4  # every figure the report shows is rounded to 4 decimals, as the paper prints them
 
 
@@ -123,11 +125,15 @@ class Report:
     figures: dict[str, str] = field(default_factory=dict)  # title -> data URI of a PNG
     # Prompt generation, one row per captioner: captioner, variant, sbert_cosine, refclip_score, clip_s, ...
     generation: list[dict] = field(default_factory=list)
+    # The CLIP model of the zero-shot retrieval baseline (cosine key ZERO_SHOT_KEY): a hub id or a description.
+    zero_shot_model: str = ""
 
     def to_json(self) -> str:
         payload = {"split": self.split, "profile": self.profile, "cosine": self.cosine, "counts": self.counts}
         if self.generation:
             payload["generation"] = self.generation
+        if self.zero_shot_model:
+            payload["zero_shot_model"] = self.zero_shot_model
         return json.dumps(payload, indent=2, sort_keys=True, default=float)
 
     def generation_rows(self) -> list[list[str]]:
@@ -165,7 +171,7 @@ class Report:
 
     def baseline_records(self) -> list[dict]:
         """The baselines as records of BASELINE_COLUMNS, rounded, with the paper's figure where it has one."""
-        return [
+        records = [
             {
                 "baseline": "mean training embedding",
                 "test cosine": rounded(self.cosine.get("baseline/mean_embedding")),
@@ -177,6 +183,14 @@ class Report:
                 "paper": PAPER_KNN,
             },
         ]
+        if ZERO_SHOT_KEY in self.cosine:
+            records.append(
+                {"baseline": self.zero_shot_label(), "test cosine": rounded(self.cosine[ZERO_SHOT_KEY]), "paper": None}
+            )
+        return records
+
+    def zero_shot_label(self) -> str:
+        return f"zero-shot CLIP retrieval ({self.zero_shot_model or 'CLIP'})"
 
     def generation_records(self) -> list[dict]:
         """Generated prompts as records of GENERATION_COLUMNS, rounded (the Kaggle figure keeps 5 decimals)."""
@@ -233,8 +247,10 @@ class Report:
             f"| mean training embedding | {self.cosine.get('baseline/mean_embedding', float('nan')):.4f} |",
             f"| k-NN on image features (paper, CLIP features: {PAPER_KNN:.4f}) | "
             f"{self.cosine.get('baseline/knn', float('nan')):.4f} |",
-            "",
         ]
+        if ZERO_SHOT_KEY in self.cosine:
+            lines.append(f"| {self.zero_shot_label()} | {self.cosine[ZERO_SHOT_KEY]:.4f} |")
+        lines.append("")
         if self.generation:
             lines += [
                 "| generated prompts | SBERT cosine (Kaggle metric) | RefCLIPScore | Kaggle first place |",

@@ -43,7 +43,7 @@ CODE_REVISIONS = {
     "dakl_predictions": 1,
     "evaluation_report": 2,  # 2: k-NN on CLIP features, generated-prompt rows
     "prompt_bank": 1,
-    "trained_captioners": 1,
+    "trained_captioners": 2,
     "caption_predictions": 1,
     "unet_swap_report": 1,
 }

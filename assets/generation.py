@@ -2,7 +2,7 @@
 their prompts scored as the Kaggle competition scores them (SBERT cosine) and by RefCLIPScore, and the
 fine-tuned U-Net encoder put back into Stable Diffusion after the first DDIM step.
 
-Thin wiring over pipeline/captioning/captioner.py and pipeline/evaluation/unet_swap.py.  The sample profile runs tiny random-init
+Thin wiring over pipeline/captioning/ and pipeline/evaluation/unet_swap.py.  The sample profile runs tiny random-init
 twins of every model (captioner, CLIP scorer, Stable Diffusion); its CLIP-based scores exercise the code path
 and measure nothing, which the metadata says.
 """
@@ -62,7 +62,7 @@ def _tiny_threads(compute: ComputeResource):
 
 
 def _train_config(compute: ComputeResource):
-    from pipeline.captioning.captioner import CaptionTrainConfig
+    from pipeline.captioning import CaptionTrainConfig
 
     return CaptionTrainConfig(
         stage_epochs=CAPTION.stage_epochs,
@@ -76,7 +76,7 @@ def _train_config(compute: ComputeResource):
 
 
 def _create(name: str, compute: ComputeResource, vocab_size: int, corpus: list[str]):
-    from pipeline.captioning.captioner import create_captioner
+    from pipeline.captioning import create_captioner
     from pipeline.training.loop import seed_everything
 
     seed_everything(CAPTION.seed)  # the same initial weights on every run
@@ -125,13 +125,13 @@ def trained_captioners(
 def _train_captioner(
     context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
-    from pipeline.captioning.captioner import (
+    from pipeline.captioning import (
         CaptionDataset,
         combined_difficulty,
+        fit_captioner,
         generate_prompts,
         preliminary_loss_history,
         save_captioner,
-        train_captioner,
     )
     from pipeline.training.checkpoint import remove_checkpoints
     from pipeline.training.curriculum import bucket_by_difficulty, curriculum_stages, difficulty_from_history
@@ -168,9 +168,10 @@ def _train_captioner(
 
     directory = storage.path("trained_captioners", name)
     progress_dir = storage.path("trained_captioners", name, "progress")  # per-epoch, so a killed run resumes
-    history = train_captioner(
+    result = fit_captioner(
         captioner, train_set, config, stages=stages, val_set=val_set, on_log=on_log, checkpoint_dir=progress_dir
     )
+    history, selected = result.history, int(result.extra["selected_epoch"])  # the lowest-val-LM-loss epoch
     captioner.generation = {"num_beams": CAPTION.num_beams, "no_repeat_ngram_size": CAPTION.no_repeat_ngram_size}
     weights = save_captioner(captioner, directory, progress={"history": history}, config=config.result_dict())
     remove_checkpoints(progress_dir)  # the saved captioner is complete: its progress is not needed any more
@@ -179,8 +180,9 @@ def _train_captioner(
     curves = {"train LM loss": [h["train_lm"] for h in history], "val LM loss": [h["val_lm"] for h in history]}
     return dg.MaterializeResult(
         metadata={
-            "final_val_lm_loss": float(history[-1]["val_lm"]),
-            "final_train_bce": float(history[-1]["train_bce"]),
+            "final_val_lm_loss": float(history[selected]["val_lm"]),
+            "selected_epoch": selected,
+            "final_train_bce": float(history[selected]["train_bce"]),
             "epochs": len(history),
             "tokens": len(captioner.tokenizer),
             "difficulty_source": source,
@@ -227,7 +229,7 @@ def _predict_captions(
     compute: ComputeResource,
     sentence_encoder: SentenceEncoderResource,
 ) -> dg.MaterializeResult:
-    from pipeline.captioning.captioner import (
+    from pipeline.captioning import (
         KAGGLE_FIRST_PLACE,
         caption_table,
         generate_prompts,
@@ -294,7 +296,7 @@ def _predict_captions(
 def caption_report_rows(storage: StorageResource) -> list[dict]:
     """Rows for the evaluation report, one per captioner whose caption_predictions exist: captioner, variant,
     sbert_cosine (mean, test split: the Kaggle metric), refclip_score, clip_s, test_images, kaggle_first_place."""
-    from pipeline.captioning.captioner import report_rows
+    from pipeline.captioning import report_rows
 
     frames = {
         name: storage.read_table("caption_predictions", name, columns=["sbert_cosine", "clip_s", "refclip_s"])
@@ -337,7 +339,7 @@ def unet_swap_report(
 def _swap_report(
     context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
-    from pipeline.captioning.captioner import load_clip_scorer
+    from pipeline.captioning import load_clip_scorer
     from pipeline.evaluation.unet_swap import (
         DEFAULT_PROMPTS,
         SD_HUB_ID,

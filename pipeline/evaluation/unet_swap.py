@@ -214,7 +214,7 @@ def generate_images(
 
 def clip_scores(scorer, images: Sequence, prompts: Sequence[str]) -> np.ndarray:
     """Prompt alignment per image: 100 * max(cos(CLIP image, CLIP prompt), 0) (torchmetrics' CLIPScore)."""
-    from pipeline.captioning.captioner import clip_s
+    from pipeline.captioning.scoring import clip_s
 
     return clip_s(scorer.image_embeddings(list(images)), scorer.text_embeddings(list(prompts)), w=100.0)
 

@@ -11,7 +11,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline.data import embedding as embedding_module
+from pipeline.data import prompt_encoder as encoder_module
 from pipeline.data.embedding import (
     EMBEDDING_DIM,
     PromptEncoder,
@@ -208,8 +208,8 @@ def test_float16_copy_keeps_cosine(reference):
 
 def test_auto_dtype_falls_back_to_fp32_when_the_probe_fails(monkeypatch, reference):
     assert PromptEncoder(device="cpu").dtype is None  # auto on CPU: fp32, no probe needed
-    monkeypatch.setattr(embedding_module, "_auto_dtype", lambda device: embedding_module.torch.bfloat16)
-    monkeypatch.setattr(embedding_module, "MIN_PROBE_COSINE", 1.5)  # no precision passes this
+    monkeypatch.setattr(encoder_module, "_auto_dtype", lambda device: encoder_module.torch.bfloat16)
+    monkeypatch.setattr(encoder_module, "MIN_PROBE_COSINE", 1.5)  # no precision passes this
     enc = PromptEncoder(device="cpu")
     assert enc.model_id == "all-MiniLM-L6-v2"  # settled at load: the fp32 model, so an fp32 cache stays valid
     assert enc.dtype is None and "bfloat16 off" in enc.backend and enc.probe_cosine < 1.5

@@ -124,3 +124,25 @@ def test_the_import_reader_follows_relative_and_lazy_imports(tmp_path):
         (tmp_path / "pkg" / f"{name}.py").write_text("")
     known = {"pkg": tmp_path / "pkg" / "__init__.py", **{f"pkg.{n}": tmp_path / "pkg" / f"{n}.py" for n in "abc"}}
     assert _imports(known["pkg.a"], "pkg.a", known) == {"pkg", "pkg.b", "pkg.c"}
+
+
+# Loading a checkpoint into a model is written once, in pipeline/training/checkpoint.py (load_model).  The
+# captioner still rebuilds its BLIP model itself (pipeline/captioning/ is being reworked by another
+# engineer): it could pass a factory to load_model.
+WEIGHTS_READERS_ALLOWED = {"pipeline/training/checkpoint.py"}
+WEIGHTS_READERS_ALLOWED_PREFIXES = ("pipeline/captioning/",)
+
+
+def test_checkpoints_become_models_in_one_place():
+    offenders = []
+    for folder in ("assets", "resources", "pipeline"):
+        for path in sorted((PROJECT / folder).rglob("*.py")):
+            relative = path.relative_to(PROJECT).as_posix()
+            if relative in WEIGHTS_READERS_ALLOWED or relative.startswith(WEIGHTS_READERS_ALLOWED_PREFIXES):
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), filename=relative)):
+                if isinstance(node, ast.Call):
+                    name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+                    if name == "load_model_weights":
+                        offenders.append(f"{relative}:{node.lineno}")
+    assert offenders == [], f"call pipeline.training.checkpoint.load_model instead: {offenders}"

@@ -31,11 +31,15 @@ def _png(rgb, seed: int, size: int = 32) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture(scope="module")
-def pairs():
+def _pairs():
     images = [_png((220, 30, 30), i) for i in range(4)] + [_png((30, 30, 220), 10 + i) for i in range(4)]
     labels = [np.array([0, 1])] * 4 + [np.array([2, 3])] * 4
     return images, [RED] * 4 + [BLUE] * 4, labels
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return _pairs()
 
 
 def _setup(pairs, swapped_val: bool = False):
@@ -110,3 +114,45 @@ def test_captioner_gradient_accumulation_matches_a_bigger_batch(pairs, tmp_path)
     assert any(not torch.equal(results[0][k], initial[k]) for k in initial)
     for k in results[0]:
         assert torch.allclose(results[0][k], results[1][k], atol=1e-5, rtol=1e-4), k
+
+
+_RANK_SCRIPT = """
+import os, sys
+import numpy as np, torch
+sys.path.insert(0, sys.argv[2])
+torch.set_num_threads(1)
+import test_captioning_loop as t
+from pipeline.captioning import fit_captioner
+captioner, train, val = t._setup(t._pairs())
+result = fit_captioner(captioner, train, t.DDP_CONFIG, val_set=val, checkpoint_dir=sys.argv[1] + "-ckpt")
+if os.environ["RANK"] == "0":
+    torch.save({"weights": captioner.state_dict(), "extra": result.extra}, sys.argv[1])
+"""
+DDP_CONFIG = CaptionTrainConfig(**{**CONFIG, "epochs": 1, "precision": "fp32"})
+
+
+@pytest.mark.slow
+def test_captioner_trains_under_two_process_ddp_like_one_process(pairs, tmp_path):
+    """torchrun, 2 ranks, gloo on CPU: the replicas agree and match one process over the same global batches."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "rank.py"
+    script.write_text(_RANK_SCRIPT)
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    out = tmp_path / "ddp.pt"
+    run = subprocess.run([*command, str(script), str(out), str(tests)], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ddp = torch.load(out, weights_only=False)
+    assert ddp["extra"]["world_size"] == 2 and ddp["extra"]["replica_max_abs_diff"] == 0.0
+
+    captioner, train, val = _setup(pairs)
+    single = fit_captioner(captioner, train, DDP_CONFIG, val_set=val, checkpoint_dir=str(tmp_path / "single"))
+    assert single.extra["total_steps"] == ddp["extra"]["total_steps"]
+    assert ddp["extra"]["final_val_lm"] == pytest.approx(single.extra["final_val_lm"], rel=1e-5)
+    for name, value in captioner.state_dict().items():
+        assert torch.allclose(ddp["weights"][name], value, atol=1e-5), name

@@ -360,7 +360,11 @@ def read_part(
                 continue
             try:
                 image, width, height = reencode(
-                    data, size=image_size, fmt=image_format, quality=quality, max_image_pixels=max_image_pixels,
+                    data,
+                    size=image_size,
+                    fmt=image_format,
+                    quality=quality,
+                    max_image_pixels=max_image_pixels,
                     name=f"{zip_path.name}:{_safe_id(name)}",
                 )
             except ImageError as exc:

@@ -102,7 +102,10 @@ def write_image_files(
     """
     paths = list(files)
     wanted = pl.concat(
-        [rows.select("image_id", "part").with_columns(file=pl.lit(i, pl.Int32)) for i, rows in enumerate(files.values())]
+        [
+            rows.select("image_id", "part").with_columns(file=pl.lit(i, pl.Int32))
+            for i, rows in enumerate(files.values())
+        ]
     ).sort("part", maintain_order=True)  # grouped by part: each part is read once for every file
     tmps = [path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp") for path in paths]
     written = dict.fromkeys(paths, 0)

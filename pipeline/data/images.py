@@ -78,7 +78,9 @@ def _open_checked(data: bytes, max_image_pixels: int, name: str | None = None) -
             if width <= 0 or height <= 0:
                 raise ImageError("undecodable", f"image declares an empty size {width}x{height}", name)
             if width * height > max_image_pixels:
-                raise ImageError("too_large", _too_large(width * height, f"{width}x{height} = ", max_image_pixels), name)
+                raise ImageError(
+                    "too_large", _too_large(width * height, f"{width}x{height} = ", max_image_pixels), name
+                )
             img.load()
     except ImageError:
         raise
@@ -123,9 +125,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def open_image(
-    data: bytes, name: str | None = None, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-) -> Image.Image:
+def open_image(data: bytes, name: str | None = None, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """The one way into untrusted image bytes (parts, training decode, predict): a loaded, upright
     (EXIF orientation applied) RGB PIL image, or ImageError.
 

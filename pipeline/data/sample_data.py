@@ -31,7 +31,7 @@ import json
 import uuid
 import zipfile
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -142,7 +142,7 @@ BAIT_SHARES = {
 }
 AFFIX = 50  # the paper's prefix / suffix length
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps: same bytes every run
-EPOCH = datetime(2022, 8, 7, tzinfo=timezone.utc)  # DiffusionDB was collected in August 2022
+EPOCH = datetime(2022, 8, 7, tzinfo=UTC)  # DiffusionDB was collected in August 2022
 METADATA_SCHEMA = {
     "image_name": pl.String,
     "prompt": pl.String,
@@ -222,7 +222,10 @@ def _tail(rng: np.random.Generator, style: str | None = None) -> list[str]:
     if style is not None:
         i, n = list(STYLES).index(style), len(STYLES)
         modifiers, artists_pool = MODIFIERS[i::n], ARTISTS[i::n]
-    mods = [modifiers[i] for i in rng.choice(len(modifiers), size=min(len(modifiers), int(rng.integers(2, 4))), replace=False)]
+    mods = [
+        modifiers[i]
+        for i in rng.choice(len(modifiers), size=min(len(modifiers), int(rng.integers(2, 4))), replace=False)
+    ]
     artists = [artists_pool[i] for i in rng.choice(len(artists_pool), size=1, replace=False)]
     # Tags ("trending on artstation") are the part no image shows: always on global tails, one in
     # two on styled ones, so the sample keeps some noise without drowning the visible signal.

@@ -97,7 +97,10 @@ def label_series(
 
 def multi_hot(indices: Sequence[np.ndarray] | pl.Series, k: int) -> np.ndarray:
     """Dense float32 (n, k) multi-hot matrix from per-row index lists (for small batches and tests)."""
-    rows = [np.asarray(x if x is not None else [], dtype=np.int64) for x in (indices.to_list() if isinstance(indices, pl.Series) else indices)]
+    rows = [
+        np.asarray(x if x is not None else [], dtype=np.int64)
+        for x in (indices.to_list() if isinstance(indices, pl.Series) else indices)
+    ]
     out = np.zeros((len(rows), k), dtype=np.float32)
     if rows:
         lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))

@@ -104,6 +104,8 @@ def _materialize_locked(args, settings, workers: int) -> int:
         stale_only=args.stale,
         extra_partitions=extra,
         observed_now=observed_now,
+        workers=workers,
+        partitions_per_run=args.partitions_per_run,
     )
     planned_in = time.perf_counter() - started
     if not plan.units:
@@ -143,7 +145,13 @@ def _materialize_locked(args, settings, workers: int) -> int:
 
     def on_done(outcome):
         bar.update(1)
-        if args.verbose or not outcome.success:
+        if outcome.split_into:
+            bar.total += outcome.split_into
+            tqdm.write(
+                f"{outcome.unit.label} failed as one run: running its {outcome.split_into} partitions one by one",
+                file=sys.stderr,
+            )
+        elif args.verbose or not outcome.success:
             state = "done" if outcome.success else "FAILED"
             tqdm.write(f"{state} {outcome.unit.label} in {outcome.seconds:.1f} s", file=sys.stderr)
         if outcome.detail:
@@ -170,7 +178,8 @@ def _materialize_locked(args, settings, workers: int) -> int:
         print(f"stopped: {len(canceled)} run(s) marked canceled, their pool slots freed", file=sys.stderr)
         return 130
     bar.close()
-    failed = [o for o in progress.outcomes if not o.success]
+    failed = [o for o in progress.outcomes if not o.success and not o.split_into]
+    runs = len(progress.outcomes)
     elapsed = time.perf_counter() - started
     if failed or progress.not_run:
         for outcome in failed:
@@ -186,15 +195,15 @@ def _materialize_locked(args, settings, workers: int) -> int:
             names = ", ".join(u.label for u in progress.not_run[:10])
             more = f" and {len(progress.not_run) - 10} more" if len(progress.not_run) > 10 else ""
             print(f"not run (upstream failed): {names}{more}", file=sys.stderr)
-        done = len(progress.outcomes) - len(failed)
+        done = sum(o.success for o in progress.outcomes)
         print(
-            f"error: {len(failed)} of {len(plan.units)} runs failed, {done} succeeded in {elapsed:.0f} s; "
+            f"error: {len(failed)} of {runs} runs failed, {done} succeeded in {elapsed:.0f} s; "
             + (f"full errors in {log_path}; " if log_path.exists() else "")
             + "every run is in the UI (make ui)",
             file=sys.stderr,
         )
         return 1
-    print(f"materialized {len(plan.units)} asset runs in {elapsed:.0f} s ({min(workers, len(plan.units))} at a time)")
+    print(f"materialized {runs} asset runs in {elapsed:.0f} s ({min(workers, len(plan.units))} at a time)")
     print(f"artifacts under {settings.home}; Dagster instance in {settings.dagster_home} (make ui to browse)")
     report = os.path.join(settings.home, "reports", "evaluation.md")
     if os.path.exists(report):
@@ -516,6 +525,14 @@ output formats:
   kaggle  the competition's submission CSV (imgId_eId,val; 384 rows per image, the id is the file's
           stem, so file names must not repeat)
 
+zero-shot (before any training; needs only reverse-sd materialize --select '*prompt_bank'):
+  --zero-shot ranks the prompt bank by a CLIP model's image-text cosine, as clip-interrogator does;
+  model reads "zero-shot CLIP (MODEL)", cosine is CLIP's, embedding is the top-1 prompt's.
+  --clip default: openai/clip-vit-large-patch14 (from the hub: HF_HUB_OFFLINE=0 the first time);
+  on the sample profile the tiny random-init CLIP twin saved under REVERSE_SD_HOME/zero_shot/tiny_clip.
+  The bank's CLIP text embeddings are computed once per model and bank, cached under
+  REVERSE_SD_HOME/zero_shot/cache.
+
 Only regular files are read: FIFOs, devices, sockets, symlinks to them and files over 100 MB are
 skipped with their reason, as are unreadable images; any skip makes the exit status 1.
 
@@ -570,6 +587,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         help="runs at once (default: the cores available); the gpu pool admits one run per GPU",
+    )
+    mat.add_argument(
+        "--partitions-per-run",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="DiffusionDB parts per run (default: enough runs for four per worker, at most 50 parts each); "
+        "1 gives one run per part",
     )
     mat.add_argument(
         "--wait",
@@ -635,9 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--clip",
         default=None,
         metavar="MODEL",
-        help="the CLIP model of --zero-shot: a hub id or a local save_pretrained directory (default: "
-        "openai/clip-vit-large-patch14; on the sample profile the tiny random-init CLIP twin it saves under "
-        "REVERSE_SD_HOME/zero_shot/tiny_clip)",
+        help="the CLIP model of --zero-shot: a hub id or a local save_pretrained directory (default: the "
+        "profile's, see zero-shot below)",
     )
     pred.set_defaults(func=_predict)
     return parser

@@ -38,6 +38,8 @@ PID_TAG = "reverse-sd/pid"
 HOST_TAG = "reverse-sd/host"
 DEVICE_TAG = "reverse-sd/device"
 GPU_POOL = "gpu"
+RANGE_START_TAG = "dagster/asset_partition_range_start"
+RANGE_END_TAG = "dagster/asset_partition_range_end"
 ACTIVE_STATUSES = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
 
 
@@ -84,17 +86,33 @@ class Stage:
 
 @dataclass(frozen=True)
 class Unit:
-    """One run: the assets of a stage for one partition, as a run of the named job ``job``."""
+    """One run: the assets of a stage for one partition, as a run of the named job ``job``; or for a range
+    of partitions (``partitions``, consecutive in the partitions definition's order) in one ranged run."""
 
     job: str
     asset_keys: tuple[dg.AssetKey, ...]
     partition_key: str | None
     gpu: bool
+    partitions: tuple[str, ...] = ()  # a ranged run: every key from partition_key to the last, in order
+
+    @property
+    def partition_keys(self) -> tuple[str | None, ...]:
+        return self.partitions or (self.partition_key,)
+
+    @property
+    def is_range(self) -> bool:
+        return len(self.partitions) > 1
 
     @property
     def label(self) -> str:
         names = ",".join(k.to_user_string() for k in self.asset_keys)
+        if self.is_range:
+            return f"{names}[{self.partitions[0]}...{self.partitions[-1]}] ({len(self.partitions)} partitions)"
         return names + (f"[{self.partition_key}]" if self.partition_key is not None else "")
+
+    def singles(self) -> list[Unit]:
+        """The range as one unit per partition (to isolate the partition that made the ranged run fail)."""
+        return [Unit(self.job, self.asset_keys, key, self.gpu) for key in self.partition_keys]
 
 
 @dataclass
@@ -109,7 +127,7 @@ class Plan:
         stages: dict[tuple, Stage] = {}
         for unit in self.units:
             stage = stages.setdefault((unit.job, unit.asset_keys), Stage(list(unit.asset_keys), None))
-            stage.partition_keys.append(unit.partition_key)
+            stage.partition_keys.extend(unit.partition_keys)
         return list(stages.values())
 
 
@@ -154,8 +172,14 @@ def plan_units(
     stale_only: bool = False,
     extra_partitions: dict[str, Sequence[str]] | None = None,
     observed_now: dict[dg.AssetKey, dict[str | None, str]] | None = None,
+    workers: int = 1,
+    partitions_per_run: int | None = None,
 ) -> Plan:
     """The runs that materialize ``selection`` (default: every asset), in dependency order.
+
+    Assets whose BackfillPolicy allows ranged runs (diffusiondb_parts) get one run per range of consecutive
+    partitions, ``partitions_per_run`` each (default: enough runs to keep ``workers`` busy, four per worker,
+    within the policy's limit), so Dagster's cost per run is paid once per range.
 
     ``extra_partitions`` (dynamic partitions definition name -> keys) counts keys as registered without
     writing them to the instance: a dry run plans the parts the source lists but the instance lacks.
@@ -170,6 +194,7 @@ def plan_units(
     jobs = {key: job for job in defs.jobs if job.name.startswith("materialize_") for key in _job_keys(job, asset_graph)}
     units: list[Unit] = []
     index: dict[tuple[dg.AssetKey, str | None], int] = {}
+    order: dict[str, dict[str | None, int]] = {}  # job -> partition key -> its position in the definition
     with dg.partition_loading_context(dynamic_partitions_store=instance):
         for stage in _stages(asset_graph, resolve_selection(asset_graph, selection)):
             keys = (
@@ -182,6 +207,7 @@ def plan_units(
             )
             gpu = any(GPU_POOL in (asset_graph.get(k).pools or ()) for k in stage.asset_keys)
             job = jobs[stage.asset_keys[0]].name
+            order.setdefault(job, {k: n for n, k in enumerate(keys)})
             for partition_key in keys:
                 unit = Unit(job, tuple(stage.asset_keys), partition_key, gpu)
                 for key in unit.asset_keys:
@@ -207,7 +233,78 @@ def plan_units(
         plan = Plan(units, depends_on)
         if stale_only:
             plan = _keep_stale(plan, parents_of, _Records(instance, asset_graph, observed_now))
-    return plan
+    return group_ranges(plan, asset_graph, order, workers, partitions_per_run)
+
+
+def _range_limit(asset_graph, unit: Unit) -> int:
+    """How many partitions one run of ``unit``'s assets may cover (1: no ranged runs)."""
+    limits = []
+    for key in unit.asset_keys:
+        policy = asset_graph.get(key).backfill_policy
+        if unit.partition_key is None or policy is None or policy.max_partitions_per_run == 1:
+            return 1
+        limits.append(policy.max_partitions_per_run or sys.maxsize)  # None: a single run for any range
+    return min(limits)
+
+
+def group_ranges(
+    plan: Plan, asset_graph, order: dict[str, dict[str | None, int]], workers: int, partitions_per_run: int | None
+) -> Plan:
+    """Merge single-partition units of one stage into ranged runs of consecutive partitions.
+
+    Only partitions next to each other in the partitions definition's order share a run (a range run
+    materializes every partition between its ends), and never two that depend on each other.
+    """
+    if partitions_per_run is not None and partitions_per_run < 1:
+        raise ValueError(f"partitions per run must be at least 1, got {partitions_per_run}")
+    groups: dict[tuple, list[int]] = {}
+    for i, unit in enumerate(plan.units):
+        if not unit.is_range and _range_limit(asset_graph, unit) > 1:
+            groups.setdefault((unit.job, unit.asset_keys), []).append(i)
+    merged: dict[int, list[int]] = {}  # first member -> members
+    for (job, _keys), members in groups.items():
+        limit = _range_limit(asset_graph, plan.units[members[0]])
+        size = partitions_per_run or -(-len(members) // (4 * max(workers, 1)))
+        size = max(1, min(size, limit))
+        if size == 1:
+            continue
+        positions = order.get(job, {})
+        members = sorted(members, key=lambda m: positions.get(plan.units[m].partition_key, -1))
+        run: list[int] = []
+        for m in members:
+            adjacent = run and positions.get(plan.units[m].partition_key) == (
+                positions.get(plan.units[run[-1]].partition_key, -2) + 1
+            )
+            if run and (not adjacent or len(run) == size or plan.depends_on[m] & set(run)):
+                merged[run[0]] = run
+                run = []
+            run.append(m)
+        if run:
+            merged[run[0]] = run
+    if not any(len(run) > 1 for run in merged.values()):
+        return plan
+    member_of = {m: first for first, run in merged.items() for m in run}
+    units: list[Unit] = []
+    new_index: dict[int, int] = {}
+    reasons: dict[int, str] = {}
+    for i, unit in enumerate(plan.units):
+        first = member_of.get(i, i)
+        if first != i:
+            new_index[i] = new_index[first]
+            continue
+        run = merged.get(i, [i])
+        new_index[i] = len(units)
+        if len(run) > 1:
+            keys = tuple(plan.units[m].partition_key for m in run)
+            unit = Unit(unit.job, unit.asset_keys, keys[0], unit.gpu, partitions=keys)
+        if i in plan.reasons:
+            reasons[len(units)] = plan.reasons[i]
+        units.append(unit)
+    depends_on: dict[int, set[int]] = {}
+    for i in range(len(plan.units)):
+        reads = {new_index[d] for d in plan.depends_on[i]} - {new_index[i]}
+        depends_on.setdefault(new_index[i], set()).update(reads)
+    return Plan(units, depends_on, reasons)
 
 
 def _dynamic_name(partitions_def) -> str | None:
@@ -482,6 +579,7 @@ class Outcome:
     failures: list[str] = field(default_factory=list)
     detail: str = ""  # full error text for the log file
     seconds: float = 0.0
+    split_into: int = 0  # a failed ranged run, re-planned as this many single-partition runs
 
 
 _WORKER_STATE: dict = {}
@@ -508,11 +606,13 @@ def execute_unit(unit: Unit, device_index: int | None, tags: dict[str, str]) -> 
 
         torch.cuda.set_device(device_index)  # "auto" and "cuda" resolve to this device from here on
         run_tags[DEVICE_TAG] = f"cuda:{device_index}"
+    if unit.is_range:  # Dagster's own tags for a ranged run (what a single-run backfill sets)
+        run_tags[RANGE_START_TAG], run_tags[RANGE_END_TAG] = unit.partitions[0], unit.partitions[-1]
     started = time.perf_counter()
     try:
         result = defs.resolve_job_def(unit.job).execute_in_process(
             instance=instance,
-            partition_key=unit.partition_key,
+            partition_key=None if unit.is_range else unit.partition_key,
             asset_selection=list(unit.asset_keys),
             raise_on_error=False,
             run_config={"loggers": {"console": {"config": {"log_level": _WORKER_STATE["log_level"]}}}},
@@ -599,10 +699,14 @@ def run_units(
     """Run ``plan`` with at most ``workers`` runs at once and at most ``gpu_slots`` of them in the gpu pool,
     each after the runs it depends on; a failed run stops only its dependents.
 
+    A failed ranged run is re-planned as one run per partition (its ``Outcome.split_into`` says how many),
+    so one bad part fails alone and the good parts of its range still materialize.
+
     ``gpu_devices``: give each gpu run its own device index (0 .. gpu_slots-1).  ``launch`` replaces the
     worker processes (tests): a function (unit, device_index, tags) -> Outcome run in a thread pool.
     """
     progress = Progress()
+    plan = Plan(list(plan.units), {i: set(d) for i, d in plan.depends_on.items()}, dict(plan.reasons))
     pending = set(range(len(plan.units)))
     running: dict[int, int | None] = {}  # unit index -> device index
     succeeded: set[int] = set()
@@ -647,13 +751,35 @@ def run_units(
             if device is not None:
                 free_devices.append(device)
                 free_devices.sort()
+            if not outcome.success and plan.units[i].is_range:
+                singles = _split(plan, i)
+                pending.update(singles)
+                outcome.split_into = len(singles)
+            else:
+                (succeeded if outcome.success else blocked).add(i)
             progress.outcomes.append(outcome)
-            (succeeded if outcome.success else blocked).add(i)
             if on_done:
                 on_done(outcome)
     finally:
         pool.close()
     return progress
+
+
+def _split(plan: Plan, i: int) -> list[int]:
+    """Replace ranged unit ``i`` by one unit per partition, in place: each reads what the range read, and
+    whatever read the range reads all of them.  Returns the new units' indices."""
+    singles = []
+    for unit in plan.units[i].singles():
+        plan.depends_on[len(plan.units)] = set(plan.depends_on[i])
+        if i in plan.reasons:
+            plan.reasons[len(plan.units)] = plan.reasons[i]
+        singles.append(len(plan.units))
+        plan.units.append(unit)
+    for reads in plan.depends_on.values():
+        if i in reads:
+            reads.discard(i)
+            reads.update(singles)
+    return singles
 
 
 class _ProcessLauncher:

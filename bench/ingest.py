@@ -61,8 +61,9 @@ def _environment(workdir: Path, mirror: Path) -> None:
     )
 
 
-def materialize_parts(workdir: Path, mirror: Path, workers: int) -> dict:
-    """Materialize every part of ``mirror`` with ``workers`` worker processes; seconds and counts."""
+def materialize_parts(workdir: Path, mirror: Path, workers: int, per_run: int | None = 1) -> dict:
+    """Materialize every part of ``mirror`` with ``workers`` worker processes, ``per_run`` parts per run
+    (None: the CLI's default ranges); seconds and counts."""
     import subprocess
 
     code = f"""
@@ -78,7 +79,7 @@ from assets.definitions import defs
 instance = dg.DagsterInstance.get()
 t0 = time.perf_counter()
 register_parts(instance, defs.resources["diffusiondb"])
-plan = orch.plan_units(defs, instance, selection="diffusiondb_parts")
+plan = orch.plan_units(defs, instance, selection="diffusiondb_parts", workers={workers}, partitions_per_run={per_run})
 planned = time.perf_counter() - t0
 launcher = orch.prestarted_launcher({workers}, "CRITICAL")
 started = time.perf_counter() - t0 - planned
@@ -86,8 +87,8 @@ t1 = time.perf_counter()
 progress = orch.run_units(plan, workers={workers}, gpu_slots=1, gpu_devices=False, tags=orch.new_invocation_tags(),
                           launcher=launcher)
 seconds = time.perf_counter() - t1
-ok = sum(o.success for o in progress.outcomes)
-print(json.dumps(dict(runs=len(plan.units), ok=ok, seconds=seconds, planning=planned, worker_start=started,
+ok = sum(len(o.unit.partition_keys) for o in progress.outcomes if o.success)
+print(json.dumps(dict(runs=len(plan.units), parts=ok, ok=ok, seconds=seconds, planning=planned, worker_start=started,
                       run_seconds=sum(o.seconds for o in progress.outcomes))))
 """
     env = {**os.environ}
@@ -160,15 +161,22 @@ def main() -> None:
             os.link(archive, subset / "images" / archive.name)
         os.link(tiny / "metadata.parquet", subset / "metadata.parquet")
         _environment(work, subset)
-        result = materialize_parts(work, subset, workers)
-        per_run = result["seconds"] / result["runs"]
-        print(
-            f"\nrun overhead: {result['runs']} four-image parts with {workers} workers in {result['seconds']:.1f} s: "
-            f"{per_run:.3f} s per run (wall), {result['run_seconds'] / result['runs']:.3f} s inside each run"
-        )
-        print(
-            f"  -> {args.tiny_parts} parts: about {per_run * args.tiny_parts / 60:.1f} min of overhead at {workers} workers"
-        )
+        print(f"\nrun overhead: {args.tiny_runs} parts of four 64-px images, {workers} workers")
+        print(f"{'runs of':>18} {'runs':>6} {'seconds':>8} {'s per part (wall)':>18} {'s inside each run':>18}")
+        for label, per_run in (("one part each", 1), ("ranges (default)", None)):
+            work = tmp / f"tiny-{per_run}"
+            work.mkdir()
+            _environment(work, subset)
+            result = materialize_parts(work, subset, workers, per_run)
+            assert result["parts"] == args.tiny_runs, result
+            per_part = result["seconds"] / result["parts"]
+            print(
+                f"{label:>18} {result['runs']:>6} {result['seconds']:>8.1f} {per_part:>18.3f} "
+                f"{result['run_seconds'] / result['runs']:>18.3f}"
+            )
+            print(
+                f"{'':>18} -> {args.tiny_parts} parts: about {per_part * args.tiny_parts / 60:.1f} min at {workers} workers"
+            )
         plan_work = tmp / "plan"
         plan_work.mkdir()
         _environment(plan_work, tiny)

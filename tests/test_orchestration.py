@@ -314,3 +314,58 @@ def test_a_full_disk_is_one_line_with_the_errno_text(tmp_path):
     result = dg.materialize([filtered_pairs], instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
     lines = orch.failure_lines(result)
     assert lines == [f"filtered_pairs: OSError: [Errno 28] No space left on device: '{target}'"]
+
+
+def _materializations(instance, key: str) -> dict[str, list]:
+    by_part: dict[str, list] = {}
+    for record in instance.fetch_materializations(dg.AssetKey(key), limit=1000).records:
+        by_part.setdefault(record.asset_materialization.partition, []).append(record.asset_materialization)
+    return by_part
+
+
+def test_parts_run_in_ranges_each_part_keeps_its_metadata_and_a_bad_part_fails_alone(tmp_path, monkeypatch):
+    """Ranged runs pay Dagster's per-run cost once per range of parts; each part still gets its own metadata
+    in the UI, and a range that fails is re-run part by part so only the bad part fails (in one line)."""
+    from pipeline.data.diffusiondb import file_sha256
+    from pipeline.data.sample_data import generate_sample_mirror
+
+    mirror = tmp_path / "mirror"
+    generate_sample_mirror(mirror, n_parts=6, images_per_part=3, image_size=64)
+    env = sample_env(tmp_path, REVERSE_SD_DIFFUSIONDB=str(mirror))
+    args = ["materialize", "--select", "diffusiondb_parts", "--workers", "1", "--partitions-per-run", "3"]
+    result = run_cli(args, env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "materialized 2 asset runs" in result.stdout, result.stdout
+    monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
+    instance = dg.DagsterInstance.get()
+    runs = instance.get_runs()
+    assert sorted(
+        (r.tags[orch.RANGE_START_TAG], r.tags[orch.RANGE_END_TAG])
+        for r in runs
+        if r.job_name.startswith("materialize_diffusiondb")
+    ) == [
+        ("part-000001", "part-000003"),
+        ("part-000004", "part-000006"),
+    ]
+    events = _materializations(instance, "diffusiondb_parts")
+    assert sorted(events) == [f"part-{i:06d}" for i in range(1, 7)]
+    for part, (event, *_) in events.items():  # each part its own figures, not its range's
+        assert event.metadata["records"].value == 3
+        assert event.metadata["source_sha256"].value == file_sha256(mirror / "images" / f"{part}.zip")
+        assert part in event.metadata["path"].value
+
+    # Parts 4-6 lose their tables (stale), and part 5's archive is now garbage: the range 4-6 fails as one run,
+    # is re-run part by part, and only part 5 fails.
+    for i in (4, 5, 6):
+        (tmp_path / "data" / "diffusiondb_parts" / f"part-{i:06d}.parquet").unlink()
+    (mirror / "images" / "part-000005.zip").write_bytes(b"not a zip archive")
+    result = run_cli([*args, "--stale"], env, timeout=300)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "[part-000004...part-000006] (3 partitions) failed as one run" in result.stderr, result.stderr
+    failed = [line for line in result.stderr.splitlines() if line.startswith("failed: ")]
+    assert len(failed) == 1 and failed[0].startswith("failed: diffusiondb_parts[part-000005]: "), failed
+    assert "part-000005" in failed[0].split(": ", 2)[2]  # the cause names the archive
+    events = _materializations(instance, "diffusiondb_parts")
+    assert [len(events[f"part-{i:06d}"]) for i in range(1, 7)] == [1, 1, 1, 2, 1, 2]
+    assert (tmp_path / "data" / "diffusiondb_parts" / "part-000006.parquet").exists()

@@ -34,7 +34,7 @@ ZERO_SHOT_DIR = "zero_shot"  # under the storage root: cache/ (bank text embeddi
 TWIN_MARKER = "reverse_sd_tiny_clip.json"  # in a twin's directory: it is random-init, its ranking means nothing
 TWIN_DESCRIPTION = "tiny random-init CLIP twin"
 BANK_ASSET = "prompt_bank"
-BANK_HINT = "run `reverse-sd materialize --select '*prompt_bank'` first (the data stages and the bank, no training)"
+BANK_HINT = "run reverse-sd materialize --select '*prompt_bank' first (the data stages and the bank; no training)"
 # The twin's shape: small enough to build, save and run in about a second on a CPU.
 TINY_CLIP = dict(
     text=dict(
@@ -178,6 +178,13 @@ class _quiet_transformers:
             hf_logging.enable_progress_bar()
 
 
+def _hub_offline() -> bool:
+    """Whether huggingface_hub runs offline (it reads HF_HUB_OFFLINE once, when first imported)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
 def load_clip(model: str, device: str = "cpu"):
     """(CLIPModel in eval mode on ``device``, CLIPProcessor) from a hub id or a local directory; ZeroShotError
     in one line when it cannot be loaded (offline and not cached, a wrong id, a directory without a model)."""
@@ -191,7 +198,7 @@ def load_clip(model: str, device: str = "cpu"):
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
         if os.path.isdir(model):
             hint = "the directory does not hold a CLIPModel + CLIPProcessor saved with save_pretrained"
-        elif os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        elif _hub_offline():
             hint = "HF_HUB_OFFLINE=1 and it is not in the local Hugging Face cache: set HF_HUB_OFFLINE=0 to download it"
         else:
             hint = "not a CLIP model on the hub, or the hub cannot be reached"

@@ -77,6 +77,8 @@ class DiffusionDBResource(dg.ConfigurableResource):
     """Where DiffusionDB comes from: a hub dataset id at a revision, or a local mirror directory.
 
     On the sample profile the mirror is generated (deterministically) at `location` on first use.
+    `hash_cache_dir` (a local directory; build_resources puts it under the storage root's local cache) keeps a
+    mirror's zip hashes across invocations, so listing the parts does not re-read every zip each time.
     """
 
     location: str
@@ -86,6 +88,7 @@ class DiffusionDBResource(dg.ConfigurableResource):
     sample_parts: int = 4
     sample_images_per_part: int = 250
     sample_seed: int = 0
+    hash_cache_dir: str | None = None
 
     def source(self):
         from pipeline.data.diffusiondb import DiffusionDBSource
@@ -95,7 +98,7 @@ class DiffusionDBResource(dg.ConfigurableResource):
         # Inside a run Dagster resolves the EnvVar; outside one (the CLI registering parts) it is still the
         # EnvVar object, whose str() is the variable's *name*: resolve it here, never send the name as a token.
         token = self.token.get_value() if isinstance(self.token, dg.EnvVar) else self.token
-        return DiffusionDBSource(self.location, revision=self.revision, token=token)
+        return DiffusionDBSource(self.location, revision=self.revision, token=token, hash_cache_dir=self.hash_cache_dir)
 
     def _ensure_sample(self) -> None:
         """Generate the sample mirror once, even when several processes ask at the same moment: a file lock
@@ -167,6 +170,7 @@ def build_resources(settings: Settings | None = None) -> dict[str, dg.Configurab
             sample_parts=config.sample.n_parts,
             sample_images_per_part=config.sample.images_per_part,
             sample_seed=config.sample.seed,
+            hash_cache_dir=local_dir(settings.home, "hash-cache"),
         ),
         "sentence_encoder": SentenceEncoderResource(
             model=config.encoder_model, device=settings.device, batch_size=config.encoder_batch_size

@@ -1,8 +1,8 @@
 """Data-change rebuilds: observe the sources on a schedule, register and read new parts, and rebuild
 what they feed.
 
-- observe_diffusiondb (schedule, daily by default, REVERSE_SD_OBSERVE_CRON): observes diffusiondb_source
-  and training_settings; a new version shows as stale data downstream.
+- observe_diffusiondb (schedule, daily by default, REVERSE_SD_OBSERVE_CRON): observes diffusiondb_source,
+  one data version per part; a changed part shows as stale data downstream of that part.
 - diffusiondb_new_parts (sensor): registers parts the source lists but the graph does not know, and
   materializes exactly those partitions of diffusiondb_parts.
 - reverse_sd_automation (declarative automation sensor): every asset downstream of diffusiondb_parts
@@ -26,15 +26,17 @@ from assets.data import diffusiondb_parts, diffusiondb_source, parts_partitions
 from assets.training import training_settings
 from resources import DiffusionDBResource
 
-observe_job = dg.define_asset_job("observe_sources", selection=[diffusiondb_source, training_settings])
+# One job per partitions definition (an asset job cannot mix them): the parts' versions here; training_settings
+# observes itself daily through its automation condition, and `reverse-sd materialize` observes both.
+observe_job = dg.define_asset_job("observe_diffusiondb_source", selection=[diffusiondb_source])
 
 observe_diffusiondb = dg.ScheduleDefinition(
     name="observe_diffusiondb",
     job=observe_job,
     cron_schedule=OBSERVE_CRON,
     default_status=dg.DefaultScheduleStatus.STOPPED,
-    description="Observes diffusiondb_source (hub revision or mirror hash) and training_settings; "
-    "a new version marks downstream stale.",
+    description="Observes diffusiondb_source (each part's zip sha256, the hub's or the mirror's); "
+    "a changed part marks itself and what reads it stale.",
 )
 
 

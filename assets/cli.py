@@ -83,15 +83,19 @@ def _materialize_locked(args, settings, workers: int) -> int:
         listed = sorted(resources["diffusiondb"].source().list_parts())
         new_parts = [p for p in listed if not instance.has_dynamic_partition(parts_partitions.name, p)]
         extra = {parts_partitions.name: new_parts}
+        from assets.data import diffusiondb_source
         from assets.training import training_settings, training_settings_versions
 
-        observed_now = {training_settings.key: training_settings_versions()}
+        observed_now = {
+            training_settings.key: training_settings_versions(),
+            diffusiondb_source.key: resources["diffusiondb"].source().list_parts(),
+        }
     else:
         released = orch.release_dead_runs(instance)
         if released:
             print(f"released {len(released)} run(s) whose process was killed: {', '.join(r[:8] for r in released)}")
         new_parts = register_parts(instance, resources["diffusiondb"])
-        orch.observe_settings(defs, instance)
+        orch.observe_sources(defs, instance)
         extra = observed_now = None
     if new_parts:
         verb = "would register" if args.dry_run else "registered"
@@ -366,8 +370,8 @@ def _predict(args: argparse.Namespace) -> int:
     if args.output is not None and os.path.isdir(args.output):
         raise SettingsError(f"--output {args.output} is a directory, not a file")
     clip = _zero_shot_clip(args, settings)
-    if clip is None or os.path.isdir(clip):  # trained models and local CLIP directories never need the hub
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if clip is None or (args.clip is None and settings.is_sample) or os.path.isdir(clip):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # trained models and local CLIP directories need no hub
     scan = scan_inputs(args.paths)  # only regular files within the size cap; the rest skipped with a reason
     files = scan.files
     if not files:

@@ -31,11 +31,39 @@ parts_partitions = dg.DynamicPartitionsDefinition(name="diffusiondb_part")
 
 
 @dg.observable_source_asset(
+    partitions_def=parts_partitions,
     group_name=DATA_GROUP,
-    description="The DiffusionDB revision: the hub commit sha, or a content hash of a local mirror.",
+    description="The content of each DiffusionDB part: the sha256 of its zip (the local bytes, or the hub's LFS "
+    "sha256). Observed per part by `reverse-sd materialize` and the observe schedule, so a changed part turns "
+    "only itself and what reads it stale.",
 )
-def diffusiondb_source(diffusiondb: DiffusionDBResource) -> dg.DataVersion:
-    return dg.DataVersion(diffusiondb.source().revision_id())
+def diffusiondb_source(context: dg.OpExecutionContext, diffusiondb: DiffusionDBResource) -> dg.DataVersionsByPartition:
+    return dg.DataVersionsByPartition(changed_part_versions(context.instance, diffusiondb.source().list_parts()))
+
+
+def changed_part_versions(instance: dg.DagsterInstance, listed: dict[str, str]) -> dict[str, str]:
+    """The registered parts whose listed version differs from their last observed one (or that never were
+    observed): observing only those keeps the event log at one event per change, not per part per run."""
+    registered = set(instance.get_dynamic_partitions(parts_partitions.name))
+    latest = latest_part_versions(instance)
+    return {part: version for part, version in listed.items() if part in registered and latest.get(part) != version}
+
+
+def latest_part_versions(instance: dg.DagsterInstance) -> dict[str, str]:
+    """part -> the data version of its newest diffusiondb_source observation."""
+    latest: dict[str, str] = {}
+    cursor = None
+    while True:
+        result = instance.fetch_observations(
+            dg.AssetRecordsFilter(asset_key=diffusiondb_source.key), limit=1000, cursor=cursor, ascending=False
+        )
+        for record in result.records:
+            observation = record.asset_observation
+            if observation.partition is not None:
+                latest.setdefault(observation.partition, observation.tags.get("dagster/data_version"))
+        if not result.has_more:
+            return latest
+        cursor = result.cursor
 
 
 def register_parts(instance: dg.DagsterInstance, diffusiondb: DiffusionDBResource) -> list[str]:

@@ -15,7 +15,8 @@ from resources import build_resources
 
 ALL_ASSETS = [*DATA_ASSETS, *TRAINING_ASSETS, *EVALUATION_ASSETS, *GENERATION_ASSETS]
 ALL_CHECKS = [*DATA_CHECKS, *TRAINING_CHECKS]
-# The jobs `reverse-sd materialize` runs (one per partitions definition), and the settings observation.
+# The jobs `reverse-sd materialize` runs (one per partitions definition), and the settings observation (it
+# observes the parts with the observe schedule's job).
 CLI_JOBS = [*stage_jobs(ALL_ASSETS), dg.define_asset_job("observe_settings", selection=[training_settings])]
 
 defs = dg.Definitions(

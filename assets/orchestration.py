@@ -38,6 +38,7 @@ PID_TAG = "reverse-sd/pid"
 HOST_TAG = "reverse-sd/host"
 DEVICE_TAG = "reverse-sd/device"
 GPU_POOL = "gpu"
+OBSERVE_JOBS = ("observe_diffusiondb_source", "observe_settings")
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
 ACTIVE_STATUSES = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
@@ -458,19 +459,19 @@ def _keep_stale(plan: Plan, parents_of, records: _Records) -> Plan:
 # ---- settings observation -------------------------------------------------------------------------------
 
 
-def observe_settings(defs: dg.Definitions, instance: dg.DagsterInstance) -> None:
-    """Record the current data version of every settings source (training_settings) as a run of the
-    observe job, so that a changed setting shows up as stale data before planning.  DiffusionDB itself is
-    not observed here: new parts are registered as partitions instead, which stales only what they feed."""
-    job = defs.resolve_job_def("observe_settings")
-    result = job.execute_in_process(
-        instance=instance,
-        raise_on_error=False,
-        run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}},
-        tags={LAUNCHED_BY_TAG: "cli"},
-    )
-    if not result.success:
-        raise RuntimeError("observing training_settings failed: " + "; ".join(failure_lines(result)))
+def observe_sources(defs: dg.Definitions, instance: dg.DagsterInstance) -> None:
+    """Record the current data version of each source partition (every DiffusionDB part whose zip changed,
+    each backbone's training_settings) as a run of the observe job, so that changed data or settings show up
+    as stale before planning."""
+    for name in OBSERVE_JOBS:
+        result = defs.resolve_job_def(name).execute_in_process(
+            instance=instance,
+            raise_on_error=False,
+            run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}},
+            tags={LAUNCHED_BY_TAG: "cli"},
+        )
+        if not result.success:
+            raise RuntimeError(f"{name} failed: " + "; ".join(failure_lines(result)))
 
 
 # ---- recovery from killed runs --------------------------------------------------------------------------

@@ -354,8 +354,18 @@ def test_parts_run_in_ranges_each_part_keeps_its_metadata_and_a_bad_part_fails_a
         assert event.metadata["source_sha256"].value == file_sha256(mirror / "images" / f"{part}.zip")
         assert part in event.metadata["path"].value
 
+    # Each part's source version is observed on its own: a changed zip stales that part alone.
+    dry = run_cli([*args, "--stale", "--dry-run"], env, timeout=300)
+    assert "nothing to materialize" in dry.stdout, dry.stdout
+    import zipfile
+
+    with zipfile.ZipFile(mirror / "images" / "part-000002.zip", "a") as archive:
+        archive.comment = b"re-uploaded"
+    dry = run_cli([*args, "--stale", "--dry-run"], env, timeout=300)
+    assert "diffusiondb_parts [1]: part-000002\n" in dry.stdout, dry.stdout
+
     # Parts 4-6 lose their tables (stale), and part 5's archive is now garbage: the range 4-6 fails as one run,
-    # is re-run part by part, and only part 5 fails.
+    # is re-run part by part, and only part 5 fails; part 2 (changed) runs alone.
     for i in (4, 5, 6):
         (tmp_path / "data" / "diffusiondb_parts" / f"part-{i:06d}.parquet").unlink()
     (mirror / "images" / "part-000005.zip").write_bytes(b"not a zip archive")
@@ -367,5 +377,10 @@ def test_parts_run_in_ranges_each_part_keeps_its_metadata_and_a_bad_part_fails_a
     assert len(failed) == 1 and failed[0].startswith("failed: diffusiondb_parts[part-000005]: "), failed
     assert "part-000005" in failed[0].split(": ", 2)[2]  # the cause names the archive
     events = _materializations(instance, "diffusiondb_parts")
-    assert [len(events[f"part-{i:06d}"]) for i in range(1, 7)] == [1, 1, 1, 2, 1, 2]
+    assert [len(events[f"part-{i:06d}"]) for i in range(1, 7)] == [1, 2, 1, 2, 1, 2]
+    observed = {
+        r.asset_observation.partition
+        for r in instance.fetch_observations(dg.AssetKey("diffusiondb_source"), limit=100).records
+    }
+    assert observed == {f"part-{i:06d}" for i in range(1, 7)}
     assert (tmp_path / "data" / "diffusiondb_parts" / "part-000006.parquet").exists()

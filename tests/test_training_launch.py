@@ -17,10 +17,10 @@ import json, sys
 import dagster as dg
 from assets.data import register_parts
 from assets.definitions import ALL_ASSETS, ALL_CHECKS, defs
-from assets.orchestration import observe_settings
+from assets.orchestration import observe_sources
 instance = dg.DagsterInstance.get()
 register_parts(instance, defs.resources["diffusiondb"])
-observe_settings(defs, instance)
+observe_sources(defs, instance)
 data = ["filtered_pairs", "prompt_embeddings", "vocabulary", "vocabulary_labels"]
 for part in instance.get_dynamic_partitions("diffusiondb_part"):
     dg.materialize([*ALL_ASSETS, *ALL_CHECKS], selection=["diffusiondb_parts"], partition_key=part,

@@ -328,7 +328,7 @@ def model_predictions(
     context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
     from pipeline.training.checkpoint import latest_checkpoint, load_model
-    from pipeline.training.loop import predict_embeddings
+    from pipeline.training.inference import predict_embeddings
 
     backbone, recipe = _split_key(context)
     checkpoint = latest_checkpoint(storage.path("trained_models", backbone, recipe))

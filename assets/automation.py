@@ -70,7 +70,14 @@ def rebuild_condition(ignored: frozenset = frozenset()) -> dg.AutomationConditio
         eager = eager.replace(
             "any_deps_updated", dg.AutomationCondition.any_deps_updated().ignore(dg.AssetSelection.assets(*ignored))
         )
-    return (eager & dg.AutomationCondition.all_deps_blocking_checks_passed()).with_label(REBUILD_LABEL)
+    # A partitioned check (model_predictions' baseline check, per model) counts for a dependency when any of its
+    # partitions passed; a failed partition must still block, so no dependency partition may have failed one.
+    no_failed_check = ~dg.AutomationCondition.any_deps_match(
+        dg.AutomationCondition.any_checks_match(dg.AutomationCondition.check_failed(), blocking_only=True)
+    )
+    return (eager & dg.AutomationCondition.all_deps_blocking_checks_passed() & no_failed_check).with_label(
+        REBUILD_LABEL
+    )
 
 
 # Everything fed by the parts; the parts themselves are requested by diffusiondb_new_parts.

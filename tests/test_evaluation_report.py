@@ -164,9 +164,8 @@ def test_every_table_asset_has_row_count_and_column_schema(sample_graph_run):
         check = instance.get_latest_asset_check_evaluation_record(
             dg.AssetCheckKey(dg.AssetKey("model_predictions"), "beats_mean_embedding_baseline")
         )
-    check_metadata = check.event.dagster_event.event_specific_data.metadata
-    models = check_metadata["table"]
-    assert isinstance(models, dg.TableMetadataValue) and models.records
-    for record in models.records:
-        assert {"model", "val_cosine", "baseline", "beats"} <= set(record.data)
-        assert record.data["val_cosine"] == round(record.data["val_cosine"], 4)
+    evaluation = check.event.dagster_event.event_specific_data
+    # One evaluation per model partition, naming its partition (the UI's partition column), with its figures.
+    assert evaluation.partition == evaluation.metadata["model"].value
+    cosine, baseline = evaluation.metadata["val_cosine"].value, evaluation.metadata["baseline_val_cosine"].value
+    assert cosine == round(cosine, 4) and evaluation.passed == (cosine > baseline)

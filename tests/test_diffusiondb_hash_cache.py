@@ -10,8 +10,9 @@ import zipfile
 
 import pytest
 
-from pipeline.data import diffusiondb as ddb
-from pipeline.data.diffusiondb import HASH_CACHE_FILE, DiffusionDBSource
+from pipeline.data import file_hashes as ddb
+from pipeline.data.diffusiondb import DiffusionDBSource
+from pipeline.data.file_hashes import HASH_CACHE_FILE
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run test ui install bench clean automation-start automation-stop automation-status
+.PHONY: run test test-extended ui install bench clean automation-start automation-stop automation-status
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
+
+# The multi-process tests the default run leaves out (kill -9 recovery, torchrun, Postgres, bench dry run).
+test-extended: install
+	$(BIN)/python -m pytest -q -m extended
 
 ui: install
 	mkdir -p $(DAGSTER_HOME)

@@ -227,6 +227,8 @@ def plan_units(
                 for parent in asset_graph.get_parents_partitions(key, unit.partition_key).parent_partitions:
                     parents.append((parent.asset_key, parent.partition_key))
                 for parent_key in asset_graph.get(key).parent_keys:  # a dry run's new parts feed their children
+                    if asset_graph.get(parent_key).partitions_def == asset_graph.get(key).partitions_def:
+                        continue  # same partitions: each partition reads only its own (a new part feeds itself)
                     name = _dynamic_name(asset_graph.get(parent_key).partitions_def)
                     parents.extend((parent_key, k) for k in extra.get(name, []))
             every = [p for parents in parents_of[i].values() for p in parents]

@@ -131,7 +131,7 @@ if os.environ["RANK"] == "0":
 DDP_CONFIG = CaptionTrainConfig(**{**CONFIG, "epochs": 1, "precision": "fp32"})
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_captioner_trains_under_two_process_ddp_like_one_process(pairs, tmp_path):
     """torchrun, 2 ranks, gloo on CPU: the replicas agree and match one process over the same global batches."""
     import os

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
 from test_training import make_tiny_model, toy_data
 
@@ -62,6 +63,7 @@ def _spec(tmp_path: Path, name: str, curriculum: bool) -> Path:
     return path
 
 
+@pytest.mark.extended
 def test_two_process_ddp_matches_single_process(tmp_path):
     images, targets, labels = toy_data(26)
     _write_pairs(tmp_path / "train.parquet", images[:18], targets[:18], labels[:18])  # 18: a short last batch

@@ -29,6 +29,8 @@ import torch
 from pipeline.data.diffusiondb import read_part
 from pipeline.training.checkpoint import latest_checkpoint, list_checkpoints, load_model_weights
 
+pytestmark = pytest.mark.extended  # multi-process: run by CI (make test-extended), not the default run
+
 PROJECT = Path(__file__).resolve().parents[1]
 
 # Installed in the subprocess (sitecustomize-free: the driver / CLI wrapper imports it first).

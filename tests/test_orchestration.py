@@ -205,7 +205,7 @@ def _started_run(dagster_home: Path, job: str):
     return runs[0] if runs else None
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_kill_minus_nine_in_a_gpu_stage_then_stale_rerun_completes_and_sigterm_stops_within_seconds(tmp_path):
     """kill -9 of `materialize` inside difficulty_scores: the next --stale run frees the slot the dead run held
     and completes; SIGTERM during a gpu stage stops within seconds, marking the run canceled."""

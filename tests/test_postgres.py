@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.extended  # multi-process: run by CI (make test-extended), not the default run
+
 PROJECT = Path(__file__).resolve().parents[1]
 CONFIG = PROJECT / "deploy" / "postgres" / "dagster.yaml"
 PG_USER = "dagster"

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import sample_env
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -36,6 +37,7 @@ print(json.dumps({"success": result.success, "logs": logs,
 """
 
 
+@pytest.mark.extended
 def test_trained_models_launches_torchrun_through_pipes(tmp_path):
     env = sample_env(
         tmp_path,

@@ -1,461 +1,49 @@
-"""Plan and run `reverse-sd materialize`: named Dagster jobs, one run per (stage, partition), in parallel.
-
-Planning walks the asset graph in topological stages (the assets that share a partitions definition
-and come at the same depth run together, e.g. trained_models + model_predictions per model partition).
-Each (stage, partition) becomes one run of the stage's named asset job (``stage_jobs``), so the UI lists
-it under that job and can re-execute it; every run of one invocation carries the same
-``reverse-sd/invocation`` tag, which the UI's run filter groups by.
-
-``--stale`` keeps what is missing or stale, judged from the instance's own records through public APIs:
-a partition is stale when it was never materialized, its artifact file is gone, its code version
-changed, or a parent's data version moved on since it was built (and everything below a rebuilt
-partition is rebuilt too).
+"""Run `reverse-sd materialize`'s plan (``assets.planning``): in parallel, recoverable, failures in one line.
 
 Execution (``run_units``) keeps ``workers`` runs going at once on worker processes, each run after the
 runs it reads from; the "gpu" pool admits one run per GPU, each pinned to its own device.  A failed run
-stops only what depends on it.  Every run records its worker's pid, so the next invocation can tell a
-run whose process was killed (-9, OOM) from a live one, mark it failed and free its pool slots.
+stops only what depends on it; a failed ranged run is re-run one partition at a time.  Every run records
+its worker's pid, so the next invocation can tell a run whose process was killed (-9, OOM) from a live
+one, mark it failed and free its pool slots.  The runs of one invocation share the ``reverse-sd/invocation``
+tag, which the UI's run filter groups by.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-import sys
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import dagster as dg
 
-from pipeline import storage
+from assets.planning import GPU_POOL, Plan, Stage, Unit, group_ranges, plan_units, resolve_selection, stage_jobs
+from assets.staleness import stale_reason
+
+__all__ = [  # planning and staleness, re-exported: the CLI and tests use this module as the one entry point
+    "GPU_POOL",
+    "Plan",
+    "Stage",
+    "Unit",
+    "group_ranges",
+    "plan_units",
+    "resolve_selection",
+    "stage_jobs",
+    "stale_reason",
+]
 
 LAUNCHED_BY_TAG = "reverse-sd/launched-by"
 INVOCATION_TAG = "reverse-sd/invocation"
 PID_TAG = "reverse-sd/pid"
 HOST_TAG = "reverse-sd/host"
 DEVICE_TAG = "reverse-sd/device"
-GPU_POOL = "gpu"
 OBSERVE_JOBS = ("observe_diffusiondb_source", "observe_settings")
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
 ACTIVE_STATUSES = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
-
-
-# ---- named jobs ----------------------------------------------------------------------------------------
-
-
-def stage_jobs(assets_defs: Sequence[dg.AssetsDefinition]) -> list[dg.UnresolvedAssetJobDefinition]:
-    """One asset job per partitions definition, named after its first asset (materialize_trained_models) or
-    materialize_unpartitioned: the jobs the CLI's runs belong to.
-
-    A run materializes a subset of its job's assets (one stage), so a UI re-execution repeats exactly it.
-    """
-    groups: dict[str, tuple[dg.PartitionsDefinition | None, list[dg.AssetKey]]] = {}
-    for assets_def in assets_defs:
-        if not isinstance(assets_def, dg.AssetsDefinition) or not assets_def.is_materializable:
-            continue
-        partitions_def = assets_def.partitions_def
-        existing = next((n for n, (p, _) in groups.items() if p == partitions_def), None)
-        name = existing or (
-            "materialize_unpartitioned"
-            if partitions_def is None
-            else f"materialize_{assets_def.key.to_python_identifier()}"
-        )
-        groups.setdefault(name, (partitions_def, []))[1].extend(assets_def.keys)
-    return [
-        dg.define_asset_job(
-            name,
-            selection=dg.AssetSelection.assets(*keys),
-            description=f"Materializes {', '.join(k.to_user_string() for k in keys)} (used by `reverse-sd materialize`).",
-        )
-        for name, (partitions_def, keys) in groups.items()
-    ]
-
-
-# ---- planning ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Stage:
-    asset_keys: list[dg.AssetKey]
-    partitions_def: dg.PartitionsDefinition | None
-    partition_keys: list[str | None] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One run: the assets of a stage for one partition, as a run of the named job ``job``; or for a range
-    of partitions (``partitions``, consecutive in the partitions definition's order) in one ranged run."""
-
-    job: str
-    asset_keys: tuple[dg.AssetKey, ...]
-    partition_key: str | None
-    gpu: bool
-    partitions: tuple[str, ...] = ()  # a ranged run: every key from partition_key to the last, in order
-
-    @property
-    def partition_keys(self) -> tuple[str | None, ...]:
-        return self.partitions or (self.partition_key,)
-
-    @property
-    def is_range(self) -> bool:
-        return len(self.partitions) > 1
-
-    @property
-    def label(self) -> str:
-        names = ",".join(k.to_user_string() for k in self.asset_keys)
-        if self.is_range:
-            return f"{names}[{self.partitions[0]}...{self.partitions[-1]}] ({len(self.partitions)} partitions)"
-        return names + (f"[{self.partition_key}]" if self.partition_key is not None else "")
-
-    def singles(self) -> list[Unit]:
-        """The range as one unit per partition (to isolate the partition that made the ranged run fail)."""
-        return [Unit(self.job, self.asset_keys, key, self.gpu) for key in self.partition_keys]
-
-
-@dataclass
-class Plan:
-    units: list[Unit]
-    depends_on: dict[int, set[int]]  # unit index -> indices of the units it reads from
-    reasons: dict[int, str] = field(default_factory=dict)  # --stale: why a unit runs
-
-    @property
-    def stages(self) -> list[Stage]:
-        """The units grouped back into stages (for printing)."""
-        stages: dict[tuple, Stage] = {}
-        for unit in self.units:
-            stage = stages.setdefault((unit.job, unit.asset_keys), Stage(list(unit.asset_keys), None))
-            stage.partition_keys.extend(unit.partition_keys)
-        return list(stages.values())
-
-
-def resolve_selection(asset_graph, selection: str | None) -> set[dg.AssetKey]:
-    """A comma-separated list is a union, as `dagster asset materialize --select a,b` takes it."""
-    materializable = set(asset_graph.materializable_asset_keys)
-    if not selection:
-        return materializable
-    selected: set[dg.AssetKey] = set()
-    for part in (p.strip() for p in selection.split(",")):
-        if part:
-            selected |= set(dg.AssetSelection.from_string(part).resolve(asset_graph))
-    return selected & materializable
-
-
-def _stages(asset_graph, selected: set[dg.AssetKey]) -> list[Stage]:
-    ordered = [k for level in asset_graph.toposorted_asset_keys_by_level for k in sorted(level) if k in selected]
-    stages: list[Stage] = []
-    stage_of: dict[dg.AssetKey, int] = {}
-    for key in ordered:
-        # Join the earliest stage with the same partitions that comes at or after every parent's stage (one
-        # run then materializes both, in dependency order), so trained_models and model_predictions share
-        # a run per partition even when an unrelated asset sits between them in topological order.
-        node = asset_graph.get(key)
-        after = max((stage_of[p] for p in node.parent_keys if p in stage_of), default=-1)
-        target = next(
-            (i for i in range(max(after, 0), len(stages)) if stages[i].partitions_def == node.partitions_def), None
-        )
-        if target is None:
-            stages.append(Stage([key], node.partitions_def))
-            target = len(stages) - 1
-        else:
-            stages[target].asset_keys.append(key)
-        stage_of[key] = target
-    return stages
-
-
-def plan_units(
-    defs: dg.Definitions,
-    instance: dg.DagsterInstance,
-    selection: str | None = None,
-    stale_only: bool = False,
-    extra_partitions: dict[str, Sequence[str]] | None = None,
-    observed_now: dict[dg.AssetKey, dict[str | None, str]] | None = None,
-    workers: int = 1,
-    partitions_per_run: int | None = None,
-) -> Plan:
-    """The runs that materialize ``selection`` (default: every asset), in dependency order.
-
-    Assets whose BackfillPolicy allows ranged runs (diffusiondb_parts) get one run per range of consecutive
-    partitions, ``partitions_per_run`` each (default: enough runs to keep ``workers`` busy, four per worker,
-    within the policy's limit), so Dagster's cost per run is paid once per range.
-
-    ``extra_partitions`` (dynamic partitions definition name -> keys) counts keys as registered without
-    writing them to the instance: a dry run plans the parts the source lists but the instance lacks.
-    ``observed_now`` (source asset -> partition -> data version) counts versions as observed without
-    recording them: a dry run sees changed settings.
-    """
-    asset_graph = defs.resolve_asset_graph()
-    extra = {
-        name: [k for k in keys if not instance.has_dynamic_partition(name, k)]
-        for name, keys in (extra_partitions or {}).items()
-    }
-    jobs = {key: job for job in defs.jobs if job.name.startswith("materialize_") for key in _job_keys(job, asset_graph)}
-    units: list[Unit] = []
-    index: dict[tuple[dg.AssetKey, str | None], int] = {}
-    order: dict[str, dict[str | None, int]] = {}  # job -> partition key -> its position in the definition
-    with dg.partition_loading_context(dynamic_partitions_store=instance):
-        for stage in _stages(asset_graph, resolve_selection(asset_graph, selection)):
-            keys = (
-                [
-                    *stage.partitions_def.get_partition_keys(dynamic_partitions_store=instance),
-                    *extra.get(_dynamic_name(stage.partitions_def), []),
-                ]
-                if stage.partitions_def
-                else [None]
-            )
-            gpu = any(GPU_POOL in (asset_graph.get(k).pools or ()) for k in stage.asset_keys)
-            job = jobs[stage.asset_keys[0]].name
-            order.setdefault(job, {k: n for n, k in enumerate(keys)})
-            for partition_key in keys:
-                unit = Unit(job, tuple(stage.asset_keys), partition_key, gpu)
-                for key in unit.asset_keys:
-                    index[(key, partition_key)] = len(units)
-                units.append(unit)
-        depends_on: dict[int, set[int]] = {}
-        # unit index -> asset key -> the (asset, partition) pairs that asset reads
-        parents_of: dict[int, dict[dg.AssetKey, list[tuple[dg.AssetKey, str | None]]]] = {}
-        unregistered = {k for keys in extra.values() for k in keys}
-        for i, unit in enumerate(units):
-            parents_of[i] = {}
-            for key in unit.asset_keys:
-                parents = parents_of[i].setdefault(key, [])
-                if unit.partition_key in unregistered:
-                    continue  # not in the instance yet (dry run): it reads only the source
-                for parent in asset_graph.get_parents_partitions(key, unit.partition_key).parent_partitions:
-                    parents.append((parent.asset_key, parent.partition_key))
-                for parent_key in asset_graph.get(key).parent_keys:  # a dry run's new parts feed their children
-                    if asset_graph.get(parent_key).partitions_def == asset_graph.get(key).partitions_def:
-                        continue  # same partitions: each partition reads only its own (a new part feeds itself)
-                    name = _dynamic_name(asset_graph.get(parent_key).partitions_def)
-                    parents.extend((parent_key, k) for k in extra.get(name, []))
-            every = [p for parents in parents_of[i].values() for p in parents]
-            depends_on[i] = {index[p] for p in every if p in index and index[p] != i}
-        plan = Plan(units, depends_on)
-        if stale_only:
-            plan = _keep_stale(plan, parents_of, _Records(instance, asset_graph, observed_now))
-    return group_ranges(plan, asset_graph, order, workers, partitions_per_run)
-
-
-def _range_limit(asset_graph, unit: Unit) -> int:
-    """How many partitions one run of ``unit``'s assets may cover (1: no ranged runs)."""
-    limits = []
-    for key in unit.asset_keys:
-        policy = asset_graph.get(key).backfill_policy
-        if unit.partition_key is None or policy is None or policy.max_partitions_per_run == 1:
-            return 1
-        limits.append(policy.max_partitions_per_run or sys.maxsize)  # None: a single run for any range
-    return min(limits)
-
-
-def group_ranges(
-    plan: Plan, asset_graph, order: dict[str, dict[str | None, int]], workers: int, partitions_per_run: int | None
-) -> Plan:
-    """Merge single-partition units of one stage into ranged runs of consecutive partitions.
-
-    Only partitions next to each other in the partitions definition's order share a run (a range run
-    materializes every partition between its ends), and never two that depend on each other.
-    """
-    if partitions_per_run is not None and partitions_per_run < 1:
-        raise ValueError(f"partitions per run must be at least 1, got {partitions_per_run}")
-    groups: dict[tuple, list[int]] = {}
-    for i, unit in enumerate(plan.units):
-        if not unit.is_range and _range_limit(asset_graph, unit) > 1:
-            groups.setdefault((unit.job, unit.asset_keys), []).append(i)
-    merged: dict[int, list[int]] = {}  # first member -> members
-    for (job, _keys), members in groups.items():
-        limit = _range_limit(asset_graph, plan.units[members[0]])
-        size = partitions_per_run or -(-len(members) // (4 * max(workers, 1)))
-        size = max(1, min(size, limit))
-        if size == 1:
-            continue
-        positions = order.get(job, {})
-        members = sorted(members, key=lambda m: positions.get(plan.units[m].partition_key, -1))
-        run: list[int] = []
-        for m in members:
-            adjacent = run and positions.get(plan.units[m].partition_key) == (
-                positions.get(plan.units[run[-1]].partition_key, -2) + 1
-            )
-            if run and (not adjacent or len(run) == size or plan.depends_on[m] & set(run)):
-                merged[run[0]] = run
-                run = []
-            run.append(m)
-        if run:
-            merged[run[0]] = run
-    if not any(len(run) > 1 for run in merged.values()):
-        return plan
-    member_of = {m: first for first, run in merged.items() for m in run}
-    units: list[Unit] = []
-    new_index: dict[int, int] = {}
-    reasons: dict[int, str] = {}
-    for i, unit in enumerate(plan.units):
-        first = member_of.get(i, i)
-        if first != i:
-            new_index[i] = new_index[first]
-            continue
-        run = merged.get(i, [i])
-        new_index[i] = len(units)
-        if len(run) > 1:
-            keys = tuple(plan.units[m].partition_key for m in run)
-            unit = Unit(unit.job, unit.asset_keys, keys[0], unit.gpu, partitions=keys)
-        if i in plan.reasons:
-            reasons[len(units)] = plan.reasons[i]
-        units.append(unit)
-    depends_on: dict[int, set[int]] = {}
-    for i in range(len(plan.units)):
-        reads = {new_index[d] for d in plan.depends_on[i]} - {new_index[i]}
-        depends_on.setdefault(new_index[i], set()).update(reads)
-    return Plan(units, depends_on, reasons)
-
-
-def _dynamic_name(partitions_def) -> str | None:
-    return partitions_def.name if isinstance(partitions_def, dg.DynamicPartitionsDefinition) else None
-
-
-def _job_keys(job, asset_graph) -> set[dg.AssetKey]:
-    return set(job.selection.resolve(asset_graph))
-
-
-# ---- staleness from the instance's records (public APIs only) -------------------------------------------
-
-
-class _Records:
-    """Every materialization / observation of an asset, per partition (newest first), fetched once per asset:
-    (storage id, data version) pairs, and the latest event itself."""
-
-    def __init__(self, instance: dg.DagsterInstance, asset_graph, observed_now=None):
-        self.instance, self.graph = instance, asset_graph
-        self.observed_now = observed_now or {}  # key -> partition -> version not recorded (dry run)
-        self._history: dict[dg.AssetKey, dict[str | None, list[tuple[int, str | None]]]] = {}
-        self._latest: dict[dg.AssetKey, dict[str | None, object]] = {}
-
-    def _load(self, key: dg.AssetKey) -> None:
-        fetch = (
-            self.instance.fetch_materializations
-            if self.graph.get(key).is_materializable
-            else self.instance.fetch_observations
-        )
-        history: dict[str | None, list[tuple[int, str | None]]] = {}
-        latest: dict[str | None, object] = {}
-        cursor = None
-        while True:
-            result = fetch(dg.AssetRecordsFilter(asset_key=key), limit=1000, cursor=cursor, ascending=False)
-            for record in result.records:
-                event = _event(record)
-                latest.setdefault(event.partition, record)
-                history.setdefault(event.partition, []).append((record.storage_id, _data_version(record)))
-            if not result.has_more:
-                break
-            cursor = result.cursor
-        for partition, version in self.observed_now.get(key, {}).items():
-            events = history.setdefault(partition, [])
-            if not events or events[0][1] != version:
-                events.insert(0, (sys.maxsize, version))  # as if observed now, after every recorded event
-        self._history[key], self._latest[key] = history, latest
-
-    def record(self, key: dg.AssetKey, partition: str | None):
-        if key not in self._latest:
-            self._load(key)
-        return self._latest[key].get(partition)
-
-    def history(self, key: dg.AssetKey, partition: str | None) -> list[tuple[int, str | None]]:
-        if key not in self._history:
-            self._load(key)
-        return self._history[key].get(partition, [])
-
-
-def _event(record):
-    return record.asset_materialization or record.asset_observation
-
-
-def _data_version(record) -> str | None:
-    return None if record is None else _event(record).tags.get("dagster/data_version")
-
-
-def _parent_changed(records: _Records, key: dg.AssetKey, partition: str | None, pointer: str | None) -> bool:
-    """Whether a parent partition's data version moved on since the child read it.
-
-    Dagster records, per parent, the newest parent event the child's run read (its input event pointer).
-    The version the child saw is the parent's newest event at or before that pointer; compare it with the
-    parent's latest (a re-observation or rematerialization with the same version is no change)."""
-    history = records.history(key, partition)
-    if not history:
-        return False  # never built or observed: nothing newer to read
-    latest_version = history[0][1]
-    if pointer in (None, "NULL") or not str(pointer).isdigit():
-        return True  # the child ran before this parent had any version
-    seen = next((version for storage_id, version in history if storage_id <= int(pointer)), None)
-    if seen is None:
-        return True  # a partition that did not exist when the child ran (a new part)
-    return latest_version != seen
-
-
-def stale_reason(
-    key: dg.AssetKey, partition: str | None, parents: Iterable[tuple[dg.AssetKey, str | None]], records: _Records
-) -> str | None:
-    """Why (key, partition) needs rebuilding, or None when it is fresh."""
-    record = records.record(key, partition)
-    if record is None:
-        return "missing"
-    event = _event(record)
-    tags = event.tags
-    current_code = records.graph.get(key).code_version
-    if current_code is not None and tags.get("dagster/code_version") != current_code:
-        return "code version changed"
-    for entry in event.metadata.values():  # the artifacts it wrote (path metadata): gone, truncated or altered
-        local = entry.value if isinstance(entry, dg.PathMetadataValue) else None
-        if not isinstance(local, str) or "://" in local:
-            continue
-        if not os.path.exists(local):
-            return f"artifact missing: {local}"
-        if os.path.isfile(local) and not storage.is_intact(local):
-            return f"artifact damaged: {local}"
-    for parent_key, parent_partition in parents:
-        pointer = tags.get(f"dagster/input_event_pointer/{parent_key.to_user_string()}")
-        if _parent_changed(records, parent_key, parent_partition, pointer):
-            label = parent_key.to_user_string() + (f"[{parent_partition}]" if parent_partition else "")
-            return f"{label} changed"
-    return None
-
-
-def _keep_stale(plan: Plan, parents_of, records: _Records) -> Plan:
-    """Keep the (asset, partition) pairs that are missing or stale, or that read a pair kept earlier; a unit
-    shrinks to the assets it must rebuild (a damaged prompt_bank does not rebuild filtered_pairs).
-
-    A pair downstream of one that will be rebuilt now is stale *after* the rebuild even if it looks fresh
-    before it; partition mappings decide which downstream partitions that is (a new part -> the
-    unpartitioned filtered_pairs; difficulty_scores[unet] -> trained_models[unet|*] only).
-    """
-    rebuilding: dict[tuple[dg.AssetKey, str | None], int] = {}  # pair -> index of its kept unit
-    units: list[Unit] = []
-    depends_on: dict[int, set[int]] = {}
-    reasons: dict[int, str] = {}
-    for i, unit in enumerate(plan.units):  # units, and the assets inside each, are in dependency order
-        keys, reads, why = [], set(), None
-        for key in unit.asset_keys:
-            parents = parents_of[i][key]
-            rebuilt = [p for p in parents if p in rebuilding]
-            if rebuilt:
-                reason = "reads " + rebuilt[0][0].to_user_string() + (f"[{rebuilt[0][1]}]" if rebuilt[0][1] else "")
-            else:
-                reason = stale_reason(key, unit.partition_key, parents, records)
-                reason = reason and f"{key.to_user_string()}: {reason}"
-            if reason:
-                keys.append(key)
-                reads |= {rebuilding[p] for p in rebuilt}
-                why = why or reason
-                rebuilding[(key, unit.partition_key)] = -1  # this unit; its index is set below
-        if keys:
-            index = len(units)
-            for key in keys:
-                rebuilding[(key, unit.partition_key)] = index
-            gpu = any(GPU_POOL in (records.graph.get(k).pools or ()) for k in keys)
-            units.append(Unit(unit.job, tuple(keys), unit.partition_key, gpu))
-            depends_on[index] = {r for r in reads if r not in (-1, index)}
-            reasons[index] = why
-    return Plan(units, depends_on, reasons)
 
 
 # ---- settings observation -------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from assets.common import (
     artifact_metadata,
     code_version,
     markdown_table,
-    metadata_table,
     table_metadata,
 )
 from assets.data import filtered_pairs, prompt_embeddings, vocabulary, vocabulary_labels

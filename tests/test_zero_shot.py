@@ -15,7 +15,7 @@ import pytest
 from conftest import run_cli, sample_env
 from PIL import Image
 
-from assets import cli
+from assets import cli, cli_predict
 from pipeline import storage as store
 from pipeline import zero_shot as zs
 from pipeline.evaluation.report import ZERO_SHOT_KEY, Report
@@ -161,7 +161,7 @@ def test_predict_zero_shot_writes_the_predict_json_lines(home, images, capsys):
     code = cli.main(["predict", *map(str, images), "--zero-shot", "--top-k", "2"])
     out = capsys.readouterr()
     assert code == 0, out.err
-    assert out.err.splitlines()[0] == cli.ZERO_SHOT_TWIN_NOTE
+    assert out.err.splitlines()[0] == cli_predict.ZERO_SHOT_TWIN_NOTE
     records = [json.loads(line) for line in out.out.splitlines()]
     assert [r["path"] for r in records] == [str(p) for p in images]
     for record in records:

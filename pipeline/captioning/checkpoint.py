@@ -32,33 +32,39 @@ def save_captioner(captioner: Captioner, directory: str, progress: dict | None =
 
 
 def load_captioner(directory: str, device: str = "cpu") -> Captioner:
-    """Rebuild a saved captioner from its directory alone (no hub: the BLIP config and tokenizer are stored)."""
-    from transformers import (
-        AutoTokenizer,
-        Blip2Config,
-        Blip2ForConditionalGeneration,
-        BlipConfig,
-        BlipForConditionalGeneration,
-    )
+    """Rebuild a saved captioner from its directory alone (no hub: the BLIP config and tokenizer are stored),
+    through the one checkpoint loader (sidecar verified, weights checked against the rebuilt model)."""
+    from transformers import AutoTokenizer
 
     from pipeline import storage as store
-    from pipeline.training.checkpoint import CheckpointError, latest_checkpoint, load_model_weights
+    from pipeline.training.checkpoint import CheckpointError, latest_checkpoint, load_model
 
     weights = latest_checkpoint(directory)
     if weights is None:
         raise CheckpointError(f"no captioner checkpoint in {directory}")
-    state, config = load_model_weights(weights, expected_embedding_dim=None)
     with tempfile.TemporaryDirectory() as tmp:
         source = store.as_path(f"{directory.rstrip('/')}/{TOKENIZER_DIR}")
         for entry in source.iterdir():
             with open(os.path.join(tmp, entry.name), "wb") as f:
                 f.write(entry.read_bytes())
         tokenizer = AutoTokenizer.from_pretrained(tmp)
+    return load_model(
+        weights,
+        device=device,
+        expected_embedding_dim=None,
+        factory=lambda **config: _build_captioner(tokenizer, config),
+    )
+
+
+def _build_captioner(tokenizer, config: dict) -> Captioner:
+    """An untrained captioner of a checkpoint's recorded architecture (BLIP or BLIP-2 config, vocabulary)."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, BlipConfig, BlipForConditionalGeneration
+
     if config.get("family", "blip") == "blip2":
         model = Blip2ForConditionalGeneration(Blip2Config.from_dict(json.loads(config["blip_config"])))
     else:
         model = BlipForConditionalGeneration(BlipConfig.from_dict(json.loads(config["blip_config"])))
-    captioner = Captioner(
+    return Captioner(
         model,
         tokenizer,
         name=config["captioner"],
@@ -67,5 +73,3 @@ def load_captioner(directory: str, device: str = "cpu") -> Captioner:
         max_length=config["max_length"],
         generation=config.get("generation"),
     )
-    captioner.load_state_dict(state)
-    return captioner.to(device).eval()

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.constants import EMBED_DIM
 from pipeline.training.config import TrainConfig, throughput_summary
 from pipeline.training.device import _unwrap, autocast_dtype, device_name, resolve_device
 from pipeline.training.epochs import _Loop
@@ -95,7 +96,7 @@ def predict_embeddings(
     def embed(model, pixels, context):
         return _forward(model, model, pixels, context, amp, dev, cached)[0]
 
-    out = _collect(model, dataset, batch_size, dev, num_workers, embed, getattr(model, "embedding_dim", 384))
+    out = _collect(model, dataset, batch_size, dev, num_workers, embed, getattr(model, "embedding_dim", EMBED_DIM))
     if metrics is not None:
         metrics["feature_cache"] = cache.summary() if cache is not None else None
     return out

@@ -4,7 +4,7 @@ what they feed.
 - observe_diffusiondb (schedule, daily by default, REVERSE_SD_OBSERVE_CRON): observes diffusiondb_source,
   one data version per part; a changed part shows as stale data downstream of that part.
 - diffusiondb_new_parts (sensor): registers parts the source lists but the graph does not know, and
-  materializes exactly those partitions of diffusiondb_parts.
+  materializes exactly those partitions of diffusiondb_parts, in ranged runs of up to 50 parts.
 - reverse_sd_automation (declarative automation sensor): every asset downstream of diffusiondb_parts
   carries rebuild_condition(), eager() on its deepest parents plus "blocking checks of the parents
   passed": it is requested once when what it reads is updated (never while a parent is still in progress
@@ -22,7 +22,8 @@ and `dagster sensor start reverse_sd_automation`.
 import dagster as dg
 
 from assets.common import OBSERVE_CRON
-from assets.data import diffusiondb_parts, diffusiondb_source, parts_partitions
+from assets.data import MAX_PARTS_PER_RUN, diffusiondb_parts, diffusiondb_source, parts_partitions
+from assets.planning import RANGE_END_TAG, RANGE_START_TAG
 from assets.training import training_settings
 from resources import DiffusionDBResource
 
@@ -54,9 +55,27 @@ def diffusiondb_new_parts(context: dg.SensorEvaluationContext, diffusiondb: Diff
     if not new:
         return dg.SkipReason(f"no new parts ({len(listed)} listed)")
     return dg.SensorResult(
-        run_requests=[dg.RunRequest(partition_key=p, asset_selection=[diffusiondb_parts.key]) for p in new],
+        run_requests=part_run_requests(new),
         dynamic_partitions_requests=[parts_partitions.build_add_request(new)],
     )
+
+
+def part_run_requests(parts: list[str], per_run: int = MAX_PARTS_PER_RUN) -> list[dg.RunRequest]:
+    """Runs for newly registered parts (consecutive in registration order): one ranged run per ``per_run``
+    parts, as the parts' BackfillPolicy allows, so 2,000 new parts are 40 runs, not 2,000."""
+    requests = []
+    for start in range(0, len(parts), per_run):
+        chunk = parts[start : start + per_run]
+        if len(chunk) == 1:
+            requests.append(dg.RunRequest(partition_key=chunk[0], asset_selection=[diffusiondb_parts.key]))
+        else:
+            requests.append(
+                dg.RunRequest(
+                    asset_selection=[diffusiondb_parts.key],
+                    tags={RANGE_START_TAG: chunk[0], RANGE_END_TAG: chunk[-1]},
+                )
+            )
+    return requests
 
 
 REBUILD_LABEL = "rebuild: eager on the deepest parents, after blocking checks"

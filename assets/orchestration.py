@@ -20,11 +20,24 @@ from dataclasses import dataclass, field
 
 import dagster as dg
 
-from assets.planning import GPU_POOL, Plan, Stage, Unit, group_ranges, plan_units, resolve_selection, stage_jobs
+from assets.planning import (
+    GPU_POOL,
+    RANGE_END_TAG,
+    RANGE_START_TAG,
+    Plan,
+    Stage,
+    Unit,
+    group_ranges,
+    plan_units,
+    resolve_selection,
+    stage_jobs,
+)
 from assets.staleness import stale_reason
 
 __all__ = [  # planning and staleness, re-exported: the CLI and tests use this module as the one entry point
     "GPU_POOL",
+    "RANGE_END_TAG",
+    "RANGE_START_TAG",
     "Plan",
     "Stage",
     "Unit",
@@ -41,8 +54,6 @@ PID_TAG = "reverse-sd/pid"
 HOST_TAG = "reverse-sd/host"
 DEVICE_TAG = "reverse-sd/device"
 OBSERVE_JOBS = ("observe_diffusiondb_source", "observe_settings")
-RANGE_START_TAG = "dagster/asset_partition_range_start"
-RANGE_END_TAG = "dagster/asset_partition_range_end"
 ACTIVE_STATUSES = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
 
 

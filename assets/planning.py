@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 import dagster as dg
 
 GPU_POOL = "gpu"
+# Dagster's own tags for a run over a range of partitions (what a single-run backfill sets).
+RANGE_START_TAG = "dagster/asset_partition_range_start"
+RANGE_END_TAG = "dagster/asset_partition_range_end"
 
 
 # ---- named jobs ----------------------------------------------------------------------------------------

@@ -197,3 +197,46 @@ def test_failed_blocking_check_stops_the_rebuild_below_it():
         _report_check(instance, passed=True)
         second = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor)
         assert "ensemble_predictions" in _requested(second)
+
+
+def test_new_parts_sensor_registers_them_and_requests_ranged_runs_that_materialize_each_part(tmp_path):
+    """diffusiondb_new_parts: new parts become partitions and ranged runs of at most MAX_PARTS_PER_RUN parts,
+    which, run as the daemon runs them (their tags on a run of the parts' job), materialize every part."""
+    from assets.automation import diffusiondb_new_parts, part_run_requests
+    from assets.data import diffusiondb_parts, diffusiondb_source
+    from pipeline.data.sample_data import generate_sample_mirror
+    from resources.core import DiffusionDBResource, StorageResource
+
+    mirror = tmp_path / "mirror"
+    generate_sample_mirror(mirror, n_parts=3, images_per_part=2, image_size=64)
+    resources = {
+        "diffusiondb": DiffusionDBResource(location=str(mirror)),
+        "storage": StorageResource(root=str(tmp_path)),
+    }
+    parts = ["part-000001", "part-000002", "part-000003"]
+    assert [(r.partition_key, r.tags) for r in part_run_requests(parts, per_run=2)] == [
+        (
+            None,
+            {"dagster/asset_partition_range_start": "part-000001", "dagster/asset_partition_range_end": "part-000002"},
+        ),
+        ("part-000003", {}),
+    ]
+    with dg.instance_for_test() as instance:
+        result = diffusiondb_new_parts(dg.build_sensor_context(instance=instance, resources=resources))
+        assert [r.partition_keys for r in result.dynamic_partitions_requests] == [parts]
+        (request,) = result.run_requests  # one ranged run for three parts
+        instance.add_dynamic_partitions(PART, parts)
+        run = dg.materialize(
+            [diffusiondb_source, diffusiondb_parts],
+            selection=request.asset_selection,
+            partition_key=request.partition_key,
+            tags=request.tags,
+            instance=instance,
+            resources=resources,
+        )
+        assert run.success
+        records = instance.fetch_materializations(dg.AssetKey("diffusiondb_parts"), limit=10).records
+        assert sorted(r.asset_materialization.partition for r in records) == parts
+        assert all(r.asset_materialization.metadata["records"].value == 2 for r in records)
+        again = diffusiondb_new_parts(dg.build_sensor_context(instance=instance, resources=resources))
+        assert isinstance(again, dg.SkipReason)

@@ -7,13 +7,14 @@ import dagster as dg
 from assets.automation import AUTOMATION, with_rebuild_conditions
 from assets.common import SETTINGS
 from assets.data import DATA_ASSETS, DATA_CHECKS
+from assets.ensemble import ENSEMBLE_ASSETS
 from assets.evaluation import EVALUATION_ASSETS
 from assets.generation import GENERATION_ASSETS
 from assets.orchestration import stage_jobs
 from assets.training import TRAINING_ASSETS, TRAINING_CHECKS, training_settings
 from resources import build_resources
 
-ALL_ASSETS = [*DATA_ASSETS, *TRAINING_ASSETS, *EVALUATION_ASSETS, *GENERATION_ASSETS]
+ALL_ASSETS = [*DATA_ASSETS, *TRAINING_ASSETS, *ENSEMBLE_ASSETS, *EVALUATION_ASSETS, *GENERATION_ASSETS]
 ALL_CHECKS = [*DATA_CHECKS, *TRAINING_CHECKS]
 # The jobs `reverse-sd materialize` runs (one per partitions definition), and the settings observation (it
 # observes the parts with the observe schedule's job).

@@ -1,17 +1,15 @@
-"""Ensemble, k-means centroids, DAKL, the evaluation report and the prompt bank.
+"""The evaluation report (Table 1, baselines, plots, gallery) and the prompt bank predict retrieves from.
 
-Thin wiring: each asset reads its inputs, calls one function of pipeline.ensemble or pipeline.evaluation,
-writes the result and attaches metadata."""
+Thin wiring: each asset reads its inputs, calls one function of pipeline.evaluation, writes the result and
+attaches metadata."""
 
 import json
-import time
 
 import dagster as dg
 import numpy as np
 import polars as pl
 
 from assets.common import (
-    PROFILE_CONFIG,
     SETTINGS,
     artifact_metadata,
     code_version,
@@ -20,12 +18,21 @@ from assets.common import (
     table_metadata,
 )
 from assets.data import filtered_pairs, prompt_embeddings
+from assets.ensemble import (
+    EVAL_GROUP,
+    as_matrix,
+    dakl_predictions,
+    dakl_sweep_png,
+    ensemble_predictions,
+    predictions_by_model,
+    read_predictions,
+    target_embeddings,
+)
 from assets.generation import caption_report_rows
-from assets.plots import bar_plot_png, data_uri, gallery_png, grouped_bars_png, histogram_png, line_plot_png, md_image
+from assets.plots import bar_plot_png, data_uri, gallery_png, grouped_bars_png, histogram_png, md_image
 from assets.training import BACKBONES, RECIPES, TRAIN, difficulty_scores, load_splits, model_predictions
 from pipeline import storage as store
-from pipeline.ensemble.ensemble import BEST, DAKL_INPUT, ENSEMBLE_METHODS, build_ensembles, ensemble_column
-from pipeline.ensemble.selection import DAKL_ALPHAS, DAKL_GAMMAS, select_dakl
+from pipeline.ensemble.ensemble import BEST, ENSEMBLE_METHODS, ensemble_column
 from pipeline.evaluation.report import (
     BASELINE_COLUMNS,
     GENERATION_COLUMNS,
@@ -37,184 +44,7 @@ from pipeline.evaluation.report import (
     row_cosines,
     score_test_split,
 )
-from pipeline.training.pairs import embedding_series, join_pairs
 from resources import ComputeResource, StorageResource
-
-EVAL_GROUP = "evaluation"
-
-
-def _targets(storage: StorageResource) -> pl.DataFrame:
-    joined = join_pairs(storage.read_table("filtered_pairs"), storage.read_table("prompt_embeddings"), None)
-    return joined.select("image_id", "split", "prompt", pl.col("embedding").alias("target"))
-
-
-def _matrix(frame: pl.DataFrame, column: str) -> np.ndarray:
-    return frame[column].to_numpy().astype(np.float32, copy=False)
-
-
-def _predictions(storage: StorageResource, backbone: str, recipe: str) -> pl.DataFrame:
-    return storage.read_table("model_predictions", f"{backbone}|{recipe}").sort("image_id")
-
-
-def _models_on(storage: StorageResource, rows: pl.DataFrame) -> dict[tuple[str, str], np.ndarray]:
-    """(backbone, recipe) -> that model's predictions for ``rows`` (by image_id, in their order), for every
-    model with predictions; a model that misses one of the rows fails the run."""
-    out = {}
-    for backbone in BACKBONES:
-        for recipe in RECIPES:
-            if storage.has_table("model_predictions", f"{backbone}|{recipe}"):
-                preds = _predictions(storage, backbone, recipe).select("image_id", "embedding")
-                aligned = rows.select("image_id").join(preds, on="image_id", how="left")
-                if aligned["embedding"].null_count():
-                    raise dg.Failure(
-                        f"model_predictions[{backbone}|{recipe}] does not cover every pair: re-materialize it"
-                    )
-                out[(backbone, recipe)] = _matrix(aligned, "embedding")
-    return out
-
-
-@dg.asset(
-    deps=[model_predictions],
-    group_name=EVAL_GROUP,
-    kinds={"numpy", "parquet"},
-    code_version=code_version("ensemble_predictions"),
-    description="Element-wise median and mean over backbones: per recipe, and over each backbone's best recipe on val.",
-)
-def ensemble_predictions(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-    ids = _targets(storage).sort("image_id")
-    per_model = _models_on(storage, ids)
-    if not per_model:
-        raise dg.Failure("no model_predictions: materialize trained_models and model_predictions first")
-    val_mask = (ids["split"] == "val").to_numpy()
-    result = build_ensembles(per_model, val_mask, _matrix(ids, "target")[val_mask], BACKBONES, RECIPES)
-    table = pl.DataFrame(
-        {
-            "image_id": ids["image_id"],
-            "split": ids["split"],
-            **{name: embedding_series(name, matrix) for name, matrix in result.predictions.items()},
-        }
-    )
-    target = storage.write_table(table, "ensemble_predictions")
-    # What `reverse-sd predict` loads: each backbone's best recipe, combined by the median.
-    store.write_text(
-        json.dumps({"members": result.best_recipe, "method": "median"}, indent=2),
-        storage.path("models", "ensemble.json"),
-    )
-    return dg.MaterializeResult(
-        metadata={
-            **rounded_metadata({f"val_cosine_{name}": value for name, value in result.val_cosine.items()}),
-            "best_recipe_per_backbone": dg.MetadataValue.json(result.best_recipe),
-            "models": len(per_model),
-            **table_metadata(table),
-            **artifact_metadata(target),
-        }
-    )
-
-
-@dg.asset(
-    deps=[ensemble_predictions],
-    group_name=EVAL_GROUP,
-    kinds={"faiss", "parquet"},
-    code_version=code_version("kmeans_centroids", k=PROFILE_CONFIG.kmeans_k),
-    description="k-means on the ensemble's training predictions; each centroid labelled with the true "
-    "embedding of the training sample whose prediction is nearest.",
-)
-def kmeans_centroids(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-    from pipeline.ensemble.clustering import inertia, label_centroids
-    from pipeline.ensemble.clustering import kmeans_centroids as fit_kmeans
-
-    column = DAKL_INPUT
-    ensemble = storage.read_table("ensemble_predictions").filter(pl.col("split") == "train").sort("image_id")
-    targets = ensemble.select("image_id").join(_targets(storage), on="image_id", how="left")
-    train_preds = _matrix(ensemble, column)
-    train_targets = _matrix(targets, "target")
-    k = min(PROFILE_CONFIG.kmeans_k, len(train_preds))
-    started = time.perf_counter()
-    centroids = fit_kmeans(train_preds, k, seed=0)
-    labels, nearest = label_centroids(centroids, train_preds, train_targets)
-    elapsed = time.perf_counter() - started
-    table = pl.DataFrame(
-        {
-            "centroid": embedding_series("centroid", centroids),
-            "label": embedding_series("label", labels),
-            "nearest_image_id": [ensemble["image_id"][int(i)] for i in nearest],
-        }
-    )
-    target = storage.write_table(table, "kmeans_centroids")
-    return dg.MaterializeResult(
-        metadata={
-            "k": k,
-            "train_points": len(train_preds),
-            "inertia_cosine": round(float(inertia(train_preds, centroids, metric="cosine")), 4),
-            "seconds": round(elapsed, 2),
-            "ensemble": column,
-            **table_metadata(table),
-            **artifact_metadata(target),
-        }
-    )
-
-
-@dg.asset(
-    deps=[kmeans_centroids, ensemble_predictions],
-    group_name=EVAL_GROUP,
-    kinds={"scikitlearn", "parquet"},
-    code_version=code_version("dakl_predictions", gammas=DAKL_GAMMAS, alphas=DAKL_ALPHAS),
-    description="Domain-adaptive kernel regression of the ensemble: gamma and alpha chosen on val "
-    "(val as the unlabeled target), then refit with test as the unlabeled target.",
-)
-def dakl_predictions(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-    centroids = storage.read_table("kmeans_centroids")
-    ensemble = storage.read_table("ensemble_predictions").sort("image_id")
-    targets = ensemble.select("image_id").join(_targets(storage), on="image_id", how="left")
-    frames = {s: ensemble.filter(pl.col("split") == s) for s in ("val", "test")}
-    val_x = _matrix(frames["val"], DAKL_INPUT)
-    val_y = _matrix(targets.filter(pl.col("split") == "val"), "target")
-    result = select_dakl(
-        _matrix(centroids, "centroid"),
-        _matrix(centroids, "label"),
-        val_x,
-        val_y,
-        {s: _matrix(frame, DAKL_INPUT) for s, frame in frames.items()},
-        DAKL_GAMMAS,
-        DAKL_ALPHAS,
-    )
-    context.log.info(
-        f"DAKL sweep best on val: gamma={result.gamma}, alpha={result.alpha}, val cosine={result.val_cosine:.4f}"
-    )
-    table = pl.concat(
-        frame.select("image_id", "split").with_columns(embedding_series("embedding", result.predictions[s]))
-        for s, frame in frames.items()
-    )
-    target = storage.write_table(table, "dakl_predictions")
-    store.write_text(
-        json.dumps(
-            {"gamma": result.gamma, "alpha": result.alpha, "ensemble": DAKL_INPUT, "sweep": result.sweep}, indent=2
-        ),
-        storage.path("models", "dakl.json"),
-    )
-    return dg.MaterializeResult(
-        metadata={
-            "gamma": result.gamma,
-            "alpha": result.alpha,
-            **rounded_metadata(
-                {"val_cosine_dakl": result.val_cosine, "val_cosine_ensemble": float(row_cosines(val_x, val_y).mean())}
-            ),
-            "sweep": metadata_table(result.sweep, [("gamma", "float"), ("alpha", "float"), ("val_cosine", "float")]),
-            "sweep_plot": dg.MetadataValue.md(md_image(_sweep_png(result.sweep), "DAKL sweep")),
-            **table_metadata(table),
-            **artifact_metadata(target),
-        }
-    )
-
-
-def _sweep_png(sweep: list[dict]) -> bytes:
-    """Val cosine against gamma (log axis), one line per alpha."""
-    gammas = sorted({r["gamma"] for r in sweep})
-    curves = {
-        f"alpha={a}": [next(r["val_cosine"] for r in sweep if r["alpha"] == a and r["gamma"] == g) for g in gammas]
-        for a in sorted({r["alpha"] for r in sweep})
-    }
-    return line_plot_png(curves, "DAKL on val: cosine by gamma", "gamma", "val cosine", x=gammas, logx=True)
 
 
 def _knn_baseline(storage: StorageResource, compute: ComputeResource) -> tuple[float | None, str]:
@@ -303,21 +133,21 @@ def evaluation_report(
     context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
     pairs = storage.read_table("filtered_pairs", columns=["image_id", "part", "split"])
-    targets = _targets(storage).sort("image_id")
+    targets = target_embeddings(storage).sort("image_id")
     test, train = targets.filter(pl.col("split") == "test"), targets.filter(pl.col("split") == "train")
     ensemble = test.select("image_id").join(storage.read_table("ensemble_predictions"), on="image_id", how="left")
     dakl = test.select("image_id").join(storage.read_table("dakl_predictions"), on="image_id", how="left")
     scores = score_test_split(
-        _matrix(test, "target"),
-        _matrix(train, "target"),
-        {f"{b}/{r}": preds for (b, r), preds in _models_on(storage, test).items()},
+        as_matrix(test, "target"),
+        as_matrix(train, "target"),
+        {f"{b}/{r}": preds for (b, r), preds in predictions_by_model(storage, test).items()},
         {
-            (method, group): _matrix(ensemble, ensemble_column(method, group))
+            (method, group): as_matrix(ensemble, ensemble_column(method, group))
             for method in ENSEMBLE_METHODS
             for group in (*RECIPES, BEST)
             if ensemble_column(method, group) in ensemble.columns
         },
-        _matrix(dakl, "embedding"),
+        as_matrix(dakl, "embedding"),
     )
     cosine = scores.cosine
     knn_cosine, knn_note = _knn_baseline(storage, compute)
@@ -416,7 +246,7 @@ def _figures(
         )
     sweep = json.loads(store.as_path(storage.path("models", "dakl.json")).read_text()).get("sweep", [])
     if sweep:
-        figures["DAKL sweep on val"] = ("plot_dakl_sweep", _sweep_png(sweep))
+        figures["DAKL sweep on val"] = ("plot_dakl_sweep", dakl_sweep_png(sweep))
     figures["Test images: true prompt and top-3 retrieved (ensemble + DAKL)"] = (
         "gallery",
         _gallery(storage, test, dakl, id_parts, n=4),
@@ -436,9 +266,9 @@ def _bucket_cosines(storage: StorageResource, train: pl.DataFrame) -> dict[str, 
         frame = (
             train.select("image_id", "target")
             .join(storage.read_table("difficulty_scores", backbone).select("image_id", "bucket"), on="image_id")
-            .join(_predictions(storage, backbone, "mlc_cl").select("image_id", "embedding"), on="image_id")
+            .join(read_predictions(storage, backbone, "mlc_cl").select("image_id", "embedding"), on="image_id")
         )
-        cos = row_cosines(_matrix(frame, "embedding"), _matrix(frame, "target"))
+        cos = row_cosines(as_matrix(frame, "embedding"), as_matrix(frame, "target"))
         buckets = frame["bucket"].to_numpy()
         out[backbone] = {b: float(cos[buckets == b].mean()) for b in ("easy", "medium", "hard") if (buckets == b).any()}
     return out
@@ -447,10 +277,10 @@ def _bucket_cosines(storage: StorageResource, train: pl.DataFrame) -> dict[str, 
 def _gallery(storage: StorageResource, test: pl.DataFrame, predictions: pl.DataFrame, id_parts: dict, n: int) -> bytes:
     """The first n test images with their true prompt and the top-3 prompt-bank prompts for the prediction."""
     bank = storage.read_table("prompt_bank")
-    bank_matrix = _matrix(bank, "embedding")
+    bank_matrix = as_matrix(bank, "embedding")
     rows = test.head(n)
     preds = rows.select("image_id").join(predictions.select("image_id", "embedding"), on="image_id", how="left")
-    scores = _matrix(preds, "embedding") @ bank_matrix.T
+    scores = as_matrix(preds, "embedding") @ bank_matrix.T
     images, captions = [], []
     for i, (image_id, prompt) in enumerate(rows.select("image_id", "prompt").iter_rows()):
         frame = storage.read_table("diffusiondb_parts", id_parts[image_id], columns=["image_id", "image"])
@@ -471,10 +301,10 @@ def _gallery(storage: StorageResource, test: pl.DataFrame, predictions: pl.DataF
     description="Training prompts and their embeddings: the retrieval bank of `reverse-sd predict`.",
 )
 def prompt_bank(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-    targets = _targets(storage).filter(pl.col("split") == "train")
+    targets = target_embeddings(storage).filter(pl.col("split") == "train")
     bank = targets.select("prompt", pl.col("target").alias("embedding")).unique("prompt", maintain_order=True)
     target = storage.write_table(bank, "prompt_bank")
     return dg.MaterializeResult(metadata={"prompts": bank.height, **table_metadata(bank), **artifact_metadata(target)})
 
 
-EVALUATION_ASSETS = [ensemble_predictions, kmeans_centroids, dakl_predictions, evaluation_report, prompt_bank]
+EVALUATION_ASSETS = [evaluation_report, prompt_bank]

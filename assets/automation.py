@@ -27,6 +27,8 @@ from assets.planning import RANGE_END_TAG, RANGE_START_TAG
 from assets.training import training_settings
 from resources import DiffusionDBResource
 
+DATA_VERSION_TAG = "dagster/data_version"  # the tag an observation's data version is recorded in
+
 # One job per partitions definition (an asset job cannot mix them): the parts' versions here; training_settings
 # observes itself daily through its automation condition, and `reverse-sd materialize` observes both.
 observe_job = dg.define_asset_job("observe_diffusiondb_source", selection=[diffusiondb_source])
@@ -49,14 +51,20 @@ observe_diffusiondb = dg.ScheduleDefinition(
     description="Registers DiffusionDB parts the source lists but the graph does not know, and materializes them.",
 )
 def diffusiondb_new_parts(context: dg.SensorEvaluationContext, diffusiondb: DiffusionDBResource):
-    listed = sorted(diffusiondb.source().list_parts())
+    listed = diffusiondb.source().list_parts()
     known = set(context.instance.get_dynamic_partitions(parts_partitions.name))
-    new = [p for p in listed if p not in known]
+    new = sorted(p for p in listed if p not in known)
     if not new:
         return dg.SkipReason(f"no new parts ({len(listed)} listed)")
     return dg.SensorResult(
         run_requests=part_run_requests(new),
         dynamic_partitions_requests=[parts_partitions.build_add_request(new)],
+        # Each new part's source version, recorded before its run reads it: without it the part would look
+        # stale (read before its source was ever observed) after the next observation, and be ingested twice.
+        asset_events=[
+            dg.AssetObservation(asset_key=diffusiondb_source.key, partition=p, tags={DATA_VERSION_TAG: listed[p]})
+            for p in new
+        ],
     )
 
 

@@ -225,6 +225,9 @@ def test_new_parts_sensor_registers_them_and_requests_ranged_runs_that_materiali
         result = diffusiondb_new_parts(dg.build_sensor_context(instance=instance, resources=resources))
         assert [r.partition_keys for r in result.dynamic_partitions_requests] == [parts]
         (request,) = result.run_requests  # one ranged run for three parts
+        for event in result.asset_events:  # as the daemon does: the sources' versions, the partitions, the run
+            instance.report_runless_asset_event(event)
+        assert sorted(e.partition for e in result.asset_events) == parts
         instance.add_dynamic_partitions(PART, parts)
         run = dg.materialize(
             [diffusiondb_source, diffusiondb_parts],
@@ -240,3 +243,11 @@ def test_new_parts_sensor_registers_them_and_requests_ranged_runs_that_materiali
         assert all(r.asset_materialization.metadata["records"].value == 2 for r in records)
         again = diffusiondb_new_parts(dg.build_sensor_context(instance=instance, resources=resources))
         assert isinstance(again, dg.SkipReason)
+        # The parts read their observed source versions, so the next observation records nothing new for them
+        # and nothing is stale (without the sensor's observations, all three would be ingested twice).
+        from assets.data import changed_part_versions
+        from assets.orchestration import plan_units
+
+        listed = resources["diffusiondb"].source().list_parts()
+        assert changed_part_versions(instance, listed) == {}
+        assert plan_units(defs, instance, selection="diffusiondb_parts", stale_only=True).units == []

@@ -244,7 +244,7 @@ def group_ranges(
     for i, unit in enumerate(plan.units):
         if not unit.is_range and _range_limit(asset_graph, unit) > 1:
             groups.setdefault((unit.job, unit.asset_keys), []).append(i)
-    merged: dict[int, list[int]] = {}  # first member -> members
+    merged: dict[int, list[int]] = {}  # lowest unit index of a run -> its members, in partition order
     for (job, _keys), members in groups.items():
         limit = _range_limit(asset_graph, plan.units[members[0]])
         size = partitions_per_run or -(-len(members) // (4 * max(workers, 1)))
@@ -259,11 +259,11 @@ def group_ranges(
                 positions.get(plan.units[run[-1]].partition_key, -2) + 1
             )
             if run and (not adjacent or len(run) == size or plan.depends_on[m] & set(run)):
-                merged[run[0]] = run
+                merged[min(run)] = run
                 run = []
             run.append(m)
         if run:
-            merged[run[0]] = run
+            merged[min(run)] = run
     if not any(len(run) > 1 for run in merged.values()):
         return plan
     member_of = {m: first for first, run in merged.items() for m in run}

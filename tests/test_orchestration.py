@@ -384,3 +384,31 @@ def test_parts_run_in_ranges_each_part_keeps_its_metadata_and_a_bad_part_fails_a
     }
     assert observed == {f"part-{i:06d}" for i in range(1, 7)}
     assert (tmp_path / "data" / "diffusiondb_parts" / "part-000006.parquet").exists()
+
+
+def test_ranges_join_only_adjacent_partitions_and_readers_wait_for_every_range():
+    """Parts p0-p5 with p3 fresh, two per run: [p0,p1] [p2] [p4,p5] (a range never spans p3, which it would
+    rebuild), and filtered_pairs reads all three runs; a stage without a BackfillPolicy is never merged."""
+    from assets.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    parts_job = "materialize_diffusiondb_parts"
+    keys = ["p0", "p1", "p2", "p4", "p5"]
+    units = [orch.Unit(parts_job, (dg.AssetKey("diffusiondb_parts"),), k, False) for k in keys]
+    units.append(orch.Unit("materialize_unpartitioned", (dg.AssetKey("filtered_pairs"),), None, False))
+    units += [orch.Unit("materialize_trained_models", (dg.AssetKey("trained_models"),), f"vit|{r}", True) for r in "ab"]
+    depends_on = {i: set() for i in range(len(units))}
+    depends_on[5] = {0, 1, 2, 3, 4}
+    order = {parts_job: {f"p{i}": i for i in range(6)}}
+    plan = orch.group_ranges(orch.Plan(units, depends_on), graph, order, workers=1, partitions_per_run=2)
+    assert [u.partition_keys for u in plan.units] == [
+        ("p0", "p1"),
+        ("p2",),
+        ("p4", "p5"),
+        (None,),
+        ("vit|a",),
+        ("vit|b",),
+    ]
+    assert plan.depends_on[3] == {0, 1, 2} and plan.depends_on[0] == set()
+    # The default: four runs per worker, so small plans keep one run per part.
+    assert orch.group_ranges(orch.Plan(units, depends_on), graph, order, 2, None).units == units

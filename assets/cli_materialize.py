@@ -76,16 +76,14 @@ def _materialize_locked(args, settings, workers: int) -> int:
     resources = defs.resources
     print(f"profile={settings.profile} source={settings.diffusiondb} storage={settings.home}")
     if args.dry_run:  # nothing is written to the instance: new parts are planned, not registered
-        listed = sorted(resources["diffusiondb"].source().list_parts())
-        new_parts = [p for p in listed if not instance.has_dynamic_partition(parts_partitions.name, p)]
-        extra = {parts_partitions.name: new_parts}
         from assets.data import diffusiondb_source
         from assets.training import training_settings, training_settings_versions
 
-        observed_now = {
-            training_settings.key: training_settings_versions(),
-            diffusiondb_source.key: resources["diffusiondb"].source().list_parts(),
-        }
+        listed = resources["diffusiondb"].source().list_parts()  # part -> version, listed once
+        known = set(instance.get_dynamic_partitions(parts_partitions.name))
+        new_parts = sorted(p for p in listed if p not in known)
+        extra = {parts_partitions.name: new_parts}
+        observed_now = {training_settings.key: training_settings_versions(), diffusiondb_source.key: listed}
     else:
         released = orch.release_dead_runs(instance)
         if released:

@@ -117,7 +117,8 @@ def predict_command(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from pipeline.predictor import NotTrainedError, PromptPredictor, duplicate_stems, scan_inputs
+    from pipeline.inputs import duplicate_stems, scan_inputs
+    from pipeline.predictor import NotTrainedError, PromptPredictor
     from resources.settings import SettingsError, load_settings
 
     settings = load_settings()

@@ -95,14 +95,13 @@ def diffusiondb_parts(
     context: dg.AssetExecutionContext, diffusiondb: DiffusionDBResource, storage: StorageResource
 ) -> dg.MaterializeResult:
     """One part per run, or a range of parts per run; each part gets its own metadata in the UI."""
-    from pipeline.data.diffusiondb import file_sha256
-
     source = diffusiondb.source()
     versions = []
     for part in context.partition_keys:
         zip_path = source.fetch_part(part, cache_dir=storage.local_dir("downloads"))
-        context.add_asset_metadata(_ingest_part(context, part, zip_path, storage), partition_key=part)
-        versions.append((part, file_sha256(zip_path)))
+        metadata = _ingest_part(context, part, zip_path, storage)
+        context.add_asset_metadata(metadata, partition_key=part)
+        versions.append((part, metadata["source_sha256"]))
     # A run of one part keeps the zip's sha256 as its data version; a range shares one version (Dagster records
     # one per run), the hash of its parts' hashes.  Each part's own hash is in its metadata (source_sha256).
     version = versions[0][1] if len(versions) == 1 else hashlib.sha256(repr(versions).encode()).hexdigest()

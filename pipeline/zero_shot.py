@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import storage as store
+from pipeline.models.tiny_clip import TINY_CLIP, tiny_clip_model
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 ZERO_SHOT_DIR = "zero_shot"  # under the storage root: cache/ (bank text embeddings), tiny_clip/ (the twin)
@@ -35,16 +36,6 @@ TWIN_MARKER = "reverse_sd_tiny_clip.json"  # in a twin's directory: it is random
 TWIN_DESCRIPTION = "tiny random-init CLIP twin"
 BANK_ASSET = "prompt_bank"
 BANK_HINT = "run reverse-sd materialize --select '*prompt_bank' first (the data stages and the bank; no training)"
-# The twin's shape: small enough to build, save and run in about a second on a CPU.
-TINY_CLIP = dict(
-    text=dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77
-    ),
-    vision=dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
-    ),
-    projection_dim=32,
-)
 
 
 class ZeroShotError(RuntimeError):
@@ -60,16 +51,6 @@ def _features(output) -> np.ndarray:
     """transformers 5 returns the projected features as an output's pooler_output; 4.x the tensor itself."""
     tensor = output.pooler_output if hasattr(output, "pooler_output") else output
     return tensor.float().cpu().numpy()
-
-
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA device is available")
-    return device
 
 
 # -- the prompt bank -------------------------------------------------------------------------------------------
@@ -106,33 +87,18 @@ def save_tiny_clip(directory: str | os.PathLike, seed: int = 0) -> str:
     """A tiny random-init CLIPModel (seeded) + CLIPProcessor saved with save_pretrained into ``directory``,
     atomically (a temporary sibling renamed into place): the offline twin of a hub CLIP, loaded by the same
     from_pretrained code. Its tokenizer is the BERT WordPiece of the offline all-MiniLM-L6-v2 package."""
-    import torch
-    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from transformers import CLIPImageProcessor, CLIPProcessor
 
-    from pipeline.data.embedding import resolve_model_location
+    from pipeline.captioning.tokenizer import minilm_tokenizer
 
     target = Path(directory)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_location(None))
+    tokenizer = minilm_tokenizer()
     size = TINY_CLIP["vision"]["image_size"]
     processor = CLIPProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
         tokenizer=tokenizer,
     )
-    text = dict(
-        TINY_CLIP["text"],
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.cls_token_id,
-        eos_token_id=tokenizer.sep_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = CLIPModel(
-            CLIPConfig(text_config=text, vision_config=TINY_CLIP["vision"], projection_dim=TINY_CLIP["projection_dim"])
-        )
-    finally:
-        torch.random.set_rng_state(state)
+    model = tiny_clip_model(tokenizer, seed)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
     try:
@@ -312,8 +278,10 @@ class ZeroShotRetriever:
     ):
         """``progress(total)`` may return a callback called with the number of bank prompts encoded per batch
         (a progress bar), when the bank is encoded rather than read from the cache."""
+        from pipeline.inputs import resolve_predict_device
+
         self.home = home.rstrip("/")
-        self.device = _resolve_device(device)
+        self.device = resolve_predict_device(device)
         self.batch_size = batch_size
         self.clip_id = clip
         self.bank_prompts, self.bank_embeddings, self.bank_sha256 = load_bank(self.home)
@@ -371,7 +339,8 @@ class ZeroShotRetriever:
         with ``error`` set. ``words`` and ``generate`` are accepted for the CLI and ignored (no head, no
         captioner)."""
         from pipeline.data.images import ImageError, open_image
-        from pipeline.predictor import MAX_INPUT_BYTES, Prediction, read_input_file
+        from pipeline.inputs import MAX_INPUT_BYTES, path_batches, read_input_file
+        from pipeline.predictor import Prediction
 
         limit = MAX_INPUT_BYTES if max_bytes is None else max_bytes
 
@@ -395,13 +364,7 @@ class ZeroShotRetriever:
                     results[i] = Prediction(chunk[i], embedding, prompts[:top_k] if top_k > 0 else [])
             yield from results
 
-        chunk: list[Path] = []
-        for path in paths:
-            chunk.append(Path(path))
-            if len(chunk) >= self.batch_size:
-                yield from run(chunk)
-                chunk = []
-        if chunk:
+        for chunk in path_batches(paths, self.batch_size):
             yield from run(chunk)
 
 

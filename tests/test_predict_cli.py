@@ -76,7 +76,7 @@ def test_help_shows_defaults_and_examples_without_backticks():
         assert default in predict_help, default
     assert "(default: None)" not in predict_help and "(default: False)" not in predict_help
     assert "--output FILE" in predict_help and "--embeddings" in predict_help
-    from pipeline.predictor import MAX_INPUT_BYTES
+    from pipeline.inputs import MAX_INPUT_BYTES
 
     assert f"files over {MAX_INPUT_BYTES // 2**20} MB" in predict_help  # the epilog states the constant
 

@@ -18,16 +18,16 @@ from conftest import PREDICT_WORDS, write_tiny_predict_home
 from PIL import Image
 
 from pipeline.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, open_image, reencode
-from pipeline.predictor import (
+from pipeline.inputs import (
     MAX_INPUT_BYTES,
     InputError,
-    PromptPredictor,
     check_input_file,
     duplicate_stems,
     expand_inputs,
     read_input_file,
     scan_inputs,
 )
+from pipeline.predictor import PromptPredictor
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.timeout(120)]
 

@@ -13,20 +13,12 @@ import torch
 from pipeline.captioning.tokenizer import minilm_tokenizer
 from pipeline.models.backbones import CLIP_MEAN, CLIP_STD
 from pipeline.models.backbones import _check_variant as check_variant
+from pipeline.models.tiny_clip import tiny_clip_model
 from pipeline.training.datasets import decode_image
 
 CLIP_SCORE_HUB_ID = "openai/clip-vit-large-patch14"
 KAGGLE_FIRST_PLACE = 0.66316  # private leaderboard, "Stable Diffusion - Image to Prompts"
 CLIP_S_WEIGHT = 2.5  # Hessel et al.'s w in CLIP-S = w * max(cos, 0)
-TINY_CLIP = dict(
-    text=dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77
-    ),
-    vision=dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
-    ),
-    projection_dim=32,
-)
 
 
 def _unit(matrix: np.ndarray) -> np.ndarray:
@@ -158,7 +150,7 @@ def load_clip_scorer(
 ) -> ClipScorer:
     """full: CLIPModel + tokenizer from the hub (``source``); tiny: a random-init toy CLIPModel (seeded) with
     the offline BERT tokenizer, whose scores exercise the code path but measure nothing."""
-    from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+    from transformers import AutoTokenizer, CLIPModel
 
     check_variant(variant)
     if variant == "full":
@@ -166,24 +158,7 @@ def load_clip_scorer(
             CLIPModel.from_pretrained(source), AutoTokenizer.from_pretrained(source), device, description=source
         )
     tokenizer = minilm_tokenizer()
-    ids = dict(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.cls_token_id,
-        eos_token_id=tokenizer.sep_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = CLIPModel(
-            CLIPConfig(
-                text_config={**TINY_CLIP["text"], **ids},
-                vision_config=TINY_CLIP["vision"],
-                projection_dim=TINY_CLIP["projection_dim"],
-            )
-        )
-    finally:
-        torch.random.set_rng_state(generator_state)
+    model = tiny_clip_model(tokenizer, seed)
     return ClipScorer(model, tokenizer, device, description="tiny random-init CLIPModel (sample profile)")
 
 

@@ -223,9 +223,11 @@ def test_kill_minus_nine_in_a_gpu_stage_then_stale_rerun_completes_and_sigterm_s
         # 1. kill -9 the CLI while difficulty_scores runs; its workers die with it
         proc = _cli(["materialize", *selection], env)
         run = _wait_for(lambda: _started_run(dagster_home, "materialize_difficulty_scores"), 240, "a gpu run")
+        instance = dg.DagsterInstance.get()
+        # A run is STARTED a moment before its step claims the gpu slot: kill inside the step, slot held.
+        _wait_for(lambda: instance.event_log_storage.get_concurrency_info("gpu").claimed_slots, 60, "the gpu slot")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        instance = dg.DagsterInstance.get()
         _wait_for(lambda: not orch._process_alive(int(run.tags[orch.PID_TAG])), 10, "the worker to die")
         assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTED  # left behind
         assert instance.event_log_storage.get_concurrency_info("gpu").claimed_slots  # the leaked slot

@@ -259,6 +259,8 @@ def trained_models(
             stages=stages,
             on_log=on_log,
             cache_dir=storage.local_dir("feature_cache"),
+            recipe=recipe,
+            log=context.log,  # a damaged or foreign checkpoint passed over is a warning in the run's log
         )
     history = result.history
     curves = {

@@ -32,7 +32,7 @@ def test_load_model_rebuilds_the_saved_model_in_eval_mode(saved):
 
 def test_load_model_checks_the_backbone_before_building(saved):
     _, directory, _ = saved
-    with pytest.raises(CheckpointError, match="is a 'vit' model, not unet"):
+    with pytest.raises(CheckpointError, match="was trained for backbone vit; this is unet"):
         load_model(directory, backbone="unet", factory=lambda **config: pytest.fail("built a model"))
     assert load_model(directory, backbone="vit").config_dict()["backbone"] == "vit"
 

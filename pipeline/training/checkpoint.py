@@ -12,15 +12,29 @@ weights) is never listed, and is swept away by the next save.  The state file ho
 numbers, strings, lists and dicts and is read with ``torch.load(weights_only=True)``: no pickled objects,
 nothing executable in a checkpoint.  A checkpoint that does not fit (unreadable file, other embedding
 size, other shapes) is a one-line CheckpointError naming the file, never a torch traceback.
+
+Identity: a checkpoint's metadata records what it was trained for, ``backbone`` (also in model_config),
+``recipe`` (baseline | mlc | mlc_cl, when the trainer was told) and ``settings_hash`` (``settings_hash`` of
+the result-changing training settings).  A checkpoint whose recorded identity differs from what is asked
+(``load_model``'s backbone / recipe, or the folder trained_models/<backbone>/<recipe>/ it sits in; a resume's
+model, recipe and settings) is refused by name: "checkpoint X was trained for backbone swin, recipe mlc;
+this is vit/baseline".  Older checkpoints without recipe / settings_hash still load: what they do not
+record is not checked (their backbone still is, from model_config).
+
+Resume (``newest_usable``): the newest checkpoint that is intact and fits is used; damaged or mismatched
+newer ones are passed over, each with the reason, so a damaged latest checkpoint is rebuilt instead of
+failing every run the same way.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +44,7 @@ from safetensors.torch import load as st_load_bytes
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file as st_save_file
 
+from pipeline.constants import BACKBONE_NAMES, RECIPES
 from pipeline.constants import EMBED_DIM as EMBEDDING_DIM
 from pipeline.storage import IntegrityError, PathLike, as_path, atomic_local_path, sidecar_path, verify
 
@@ -41,8 +56,51 @@ _TEMPORARY = re.compile(r"^\.(ckpt-\d+|best-weights)\.(safetensors|state\.pt)\..
 _EMBEDDING_OUT = re.compile(r"(?:^|\.)heads\.embedding\.net(?:\.(\d+))?\.weight$")
 
 
+def plural(count: int, word: str, words: str | None = None) -> str:
+    """ "1 epoch", "2 epochs" ("words" for an irregular plural)."""
+    return f"{count} {word if count == 1 else (words or word + 's')}"
+
+
 class CheckpointError(ValueError):
     """A checkpoint that does not fit what is asked of it (wrong embedding size, missing state)."""
+
+
+# -- identity: what a checkpoint was trained for ------------------------------------------------------
+IDENTITY_KEYS = ("backbone", "recipe", "settings_hash")
+
+
+def settings_hash(settings: dict) -> str:
+    """A short hash of the result-changing training settings (``TrainConfig.result_dict()``)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def checkpoint_identity(metadata: dict[str, str], model_cfg: dict | None = None) -> dict[str, str | None]:
+    """backbone / recipe / settings_hash a checkpoint records (None for what an older checkpoint does not)."""
+    recorded = {key: metadata.get(key) or None for key in IDENTITY_KEYS}
+    if recorded["backbone"] is None and model_cfg:
+        recorded["backbone"] = model_cfg.get("backbone")
+    return recorded
+
+
+def layout_identity(path: PathLike) -> dict[str, str]:
+    """backbone / recipe that the folder trained_models/<backbone>/<recipe>/ of a checkpoint file names ({} else)."""
+    p = as_path(path)
+    recipe, backbone = p.parent.name, p.parent.parent.name
+    if recipe in RECIPES and backbone in BACKBONE_NAMES:
+        return {"backbone": backbone, "recipe": recipe}
+    return {}
+
+
+def identity_mismatch(path: PathLike, recorded: dict, expected: dict) -> str | None:
+    """One line naming both when ``recorded`` disagrees with ``expected`` on a key both give, else None."""
+    wrong = [k for k in IDENTITY_KEYS if expected.get(k) and recorded.get(k) and recorded[k] != expected[k]]
+    if not wrong:
+        return None
+    trained = ", ".join(f"{k.replace('_', ' ')} {recorded[k]}" for k in IDENTITY_KEYS if recorded.get(k))
+    this = "/".join(str(expected[k]) for k in ("backbone", "recipe") if expected.get(k))
+    if "settings_hash" in wrong:
+        this = f"{this} with settings hash {expected['settings_hash']}".lstrip(" /")
+    return f"checkpoint {path} was trained for {trained}; this is {this or 'another model'}"
 
 
 # -- RNG state as tensors / plain lists ----------------------------------------------------------------
@@ -136,11 +194,13 @@ def save_checkpoint(
     embedding_dim: int | None = None,
     rng: bool = True,
     keep_last: int | None = 2,
+    identity: dict | None = None,
 ) -> Any:
     """Write checkpoint number ``index`` (state first, then weights, each atomically); return the weights path.
 
     ``progress`` is the trainer's position and history (plain values); ``config`` the training config.
     ``keep_last`` older checkpoints are kept (None keeps all) so a long run does not fill the disk.
+    ``identity`` (recipe, settings_hash; backbone defaults to the model config's) goes into the metadata.
     """
     weights_path, state_path = checkpoint_paths(directory, index)
     m_config = model_config(model)
@@ -166,6 +226,8 @@ def save_checkpoint(
     }
     if dim:
         metadata["embedding_dim"] = str(int(dim))
+    recorded = {"backbone": m_config.get("backbone"), **(identity or {})}
+    metadata.update({k: str(recorded[k]) for k in IDENTITY_KEYS if recorded.get(k)})
     with atomic_local_path(weights_path, suffix=".safetensors") as tmp:
         st_save_file(_plain_state_dict(model), str(tmp), metadata=metadata)
     if keep_last is not None:
@@ -203,6 +265,15 @@ def remove_leftovers(directory: PathLike) -> int:
             entry.unlink()
             removed += 1
     return removed
+
+
+def remove_checkpoint(weights_path: PathLike) -> None:
+    """Delete one checkpoint (weights first, then its state and both sidecars)."""
+    weights = as_path(weights_path)
+    state = state_path_for(weights)
+    for other in (weights, state, sidecar_path(weights), sidecar_path(state)):
+        if other.exists():
+            other.unlink()
 
 
 def remove_checkpoints(directory: PathLike) -> int:
@@ -263,8 +334,8 @@ def check_state_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], pat
             )
     if missing or unexpected:
         raise CheckpointError(
-            f"checkpoint {path} does not fit the model: {len(missing)} missing tensors (e.g. {missing[:1]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:1]})"
+            f"checkpoint {path} does not fit the model: {plural(len(missing), 'missing tensor')} "
+            f"(e.g. {missing[:1]}), {len(unexpected)} unexpected (e.g. {unexpected[:1]})"
         )
 
 
@@ -287,7 +358,12 @@ def load_model_weights(
     model.  Raises CheckpointError when the checkpoint's embedding size (its metadata, its config, or the
     embedding head's tensors) is not ``expected_embedding_dim``, or when those disagree.
     """
-    weights_path = _resolve(path)
+    state, config, _ = _load_weights(_resolve(path), expected_embedding_dim)
+    return state, config
+
+
+def _load_weights(weights_path, expected_embedding_dim: int | None) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(state_dict, model config, safetensors metadata) of one weights file, checked as load_model_weights says."""
     state, metadata = _read_safetensors(weights_path)
     try:
         config = json.loads(metadata.get("model_config", "{}"))
@@ -302,7 +378,7 @@ def load_model_weights(
     wrong = next((d for d in sizes if d != want), None)
     if wrong is not None:
         raise CheckpointError(f"checkpoint embedding size {wrong} != expected {want} ({weights_path})")
-    return state, config
+    return state, config, metadata
 
 
 def read_state(path: PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -314,9 +390,16 @@ def read_state(path: PathLike, map_location: str | torch.device = "cpu") -> dict
         verify(state_file)
     except IntegrityError as exc:
         raise CheckpointError(f"trainer state {exc}") from None
-    if isinstance(state_file, Path):
-        return torch.load(state_file, map_location=map_location, weights_only=True)
-    return torch.load(io.BytesIO(state_file.read_bytes()), map_location=map_location, weights_only=True)
+    try:
+        if isinstance(state_file, Path):
+            state = torch.load(state_file, map_location=map_location, weights_only=True)
+        else:
+            state = torch.load(io.BytesIO(state_file.read_bytes()), map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated zip, refused pickle op, bad bytes: torch raises many types
+        raise CheckpointError(f"trainer state {state_file} is unreadable ({type(exc).__name__})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"trainer state {state_file} is a {type(state).__name__}, not a dict")
+    return state
 
 
 def load_checkpoint(
@@ -336,16 +419,80 @@ def load_checkpoint(
     weights, model_cfg = load_model_weights(weights_path, expected_embedding_dim)
     if model is not None:
         check_state_fits(model, weights, weights_path)
-        _unwrap(model).load_state_dict(weights)
     state = read_state(weights_path, map_location)
+    return restore(Checkpoint(weights_path, weights, model_cfg, {}, state), model, optimizer, scheduler, restore_rng)
+
+
+@dataclass
+class Checkpoint:
+    """One checkpoint read and verified: its weights file, tensors, model config, metadata and trainer state."""
+
+    path: Any
+    weights: dict[str, torch.Tensor]
+    model_config: dict
+    metadata: dict[str, str]
+    state: dict[str, Any]
+
+    @property
+    def identity(self) -> dict[str, str | None]:
+        return checkpoint_identity(self.metadata, self.model_config)
+
+
+def read_checkpoint(
+    weights_path: PathLike,
+    expected_embedding_dim: int | None = EMBEDDING_DIM,
+    map_location: str | torch.device = "cpu",
+) -> Checkpoint:
+    """Read and verify one complete checkpoint (weights and trainer state); CheckpointError if damaged."""
+    weights, model_cfg, metadata = _load_weights(as_path(weights_path), expected_embedding_dim)
+    state = read_state(weights_path, map_location)
+    return Checkpoint(as_path(weights_path), weights, model_cfg, metadata, state)
+
+
+def newest_usable(
+    directory: PathLike,
+    check: Callable[[Checkpoint], str | None] = lambda checkpoint: None,
+    expected_embedding_dim: int | None = EMBEDDING_DIM,
+    map_location: str | torch.device = "cpu",
+) -> tuple[Checkpoint | None, list[tuple[Any, str]]]:
+    """The newest checkpoint of ``directory`` that is intact and that ``check`` accepts (``check`` returns
+    None, or why not), and the (weights path, reason) of every newer one passed over, newest first.
+
+    Only the checkpoints down to the first usable one are read, so an intact latest costs one read."""
+    passed: list[tuple[Any, str]] = []
+    for _, weights_path in reversed(list_checkpoints(directory)):
+        try:
+            candidate = read_checkpoint(weights_path, expected_embedding_dim, map_location)
+        except CheckpointError as exc:
+            passed.append((weights_path, str(exc)))
+            continue
+        reason = check(candidate)
+        if reason is None:
+            return candidate, passed
+        passed.append((weights_path, reason))
+    return None, passed
+
+
+def restore(
+    checkpoint: Checkpoint,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    restore_rng: bool = True,
+) -> dict[str, Any]:
+    """Load a read checkpoint into the given objects; return its trainer state (progress, config, model_config)."""
+    state = checkpoint.state
+    if model is not None:
+        check_state_fits(model, checkpoint.weights, checkpoint.path)
+        _unwrap(model).load_state_dict(checkpoint.weights)
     if optimizer is not None and "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and "scheduler" in state:
         scheduler.load_state_dict(state["scheduler"])
     if restore_rng and "rng" in state:
         restore_rng_state(state["rng"])
-    state.setdefault("model_config", model_cfg)
-    state["weights_path"] = str(weights_path)
+    state.setdefault("model_config", checkpoint.model_config)
+    state["weights_path"] = str(checkpoint.path)
     return state
 
 
@@ -355,6 +502,7 @@ def load_model(
     device: str | torch.device | None = None,
     expected_embedding_dim: int | None = EMBEDDING_DIM,
     backbone: str | None = None,
+    recipe: str | None = None,
     factory: Callable[..., torch.nn.Module] | None = None,
 ) -> torch.nn.Module:
     """The model of a checkpoint (its weights file or its directory's newest), in eval mode, for inference.
@@ -363,14 +511,23 @@ def load_model(
     (``load_model_weights``), the architecture is rebuilt from the recorded model config by ``factory``
     (default ``pipeline.models.create_model``, the backbone registry), the weights are checked against it
     and loaded, and the model is moved to ``device`` when one is given.  ``model.config_dict()`` gives the
-    recorded config back.  ``backbone``, when given, is the backbone the checkpoint must hold.  Every
-    failure is a one-line CheckpointError (a ValueError) naming the file.  Resuming training is
+    recorded config back.  ``backbone`` / ``recipe``, when given, are what the checkpoint must have been
+    trained for; when neither is given, the folder trained_models/<backbone>/<recipe>/ holding it says
+    (a checkpoint copied in from another model is refused by name, not loaded until a shape error).
+    Every failure is a one-line CheckpointError (a ValueError) naming the file.  Resuming training is
     ``load_checkpoint``, which also restores optimizer, scheduler and RNG state.
     """
     weights_path = _resolve(path)
-    state, config = load_model_weights(weights_path, expected_embedding_dim)
-    if backbone is not None and config.get("backbone") != backbone:
-        raise CheckpointError(f"checkpoint {weights_path} is a {config.get('backbone')!r} model, not {backbone}")
+    state, config, metadata = _load_weights(weights_path, expected_embedding_dim)
+    expected = {"backbone": backbone, "recipe": recipe}
+    if backbone is None and recipe is None:
+        expected = layout_identity(weights_path)
+    recorded = checkpoint_identity(metadata, config)
+    if expected.get("backbone") and not recorded["backbone"]:
+        recorded["backbone"] = "none recorded"  # an unknown model is no more this backbone than another one
+    mismatch = identity_mismatch(weights_path, recorded, expected)
+    if mismatch:
+        raise CheckpointError(mismatch)
     if factory is None:
         from pipeline.models import create_model as factory
     model = factory(**config)

@@ -73,6 +73,7 @@ class _Loop:
         self.on_log = on_log if self.dist.is_main else None
         self.step = 0
         self.embedding_dim: int | None = None
+        self.identity: dict = {}  # backbone / recipe / settings_hash recorded in every checkpoint (train_model sets it)
         self._eval_loaders: dict[int, tuple[object, torch.utils.data.DataLoader]] = {}
 
     def prepare(self, dataset):
@@ -176,6 +177,7 @@ class _Loop:
                     index=index,
                     embedding_dim=self.embedding_dim,
                     keep_last=self.config.keep_checkpoints,
+                    identity=self.identity,
                 )
             )
         self.dist.barrier()

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -38,14 +39,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.constants import EMBED_DIM
 from pipeline.storage import as_path, atomic_local_path
 from pipeline.training.checkpoint import (
-    latest_checkpoint,
+    Checkpoint,
+    CheckpointError,
+    check_state_fits,
+    checkpoint_identity,
+    identity_mismatch,
     list_checkpoints,
-    load_checkpoint,
     model_config,
-    read_state,
+    newest_usable,
+    plural,
+    remove_checkpoint,
     remove_checkpoints,
+    restore,
+    settings_hash,
 )
 from pipeline.training.config import TrainConfig, TrainResult, run_figures, throughput_summary
 from pipeline.training.device import (
@@ -99,6 +108,8 @@ __all__ = [
     "train_model",
 ]
 
+_log = logging.getLogger(__name__)
+
 
 def run_fingerprint(
     config: TrainConfig, model: torch.nn.Module, train_set, stages: Sequence[np.ndarray], task: TrainTask | None = None
@@ -143,6 +154,8 @@ def train_model(
     cache_dir=None,
     task: TrainTask | None = None,
     on_batch: Callable[[int, int, Any, torch.Tensor], None] | None = None,
+    recipe: str | None = None,
+    log: Any | None = None,
 ) -> TrainResult:
     """Train ``model`` in place; a checkpoint after every epoch; resume from the latest matching checkpoint.
 
@@ -158,6 +171,11 @@ def train_model(
     ``task`` says what the model is trained to do (default EmbeddingTask(loss_fn)); the history records
     its per-epoch figures and validation metric, and best-epoch selection follows that metric.
     ``on_batch(stage, epoch, indices, per-sample values)`` sees every training micro-batch.
+    ``recipe`` (baseline | mlc | mlc_cl) is recorded in the checkpoints with the backbone and the settings
+    hash; a checkpoint trained for another backbone, recipe or settings is not resumed from.
+    Resume takes the newest intact checkpoint of this run; a damaged or mismatched newer one is passed over
+    and deleted, with a warning on ``log`` (a logging.Logger or Dagster's context.log; default this module's
+    logger) naming it and what was used instead (an older checkpoint, or training from scratch).
     """
     if task is None:
         task = EmbeddingTask(loss_fn)
@@ -169,24 +187,29 @@ def train_model(
     val_set = loop.prepare(val_set)
     fingerprint = run_fingerprint(config, loop.unwrapped, train_set, stage_list, task)
 
+    log = log or _log
+    identity = {
+        "backbone": model_config(loop.unwrapped).get("backbone"),
+        "recipe": recipe,
+        "settings_hash": settings_hash(config.result_dict()),
+    }
+    loop.identity = identity
+
     history: list[dict] = []
     start = 0
-    latest = latest_checkpoint(checkpoint_dir) if resume else None
-    resumed_progress: dict = {}
-    if latest is not None:
-        progress = read_state(latest).get("progress", {})  # is it this run's?
-        if progress.get("fingerprint") == fingerprint:
-            resumed_progress = progress
-            load_checkpoint(
-                latest, loop.unwrapped, loop.optimizer, loop.scheduler, restore_rng=True, **task.load_kwargs
-            )
-            start = int(progress["completed"])
-            loop.step = int(progress["step"])
-            history = list(progress.get("history", []))
-            loop.embedding_dim = progress.get("embedding_dim")
-        else:
-            latest = None
-    if latest is None and list_checkpoints(checkpoint_dir):
+    found, resumed_progress = None, {}
+    if resume and list_checkpoints(checkpoint_dir):
+        found = _resume_from(checkpoint_dir, loop, task, identity, fingerprint, log)
+    latest = found.path if found is not None else None
+    if found is not None:
+        progress = found.state.get("progress", {})
+        resumed_progress = progress
+        restore(found, loop.unwrapped, loop.optimizer, loop.scheduler, restore_rng=True)
+        start = int(progress["completed"])
+        loop.step = int(progress["step"])
+        history = list(progress.get("history", []))
+        loop.embedding_dim = progress.get("embedding_dim")
+    elif list_checkpoints(checkpoint_dir):
         loop.dist.barrier()
         if loop.dist.is_main:
             remove_checkpoints(checkpoint_dir)  # another run's (or resume=False): start clean
@@ -284,6 +307,45 @@ def train_model(
         device=device_name(loop.device),
         feature_cache=loop.cache_summary(),
     )
+
+
+def _resume_from(checkpoint_dir, loop, task: TrainTask, identity: dict, fingerprint: str, log) -> Checkpoint | None:
+    """The newest checkpoint this run can resume from (intact, trained for this model / recipe / settings, this
+    run's fingerprint, fitting the model), or None; the newer ones passed over are logged and deleted."""
+    expected_dim = task.load_kwargs.get("expected_embedding_dim", EMBED_DIM)
+    other_runs = set()  # intact and this model's, from a run with other settings: expected, no warning
+
+    def check(candidate: Checkpoint) -> str | None:
+        mismatch = identity_mismatch(
+            candidate.path, checkpoint_identity(candidate.metadata, candidate.model_config), identity
+        )
+        if mismatch:
+            return mismatch
+        if candidate.state.get("progress", {}).get("fingerprint") != fingerprint:
+            other_runs.add(candidate.path)
+            return f"checkpoint {candidate.path} is another run's (other settings, data or curriculum)"
+        try:
+            check_state_fits(loop.unwrapped, candidate.weights, candidate.path)
+        except CheckpointError as exc:
+            return str(exc)
+        return None
+
+    found, passed = newest_usable(checkpoint_dir, check, expected_dim)
+    if loop.dist.is_main:
+        instead = (
+            f"resuming from {found.path.name} ({plural(int(found.state['progress']['completed']), 'epoch')} done) instead"
+            if found is not None
+            else "training from scratch instead"
+        )
+        for path, reason in passed:
+            (log.info if path in other_runs else log.warning)(f"not resuming from {path.name}: {reason}; {instead}")
+    if found is not None and passed:
+        loop.dist.barrier()  # every rank has read its checkpoint before rank 0 deletes the ones passed over
+        if loop.dist.is_main:
+            for path, _ in passed:
+                remove_checkpoint(path)
+        loop.dist.barrier()
+    return found
 
 
 class _BestWeights:

@@ -14,6 +14,11 @@ not JSON, not an object of entries): without it no prompt in the part is known, 
 loudly is the honest outcome.  JSON that is mostly right is read leniently so one bad entry costs only
 itself: invalid UTF-8 bytes cost only the entries they sit in (prompt_not_utf8), raw control characters
 inside strings are kept as text, and numbers too long for Python's int parser become null metadata.
+
+Sizes are bounded: a part's JSON over MAX_JSON_BYTES fails the part (CorruptArchiveError naming the limit),
+and a prompt over MAX_PROMPT_CHARS characters is cut there (the record is kept; the cut is counted as
+prompt_truncated and listed in ``truncated``): the prompt encoder reads 256 tokens at most, so the cut
+loses nothing it would have read, and a 40 MB prompt no longer costs seconds and gigabytes downstream.
 """
 
 from __future__ import annotations
@@ -39,7 +44,14 @@ PART_KEY = re.compile(r"part-\d{6}")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _DRIVE = re.compile(r"^[A-Za-z]:")
 MAX_MEMBER_BYTES = 64 << 20  # one image; DiffusionDB's PNGs are well under 2 MB
-MAX_JSON_BYTES = 256 << 20  # a part's JSON is about 0.5 MB
+# A part's JSON is about 0.5 MB (1,000 entries).  32 MB still holds 1,000 entries whose prompts are all at
+# MAX_PROMPT_CHARS and written as \uXXXX escapes (6 bytes a character: ~25 MB), while json.loads' peak memory
+# stays a few hundred MB (a 256 MB JSON needed gigabytes).
+MAX_JSON_BYTES = 32 << 20
+# all-MiniLM-L6-v2 reads 256 word pieces at most (254 of text); English prompts average about 4 characters a
+# piece, so 4,096 characters is 4x what the encoder can read, and the cut changes nothing it reads unless a
+# text averages over 16 characters a word piece (long runs of spaces, or words the tokenizer cannot split).
+MAX_PROMPT_CHARS = 4096
 
 FRAME_SCHEMA = {
     "image_id": pl.String,
@@ -57,6 +69,16 @@ FRAME_SCHEMA = {
 
 class CorruptArchiveError(RuntimeError):
     """A part archive (or its JSON) that cannot be read at all; the message names the part and file."""
+
+
+def cap_prompt(text: str, limit: int = MAX_PROMPT_CHARS) -> str:
+    """``text`` cut to at most ``limit`` characters, at the last whitespace when one is near the end (so no word
+    is cut in half: the words kept tokenise as in the whole text), else exactly at ``limit``."""
+    if len(text) <= limit:
+        return text
+    head = text[:limit]
+    space = max(head.rfind(" "), head.rfind("\n"), head.rfind("\t"))
+    return head[:space] if space >= limit - 256 else head
 
 
 def validate_part_key(part_key: str) -> str:
@@ -188,11 +210,14 @@ class DiffusionDBSource:
 
 @dataclass
 class PartReadResult:
-    """The kept records (`frame`), the skipped ones with their reasons, and the count per reason."""
+    """The kept records (`frame`), the skipped ones with their reasons, and the count per reason; kept records
+    whose prompt was cut to MAX_PROMPT_CHARS are in `truncated` ({"id", "chars": the original length}) and
+    counted in `counts` as prompt_truncated (not in `skipped`: the record is kept)."""
 
     frame: pl.DataFrame
     skipped: list[dict] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
+    truncated: list[dict] = field(default_factory=list)
 
 
 def _unsafe_reason(info: zipfile.ZipInfo) -> str | None:
@@ -251,13 +276,19 @@ def _load_entries(zf: zipfile.ZipFile, part_key: str, zip_path: Path) -> dict:
         info = zf.getinfo(name)
     except KeyError:
         raise CorruptArchiveError(f"{part_key}: {zip_path} has no {name}, so no prompt in it is known") from None
+    too_big = (
+        f"{part_key}: {name} in {zip_path} is over the {MAX_JSON_BYTES:,}-byte limit of a part's JSON "
+        "(DiffusionDB's are about 0.5 MB)"
+    )
     if info.file_size > MAX_JSON_BYTES:
-        raise CorruptArchiveError(f"{part_key}: {name} in {zip_path} declares {info.file_size:,} bytes")
+        raise CorruptArchiveError(f"{too_big}: it declares {info.file_size:,} bytes")
     try:
         with zf.open(info) as f:
             raw = f.read(MAX_JSON_BYTES + 1)
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError, NotImplementedError, RuntimeError) as exc:
         raise CorruptArchiveError(f"{part_key}: cannot read {name} from {zip_path}: {exc}") from exc
+    if len(raw) > MAX_JSON_BYTES:  # a header that understates the size
+        raise CorruptArchiveError(f"{too_big}: it declares {info.file_size:,} bytes but holds more")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -293,12 +324,14 @@ def read_part(
     Skip reasons: symlink_member, unsafe_member_name, duplicate_member, member_too_large, corrupt_member,
     image_without_entry, entry_without_image, entry_not_object, prompt_not_text, prompt_not_utf8, and the
     image reasons of pipeline.data.images (empty_image, image_too_large, undecodable_image).  Skipped ids are
-    escaped (control characters, surrogates) so that logging them is safe.
+    escaped (control characters, surrogates) so that logging them is safe.  A prompt longer than
+    MAX_PROMPT_CHARS is cut (cap_prompt) and counted as prompt_truncated; its record is kept.
     """
     validate_part_key(part_key)
     zip_path = Path(zip_path)
     columns: dict[str, list] = {name: [] for name in FRAME_SCHEMA}
     skipped: list[dict] = []
+    truncated: list[dict] = []
 
     def skip(record_id: str, reason: str) -> None:
         skipped.append({"id": _safe_id(record_id), "reason": reason})
@@ -357,6 +390,9 @@ def read_part(
             except ImageError as exc:
                 skip(name, f"{exc.reason}_image" if exc.reason != "too_large" else "image_too_large")
                 continue
+            if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
+                truncated.append({"id": _safe_id(name), "chars": len(prompt)})
+                prompt = cap_prompt(prompt)
             sampler = entry.get("sa")
             columns["image_id"].append(name)
             columns["part"].append(part_key)
@@ -372,4 +408,7 @@ def read_part(
             if name not in seen and name not in refused:
                 skip(name, "entry_without_image")
     frame = pl.DataFrame(columns, schema=FRAME_SCHEMA)
-    return PartReadResult(frame, skipped, dict(Counter(s["reason"] for s in skipped)))
+    counts = dict(Counter(s["reason"] for s in skipped))
+    if truncated:
+        counts["prompt_truncated"] = len(truncated)
+    return PartReadResult(frame, skipped, counts, truncated)

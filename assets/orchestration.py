@@ -1,25 +1,27 @@
-"""Run `reverse-sd materialize`'s plan (``assets.planning``): in parallel, recoverable, failures in one line.
+"""Hand `reverse-sd materialize`'s plan (``assets.planning``) to the Dagster instance, and follow it.
 
-Execution (``run_units``) keeps ``workers`` runs going at once on worker processes, each run after the
-runs it reads from; the "gpu" pool admits one run per GPU, each pinned to its own device.  A failed run
-stops only what depends on it; a failed ranged run is re-run one partition at a time.  Every run records
-its worker's pid, so the next invocation can tell a run whose process was killed (-9, OOM) from a live
-one, mark it failed and free its pool slots.  The runs of one invocation share the ``reverse-sd/invocation``
-tag, which the UI's run filter groups by.
+Every run is submitted through the webserver's GraphQL API (``launchMultipleRuns``), so it goes through the
+instance's run coordinator (the queue in dagster.yaml, its ``max_concurrent_runs``) and its run launcher
+(a subprocess per run on one machine; Celery or Kubernetes when dagster.yaml says so).  The "gpu" pool is
+Dagster's (``concurrency.pools`` in dagster.yaml, or ``dagster instance concurrency set gpu N``); a run
+worker that dies is marked failed by the code server that launched it, and run monitoring frees its slots.
+
+The CLI only decides *which* runs and *when*: a unit is submitted once every unit it reads from
+succeeded, a failure stops only what depends on it, and a failed ranged run is re-submitted one partition
+at a time, so one bad part fails alone.  All runs of one invocation share the ``reverse-sd/invocation``
+tag (the UI's run filter groups by it).
 """
 
 from __future__ import annotations
 
-import os
-import socket
 import time
-import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import dagster as dg
 
+from assets.dagster_server import LOCATION_NAME, REPOSITORY_NAME, ServerError, graphql
 from assets.planning import (
     GPU_POOL,
     RANGE_END_TAG,
@@ -50,81 +52,13 @@ __all__ = [  # planning and staleness, re-exported: the CLI and tests use this m
 
 LAUNCHED_BY_TAG = "reverse-sd/launched-by"
 INVOCATION_TAG = "reverse-sd/invocation"
-PID_TAG = "reverse-sd/pid"
-HOST_TAG = "reverse-sd/host"
-DEVICE_TAG = "reverse-sd/device"
+PARTITION_TAG = "dagster/partition"
 OBSERVE_JOBS = ("observe_diffusiondb_source", "observe_settings")
-ACTIVE_STATUSES = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
+FINISHED = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
 
 
-# ---- settings observation -------------------------------------------------------------------------------
-
-
-def observe_sources(defs: dg.Definitions, instance: dg.DagsterInstance) -> None:
-    """Record the current data version of each source partition (every DiffusionDB part whose zip changed,
-    each backbone's training_settings) as a run of the observe job, so that changed data or settings show up
-    as stale before planning."""
-    for name in OBSERVE_JOBS:
-        result = defs.resolve_job_def(name).execute_in_process(
-            instance=instance,
-            raise_on_error=False,
-            run_config={"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}},
-            tags={LAUNCHED_BY_TAG: "cli"},
-        )
-        if not result.success:
-            raise RuntimeError(f"{name} failed: " + "; ".join(failure_lines(result)))
-
-
-# ---- recovery from killed runs --------------------------------------------------------------------------
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def release_dead_runs(instance: dg.DagsterInstance) -> list[str]:
-    """Mark failed the CLI's runs on this host whose worker process is gone (kill -9, OOM), and free the
-    pool slots they held, so later runs never wait on a slot nobody will give back.  Returns their ids."""
-    host = socket.gethostname()
-    released = []
-    for run in instance.get_runs(filters=dg.RunsFilter(statuses=ACTIVE_STATUSES, tags={LAUNCHED_BY_TAG: "cli"})):
-        pid = run.tags.get(PID_TAG)
-        if run.tags.get(HOST_TAG) != host or not (pid or "").isdigit() or _process_alive(int(pid)):
-            continue
-        instance.report_run_failed(run, message=f"its process {pid} is gone (killed?); marked failed by reverse-sd")
-        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
-        released.append(run.run_id)
-    return released
-
-
-def cancel_runs(instance: dg.DagsterInstance, invocation: str) -> list[str]:
-    """Mark canceled the still-active runs of one invocation (after its workers were stopped) and free
-    their pool slots."""
-    canceled = []
-    for run in instance.get_runs(filters=dg.RunsFilter(statuses=ACTIVE_STATUSES, tags={INVOCATION_TAG: invocation})):
-        instance.report_run_canceled(run, message="reverse-sd materialize was stopped")
-        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
-        canceled.append(run.run_id)
-    return canceled
-
-
-def ensure_pool_limit(instance: dg.DagsterInstance, slots: int) -> None:
-    """The "gpu" pool admits one step per GPU (at least one): raise its limit to ``slots`` when lower."""
-    info = instance.event_log_storage.get_concurrency_info(GPU_POOL)
-    if (info.slot_count or 0) < slots:
-        instance.event_log_storage.set_concurrency_slots(GPU_POOL, slots)
-
-
-def gpu_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+def new_invocation_tags() -> dict[str, str]:
+    return {LAUNCHED_BY_TAG: "cli", INVOCATION_TAG: uuid.uuid4().hex[:12]}
 
 
 # ---- failures in one line -------------------------------------------------------------------------------
@@ -145,11 +79,12 @@ def root_cause(error) -> str:
     return f"{cls}: {text}" if cls else (text or "failed (no message)")
 
 
-def failure_lines(result) -> list[str]:
-    """One line per failed step or failed blocking check of a finished run (a failed check is named once,
-    with its scalar metadata, not again as the step failure it causes)."""
+def failure_lines(events: Iterable, success: bool = False) -> list[str]:
+    """One line per failed step or failed blocking check among a finished run's Dagster events (a failed
+    check is named once, with its scalar metadata, not again as the step failure it causes)."""
+    events = [e for e in events if e is not None]
     lines = []
-    for event in result.all_events:
+    for event in events:
         if event.is_step_failure:
             error = event.step_failure_data.error if event.step_failure_data else None
             cause = root_cause(error) if error else "failed"
@@ -164,13 +99,116 @@ def failure_lines(result) -> list[str]:
                     if isinstance(entry.value, (int, float, str)) and len(str(entry.value)) < 80
                 ]
                 lines.append(f"check {evaluation.check_name} failed" + (f": {', '.join(facts)}" if facts else ""))
-    if not lines and not result.success:
-        run_failure = [e for e in result.all_events if e.event_type_value == "PIPELINE_FAILURE"]
+    if not lines and not success:
+        run_failure = [e for e in events if e.event_type_value in ("PIPELINE_FAILURE", "PIPELINE_CANCELED")]
         lines.append(run_failure[-1].message if run_failure else "run failed")
     return lines
 
 
-# ---- execution ------------------------------------------------------------------------------------------
+def run_failure_lines(instance: dg.DagsterInstance, run_id: str) -> tuple[list[str], str]:
+    """(one line per failure, the full error text for the log file) of a finished run, from its event log."""
+    events = [entry.dagster_event for entry in instance.all_logs(run_id)]
+    lines = failure_lines(events)
+    detail = "\n".join(
+        "".join(e.step_failure_data.error.to_string())
+        for e in events
+        if e is not None and e.is_step_failure and e.step_failure_data and e.step_failure_data.error
+    ).strip()
+    return lines, detail
+
+
+# ---- submission through the webserver -------------------------------------------------------------------
+
+_LAUNCH = """mutation($params: [ExecutionParams!]!) { launchMultipleRuns(executionParamsList: $params) {
+  __typename
+  ... on LaunchMultipleRunsResult { launchMultipleRunsResult {
+    __typename ... on LaunchRunSuccess { run { runId } } ... on Error { message } } }
+  ... on PythonError { message } } }"""
+_TERMINATE = """mutation($ids: [String!]!) { terminateRuns(runIds: $ids) { __typename } }"""
+
+
+def run_tags(unit: Unit, tags: dict[str, str]) -> dict[str, str]:
+    """A unit's run tags: the invocation's, plus Dagster's own partition (or partition range) tags."""
+    out = dict(tags)
+    if unit.is_range:
+        out[RANGE_START_TAG], out[RANGE_END_TAG] = unit.partitions[0], unit.partitions[-1]
+    elif unit.partition_key is not None:
+        out[PARTITION_TAG] = unit.partition_key
+    return out
+
+
+class InstanceRuns:
+    """Submits units as runs of their named jobs (GraphQL ``launchMultipleRuns``) and reports finished ones
+    from the instance's run storage."""
+
+    def __init__(self, url: str, instance: dg.DagsterInstance):
+        self.url, self.instance = url, instance
+
+    def submit(self, units: list[Unit], tags: dict[str, str]) -> list[str]:
+        params = [
+            {
+                "selector": {
+                    "repositoryLocationName": LOCATION_NAME,
+                    "repositoryName": REPOSITORY_NAME,
+                    "jobName": unit.job,
+                    **({"assetSelection": [{"path": k.path} for k in unit.asset_keys]} if unit.asset_keys else {}),
+                },
+                "runConfigData": {},
+                "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in run_tags(unit, tags).items()]},
+            }
+            for unit in units
+        ]
+        result = graphql(self.url, _LAUNCH, {"params": params}, timeout=120)["launchMultipleRuns"]
+        if result["__typename"] != "LaunchMultipleRunsResult":
+            raise ServerError(f"launching {len(units)} run(s) failed: {result.get('message')}")
+        ids = []
+        for unit, launched in zip(units, result["launchMultipleRunsResult"]):
+            if launched["__typename"] != "LaunchRunSuccess":
+                raise ServerError(f"launching {unit.label} failed: {launched.get('message') or launched['__typename']}")
+            ids.append(launched["run"]["runId"])
+        return ids
+
+    def finished(self, run_ids: list[str]) -> dict[str, bool]:
+        """run id -> success, for the given runs that have finished."""
+        if not run_ids:
+            return {}
+        runs = self.instance.get_runs(filters=dg.RunsFilter(run_ids=run_ids))
+        return {r.run_id: r.status == dg.DagsterRunStatus.SUCCESS for r in runs if r.status in FINISHED}
+
+    def statuses(self, run_ids: list[str]) -> dict[str, dg.DagsterRunStatus]:
+        if not run_ids:
+            return {}
+        return {r.run_id: r.status for r in self.instance.get_runs(filters=dg.RunsFilter(run_ids=run_ids))}
+
+    def failures(self, run_id: str) -> tuple[list[str], str]:
+        return run_failure_lines(self.instance, run_id)
+
+    def terminate(self, run_ids: list[str]) -> None:
+        if run_ids:
+            graphql(self.url, _TERMINATE, {"ids": run_ids}, timeout=30)
+
+
+def observe_sources(runs: InstanceRuns, tags: dict[str, str], timeout: float = 600) -> None:
+    """Record the current data version of each source partition (every DiffusionDB part whose zip changed,
+    each backbone's training_settings) with a run of each observe job, so that changed data or settings show
+    up as stale before planning."""
+    units = [Unit(name, (), None, False) for name in OBSERVE_JOBS]
+    ids = runs.submit(units, tags)
+    deadline = time.monotonic() + timeout
+    while True:
+        done = runs.finished(ids)
+        if len(done) == len(ids):
+            break
+        if time.monotonic() > deadline:
+            raise ServerError(f"observing the sources took over {timeout:.0f} s")
+        time.sleep(0.3)
+    for unit, run_id in zip(units, ids):
+        if not done[run_id]:
+            lines, _ = runs.failures(run_id)
+            raise RuntimeError(f"{unit.job} failed: " + "; ".join(lines))
+
+
+# ---- following a plan -----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -184,186 +222,72 @@ class Outcome:
     split_into: int = 0  # a failed ranged run, re-planned as this many single-partition runs
 
 
-_WORKER_STATE: dict = {}
-
-
-def _worker_init(log_level: str) -> None:
-    import warnings
-
-    warnings.filterwarnings("ignore", category=dg.BetaWarning)
-    warnings.filterwarnings("ignore", category=dg.PreviewWarning)
-    from assets.definitions import defs
-
-    _WORKER_STATE.update(defs=defs, instance=dg.DagsterInstance.get(), log_level=log_level)
-
-
-def execute_unit(unit: Unit, device_index: int | None, tags: dict[str, str]) -> Outcome:
-    """Run one unit as a run of its named job in this process (a worker), pinned to ``device_index``."""
-    if not _WORKER_STATE:
-        _worker_init("CRITICAL")
-    defs, instance = _WORKER_STATE["defs"], _WORKER_STATE["instance"]
-    run_tags = {**tags, PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
-    if device_index is not None:
-        import torch
-
-        torch.cuda.set_device(device_index)  # "auto" and "cuda" resolve to this device from here on
-        run_tags[DEVICE_TAG] = f"cuda:{device_index}"
-    if unit.is_range:  # Dagster's own tags for a ranged run (what a single-run backfill sets)
-        run_tags[RANGE_START_TAG], run_tags[RANGE_END_TAG] = unit.partitions[0], unit.partitions[-1]
-    started = time.perf_counter()
-    try:
-        result = defs.resolve_job_def(unit.job).execute_in_process(
-            instance=instance,
-            partition_key=None if unit.is_range else unit.partition_key,
-            asset_selection=list(unit.asset_keys),
-            raise_on_error=False,
-            run_config={"loggers": {"console": {"config": {"log_level": _WORKER_STATE["log_level"]}}}},
-            tags=run_tags,
-        )
-    except Exception as exc:  # a run that could not even start (e.g. an unknown partition)
-        return Outcome(
-            unit, None, False, [f"{type(exc).__name__}: {exc}"], traceback.format_exc(), time.perf_counter() - started
-        )
-    lines = failure_lines(result) if not result.success else []
-    detail = ""
-    if not result.success:
-        detail = "\n".join(
-            "".join(e.step_failure_data.error.to_string()) if e.is_step_failure and e.step_failure_data else ""
-            for e in result.all_events
-        ).strip()
-    return Outcome(unit, result.run_id, result.success, lines, detail, time.perf_counter() - started)
-
-
-class _WorkerProcess:
-    """One long-lived worker (spawned, so no forked torch or SQLite state) that runs units one at a time."""
-
-    def __init__(self, ctx, log_level: str):
-        self.tasks, self.results = ctx.Queue(), ctx.Queue()
-        self.process = ctx.Process(
-            target=_worker_main, args=(self.tasks, self.results, log_level, os.getpid()), daemon=True
-        )
-        self.process.start()
-        self.busy_with: tuple[int, Unit, int | None] | None = None
-
-
-def _die_with_parent() -> None:
-    """Linux: the kernel kills this worker when the invoking process dies, even by kill -9, so no orphan
-    keeps computing (its run is then released by the next invocation)."""
-    import ctypes
-    import signal
-
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def _worker_main(tasks, results, log_level: str, parent_pid: int) -> None:
-    import signal
-
-    _die_with_parent()
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        return
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it stops workers with SIGTERM/SIGKILL
-    _worker_init(log_level)
-    results.put(("ready", os.getpid()))
-    while True:
-        task = tasks.get()
-        if task is None:
-            return
-        index, unit, device_index, tags = task
-        try:
-            outcome = execute_unit(unit, device_index, tags)
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent, never lost
-            outcome = Outcome(unit, None, False, [f"{type(exc).__name__}: {exc}"], traceback.format_exc())
-        results.put((index, outcome))
-
-
 @dataclass
 class Progress:
     outcomes: list[Outcome] = field(default_factory=list)
     not_run: list[Unit] = field(default_factory=list)  # downstream of a failure
+    active: dict[str, int] = field(default_factory=dict)  # run id -> unit index, submitted and not finished
 
 
-def run_units(
+def run_plan(
     plan: Plan,
-    workers: int,
-    gpu_slots: int,
-    gpu_devices: bool,
+    runs,
     tags: dict[str, str],
-    log_level: str = "CRITICAL",
-    on_start: Callable[[Unit], None] | None = None,
+    max_active: int,
+    on_submit: Callable[[Unit, str], None] | None = None,
     on_done: Callable[[Outcome], None] | None = None,
-    launch: Callable | None = None,
-    launcher=None,
+    on_tick: Callable[[Progress], None] | None = None,
+    poll_seconds: float = 0.5,
+    progress: Progress | None = None,
 ) -> Progress:
-    """Run ``plan`` with at most ``workers`` runs at once and at most ``gpu_slots`` of them in the gpu pool,
-    each after the runs it depends on; a failed run stops only its dependents.
+    """Submit each unit of ``plan`` once every unit it reads from succeeded, keep at most ``max_active`` of
+    this invocation's runs queued or running, and follow them until all finished.
 
-    A failed ranged run is re-planned as one run per partition (its ``Outcome.split_into`` says how many),
-    so one bad part fails alone and the good parts of its range still materialize.
-
-    ``gpu_devices``: give each gpu run its own device index (0 .. gpu_slots-1).  ``launch`` replaces the
-    worker processes (tests): a function (unit, device_index, tags) -> Outcome run in a thread pool.
+    ``runs`` submits and reports (``InstanceRuns``; tests pass a fake).  A failed unit stops only its
+    dependents; a failed ranged run is re-submitted one partition per run (``Outcome.split_into``).
+    ``progress`` (filled as it goes) lets a caller that is interrupted see what is still active.
     """
-    progress = Progress()
+    progress = progress if progress is not None else Progress()
     plan = Plan(list(plan.units), {i: set(d) for i, d in plan.depends_on.items()}, dict(plan.reasons))
     pending = set(range(len(plan.units)))
-    running: dict[int, int | None] = {}  # unit index -> device index
+    started: dict[str, float] = {}
     succeeded: set[int] = set()
     blocked: set[int] = set()
-    free_devices = list(range(gpu_slots))
-    if launcher is not None:  # prestarted_launcher(): workers already imported and waiting
-        pool = launcher
-    elif launch:
-        pool = _ThreadLauncher(launch, workers)
-    elif workers == 1 or len(plan.units) == 1:  # nothing to overlap: skip spawning (and importing) a worker
-        pool = _InlineLauncher(log_level)
-    else:
-        pool = _ProcessLauncher(workers, log_level)
-    try:
-        while pending or running:
-            # Anything that reads from a failed or blocked unit never runs.
-            for i in sorted(pending):
-                if plan.depends_on[i] & blocked:
-                    pending.discard(i)
-                    blocked.add(i)
-                    progress.not_run.append(plan.units[i])
-            gpu_running = sum(1 for i in running if plan.units[i].gpu)
-            for i in sorted(pending):
-                if len(running) >= workers:
-                    break
-                unit = plan.units[i]
-                if not plan.depends_on[i] <= succeeded:
-                    continue
-                if unit.gpu and gpu_running >= gpu_slots:
-                    continue
-                device = free_devices.pop(0) if unit.gpu else None
-                gpu_running += unit.gpu
+    while pending or progress.active:
+        for i in sorted(pending):  # anything that reads from a failed or blocked unit never runs
+            if plan.depends_on[i] & blocked:
                 pending.discard(i)
-                running[i] = device
-                if on_start:
-                    on_start(unit)
-                pool.submit(i, unit, device if gpu_devices else None, tags)
-            if not running:
-                break
-            i, outcome = pool.next_result()
-            device = running.pop(i)
-            if device is not None:
-                free_devices.append(device)
-                free_devices.sort()
-            if not outcome.success and plan.units[i].is_range:
+                blocked.add(i)
+                progress.not_run.append(plan.units[i])
+        ready = [i for i in sorted(pending) if plan.depends_on[i] <= succeeded]
+        ready = ready[: max(0, max_active - len(progress.active))]
+        if ready:
+            ids = runs.submit([plan.units[i] for i in ready], tags)
+            for i, run_id in zip(ready, ids):
+                pending.discard(i)
+                progress.active[run_id] = i
+                started[run_id] = time.perf_counter()
+                if on_submit:
+                    on_submit(plan.units[i], run_id)
+        if not progress.active:
+            break
+        for run_id, success in runs.finished(list(progress.active)).items():
+            i = progress.active.pop(run_id)
+            lines, detail = ([], "") if success else runs.failures(run_id)
+            outcome = Outcome(plan.units[i], run_id, success, lines, detail, time.perf_counter() - started[run_id])
+            if not success and plan.units[i].is_range:
                 singles = _split(plan, i)
                 pending.update(singles)
                 outcome.split_into = len(singles)
             else:
-                (succeeded if outcome.success else blocked).add(i)
+                (succeeded if success else blocked).add(i)
             progress.outcomes.append(outcome)
             if on_done:
                 on_done(outcome)
-    finally:
-        pool.close()
+        if on_tick:
+            on_tick(progress)
+        if progress.active:
+            time.sleep(poll_seconds)
     return progress
 
 
@@ -384,119 +308,15 @@ def _split(plan: Plan, i: int) -> list[int]:
     return singles
 
 
-class _ProcessLauncher:
-    def __init__(self, workers: int, log_level: str):
-        import multiprocessing
-
-        self.ctx = multiprocessing.get_context("spawn")
-        self.workers_max, self.log_level = workers, log_level
-        self.workers: list[_WorkerProcess] = []
-
-    def submit(self, index: int, unit: Unit, device: int | None, tags: dict[str, str]) -> None:
-        worker = next((w for w in self.workers if w.busy_with is None), None)
-        if worker is None:
-            worker = _WorkerProcess(self.ctx, self.log_level)
-            self.workers.append(worker)
-        worker.busy_with = (index, unit, device)
-        worker.tasks.put((index, unit, device, tags))
-
-    def next_result(self) -> tuple[int, Outcome]:
-        import queue
-
-        while True:
-            for worker in self.workers:
-                if worker.busy_with is None:
-                    continue
-                try:
-                    index, outcome = worker.results.get(timeout=0.05)
-                    if index == "ready":
-                        continue
-                except queue.Empty:
-                    if not worker.process.is_alive():  # killed (OOM, -9): its run is reported failed
-                        index, unit, _ = worker.busy_with
-                        code = worker.process.exitcode
-                        self.workers.remove(worker)
-                        worker.busy_with = None
-                        return index, Outcome(unit, None, False, [f"worker process died (exit code {code})"])
-                    continue
-                worker.busy_with = None
-                return index, outcome
-
-    def prestart(self, n: int) -> None:
-        """Start ``n`` workers and wait until each has imported the definitions."""
-        fresh = [_WorkerProcess(self.ctx, self.log_level) for _ in range(n - len(self.workers))]
-        for worker in fresh:
-            message = worker.results.get(timeout=600)
-            assert message[0] == "ready", message
-        self.workers.extend(fresh)
-
-    def close(self) -> None:
-        for worker in self.workers:
-            if worker.busy_with is None and worker.process.is_alive():
-                worker.tasks.put(None)
-        deadline = time.monotonic() + 5
-        for worker in self.workers:
-            if worker.busy_with is not None:
-                worker.process.kill()  # stopped mid-run: its run is marked canceled by the caller
-            worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
-            if worker.process.is_alive():
-                worker.process.kill()
-                worker.process.join(timeout=1)
-
-
-def prestarted_launcher(workers: int, log_level: str = "CRITICAL") -> _ProcessLauncher:
-    """Worker processes started and ready before any run (benchmarks time the runs, not the imports)."""
-    launcher = _ProcessLauncher(workers, log_level)
-    launcher.prestart(workers)
-    return launcher
-
-
-class _InlineLauncher:
-    """Runs each unit in this process, one at a time (one worker, or a one-run plan)."""
-
-    def __init__(self, log_level: str):
-        self.log_level = log_level
-        self.queued: list = []
-
-    def submit(self, index, unit, device, tags) -> None:
-        self.queued.append((index, unit, device, tags))
-
-    def next_result(self):
-        if not _WORKER_STATE:
-            _worker_init(self.log_level)
-        index, unit, device, tags = self.queued.pop(0)
-        return index, execute_unit(unit, device, tags)
-
-    def close(self) -> None:
-        self.queued.clear()
-
-
-class _ThreadLauncher:
-    """Runs ``launch`` in threads instead of worker processes (tests of the scheduling itself)."""
-
-    def __init__(self, launch: Callable, workers: int):
-        import queue
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.launch, self.results = launch, queue.Queue()
-        self.executor = ThreadPoolExecutor(max_workers=workers)
-
-    def submit(self, index, unit, device, tags) -> None:
-        def run():
-            try:
-                outcome = self.launch(unit, device, tags)
-            except Exception as exc:  # noqa: BLE001
-                outcome = Outcome(unit, None, False, [f"{type(exc).__name__}: {exc}"])
-            self.results.put((index, outcome))
-
-        self.executor.submit(run)
-
-    def next_result(self):
-        return self.results.get()
-
-    def close(self) -> None:
-        self.executor.shutdown(wait=True)
-
-
-def new_invocation_tags() -> dict[str, str]:
-    return {LAUNCHED_BY_TAG: "cli", INVOCATION_TAG: uuid.uuid4().hex[:12]}
+def stop_runs(runs, run_ids: list[str], timeout: float = 8) -> list[str]:
+    """Terminate the given runs (queued ones are canceled at once) and wait up to ``timeout`` seconds for
+    them to finish; returns those still not finished."""
+    if not run_ids:
+        return []
+    runs.terminate(run_ids)
+    deadline = time.monotonic() + timeout
+    left = list(run_ids)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.3)
+        left = [r for r, s in runs.statuses(left).items() if s not in FINISHED]
+    return left

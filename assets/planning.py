@@ -99,6 +99,8 @@ class Plan:
     units: list[Unit]
     depends_on: dict[int, set[int]]  # unit index -> indices of the units it reads from
     reasons: dict[int, str] = field(default_factory=dict)  # --stale: why a unit runs
+    # --stale: (asset, partition) pairs left out because a failed blocking check stops them -> that check
+    blocked: dict[tuple[dg.AssetKey, str | None], str] = field(default_factory=dict)
 
     @property
     def stages(self) -> list[Stage]:
@@ -287,7 +289,7 @@ def group_ranges(
     for i in range(len(plan.units)):
         reads = {new_index[d] for d in plan.depends_on[i]} - {new_index[i]}
         depends_on.setdefault(new_index[i], set()).update(reads)
-    return Plan(units, depends_on, reasons)
+    return Plan(units, depends_on, reasons, plan.blocked)
 
 
 def _dynamic_name(partitions_def) -> str | None:

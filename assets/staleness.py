@@ -28,6 +28,7 @@ class _Records:
         self.observed_now = observed_now or {}  # key -> partition -> version not recorded (dry run)
         self._history: dict[dg.AssetKey, dict[str | None, list[tuple[int, str | None]]]] = {}
         self._latest: dict[dg.AssetKey, dict[str | None, object]] = {}
+        self._checks: dict[str, list] = {}  # run id -> its asset check evaluations
 
     def _load(self, key: dg.AssetKey) -> None:
         fetch = (
@@ -57,6 +58,29 @@ class _Records:
         if key not in self._latest:
             self._load(key)
         return self._latest[key].get(partition)
+
+    def failed_blocking_check(self, key: dg.AssetKey, partition: str | None) -> str | None:
+        """'check NAME failed on KEY[PARTITION]' when the run that last materialized this partition evaluated a
+        blocking check on it that failed (what stops the automation sensor there too), else None."""
+        record = self.record(key, partition)
+        if record is None or not self.graph.get(key).is_materializable:
+            return None
+        run_id = record.event_log_entry.run_id
+        if run_id not in self._checks:
+            self._checks[run_id] = [
+                entry.dagster_event.event_specific_data
+                for entry in self.instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+            ]
+        for evaluation in self._checks[run_id]:
+            if (
+                evaluation.asset_key == key
+                and evaluation.partition in (None, partition)
+                and evaluation.blocking
+                and not evaluation.passed
+            ):
+                label = key.to_user_string() + (f"[{partition}]" if partition else "")
+                return f"check {evaluation.check_name} failed on {label}"
+        return None
 
     def history(self, key: dg.AssetKey, partition: str | None) -> list[tuple[int, str | None]]:
         if key not in self._history:
@@ -130,11 +154,20 @@ def _keep_stale(plan: Plan, parents_of, records: _Records) -> Plan:
     units: list[Unit] = []
     depends_on: dict[int, set[int]] = {}
     reasons: dict[int, str] = {}
+    blocked: dict[tuple[dg.AssetKey, str | None], str] = {}  # pair -> the failed blocking check that stops it
     for i, unit in enumerate(plan.units):  # units, and the assets inside each, are in dependency order
         keys, reads, why = [], set(), None
         for key in unit.asset_keys:
             parents = parents_of[i][key]
             rebuilt = [p for p in parents if p in rebuilding]
+            stopped = next((blocked[p] for p in parents if p in blocked), None)
+            if stopped is None and not rebuilt:
+                stopped = next((f for p in parents if (f := records.failed_blocking_check(*p))), None)
+                if stopped is not None and stale_reason(key, unit.partition_key, parents, records) is None:
+                    stopped = None  # built from the parent as it is now: nothing to rebuild, nothing blocked
+            if stopped is not None:
+                blocked[(key, unit.partition_key)] = stopped
+                continue
             if rebuilt:
                 reason = "reads " + rebuilt[0][0].to_user_string() + (f"[{rebuilt[0][1]}]" if rebuilt[0][1] else "")
             else:
@@ -153,4 +186,4 @@ def _keep_stale(plan: Plan, parents_of, records: _Records) -> Plan:
             units.append(Unit(unit.job, tuple(keys), unit.partition_key, gpu))
             depends_on[index] = {r for r in reads if r not in (-1, index)}
             reasons[index] = why
-    return Plan(units, depends_on, reasons)
+    return Plan(units, depends_on, reasons, blocked=blocked)

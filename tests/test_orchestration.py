@@ -1,7 +1,7 @@
-"""`reverse-sd materialize` at scale: the plan, the parallel scheduler, the gpu pool per GPU, and recovery.
+"""`reverse-sd materialize` at scale: the plan, submission to the instance as parents finish, and recovery.
 
-The scheduler is tested with a fake launcher (threads and fake device counts); planning on the real
-Definitions; recovery with real processes killed by SIGKILL / stopped by SIGTERM.
+The follow loop is tested with a fake instance; planning on the real Definitions; recovery with real
+processes (the CLI, `dagster dev`, run workers) killed by SIGKILL / stopped by SIGTERM.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -24,78 +23,72 @@ from pipeline import storage
 PROJECT = Path(__file__).resolve().parents[1]
 
 
-def _fake_plan(n: int, gpu: bool, depends_on: dict[int, set[int]] | None = None) -> orch.Plan:
-    units = [orch.Unit("materialize_trained_models", (dg.AssetKey("trained_models"),), f"p{i}", gpu) for i in range(n)]
+def _fake_plan(n: int, depends_on: dict[int, set[int]] | None = None) -> orch.Plan:
+    units = [orch.Unit("materialize_trained_models", (dg.AssetKey("trained_models"),), f"p{i}", True) for i in range(n)]
     return orch.Plan(units, {i: set((depends_on or {}).get(i, ())) for i in range(n)})
 
 
-class _Recorder:
-    """A fake launch: sleeps a little, records how many runs (and which devices) were in flight at once."""
+class _FakeRuns:
+    """Stands in for the instance (InstanceRuns): a submitted run finishes on the next poll, failing when its
+    partition is in ``fail``; records what was submitted and how many of the invocation's runs were active."""
 
-    def __init__(self, fail: set[str] = frozenset(), seconds: float = 0.05):
-        self.lock = threading.Lock()
-        self.running: dict[str, int | None] = {}
-        self.max_running = 0
-        self.device_clash = False
-        self.fail, self.seconds = fail, seconds
-        self.order: list[str] = []
+    def __init__(self, fail=frozenset()):
+        self.fail, self.submitted, self.active, self.max_active, self.order = set(fail), [], {}, 0, []
 
-    def __call__(self, unit, device, tags):
-        with self.lock:
-            busy = {d for d in self.running.values() if d is not None}
-            self.device_clash |= device is not None and device in busy
-            self.running[unit.partition_key] = device
-            self.max_running = max(self.max_running, len(self.running))
-            self.order.append(unit.partition_key)
-        time.sleep(self.seconds)
-        with self.lock:
-            del self.running[unit.partition_key]
-        return orch.Outcome(
-            unit, "run", unit.partition_key not in self.fail, ["boom"] if unit.partition_key in self.fail else []
-        )
+    def submit(self, units, tags):
+        ids = []
+        for unit in units:
+            run_id = f"run{len(self.submitted)}"
+            self.submitted.append((unit, dict(tags)))
+            self.active[run_id] = unit
+            self.order.append(unit.partition_keys)
+            ids.append(run_id)
+        self.max_active = max(self.max_active, len(self.active))
+        return ids
 
+    def finished(self, run_ids):
+        done = {r: not (set(self.active[r].partition_keys) & self.fail) for r in run_ids}
+        for r in run_ids:
+            self.active.pop(r)
+        return done
 
-def test_gpu_pool_admits_one_run_per_gpu_each_on_its_own_device():
-    """12 trained_models partitions on an 8-GPU box run 8 at a time, never two on one device."""
-    recorder = _Recorder()
-    progress = orch.run_units(
-        _fake_plan(12, gpu=True), workers=16, gpu_slots=8, gpu_devices=True, tags={}, launch=recorder
-    )
-    assert recorder.max_running == 8
-    assert not recorder.device_clash
-    assert len(progress.outcomes) == 12 and all(o.success for o in progress.outcomes)
+    def failures(self, run_id):
+        return ["boom"], "Traceback: boom"
 
 
-@pytest.mark.parametrize("gpus, expected", [(0, 1), (1, 1), (2, 2)])
-def test_fake_gpu_counts_bound_the_gpu_runs(gpus, expected):
-    recorder = _Recorder()
-    orch.run_units(
-        _fake_plan(6, gpu=True), workers=8, gpu_slots=max(1, gpus), gpu_devices=gpus > 0, tags={}, launch=recorder
-    )
-    assert recorder.max_running == expected
-
-
-def test_workers_bound_the_runs_at_once_and_data_runs_ignore_the_gpu_pool():
-    recorder = _Recorder()
-    orch.run_units(_fake_plan(10, gpu=False), workers=3, gpu_slots=1, gpu_devices=False, tags={}, launch=recorder)
-    assert recorder.max_running == 3
+def test_runs_are_submitted_with_the_invocation_and_partition_tags_and_at_most_max_active_at_once():
+    runs = _FakeRuns()
+    progress = orch.run_plan(_fake_plan(10), runs, {"reverse-sd/invocation": "abc"}, max_active=3, poll_seconds=0)
+    assert len(progress.outcomes) == 10 and all(o.success for o in progress.outcomes)
+    assert runs.max_active == 3
+    unit, tags = runs.submitted[0]
+    assert orch.run_tags(unit, tags) == {"reverse-sd/invocation": "abc", "dagster/partition": "p0"}
+    ranged = orch.Unit("materialize_diffusiondb_parts", (dg.AssetKey("diffusiondb_parts"),), "a", False, ("a", "b"))
+    assert orch.run_tags(ranged, {}) == {orch.RANGE_START_TAG: "a", orch.RANGE_END_TAG: "b"}
 
 
 def test_a_failure_stops_its_dependents_only():
-    # p0 -> p2 -> p4 ; p1 -> p3 ; p0 fails
-    plan = _fake_plan(5, gpu=False, depends_on={2: {0}, 3: {1}, 4: {2}})
-    recorder = _Recorder(fail={"p0"})
-    progress = orch.run_units(plan, workers=4, gpu_slots=1, gpu_devices=False, tags={}, launch=recorder)
-    ran = {o.unit.partition_key: o.success for o in progress.outcomes}
-    assert ran == {"p0": False, "p1": True, "p3": True}
-    assert sorted(u.partition_key for u in progress.not_run) == ["p2", "p4"]
+    plan = _fake_plan(4, {2: {1}, 3: {2}})
+    progress = orch.run_plan(plan, _FakeRuns(fail={"p1"}), {}, max_active=4, poll_seconds=0)
+    assert sorted(o.unit.partition_key for o in progress.outcomes if o.success) == ["p0"]
+    assert [o.failures for o in progress.outcomes if not o.success] == [["boom"]]
+    assert sorted(u.partition_key for u in progress.not_run) == ["p2", "p3"]
 
 
-def test_runs_wait_for_what_they_read():
-    plan = _fake_plan(3, gpu=False, depends_on={0: {2}, 1: {0}})
-    recorder = _Recorder()
-    orch.run_units(plan, workers=3, gpu_slots=1, gpu_devices=False, tags={}, launch=recorder)
-    assert recorder.order == ["p2", "p0", "p1"]
+def test_runs_are_submitted_only_after_what_they_read():
+    runs = _FakeRuns()
+    orch.run_plan(_fake_plan(3, {0: {2}, 1: {0}}), runs, {}, max_active=3, poll_seconds=0)
+    assert runs.order == [("p2",), ("p0",), ("p1",)]
+
+
+def test_a_failed_ranged_run_is_resubmitted_one_partition_per_run_and_its_readers_wait_for_all():
+    unit = orch.Unit("materialize_diffusiondb_parts", (dg.AssetKey("diffusiondb_parts"),), "a", False, ("a", "b", "c"))
+    reader = orch.Unit("materialize_unpartitioned", (dg.AssetKey("filtered_pairs"),), None, False)
+    runs = _FakeRuns(fail={"b"})
+    progress = orch.run_plan(orch.Plan([unit, reader], {0: set(), 1: {0}}), runs, {}, max_active=4, poll_seconds=0)
+    assert runs.order == [("a", "b", "c"), ("a",), ("b",), ("c",)]
+    assert progress.outcomes[0].split_into == 3
+    assert [u.label for u in progress.not_run] == ["filtered_pairs"]
 
 
 def test_plan_is_runs_of_named_jobs_in_dependency_order_and_a_dry_plan_writes_nothing():
@@ -131,22 +124,6 @@ def test_no_private_dagster_import_in_assets_or_resources():
 
 # ---- recovery, with real processes -----------------------------------------------------------------------
 
-SLEEPER = r"""
-import os, sys, time
-import dagster as dg
-from assets import orchestration as orch
-
-@dg.asset(pool="gpu")
-def sleeper():
-    print("SLEEPING", flush=True)
-    time.sleep(120)
-
-instance = dg.DagsterInstance.get()
-orch.ensure_pool_limit(instance, 1)
-dg.materialize([sleeper], instance=instance, tags={orch.LAUNCHED_BY_TAG: "cli", orch.PID_TAG: str(os.getpid()),
-               orch.HOST_TAG: __import__("socket").gethostname()})
-"""
-
 
 def _wait_for(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
@@ -156,32 +133,6 @@ def _wait_for(predicate, timeout: float, what: str):
             return value
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-def test_a_run_killed_in_the_gpu_pool_is_released_and_its_slot_freed(tmp_path):
-    dagster_home = tmp_path / "dh"
-    dagster_home.mkdir()
-    (dagster_home / "dagster.yaml").write_text((PROJECT / "dagster.yaml").read_text())
-    env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "PYTHONPATH": str(PROJECT)}
-    proc = subprocess.Popen([sys.executable, "-c", SLEEPER], env=env, stdout=subprocess.PIPE, text=True, cwd=PROJECT)
-    try:
-        assert proc.stdout.readline().strip() == "SLEEPING"
-        os.environ["DAGSTER_HOME"], old = str(dagster_home), os.environ.get("DAGSTER_HOME")
-        instance = dg.DagsterInstance.get()
-        assert len(instance.event_log_storage.get_concurrency_info("gpu").claimed_slots) == 1
-        assert orch.release_dead_runs(instance) == []  # alive: left alone
-        proc.kill()
-        proc.wait()
-        released = orch.release_dead_runs(instance)
-        assert len(released) == 1
-        assert instance.get_run_by_id(released[0]).status == dg.DagsterRunStatus.FAILURE
-        assert instance.event_log_storage.get_concurrency_info("gpu").claimed_slots == []
-    finally:
-        proc.kill()
-        if old is None:
-            os.environ.pop("DAGSTER_HOME", None)
-        else:
-            os.environ["DAGSTER_HOME"] = old
 
 
 def _cli(args, env) -> subprocess.Popen:
@@ -314,7 +265,7 @@ def test_a_full_disk_is_one_line_with_the_errno_text(tmp_path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
 
     result = dg.materialize([filtered_pairs], instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
-    lines = orch.failure_lines(result)
+    lines = orch.failure_lines(result.all_events)
     assert lines == [f"filtered_pairs: OSError: [Errno 28] No space left on device: '{target}'"]
 
 
@@ -337,7 +288,7 @@ def test_parts_run_in_ranges_each_part_keeps_its_metadata_and_a_bad_part_fails_a
     args = ["materialize", "--select", "diffusiondb_parts", "--workers", "1", "--partitions-per-run", "3"]
     result = run_cli(args, env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "materialized 2 asset runs" in result.stdout, result.stdout
+    assert "materialized 2 runs" in result.stdout, result.stdout
     monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
     instance = dg.DagsterInstance.get()
     runs = instance.get_runs()

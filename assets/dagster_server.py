@@ -1,0 +1,191 @@
+"""The Dagster webserver that `reverse-sd materialize` submits its runs to (GraphQL), found or started.
+
+Every run goes through the instance's run coordinator (the queue in dagster.yaml) and its run launcher, so
+the same command drives a cluster when dagster.yaml says so.  Which server:
+
+1. REVERSE_SD_DAGSTER_URL (e.g. http://dagster.internal:3000): an operator's deployment; used as it is.
+2. a webserver already serving this DAGSTER_HOME on 127.0.0.1:$PORT (3000 by default): `make ui`, so the
+   runs appear live in the open UI;
+3. otherwise `dagster dev` (webserver, daemon, code server), started for this invocation in its own process
+   group and stopped with it: no orphan survives, even a kill -9 of the CLI (the kernel's parent-death
+   signal).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+LOCATION_NAME = "reverse-sd"  # workspace.yaml's location_name
+REPOSITORY_NAME = "__repository__"  # the repository a Definitions object is loaded as
+URL_SETTING = "REVERSE_SD_DAGSTER_URL"
+
+
+class ServerError(RuntimeError):
+    """The webserver could not be found, started or reached (one line for the user)."""
+
+
+def graphql(url: str, query: str, variables: dict | None = None, timeout: float = 30) -> dict:
+    """POST one GraphQL query to ``url`` and return its "data" (a GraphQL error raises ServerError)."""
+    body = json.dumps({"query": query, "variables": variables or {}}).encode()
+    request = urllib.request.Request(url.rstrip("/") + "/graphql", body, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            payload = json.loads(response.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise ServerError(f"the Dagster webserver at {url} did not answer: {exc}") from None
+    if payload.get("errors"):
+        raise ServerError(f"the Dagster webserver at {url} refused a query: {payload['errors'][0].get('message')}")
+    return payload["data"]
+
+
+_INSTANCE_QUERY = "{ instance { info } }"
+_LOCATION_QUERY = """{ workspaceOrError { __typename ... on Workspace { locationEntries {
+  name loadStatus locationOrLoadError { __typename ... on PythonError { message } } } } } }"""
+
+
+def _serves_this_instance(url: str, dagster_home: str) -> bool:
+    """Whether the webserver at ``url`` answers and serves the instance in ``dagster_home`` (its instance info
+    names the storage folders, which live under DAGSTER_HOME for the SQLite instance)."""
+    try:
+        info = graphql(url, _INSTANCE_QUERY, timeout=2)["instance"]["info"] or ""
+    except ServerError:
+        return False
+    return str(Path(dagster_home).resolve()) in info
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child: the kernel sends SIGTERM when the CLI dies (even by kill -9), so `dagster dev` stops too."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class DagsterServer:
+    """Context manager: ``url`` of a webserver serving this instance, started (and stopped) when none runs."""
+
+    def __init__(self, dagster_home: str, log_path: Path, start_timeout: float = 300):
+        self.dagster_home, self.log_path, self.start_timeout = dagster_home, log_path, start_timeout
+        self.url: str | None = None
+        self.process: subprocess.Popen | None = None
+        self.started = False  # True when this invocation started `dagster dev`
+
+    def __enter__(self) -> DagsterServer:
+        """Find the webserver, or start `dagster dev` (not waiting: call ready() before the first query, so the
+        server's start overlaps the caller's own imports and planning)."""
+        configured = os.environ.get(URL_SETTING)
+        if configured:
+            self.url = configured.rstrip("/")
+        else:
+            local = f"http://127.0.0.1:{os.environ.get('PORT', '3000')}"
+            self.url = local if _serves_this_instance(local, self.dagster_home) else self._start()
+        return self
+
+    def ready(self) -> DagsterServer:
+        """Wait until the webserver serves the loaded code location."""
+        self._wait_for_location()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ---- embedded `dagster dev` ------------------------------------------------------------------------
+
+    def _start(self) -> str:
+        port = _free_port()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "DAGSTER_HOME": str(Path(self.dagster_home).resolve()), "PYTHONWARNINGS": "ignore"}
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "dagster", "dev", "-w", str(PROJECT_DIR / "workspace.yaml")]
+                + ["-h", "127.0.0.1", "-p", str(port)],
+                cwd=PROJECT_DIR,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,  # its own process group: stopped as one, never by the terminal's Ctrl-C
+                preexec_fn=_die_with_parent,
+            )
+        self.started = True
+        return f"http://127.0.0.1:{port}"
+
+    def stop(self, grace: float = 10) -> None:
+        """Stop the embedded `dagster dev` and everything it started (the whole process group)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        group = os.getpgid(self.process.pid)
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(group, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.process.wait(timeout=wait)
+                # dagster dev is gone; give its children (code server, daemon) a moment, then make sure.
+                deadline = time.monotonic() + 3
+                while time.monotonic() < deadline and _group_alive(group):
+                    time.sleep(0.1)
+                if not _group_alive(group):
+                    return
+            except subprocess.TimeoutExpired:
+                continue
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def _wait_for_location(self) -> None:
+        """Wait until the code location is loaded (a load error is one line naming it)."""
+        deadline = time.monotonic() + self.start_timeout
+        last = "not answering"
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise ServerError(
+                    f"`dagster dev` exited with code {self.process.returncode} before serving; see {self.log_path}"
+                )
+            try:
+                workspace = graphql(self.url, _LOCATION_QUERY, timeout=5)["workspaceOrError"]
+            except ServerError as exc:
+                last = str(exc)
+                time.sleep(0.5)
+                continue
+            entries = {e["name"]: e for e in workspace.get("locationEntries", [])}
+            entry = entries.get(LOCATION_NAME)
+            if entry and entry["loadStatus"] == "LOADED":
+                error = entry.get("locationOrLoadError") or {}
+                if error.get("__typename") == "PythonError":
+                    first = (error.get("message") or "").strip().splitlines()
+                    raise ServerError(f"code location {LOCATION_NAME} failed to load: {first[-1] if first else '?'}")
+                return
+            last = f"code location {LOCATION_NAME} is {entry['loadStatus'] if entry else 'not in the workspace'}"
+            time.sleep(0.5)
+        raise ServerError(f"the Dagster webserver at {self.url} was not ready in {self.start_timeout:.0f} s ({last})")
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

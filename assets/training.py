@@ -188,7 +188,8 @@ def difficulty_scores(
 
 
 def _split_key(context) -> tuple[str, str]:
-    keys = context.partition_key.keys_by_dimension
+    """(backbone, recipe): a run launched through the queue carries the key as its "vit|mlc" string."""
+    keys = model_partitions.get_partition_key_from_str(str(context.partition_key)).keys_by_dimension
     return keys["backbone"], keys["recipe"]
 
 

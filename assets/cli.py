@@ -11,6 +11,7 @@ import sys
 
 from assets.cli_materialize import materialize_command
 from assets.cli_predict import predict_command
+from pipeline.inputs import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE
 
 
 def _positive_int(text: str) -> int:
@@ -25,6 +26,14 @@ def _positive_int(text: str) -> int:
 
 def _non_negative_int(text: str) -> int:
     return 0 if text.strip() == "0" else _positive_int(text)
+
+
+def _predict_batch_size(text: str) -> int:
+    """predict --batch-size: 1 .. MAX_BATCH_SIZE; a larger value is refused (not clamped), naming the cap."""
+    value = _positive_int(text)
+    if value > MAX_BATCH_SIZE:
+        raise argparse.ArgumentTypeError(f"{value} is above the cap of {MAX_BATCH_SIZE} images per forward pass")
+    return value
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -180,7 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto (the ensemble when trained, + DAKL when fitted), ensemble, or one backbone: vit, swin, clip, unet",
     )
     pred.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the models run")
-    pred.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="images per forward pass")
+    pred.add_argument(
+        "--batch-size",
+        type=_predict_batch_size,
+        default=DEFAULT_BATCH_SIZE,
+        metavar="N",
+        help=f"images per forward pass, at most {MAX_BATCH_SIZE} (memory grows with it; a larger N is refused)",
+    )
     pred.add_argument(
         "--quiet", action="store_true", help="no progress bar (there is none anyway when stderr is not a terminal)"
     )
@@ -210,18 +225,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _settings_error() -> type[Exception]:
+    """SettingsError, imported only when an exception is being matched (resources/ imports Dagster)."""
     from resources.settings import SettingsError
 
+    return SettingsError
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except _settings_error() as exc:  # evaluated only when something was raised: a usage error answers at once
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

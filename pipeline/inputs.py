@@ -1,20 +1,42 @@
 """What `reverse-sd predict` takes in: regular image files only (no FIFO, device or oversized file can hang or
 exhaust it), folders and globs expanded, read in batches; and the device it runs on.
+
+Paths are hostile too: an existing path is taken literally before any globbing (a file named ``a[1].png``
+is read, not matched); folders and ``**`` globs follow symlinked folders but visit each real folder once
+(a symlink loop cannot hang the walk) and each real file once, down to MAX_WALK_DEPTH folders and up to
+MAX_INPUT_FILES files; every argument that matched nothing is named.
 """
 
 from __future__ import annotations
 
-import glob
+import fnmatch
 import os
+import re
 import stat
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+# What a folder or glob offers predict: the formats pipeline.data.images opens (an animated GIF is read as
+# its first frame).  A file named explicitly is tried whatever its name.
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 # The largest input file predict reads: far above any real image (a 50-megapixel PNG is ~100 MB only when
 # incompressible), far below what would exhaust memory.  Bigger files are skipped unread.
 MAX_INPUT_BYTES = 100 * 1024 * 1024
+# Bounds of a folder or glob walk: how many folders deep below the argument, and how many files in all.
+MAX_WALK_DEPTH = 32
+MAX_INPUT_FILES = 1_000_000
+# Images per forward pass of predict: the default, and the cap (memory grows with the batch, about
+# 100 kB per image held plus the model's activations; past a few hundred there is nothing to gain).
+DEFAULT_BATCH_SIZE = 32
+MAX_BATCH_SIZE = 256
+
+
+def check_batch_size(size: int) -> int:
+    """``size`` when 1 <= size <= MAX_BATCH_SIZE, else ValueError naming the cap."""
+    if not 1 <= int(size) <= MAX_BATCH_SIZE:
+        raise ValueError(f"batch size {size} is outside 1..{MAX_BATCH_SIZE} (the cap bounds memory)")
+    return int(size)
 
 
 class InputError(OSError):
@@ -85,41 +107,188 @@ def read_input_file(path: str | os.PathLike, max_bytes: int = MAX_INPUT_BYTES) -
 
 @dataclass
 class InputScan:
-    """What expand_inputs found: the files to read, and (path, reason) for every path refused unread."""
+    """What scan_inputs found: the files to read, and (path, reason) for every path refused unread and every
+    argument that matched nothing."""
 
     files: list[Path]
     skipped: list[tuple[Path, str]]
 
 
-def scan_inputs(paths: Sequence[str], max_bytes: int = MAX_INPUT_BYTES) -> InputScan:
-    """Files, folders (recursive) and globs -> regular image-looking files, in a stable order, without repeats.
+_MAGIC = re.compile(r"[*?[]")
 
-    Every candidate, named or matched by a glob or found in a folder, goes through check_input_file: FIFOs,
-    devices, sockets, symlinks to those, missing and oversized files are skipped with their reason.  In a
-    folder only image-suffixed names are candidates (other files are not inputs).
+
+@dataclass
+class _Walk:
+    """One argument's expansion: candidate paths in order, and notes (path, reason) on what was not searched."""
+
+    limit: int
+    found: list[Path] = field(default_factory=list)
+    notes: list[tuple[Path, str]] = field(default_factory=list)
+    deep: bool = False
+
+    @property
+    def full(self) -> bool:
+        return len(self.found) >= self.limit
+
+    def add(self, path: Path) -> None:
+        if not self.full:
+            self.found.append(path)
+
+    def too_deep(self, directory: Path) -> None:
+        if not self.deep:  # once per argument
+            self.deep = True
+            self.notes.append((directory, f"not searched: deeper than {MAX_WALK_DEPTH} folders below the argument"))
+
+    def entries(self, directory: Path) -> list[os.DirEntry]:
+        """The entries of ``directory`` by name; an unreadable folder is noted, not fatal."""
+        try:
+            with os.scandir(directory) as it:
+                return sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            self.notes.append((directory, f"cannot list this folder: {exc.strerror or type(exc).__name__}"))
+            return []
+
+
+def _dir_key(path: Path) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino) if stat.S_ISDIR(info.st_mode) else None
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows a symlink: a linked folder is searched, once (see _dirs)
+    except OSError:
+        return False
+
+
+def _dirs(root: Path, walk: _Walk, hidden: bool) -> Iterator[Path]:
+    """``root`` and every folder below it (symlinked ones too), each real folder once, depth first by name,
+    at most MAX_WALK_DEPTH below ``root``; ``hidden`` also enters folders whose name starts with a dot."""
+    seen: set[tuple[int, int]] = set()
+
+    def visit(directory: Path, depth: int) -> Iterator[Path]:
+        key = _dir_key(directory)
+        if key is None or key in seen or walk.full:
+            return
+        seen.add(key)
+        yield directory
+        for entry in walk.entries(directory):
+            if not _is_dir(entry) or (not hidden and entry.name.startswith(".")):
+                continue
+            if depth >= MAX_WALK_DEPTH:
+                walk.too_deep(Path(entry.path))
+                continue
+            yield from visit(Path(entry.path), depth + 1)
+
+    yield from visit(root, 0)
+
+
+def _folder(root: Path, walk: _Walk) -> None:
+    """The image-suffixed files of ``root`` and of every folder below it."""
+    for directory in _dirs(root, walk, hidden=True):
+        for entry in walk.entries(directory):
+            if entry.name.lower().endswith(tuple(IMAGE_SUFFIXES)) and not _is_dir(entry):
+                walk.add(Path(entry.path))
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """glob's rule for one name: fnmatch, case-sensitive, and no leading dot matched by a wildcard."""
+    return fnmatch.fnmatchcase(name, pattern) and (not name.startswith(".") or pattern.startswith("."))
+
+
+def _glob(pattern: str, walk: _Walk) -> list[str]:
+    """What ``glob.glob(pattern, recursive=True)`` matches, without its hazards: ``**`` enters each real
+    folder once (a symlink loop ends), no deeper than MAX_WALK_DEPTH, no more than MAX_INPUT_FILES matches."""
+    parts = pattern.split(os.sep)
+    base = os.sep if pattern.startswith(os.sep) else ""
+    parts = [p for p in parts if p != ""] if base else parts
+    while parts and not _MAGIC.search(parts[0]) and parts[0] != "**":
+        base = os.path.join(base, parts.pop(0))
+    found: list[str] = []
+
+    def expand(current: str, rest: list[str]) -> None:
+        if walk.full or len(found) >= walk.limit:
+            return
+        if not rest:
+            if os.path.lexists(current or "."):
+                found.append(current)
+            return
+        head, tail = rest[0], rest[1:]
+        if head == "**":
+            for directory in _dirs(Path(current or "."), walk, hidden=False):
+                below = "" if str(directory) == "." and not current else str(directory)
+                if not tail:
+                    if below:
+                        found.append(below)
+                    continue
+                expand(below, tail)
+            return
+        if not _MAGIC.search(head):
+            expand(os.path.join(current, head), tail)
+            return
+        for entry in walk.entries(Path(current or ".")):
+            if _matches(entry.name, head) and (not tail or _is_dir(entry)):
+                expand(os.path.join(current, entry.name), tail)
+
+    if parts:
+        expand(base, parts)
+    elif os.path.lexists(base):
+        found.append(base)
+    return sorted(dict.fromkeys(found))
+
+
+def scan_inputs(paths: Sequence[str], max_bytes: int = MAX_INPUT_BYTES, max_files: int = MAX_INPUT_FILES) -> InputScan:
+    """Files, folders (recursive) and globs -> regular image-looking files, in a stable order, each real file
+    once (whatever the paths or symlinks it was reached by).
+
+    An existing path is taken literally, before any globbing.  Every candidate, named or matched by a glob or
+    found in a folder, goes through check_input_file: FIFOs, devices, sockets, symlinks to those, missing and
+    oversized files are skipped with their reason.  In a folder only image-suffixed names are candidates
+    (other files are not inputs).  An argument that matched nothing (a glob without a match, a folder
+    without an image), a folder that cannot be listed and a walk cut at a bound are skipped with their
+    reason too, under the argument's or folder's name.
     """
-    found: list[Path] = []
-    for raw in paths:
-        matches = sorted(glob.glob(raw, recursive=True)) if any(c in raw for c in "*?[") else [raw]
-        for match in matches:
-            path = Path(match)
-            if path.is_dir():
-                found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
-            else:
-                found.append(path)
     seen: set[str] = set()
     scan = InputScan([], [])
-    for path in found:
-        key = os.path.abspath(path)
-        if key in seen:
+    for raw in paths:
+        walk = _Walk(limit=max_files - len(scan.files))
+        if walk.full:
+            scan.skipped.append((Path(raw), f"not searched: {max_files:,} files found already, the limit"))
             continue
-        seen.add(key)
-        try:
-            check_input_file(path, max_bytes)
-        except InputError as exc:
-            scan.skipped.append((path, str(exc)))
-            continue
-        scan.files.append(path)
+        if os.path.lexists(raw):  # literally, even when the name holds * ? [
+            candidates = [raw]
+            empty = f"a folder holding no image file ({', '.join(sorted(IMAGE_SUFFIXES))})"
+        elif _MAGIC.search(raw):
+            candidates = _glob(raw, walk)
+            empty = "matches no file"
+        else:
+            candidates = [raw]  # missing: check_input_file says so
+            empty = ""
+        for candidate in candidates:
+            path = Path(candidate)
+            if path.is_dir():
+                _folder(path, walk)
+            else:
+                walk.add(path)
+        if not walk.found and empty:
+            scan.skipped.append((Path(raw), empty))
+        scan.skipped += walk.notes
+        if walk.full:
+            scan.skipped.append((Path(raw), f"stopped at {max_files:,} files, the limit of one predict"))
+        for path in walk.found:
+            key = os.path.realpath(path)
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                check_input_file(path, max_bytes)
+            except InputError as exc:
+                scan.skipped.append((path, str(exc)))
+                continue
+            scan.files.append(path)
     return scan
 
 

@@ -19,7 +19,13 @@ import numpy as np
 from pipeline import storage as store
 from pipeline.ensemble.ensemble import combine
 from pipeline.evaluation.report import normalise_rows
-from pipeline.inputs import MAX_INPUT_BYTES, path_batches, read_input_file, resolve_predict_device
+from pipeline.inputs import (
+    MAX_INPUT_BYTES,
+    check_batch_size,
+    path_batches,
+    read_input_file,
+    resolve_predict_device,
+)
 
 
 class NotTrainedError(RuntimeError):
@@ -56,8 +62,8 @@ class PromptPredictor:
         self, home: str, model: str = "auto", device: str = "auto", batch_size: int = 32, captioner: str | None = None
     ):
         self.home = home.rstrip("/")
+        self.batch_size = check_batch_size(batch_size)  # at most MAX_BATCH_SIZE: memory grows with it
         self.device = resolve_predict_device(device)
-        self.batch_size = batch_size
         self.bank_prompts, self.bank_embeddings = self._load_bank()
         self.members = self._choose_members(model)
         self.dakl = self._load_dakl() if model in ("auto", "ensemble") and len(self.members) > 1 else None

@@ -97,6 +97,12 @@ def rebuild_condition(ignored: frozenset = frozenset()) -> dg.AutomationConditio
         eager = eager.replace(
             "any_deps_updated", dg.AutomationCondition.any_deps_updated().ignore(dg.AssetSelection.assets(*ignored))
         )
+    # A code version bump rebuilds too, as `reverse-sd materialize --stale` does (one rebuild rule).
+    eager = eager | (
+        dg.AutomationCondition.code_version_changed()
+        & ~dg.AutomationCondition.in_progress()
+        & ~dg.AutomationCondition.any_deps_missing()
+    ).with_label("code version changed")
     # A partitioned check (model_predictions' baseline check, per model) counts for a dependency when any of its
     # partitions passed; a failed partition must still block, so no dependency partition may have failed one.
     no_failed_check = ~dg.AutomationCondition.any_deps_match(

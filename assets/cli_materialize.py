@@ -68,7 +68,7 @@ def _materialize_locked(args, settings, workers: int) -> int:
     from assets import orchestration as orch
     from assets.dagster_server import DagsterServer
 
-    tags = orch.new_invocation_tags()
+    tags = orch.new_invocation_tags(settings.home)
     invocation = tags[orch.INVOCATION_TAG]
     logs = Path(settings.dagster_home) / "logs"
     print(f"profile={settings.profile} source={settings.diffusiondb} storage={settings.home}")
@@ -86,6 +86,10 @@ def _materialize_locked(args, settings, workers: int) -> int:
         if new_parts:
             print(f"registered {_count(len(new_parts), 'new DiffusionDB part')}: {new_parts[0]} .. {new_parts[-1]}")
         runs = orch.InstanceRuns(server.ready().url, instance)
+        orphans = orch.orphaned_queued_runs(instance, settings.home)
+        if orphans:
+            orch.stop_runs(runs, orphans)
+            print(f"canceled {_count(len(orphans), 'queued run')} of an earlier materialize that was killed")
         orch.observe_sources(runs, tags)
         started = time.perf_counter()
         plan = orch.plan_units(

@@ -57,8 +57,24 @@ OBSERVE_JOBS = ("observe_diffusiondb_source", "observe_settings")
 FINISHED = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
 
 
-def new_invocation_tags() -> dict[str, str]:
-    return {LAUNCHED_BY_TAG: "cli", INVOCATION_TAG: uuid.uuid4().hex[:12]}
+STORAGE_TAG = "reverse-sd/storage"
+
+
+def new_invocation_tags(storage_root: str) -> dict[str, str]:
+    return {LAUNCHED_BY_TAG: "cli", INVOCATION_TAG: uuid.uuid4().hex[:12], STORAGE_TAG: storage_root}
+
+
+def orphaned_queued_runs(instance: dg.DagsterInstance, storage_root: str) -> list[str]:
+    """Queued runs that an earlier `materialize` on this storage root submitted and can no longer follow (it
+    was killed): the caller holds the root's lock, so no live invocation owns them.  Their work is planned
+    again (or found fresh) by this invocation, so they are canceled rather than left to run twice."""
+    runs = instance.get_runs(
+        filters=dg.RunsFilter(
+            statuses=[dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED],
+            tags={LAUNCHED_BY_TAG: "cli", STORAGE_TAG: storage_root},
+        )
+    )
+    return [r.run_id for r in runs]
 
 
 # ---- failures in one line -------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ class _Records:
         self.observed_now = observed_now or {}  # key -> partition -> version not recorded (dry run)
         self._history: dict[dg.AssetKey, dict[str | None, list[tuple[int, str | None]]]] = {}
         self._latest: dict[dg.AssetKey, dict[str | None, object]] = {}
-        self._checks: dict[str, list] = {}  # run id -> its asset check evaluations
+        self._checks: dict[dg.AssetCheckKey, list] = {}  # blocking check -> its executions, newest first
 
     def _load(self, key: dg.AssetKey) -> None:
         fetch = (
@@ -60,26 +60,27 @@ class _Records:
         return self._latest[key].get(partition)
 
     def failed_blocking_check(self, key: dg.AssetKey, partition: str | None) -> str | None:
-        """'check NAME failed on KEY[PARTITION]' when the run that last materialized this partition evaluated a
-        blocking check on it that failed (what stops the automation sensor there too), else None."""
+        """'check NAME failed on KEY[PARTITION]' when a blocking check's newest evaluation of this partition,
+        made at or after its latest materialization, failed (what stops the automation sensor there too)."""
         record = self.record(key, partition)
         if record is None or not self.graph.get(key).is_materializable:
             return None
-        run_id = record.event_log_entry.run_id
-        if run_id not in self._checks:
-            self._checks[run_id] = [
-                entry.dagster_event.event_specific_data
-                for entry in self.instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
-            ]
-        for evaluation in self._checks[run_id]:
-            if (
-                evaluation.asset_key == key
-                and evaluation.partition in (None, partition)
-                and evaluation.blocking
-                and not evaluation.passed
-            ):
+        for check_key in self.graph.get_check_keys_for_assets({key}):
+            if not self.graph.get_check_spec(check_key).blocking:
+                continue
+            if check_key not in self._checks:  # newest first; the limit covers one evaluation per partition
+                self._checks[check_key] = list(
+                    self.instance.event_log_storage.get_asset_check_execution_history(check_key, limit=10_000)
+                )
+            for execution in self._checks[check_key]:
+                entry = execution.event
+                evaluation = entry.dagster_event.event_specific_data if entry and entry.dagster_event else None
+                if not hasattr(evaluation, "passed") or getattr(evaluation, "partition", None) not in (None, partition):
+                    continue
+                if entry.timestamp < record.timestamp or evaluation.passed:
+                    break  # the newest verdict on this partition predates its data, or passed
                 label = key.to_user_string() + (f"[{partition}]" if partition else "")
-                return f"check {evaluation.check_name} failed on {label}"
+                return f"check {check_key.name} failed on {label}"
         return None
 
     def history(self, key: dg.AssetKey, partition: str | None) -> list[tuple[int, str | None]]:
@@ -93,7 +94,7 @@ def _event(record):
 
 
 def _data_version(record) -> str | None:
-    return None if record is None else _event(record).tags.get("dagster/data_version")
+    return None if record is None else (_event(record).tags or {}).get("dagster/data_version")
 
 
 def _parent_changed(records: _Records, key: dg.AssetKey, partition: str | None, pointer: str | None) -> bool:
@@ -122,7 +123,7 @@ def stale_reason(
     if record is None:
         return "missing"
     event = _event(record)
-    tags = event.tags
+    tags = event.tags or {}
     current_code = records.graph.get(key).code_version
     if current_code is not None and tags.get("dagster/code_version") != current_code:
         return "code version changed"

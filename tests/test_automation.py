@@ -251,3 +251,96 @@ def test_new_parts_sensor_registers_them_and_requests_ranged_runs_that_materiali
         listed = resources["diffusiondb"].source().list_parts()
         assert changed_part_versions(instance, listed) == {}
         assert plan_units(defs, instance, selection="diffusiondb_parts", stale_only=True).units == []
+
+
+def _stale_plan(instance) -> dict[str, set]:
+    """What `reverse-sd materialize --stale` would run (asset -> partitions), and what it leaves out."""
+    from assets.orchestration import plan_units
+
+    plan = plan_units(defs, instance, stale_only=True)
+    planned: dict[str, set] = {}
+    for unit in plan.units:
+        for key in unit.asset_keys:
+            planned.setdefault(key.to_user_string(), set()).update(unit.partition_keys)
+    return planned, plan.blocked
+
+
+def _report_run(instance, graph, name: str, partition: str | None) -> None:
+    """A materialization tagged as a real run tags it (code version, and the newest event of each parent it
+    read), then its passing checks: the state `--stale` judges from."""
+    key = dg.AssetKey(name)
+    tags = {"dagster/data_version": uuid.uuid4().hex[:8]}  # every run records one (Dagster derives it)
+    if graph.get(key).code_version:
+        tags["dagster/code_version"] = graph.get(key).code_version
+    for parent in graph.get(key).parent_keys:
+        fetch = instance.fetch_materializations if graph.get(parent).is_materializable else instance.fetch_observations
+        records = fetch(parent, limit=1).records
+        if records:
+            tags[f"dagster/input_event_pointer/{parent.to_user_string()}"] = str(records[0].storage_id)
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=key, partition=partition, tags=tags))
+    for check in graph.get_check_keys_for_assets({key}):
+        _report_check(instance, True, check, partition if check == CHECK else None)
+
+
+def _build_everything(instance, graph) -> None:
+    instance.report_runless_asset_event(
+        dg.AssetObservation(asset_key="diffusiondb_source", partition="part-000001", tags={"dagster/data_version": "z1"})
+    )
+    _observe_settings(instance)
+    for level in graph.toposorted_asset_keys_by_level:
+        for key in sorted(level):
+            if not graph.get(key).is_materializable:
+                continue
+            pdef = graph.get(key).partitions_def
+            for partition in pdef.get_partition_keys(dynamic_partitions_store=instance) if pdef else [None]:
+                _report_run(instance, graph, key.to_user_string(), partition)
+
+
+def test_stale_and_the_sensor_agree_after_a_failed_blocking_check_and_both_say_so():
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(PART, ["part-000001"])
+        _build_everything(instance, _graph())
+        first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+        assert _stale_plan(instance) == ({}, {})
+        # model_predictions[unet|baseline] rebuilt, and its blocking check fails
+        _report_run(instance, _graph(), "model_predictions", "unet|baseline")
+        _report_check(instance, passed=False)
+        sensor = _requested(dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor))
+        planned, blocked = _stale_plan(instance)
+        assert "ensemble_predictions" not in sensor and "ensemble_predictions" not in planned
+        assert "evaluation_report" not in planned
+        assert blocked[(dg.AssetKey("ensemble_predictions"), None)] == (
+            "check beats_mean_embedding_baseline failed on model_predictions[unet|baseline]"
+        )
+
+
+def test_stale_and_the_sensor_agree_after_a_code_version_bump():
+    """A bumped code_version is stale for --stale and requested by the automation sensor."""
+    import assets.definitions as definitions
+
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(PART, ["part-000001"])
+        _build_everything(instance, _graph())
+        first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+        assert _stale_plan(instance)[0] == {}
+        bumped = dg.Definitions(
+            assets=[
+                a.map_asset_specs(lambda spec: spec.replace_attributes(code_version=(spec.code_version or "") + "+1"))
+                if isinstance(a, dg.AssetsDefinition) and dg.AssetKey("vocabulary") in a.keys
+                else a
+                for a in definitions.defs.assets
+            ],
+            asset_checks=definitions.defs.asset_checks,
+            resources=definitions.defs.resources,
+            jobs=definitions.defs.jobs,
+            sensors=definitions.defs.sensors,
+            schedules=definitions.defs.schedules,
+        )
+        from assets.orchestration import plan_units
+
+        sensor = dg.evaluate_automation_conditions(defs=bumped, instance=instance, cursor=first.cursor)
+        requested = {k.to_user_string() for k in bumped.resolve_asset_graph().materializable_asset_keys}
+        requested = {n for n in requested if sensor.get_num_requested(dg.AssetKey(n))}
+        plan = plan_units(bumped, instance, stale_only=True)
+        planned = {k.to_user_string() for u in plan.units for k in u.asset_keys}
+        assert "vocabulary" in requested and "vocabulary" in planned, (requested, planned)

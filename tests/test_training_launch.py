@@ -18,10 +18,11 @@ import json, sys
 import dagster as dg
 from assets.data import register_parts
 from assets.definitions import ALL_ASSETS, ALL_CHECKS, defs
-from assets.orchestration import observe_sources
+from assets.orchestration import OBSERVE_JOBS
 instance = dg.DagsterInstance.get()
 register_parts(instance, defs.resources["diffusiondb"])
-observe_sources(defs, instance)
+for job in OBSERVE_JOBS:  # what `reverse-sd materialize` submits first, run here in this process
+    assert defs.resolve_job_def(job).execute_in_process(instance=instance).success
 data = ["filtered_pairs", "prompt_embeddings", "vocabulary", "vocabulary_labels"]
 for part in instance.get_dynamic_partitions("diffusiondb_part"):
     dg.materialize([*ALL_ASSETS, *ALL_CHECKS], selection=["diffusiondb_parts"], partition_key=part,

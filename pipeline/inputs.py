@@ -273,7 +273,7 @@ def scan_inputs(paths: Sequence[str], max_bytes: int = MAX_INPUT_BYTES, max_file
                 _folder(path, walk)
             else:
                 walk.add(path)
-        if not walk.found and empty:
+        if not walk.found and empty and not walk.notes:  # (a note says why nothing was found)
             scan.skipped.append((Path(raw), empty))
         scan.skipped += walk.notes
         if walk.full:

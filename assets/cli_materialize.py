@@ -86,6 +86,19 @@ def _materialize_locked(args, settings, workers: int) -> int:
         if new_parts:
             print(f"registered {_count(len(new_parts), 'new DiffusionDB part')}: {new_parts[0]} .. {new_parts[-1]}")
         runs = orch.InstanceRuns(server.ready().url, instance)
+        mismatch = server.settings_mismatch(
+            {
+                "storage": {"root": defs.resources["storage"].root},
+                "diffusiondb": {"location": defs.resources["diffusiondb"].location},
+            }
+        )
+        if mismatch:
+            print(
+                f"error: the Dagster webserver at {server.url} serves this DAGSTER_HOME with other settings "
+                f"({mismatch}); run with the settings it was started with, or stop it",
+                file=sys.stderr,
+            )
+            return 2
         orphans = orch.orphaned_queued_runs(instance, settings.home)
         if orphans:
             orch.stop_runs(runs, orphans)
@@ -206,9 +219,9 @@ def _dry_run(args, settings, workers: int) -> int:
 
 class _ProgressView:
     """On a terminal: a live line per stage (partitions done/total, running, failed, elapsed, ETA).  Elsewhere:
-    one line per finished run, and a line at least every 25 s while runs are going."""
+    one line per finished run, and a line at least every 15 s while runs are going."""
 
-    HEARTBEAT = 25.0
+    HEARTBEAT = 15.0
 
     def __init__(self, plan, verbose: bool, log_path: Path):
         self.live = sys.stderr.isatty() and not verbose

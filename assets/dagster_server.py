@@ -60,7 +60,7 @@ def _serves_this_instance(url: str, dagster_home: str) -> bool:
         info = graphql(url, _INSTANCE_QUERY, timeout=2)["instance"]["info"] or ""
     except ServerError:
         return False
-    return str(Path(dagster_home).resolve()) in info
+    return f"base_dir: {Path(dagster_home).resolve()}\n" in info + "\n"
 
 
 def _free_port() -> int:
@@ -106,6 +106,24 @@ class DagsterServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    def settings_mismatch(self, expected: dict[str, dict[str, object]]) -> str | None:
+        """A webserver found running (`make ui`) runs the code with its own environment: name the first resource
+        setting in ``expected`` (resource -> field -> value) that differs, so no run writes to another root."""
+        if self.started:
+            return None
+        query = """query($repo: String!, $location: String!) {
+          repositoryOrError(repositorySelector: {repositoryName: $repo, repositoryLocationName: $location}) {
+            ... on Repository { allTopLevelResourceDetails { name configuredValues { key value } } } } }"""
+        variables = {"repo": REPOSITORY_NAME, "location": LOCATION_NAME}
+        details = graphql(self.url, query, variables)["repositoryOrError"].get("allTopLevelResourceDetails") or []
+        served = {d["name"]: {v["key"]: json.loads(v["value"]) for v in d["configuredValues"]} for d in details}
+        for resource, fields in expected.items():
+            for name, value in fields.items():
+                theirs = served.get(resource, {}).get(name)
+                if theirs != value:
+                    return f"{resource}.{name} is {theirs!r} there and {value!r} here"
+        return None
 
     # ---- embedded `dagster dev` ------------------------------------------------------------------------
 

@@ -75,6 +75,32 @@ def test_every_artifact_records_its_sha256_and_the_file_matches(sample_run):
             assert event.metadata["path_sha256"].value == hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def test_every_run_went_through_the_instance_queue_and_launcher_and_can_be_re_executed(sample_run):
+    """`materialize` submits its runs to the instance: each was queued (RUN_ENQUEUED), launched by the run
+    launcher (RUN_STARTING), carries the invocation tag, and has a job origin (what the UI's Re-execute needs)."""
+    import dagster as dg
+
+    _, env, _ = sample_run
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        runs = instance.get_runs()
+        assert len(runs) >= 10
+        for run in runs:
+            kinds = {e.dagster_event.event_type_value for e in instance.all_logs(run.run_id) if e.dagster_event}
+            assert {"PIPELINE_ENQUEUED", "PIPELINE_STARTING"} <= kinds, (run.job_name, kinds)
+            assert run.remote_job_origin is not None, run.job_name
+            assert run.tags.get("reverse-sd/invocation"), run.job_name
+
+
+def test_no_run_is_executed_in_process_by_product_code():
+    offenders = [
+        str(path.relative_to(PROJECT))
+        for folder in ("assets", "pipeline", "resources")
+        for path in (PROJECT / folder).rglob("*.py")
+        if "execute_in_process" in path.read_text()
+    ]
+    assert offenders == []
+
+
 def test_stale_rerun_does_nothing(sample_run):
     _, env, _ = sample_run
     again = _run_cli(["materialize", "--stale"], env)

@@ -284,7 +284,9 @@ def _report_run(instance, graph, name: str, partition: str | None) -> None:
 
 def _build_everything(instance, graph) -> None:
     instance.report_runless_asset_event(
-        dg.AssetObservation(asset_key="diffusiondb_source", partition="part-000001", tags={"dagster/data_version": "z1"})
+        dg.AssetObservation(
+            asset_key="diffusiondb_source", partition="part-000001", tags={"dagster/data_version": "z1"}
+        )
     )
     _observe_settings(instance)
     for level in graph.toposorted_asset_keys_by_level:

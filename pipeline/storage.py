@@ -141,11 +141,27 @@ def verify(target: PathLike) -> str | None:
     if actual != record.get("sha256"):
         size = as_path(target).stat().st_size
         what = "truncated" if size < record.get("size", size) else "altered"
+        _mark_refused(target, record)
         raise IntegrityError(
             f"{target} is damaged ({what}: {size} bytes, SHA-256 {actual[:12]}..., written as "
             f"{record.get('size')} bytes, {str(record.get('sha256'))[:12]}...)"
         )
     return actual
+
+
+def _mark_refused(target: PathLike, record: dict) -> None:
+    """A reader refused ``target``: drop the size/mtime shortcut from its sidecar, so the next cheap check
+    (planning, ``materialize --stale``) rehashes it and plans its rebuild, even when bytes were flipped with
+    size and mtime kept.  Best effort: a read-only root keeps the record as it is."""
+    side = sidecar_path(target)
+    if record.get("mtime_ns") is None or not isinstance(side, Path):  # object stores always rehash
+        return
+    tmp = side.parent / f".{side.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        tmp.write_bytes(json.dumps({**record, "mtime_ns": None, "refused": True}).encode())
+        os.replace(tmp, side)
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def is_intact(target: PathLike) -> bool:

@@ -28,6 +28,18 @@ def _non_negative_int(text: str) -> int:
     return 0 if text.strip() == "0" else _positive_int(text)
 
 
+MAX_WORKERS = 1024  # materialize --workers: runs at once; more only queues in the instance
+
+
+def _workers(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is more than the runs one machine can follow: at most {MAX_WORKERS}"
+        )
+    return value
+
+
 def _predict_batch_size(text: str) -> int:
     """predict --batch-size: 1 .. MAX_BATCH_SIZE; a larger value is refused (not clamped), naming the cap."""
     value = _positive_int(text)
@@ -136,9 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mat.add_argument(
         "--workers",
-        type=_positive_int,
+        type=_workers,
         default=None,
-        help="runs at once (default: the cores available); the gpu pool admits one run per GPU",
+        help=f"runs at once, at most {MAX_WORKERS} (default: the cores available); the gpu pool admits one run per GPU",
     )
     mat.add_argument(
         "--partitions-per-run",

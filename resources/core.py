@@ -12,7 +12,7 @@ import polars as pl
 
 from pipeline import storage
 from resources.profiles import profile_config
-from resources.settings import Settings, default_loader_workers, load_settings, local_dir
+from resources.settings import SAMPLE_IMAGE_SIZE, Settings, default_loader_workers, load_settings, local_dir
 
 
 class ArtifactError(RuntimeError):
@@ -76,7 +76,8 @@ class StorageResource(dg.ConfigurableResource):
 class DiffusionDBResource(dg.ConfigurableResource):
     """Where DiffusionDB comes from: a hub dataset id at a revision, or a local mirror directory.
 
-    On the sample profile the mirror is generated (deterministically) at `location` on first use.
+    On the sample profile the mirror is generated (deterministically) at `location` on first use; `location`
+    is named by the sample's size (resources/settings.py, sample_mirror_dir), so other settings are another mirror.
     `hash_cache_dir` (a local directory; build_resources puts it under the storage root's local cache) keeps a
     mirror's zip hashes across invocations, so listing the parts does not re-read every zip each time.
     """
@@ -95,10 +96,33 @@ class DiffusionDBResource(dg.ConfigurableResource):
 
         if self.generate_sample:
             self._ensure_sample()
+        return DiffusionDBSource(
+            self.location, revision=self.revision, token=self._token(), hash_cache_dir=self.hash_cache_dir
+        )
+
+    def _token(self) -> str | None:
         # Inside a run Dagster resolves the EnvVar; outside one (the CLI registering parts) it is still the
         # EnvVar object, whose str() is the variable's *name*: resolve it here, never send the name as a token.
-        token = self.token.get_value() if isinstance(self.token, dg.EnvVar) else self.token
-        return DiffusionDBSource(self.location, revision=self.revision, token=token, hash_cache_dir=self.hash_cache_dir)
+        return self.token.get_value() if isinstance(self.token, dg.EnvVar) else self.token
+
+    def list_parts(self, create: bool = True) -> dict[str, str]:
+        """part key -> content version, as ``source().list_parts()``.
+
+        ``create=False`` writes nothing (a dry run): a generated sample mirror that does not exist yet is
+        listed as the parts it would hold, each versioned "not-generated:<mirror>" (a version no built part
+        has, so every part counts as new data), and the zip-hash cache is used only when it exists already.
+        """
+        if create:
+            return self.source().list_parts()
+        from pipeline.data.diffusiondb import DiffusionDBSource
+        from pipeline.data.sample_data import part_key
+
+        if self.generate_sample and not (Path(self.location) / "metadata.parquet").is_file():
+            version = f"not-generated:{Path(self.location).name}"
+            return {part_key(i): version for i in range(1, self.sample_parts + 1)}
+        cache = self.hash_cache_dir if self.hash_cache_dir and Path(self.hash_cache_dir).is_dir() else None
+        source = DiffusionDBSource(self.location, revision=self.revision, token=self._token(), hash_cache_dir=cache)
+        return source.list_parts()
 
     def _ensure_sample(self) -> None:
         """Generate the sample mirror once, even when several processes ask at the same moment: a file lock
@@ -125,6 +149,7 @@ class DiffusionDBResource(dg.ConfigurableResource):
                 n_parts=self.sample_parts,
                 images_per_part=self.sample_images_per_part,
                 seed=self.sample_seed,
+                image_size=SAMPLE_IMAGE_SIZE,
             )
             os.replace(tmp, root)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from resources.settings import Settings
+from resources.settings import SAMPLE_SEED, Settings
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,7 @@ class SampleSpec:
 
     n_parts: int = 4
     images_per_part: int = 250
-    seed: int = 0
+    seed: int = SAMPLE_SEED  # part of the mirror's directory name (resources/settings.py, sample_mirror_dir)
 
 
 @dataclass(frozen=True)

@@ -10,19 +10,27 @@ REVERSE_SD_DIFFUSIONDB              a hub dataset id or a local mirror directory
 REVERSE_SD_DIFFUSIONDB_REVISION     hub revision (default main; the observed data version records the sha)
 REVERSE_SD_HOME                     the storage root of every artifact (default ./data in the project)
 DAGSTER_HOME                        the Dagster instance (default ./.dagster_home in the project)
-REVERSE_SD_SAMPLE_PARTS / _IMAGES_PER_PART   size of the generated sample (sample profile)
-REVERSE_SD_TRAIN_EPOCHS             training epochs of every backbone (sample profile)
-REVERSE_SD_TRAIN_<BACKBONE>_EPOCHS / _LR     one backbone's epochs / learning rate
-REVERSE_SD_SPLIT_SEED               seed of the train / val / test split
+REVERSE_SD_SAMPLE_PARTS / _IMAGES_PER_PART   size of the generated sample (sample profile; at most 2,000 parts
+                                    of 10,000 images); the mirror's directory is named by them, so a change is new data
+REVERSE_SD_TRAIN_EPOCHS             training epochs of every backbone (sample profile; 1 to 10,000)
+REVERSE_SD_TRAIN_<BACKBONE>_EPOCHS / _LR     one backbone's epochs (1 to 10,000) / learning rate (0 < lr <= 10)
+REVERSE_SD_SPLIT_SEED               seed of the train / val / test split (0 to 2**32 - 1)
 REVERSE_SD_CAPTIONERS               comma-separated captioners to fine-tune (default blip)
-REVERSE_SD_NPROC_PER_NODE           training processes per machine, or "gpus" (default 1)
+REVERSE_SD_NPROC_PER_NODE           training processes per machine (1 to 64), or "gpus" (default 1)
 REVERSE_SD_DEVICE                   auto | cpu | cuda | cuda:N: where models run (default auto: CUDA when present)
-REVERSE_SD_LOADER_WORKERS           DataLoader worker processes (default: the cores available, at most 8)
-REVERSE_SD_OBSERVE_CRON             when the observe schedule looks for a new DiffusionDB revision
+REVERSE_SD_LOADER_WORKERS           DataLoader worker processes (default: the cores available, at most 8; at most
+                                    the cores this process may use)
+REVERSE_SD_OBSERVE_CRON             when the observe schedule looks for a new DiffusionDB revision (five cron fields)
+
+Every number is bounded, and the bound is in the error.  REVERSE_SD_HOME's URL scheme must be one fsspec knows
+(checked here); check_storage_root also wants its driver installed and refuses in-process storage (memory://),
+which the processes that run the steps cannot see.  check_source refuses a hub dataset id when the hub cannot
+be reached (HF_HUB_OFFLINE, or no answer), before anything runs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -42,6 +50,16 @@ HUB_DATASET = "poloclub/diffusiondb"
 HUB_REVISION = "main"
 DEFAULT_OBSERVE_CRON = "0 3 * * *"
 MAX_LOADER_WORKERS = 8  # beyond this, decoding 256-px JPEGs outpaces one GPU; more workers only cost memory
+# Bounds of the numeric settings (each error names its bound).
+MAX_SAMPLE_PARTS = 2_000  # DiffusionDB 2M's part count
+MAX_SAMPLE_IMAGES_PER_PART = 10_000  # ten times a real part (1,000 images); a part is generated in memory
+MAX_EPOCHS = 10_000
+MAX_LR = 10.0
+MAX_SEED = 2**32 - 1
+MAX_NPROC_PER_NODE = 64
+# The generated sample's fixed generator settings (its seed and image size), part of the mirror's directory name.
+SAMPLE_SEED = 0
+SAMPLE_IMAGE_SIZE = 256
 _PER_BACKBONE = re.compile(r"REVERSE_SD_TRAIN_([A-Z0-9]+)_(EPOCHS|LR)")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
@@ -69,6 +87,7 @@ class Settings:
     device: str = "auto"
     loader_workers: int | None = None  # None: cores available, at most MAX_LOADER_WORKERS
     hf_token_set: bool = False
+    hub_offline: bool = False  # HF_HUB_OFFLINE is set: the hub cannot be reached
 
     @property
     def is_sample(self) -> bool:
@@ -81,7 +100,15 @@ class Settings:
 
     @property
     def sample_mirror_dir(self) -> str:
-        return local_dir(self.home, "sample_mirror")
+        """The generated sample's directory, named by what it holds: a change of REVERSE_SD_SAMPLE_PARTS or
+        ..._IMAGES_PER_PART is another directory (new data, never a stale mirror read as current), and two
+        object-store roots never share one."""
+        return sample_mirror_dir(self.home, self.sample_parts, self.sample_images_per_part)
+
+    @property
+    def sample_mirror_generated(self) -> bool:
+        """Whether the generated sample exists yet (it is written on first use, never by a dry run)."""
+        return (Path(self.sample_mirror_dir) / "metadata.parquet").is_file()
 
     @property
     def uses_generated_sample(self) -> bool:
@@ -113,33 +140,62 @@ def local_dir(root: str, name: str) -> str:
     return os.path.join(root, name)
 
 
+def sample_mirror_dir(home: str, parts: int, images_per_part: int) -> str:
+    """<root>/sample_mirror/<parts>x<images>-seed<seed>-<size>px; under an object-store root the local cache's
+    sample_mirror/ instead, the name then also carrying a hash of the root so that roots never share one."""
+    name = f"{parts}x{images_per_part}-seed{SAMPLE_SEED}-{SAMPLE_IMAGE_SIZE}px"
+    if "://" in home and not home.startswith("file://"):
+        name += "-root-" + hashlib.sha256(home.rstrip("/").encode()).hexdigest()[:10]
+    return os.path.join(local_dir(home, "sample_mirror"), name)
+
+
 def _text(env: Mapping[str, str], name: str) -> str:
     return env.get(name, "").strip()
 
 
-def _int(env: Mapping[str, str], name: str, default: int | None, minimum: int = 1) -> int | None:
+def _int(
+    env: Mapping[str, str], name: str, default: int | None, minimum: int = 1, maximum: int | None = None
+) -> int | None:
     raw = _text(env, name)
     if not raw:
         return default
     try:
-        value = int(raw)
+        value = int(raw) if len(raw) <= 40 else None  # int() of a huge string is slow, and no bound is that large
     except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not an integer") from None
+        value = None
+    if value is None:
+        raise SettingsError(
+            f"{name}={raw[:40]!r} is not an integer" + (f" from {minimum} to {maximum}" if maximum else "")
+        )
     if value < minimum:
         raise SettingsError(f"{name}={raw!r} must be at least {minimum}")
+    if maximum is not None and value > maximum:
+        raise SettingsError(f"{name}={raw!r} must be at most {maximum:,}")
     return value
 
 
-def _positive_float(env: Mapping[str, str], name: str) -> float | None:
+def _positive_float(env: Mapping[str, str], name: str, maximum: float = MAX_LR) -> float | None:
     raw = _text(env, name)
     if not raw:
         return None
     try:
         value = float(raw)
     except ValueError:
-        raise SettingsError(f"{name}={raw!r} is not a number") from None
-    if not (math.isfinite(value) and value > 0):
-        raise SettingsError(f"{name}={raw!r} must be a positive finite number")
+        raise SettingsError(f"{name}={raw[:40]!r} is not a number") from None
+    if not (math.isfinite(value) and 0 < value <= maximum):
+        raise SettingsError(f"{name}={raw[:40]!r} must be a positive finite number, at most {maximum:g}")
+    return value
+
+
+def _loader_workers(env: Mapping[str, str]) -> int | None:
+    """REVERSE_SD_LOADER_WORKERS: 0 (load in the training process) up to the cores this process may use."""
+    cores = available_cores()
+    value = _int(env, "REVERSE_SD_LOADER_WORKERS", None, minimum=0)
+    if value is not None and value > cores:
+        raise SettingsError(
+            f"REVERSE_SD_LOADER_WORKERS={value} asks for more DataLoader workers than the {cores} cores this "
+            f"process may use: use 0 to {cores}"
+        )
     return value
 
 
@@ -152,7 +208,7 @@ def _train_overrides(env: Mapping[str, str]) -> dict[str, dict[str, float]]:
         backbone, what = match.group(1).lower(), match.group(2)
         if backbone not in BACKBONES:
             raise SettingsError(f"{name}: {backbone!r} is not a backbone; use one of: {', '.join(BACKBONES)}")
-        value = _int(env, name, None) if what == "EPOCHS" else _positive_float(env, name)
+        value = _int(env, name, None, maximum=MAX_EPOCHS) if what == "EPOCHS" else _positive_float(env, name)
         if value is not None:
             overrides.setdefault(backbone, {})[what.lower()] = value
     return overrides
@@ -179,8 +235,10 @@ def _nproc(env: Mapping[str, str]) -> int | str:
     raw = _text(env, "REVERSE_SD_NPROC_PER_NODE") or "1"
     if raw == "gpus":
         return raw
-    if not raw.isdigit() or int(raw) < 1:
-        raise SettingsError(f"REVERSE_SD_NPROC_PER_NODE={raw!r} must be a positive integer or 'gpus'")
+    if not raw.isdigit() or len(raw) > 6 or not 1 <= int(raw) <= MAX_NPROC_PER_NODE:
+        raise SettingsError(
+            f"REVERSE_SD_NPROC_PER_NODE={raw[:40]!r} must be an integer from 1 to {MAX_NPROC_PER_NODE}, or 'gpus'"
+        )
     return int(raw)
 
 
@@ -191,11 +249,130 @@ def _device(env: Mapping[str, str]) -> str:
     return raw
 
 
+_CRON_FIELDS = (  # name, lowest, highest, names
+    ("minute", 0, 59, ()),
+    ("hour", 0, 23, ()),
+    ("day of month", 1, 31, ()),
+    ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")),
+    ("day of week", 0, 7, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")),
+)
+_CRON_ALIASES = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+_DAYS_IN_MONTH = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+_CRON_HELP = (
+    "use five fields (minute 0-59, hour 0-23, day of month 1-31, month 1-12 or jan-dec, day of week 0-7 or "
+    "sun-sat; each *, a value, a range a-b, a list a,b, with an optional /step) or @hourly, @daily, @weekly, "
+    f"@monthly, @yearly; e.g. '{DEFAULT_OBSERVE_CRON}'"
+)
+
+
+def _cron_values(text: str, field: int) -> set[int]:
+    """The values one cron field selects; ValueError saying what is wrong."""
+    name, low, high, names = _CRON_FIELDS[field]
+
+    def number(token: str) -> int:
+        token = token.lower()
+        if token in names:
+            return names.index(token) + (1 if field == 3 else 0)
+        if not token.isdigit() or len(token) > 4:
+            raise ValueError(f"{name} {token!r} is not a number")
+        value = int(token)
+        if not low <= value <= high:
+            raise ValueError(f"{name} {value} is out of {low}-{high}")
+        return value
+
+    values: set[int] = set()
+    for item in text.split(","):
+        body, _, step_text = item.partition("/")
+        if "/" in item:
+            if not step_text.isdigit() or len(step_text) > 4 or not 1 <= int(step_text) <= high:
+                raise ValueError(f"{name} step {step_text!r} is not a number from 1 to {high}")
+        step = int(step_text) if step_text else 1
+        if body in ("*", "?") if field in (2, 4) else body == "*":
+            start, stop = low, high
+        elif "-" in body:
+            first, _, last = body.partition("-")
+            start, stop = number(first), number(last)
+            if start > stop:
+                raise ValueError(f"{name} range {body!r} runs backwards")
+        else:
+            start = number(body)
+            stop = high if step_text else start
+        values.update(range(start, stop + 1, step))
+    return values
+
+
+def validate_cron(raw: str) -> str | None:
+    """What is wrong with a cron expression, or None when Dagster's schedules and automation conditions accept
+    it and it can fire (not on a 30th of February)."""
+    if raw.startswith("@"):
+        return None if raw.lower() in _CRON_ALIASES else f"{raw!r} is not one of {', '.join(_CRON_ALIASES)}"
+    fields = raw.split()
+    if len(fields) != 5:
+        return f"it has {len(fields)} fields, not five"
+    try:
+        values = [_cron_values(text, i) for i, text in enumerate(fields)]
+    except ValueError as exc:
+        return str(exc)
+    days, months = values[2], values[3]
+    any_weekday = fields[4] in ("*", "?")
+    if any_weekday and not any(day <= _DAYS_IN_MONTH[month - 1] for day in days for month in months):
+        return "that day of month never occurs in that month"
+    return None
+
+
 def _cron(env: Mapping[str, str]) -> str:
-    raw = _text(env, "REVERSE_SD_OBSERVE_CRON") or DEFAULT_OBSERVE_CRON
-    if len(raw.split()) != 5:
-        raise SettingsError(f"REVERSE_SD_OBSERVE_CRON={raw!r} is not a cron expression of five fields")
+    raw = " ".join(_text(env, "REVERSE_SD_OBSERVE_CRON").split()) or DEFAULT_OBSERVE_CRON
+    problem = validate_cron(raw)
+    if problem:
+        raise SettingsError(
+            f"REVERSE_SD_OBSERVE_CRON={raw[:80]!r} is not a cron expression of five fields ({problem}): {_CRON_HELP}"
+        )
     return raw
+
+
+_OFFLINE_VALUES = ("1", "ON", "YES", "TRUE")  # as huggingface_hub reads HF_HUB_OFFLINE
+
+
+def _url_schemes(url: str) -> list[str]:
+    """The fsspec protocols of a URL, chained ones included (simplecache::s3://bucket/key)."""
+    return [segment.split("://", 1)[0].lower() for segment in url.split("::") if segment]
+
+
+def _known_schemes() -> set[str]:
+    import fsspec
+
+    return set(fsspec.available_protocols()) | set(fsspec.registry)
+
+
+def installed_schemes() -> list[str]:
+    """The fsspec protocols whose implementation imports here (file, memory, s3 once s3fs is installed, ...)."""
+    import warnings
+
+    import fsspec
+
+    installed = []
+    for scheme in sorted(_known_schemes()):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fsspec.get_filesystem_class(scheme)
+        except Exception:  # a missing optional package, or an implementation that fails to import
+            continue
+        installed.append(scheme)
+    return installed
+
+
+def _storage_home(env: Mapping[str, str]) -> str:
+    home = _text(env, "REVERSE_SD_HOME") or str(PROJECT_DIR / "data")
+    if "://" not in home:
+        return str(Path(home).expanduser().resolve())
+    unknown = [scheme for scheme in _url_schemes(home) if scheme not in _known_schemes()]
+    if unknown:
+        raise SettingsError(
+            f"REVERSE_SD_HOME={home!r}: {unknown[0]!r} is not a storage scheme fsspec knows; installed: "
+            f"{', '.join(installed_schemes())} (or a local directory)"
+        )
+    return home
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -204,10 +381,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     profile = _text(env, "REVERSE_SD_PROFILE") or "sample"
     if profile not in PROFILES:
         raise SettingsError(f"REVERSE_SD_PROFILE={profile!r} is not a profile; use one of: {', '.join(PROFILES)}")
-    home = _text(env, "REVERSE_SD_HOME") or str(PROJECT_DIR / "data")
-    if "://" not in home:
-        home = str(Path(home).expanduser().resolve())
-    default_source = local_dir(home, "sample_mirror") if profile == "sample" else HUB_DATASET
+    home = _storage_home(env)
+    sample_parts = _int(env, "REVERSE_SD_SAMPLE_PARTS", 4, maximum=MAX_SAMPLE_PARTS)
+    sample_images = _int(env, "REVERSE_SD_SAMPLE_IMAGES_PER_PART", 250, maximum=MAX_SAMPLE_IMAGES_PER_PART)
+    default_source = sample_mirror_dir(home, sample_parts, sample_images) if profile == "sample" else HUB_DATASET
     dagster_home = _text(env, "DAGSTER_HOME") or str(PROJECT_DIR / ".dagster_home")
     return Settings(
         profile=profile,
@@ -216,16 +393,17 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         diffusiondb_revision=_text(env, "REVERSE_SD_DIFFUSIONDB_REVISION") or HUB_REVISION,
         dagster_home=str(Path(dagster_home).expanduser().resolve()),
         observe_cron=_cron(env),
-        sample_parts=_int(env, "REVERSE_SD_SAMPLE_PARTS", 4),
-        sample_images_per_part=_int(env, "REVERSE_SD_SAMPLE_IMAGES_PER_PART", 250),
-        train_epochs=_int(env, "REVERSE_SD_TRAIN_EPOCHS", None),
+        sample_parts=sample_parts,
+        sample_images_per_part=sample_images,
+        train_epochs=_int(env, "REVERSE_SD_TRAIN_EPOCHS", None, maximum=MAX_EPOCHS),
         train_overrides=_train_overrides(env),
-        split_seed=_int(env, "REVERSE_SD_SPLIT_SEED", 0, minimum=0),
+        split_seed=_int(env, "REVERSE_SD_SPLIT_SEED", 0, minimum=0, maximum=MAX_SEED),
         captioners=_captioners(env),
         nproc_per_node=_nproc(env),
         device=_device(env),
-        loader_workers=_int(env, "REVERSE_SD_LOADER_WORKERS", None, minimum=0),
+        loader_workers=_loader_workers(env),
         hf_token_set=bool(_text(env, "HF_TOKEN")),
+        hub_offline=_text(env, "HF_HUB_OFFLINE").upper() in _OFFLINE_VALUES,
     )
 
 
@@ -245,13 +423,27 @@ def ensure_dagster_home(settings: Settings) -> Path:
     return home
 
 
-def check_storage_root(settings: Settings) -> None:
-    """Fail at start, naming REVERSE_SD_HOME, when the storage root cannot be written."""
-    if "://" in settings.home:
+def check_storage_root(settings: Settings, create: bool = True) -> None:
+    """Fail at start, naming REVERSE_SD_HOME, when the storage root cannot serve a materialize: a local
+    directory that cannot be written, a URL whose fsspec driver is not installed, or storage that only this
+    process sees (memory://): each step runs in a process of its own, and what it wrote there would be gone.
+
+    ``create=False`` (a dry run) writes nothing: a local root that does not exist yet only needs a writable
+    parent.
+    """
+    if "://" in settings.home and not settings.home.startswith("file://"):
+        _check_url_root(settings.home)
         return
-    root = Path(settings.home)
+    root = Path(settings.home.removeprefix("file://"))
     if root.exists() and not root.is_dir():
         raise SettingsError(f"REVERSE_SD_HOME={settings.home!r} is a file, not a directory")
+    if not create:
+        existing = next(p for p in (root, *root.parents) if p.exists())
+        if not existing.is_dir():
+            raise SettingsError(f"REVERSE_SD_HOME={settings.home!r} is not writable: {existing} is a file")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise SettingsError(f"REVERSE_SD_HOME={settings.home!r} is not writable: {existing} is read-only")
+        return
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".write-probe-{os.getpid()}"
@@ -261,15 +453,44 @@ def check_storage_root(settings: Settings) -> None:
         raise SettingsError(f"REVERSE_SD_HOME={settings.home!r} is not writable: {exc.strerror}") from exc
 
 
-def check_source(settings: Settings) -> None:
-    """Fail at start, naming REVERSE_SD_DIFFUSIONDB, when a local mirror is missing or not in DiffusionDB's layout.
+def _check_url_root(url: str) -> None:
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
 
-    Hub ids are not checked here (that needs the network); the generated sample mirror does not exist
-    until its first use.
+    name = f"REVERSE_SD_HOME={url!r}"
+    for scheme in _url_schemes(url):
+        try:
+            implementation = fsspec.get_filesystem_class(scheme)
+        except ImportError as exc:
+            reason = (str(exc).strip().splitlines() or ["its package is missing"])[0]
+            raise SettingsError(
+                f"{name}: the {scheme!r} filesystem is not installed ({reason}); installed: "
+                f"{', '.join(installed_schemes())}"
+            ) from None
+        except ValueError:
+            raise SettingsError(
+                f"{name}: {scheme!r} is not a storage scheme fsspec knows; installed: {', '.join(installed_schemes())}"
+            ) from None
+        if issubclass(implementation, MemoryFileSystem):
+            raise SettingsError(
+                f"{name} lives in this process's memory ({scheme}://), which the processes that run the steps "
+                "cannot see: use a local directory or an object store (s3://bucket/prefix)"
+            )
+
+
+def check_source(settings: Settings) -> None:
+    """Fail at start, naming REVERSE_SD_DIFFUSIONDB, when a local mirror is missing or not in DiffusionDB's
+    layout, or a hub dataset id cannot be reached (HF_HUB_OFFLINE set, no network, no such dataset).
+
+    Writes nothing: the generated sample mirror is not checked here (it does not exist until its first use;
+    ``DiffusionDBResource.list_parts(create=False)`` lists the parts it would hold).
     """
     from pipeline.data.diffusiondb import PART_KEY, is_local_location
 
-    if settings.uses_generated_sample or not is_local_location(settings.diffusiondb):
+    if settings.uses_generated_sample:
+        return
+    if not is_local_location(settings.diffusiondb):
+        _check_hub_source(settings)
         return
     root = Path(settings.diffusiondb.removeprefix("file://")).expanduser()
     name = f"REVERSE_SD_DIFFUSIONDB={settings.diffusiondb!r}"
@@ -284,3 +505,36 @@ def check_source(settings: Settings) -> None:
     )
     if not parts:
         raise SettingsError(f"{name} is not a DiffusionDB mirror: it has no images/part-NNNNNN.zip")
+
+
+HUB_CHECK_TIMEOUT_S = 15.0
+
+
+def _check_hub_source(settings: Settings, endpoint: str | None = None) -> None:
+    """A hub dataset id must answer now, once, quickly: offline, or with no network, nothing later can work."""
+    name = f"REVERSE_SD_DIFFUSIONDB={settings.diffusiondb!r}"
+    remedy = "set REVERSE_SD_DIFFUSIONDB to a local DiffusionDB mirror directory (images/part-NNNNNN.zip)"
+    if settings.hub_offline:
+        raise SettingsError(
+            f"{name} is a hub dataset id, but HF_HUB_OFFLINE is set: the hub cannot be reached "
+            f"offline; {remedy}, or unset HF_HUB_OFFLINE"
+        )
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:  # HfApi reads HF_TOKEN itself
+        HfApi(endpoint=endpoint).dataset_info(
+            settings.diffusiondb, revision=settings.diffusiondb_revision, timeout=HUB_CHECK_TIMEOUT_S
+        )
+    except RevisionNotFoundError:
+        raise SettingsError(
+            f"REVERSE_SD_DIFFUSIONDB_REVISION={settings.diffusiondb_revision!r} is not a revision of "
+            f"{settings.diffusiondb} on the hub"
+        ) from None
+    except GatedRepoError:
+        raise SettingsError(f"{name} is gated on the hub: accept its terms there and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise SettingsError(f"{name} is not a dataset on the hub (a private one needs HF_TOKEN); or {remedy}") from None
+    except Exception as exc:  # no network, DNS, proxy, timeout, the hub's own errors
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise SettingsError(f"{name}: the hub cannot be reached ({reason}); {remedy}") from None

@@ -65,8 +65,8 @@ def test_devices_default_to_auto_in_every_profile():
         assert resources["compute"].device == "auto" and resources["sentence_encoder"].device == "auto"
     real = build_resources(load_settings({"REVERSE_SD_PROFILE": "diffusiondb"}))["compute"]
     assert 0 <= real.num_workers <= 8
-    chosen = build_resources(load_settings({"REVERSE_SD_LOADER_WORKERS": "3"}))["compute"]
-    assert chosen.num_workers == 3
+    chosen = build_resources(load_settings({"REVERSE_SD_LOADER_WORKERS": "1"}))["compute"]
+    assert chosen.num_workers == 1
 
 
 def test_homes_that_are_files_are_named(tmp_path):

@@ -217,7 +217,9 @@ def plan_units(
         if stale_only:
             from assets.staleness import _keep_stale, _Records  # staleness builds on the plan's types
 
-            plan = _keep_stale(plan, parents_of, _Records(instance, asset_graph, observed_now))
+            storage = (defs.resources or {}).get("storage")
+            root = getattr(storage, "root", None)
+            plan = _keep_stale(plan, parents_of, _Records(instance, asset_graph, observed_now, root))
     return group_ranges(plan, asset_graph, order, workers, partitions_per_run)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 
 import dagster as dg
 
@@ -23,8 +24,9 @@ class _Records:
     """Every materialization / observation of an asset, per partition (newest first), fetched once per asset:
     (storage id, data version) pairs, and the latest event itself."""
 
-    def __init__(self, instance: dg.DagsterInstance, asset_graph, observed_now=None):
+    def __init__(self, instance: dg.DagsterInstance, asset_graph, observed_now=None, root: str | None = None):
         self.instance, self.graph = instance, asset_graph
+        self.root = root if root and "://" not in root else None  # the local storage root artifacts must be under
         self.observed_now = observed_now or {}  # key -> partition -> version not recorded (dry run)
         self._history: dict[dg.AssetKey, dict[str | None, list[tuple[int, str | None]]]] = {}
         self._latest: dict[dg.AssetKey, dict[str | None, object]] = {}
@@ -89,6 +91,21 @@ class _Records:
         return self._history[key].get(partition, [])
 
 
+def under_root(recorded: str, key: dg.AssetKey, root: str) -> str | None:
+    """Where an artifact recorded at ``recorded`` lives under the storage root ``root`` now.
+
+    Artifacts sit at <root>/<asset key>[.parquet | /...]: the path from the asset key's component on is
+    relative to the root, so a copied or moved root is checked at its new place, not the original's.  None
+    when ``recorded`` has no such component and is not under ``root`` (another root's file: rebuild here)."""
+    parts = Path(recorded).parts
+    name = key.to_user_string()
+    for i, part in enumerate(parts):
+        if part == name or part.startswith(name + "."):
+            return str(Path(root, *parts[i:]))
+    root_path = Path(root).resolve()
+    return recorded if Path(recorded).resolve().is_relative_to(root_path) else None
+
+
 def _event(record):
     return record.asset_materialization or record.asset_observation
 
@@ -131,6 +148,11 @@ def stale_reason(
         local = entry.value if isinstance(entry, dg.PathMetadataValue) else None
         if not isinstance(local, str) or "://" in local:
             continue
+        if records.root is not None:
+            moved = under_root(local, key, records.root)
+            if moved is None:
+                return f"artifact recorded outside the storage root {records.root}: {local}"
+            local = moved
         if not os.path.exists(local):
             return f"artifact missing: {local}"
         if os.path.isfile(local) and not storage.is_intact(local):

@@ -22,7 +22,7 @@ and `dagster sensor start reverse_sd_automation`.
 import dagster as dg
 
 from assets.common import OBSERVE_CRON
-from assets.data import MAX_PARTS_PER_RUN, diffusiondb_parts, diffusiondb_source, parts_partitions
+from assets.data import MAX_PARTS_PER_RUN, diffusiondb_parts, diffusiondb_source, part_changes, parts_partitions
 from assets.planning import RANGE_END_TAG, RANGE_START_TAG
 from assets.training import training_settings
 from resources import DiffusionDBResource
@@ -48,17 +48,22 @@ observe_diffusiondb = dg.ScheduleDefinition(
     minimum_interval_seconds=3600,
     asset_selection=[diffusiondb_parts],
     default_status=dg.DefaultSensorStatus.STOPPED,
-    description="Registers DiffusionDB parts the source lists but the graph does not know, and materializes them.",
+    description="Registers DiffusionDB parts the source lists but the graph does not know, and materializes them; "
+    "unregisters parts the source no longer lists.",
 )
 def diffusiondb_new_parts(context: dg.SensorEvaluationContext, diffusiondb: DiffusionDBResource):
     listed = diffusiondb.source().list_parts()
-    known = set(context.instance.get_dynamic_partitions(parts_partitions.name))
-    new = sorted(p for p in listed if p not in known)
-    if not new:
-        return dg.SkipReason(f"no new parts ({len(listed)} listed)")
+    new, gone = part_changes(context.instance, listed)
+    if not new and not gone:
+        return dg.SkipReason(f"no new or vanished parts ({len(listed)} listed)")
+    if gone:  # the same rule as `reverse-sd materialize`: a part the source no longer lists is unregistered
+        context.log.warning(f"unregistering {len(gone)} parts the source no longer lists: {gone[:10]}")
     return dg.SensorResult(
-        run_requests=part_run_requests(new),
-        dynamic_partitions_requests=[parts_partitions.build_add_request(new)],
+        run_requests=part_run_requests(new) if new else [],
+        dynamic_partitions_requests=[
+            *([parts_partitions.build_add_request(new)] if new else []),
+            *([parts_partitions.build_delete_request(gone)] if gone else []),
+        ],
         # Each new part's source version, recorded before its run reads it: without it the part would look
         # stale (read before its source was ever observed) after the next observation, and be ingested twice.
         asset_events=[

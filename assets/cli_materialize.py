@@ -49,8 +49,33 @@ def materialize_command(args: argparse.Namespace) -> int:
         return 3
     try:
         return _materialize_locked(args, settings, workers)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one line for the user; the instance keeps the details
+        if args.verbose:
+            raise
+        print(f"error: {one_line(exc, settings.dagster_home)}", file=sys.stderr)
+        return 1
     finally:
         lock.release()
+
+
+def one_line(exc: BaseException, dagster_home: str) -> str:
+    """An unexpected failure of the command itself (not of a run) as one line: the innermost cause's first
+    line; an instance-storage error (read-only or full DAGSTER_HOME) names DAGSTER_HOME."""
+    cause = exc
+    while cause.__cause__ is not None or getattr(cause, "orig", None) is not None:
+        cause = getattr(cause, "orig", None) or cause.__cause__
+    text = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:300]
+    if isinstance(cause, OSError) and str(cause.filename or "").startswith(str(dagster_home)):
+        return f"DAGSTER_HOME={dagster_home} cannot be written: {cause.strerror} ({cause.filename})"
+    if type(cause).__module__.startswith("sqlite3") or "database" in text:
+        return f"the Dagster instance in DAGSTER_HOME={dagster_home} cannot be used: {text}"
+    from assets.dagster_server import ServerError
+
+    if isinstance(exc, ServerError):
+        return str(exc)
+    return f"{type(cause).__name__}: {text} (--verbose shows the trace)"
 
 
 def _interrupt(signum, frame):
@@ -76,15 +101,17 @@ def _materialize_locked(args, settings, workers: int) -> int:
         return _dry_run(args, settings, workers)
     # The webserver (found, or `dagster dev` started now) loads the code while this process plans.
     with DagsterServer(settings.dagster_home, logs / f"dagster-dev-{invocation}.log") as server:
-        from assets.data import register_parts
+        from assets.data import sync_parts
         from assets.definitions import defs
 
         if args.select:
             _check_selection(defs, args.select)
         instance = dg.DagsterInstance.get()
-        new_parts = register_parts(instance, defs.resources["diffusiondb"])
+        new_parts, gone = sync_parts(instance, defs.resources["diffusiondb"].source().list_parts())
         if new_parts:
             print(f"registered {_count(len(new_parts), 'new DiffusionDB part')}: {new_parts[0]} .. {new_parts[-1]}")
+        if gone:
+            print(f"unregistered {_count(len(gone), 'part')} the source no longer lists: {', '.join(gone[:10])}")
         runs = orch.InstanceRuns(server.ready().url, instance)
         mismatch = server.settings_mismatch(
             {
@@ -181,7 +208,7 @@ def _dry_run(args, settings, workers: int) -> int:
     import dagster as dg
 
     from assets import orchestration as orch
-    from assets.data import diffusiondb_source, parts_partitions
+    from assets.data import diffusiondb_source, part_changes, parts_partitions
     from assets.definitions import defs
     from assets.training import training_settings, training_settings_versions
 
@@ -189,10 +216,11 @@ def _dry_run(args, settings, workers: int) -> int:
         _check_selection(defs, args.select)
     instance = dg.DagsterInstance.get()
     listed = defs.resources["diffusiondb"].source().list_parts()  # part -> version, listed once
-    known = set(instance.get_dynamic_partitions(parts_partitions.name))
-    new_parts = sorted(p for p in listed if p not in known)
+    new_parts, gone = part_changes(instance, listed)
     if new_parts:
         print(f"would register {_count(len(new_parts), 'new DiffusionDB part')}: {new_parts[0]} .. {new_parts[-1]}")
+    if gone:
+        print(f"would unregister {_count(len(gone), 'part')} the source no longer lists: {', '.join(gone[:10])}")
     started = time.perf_counter()
     plan = orch.plan_units(
         defs,
@@ -200,6 +228,7 @@ def _dry_run(args, settings, workers: int) -> int:
         selection=args.select,
         stale_only=args.stale,
         extra_partitions={parts_partitions.name: new_parts},
+        gone_partitions=gone,
         observed_now={training_settings.key: training_settings_versions(), diffusiondb_source.key: listed},
         workers=workers,
         partitions_per_run=args.partitions_per_run,

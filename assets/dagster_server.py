@@ -150,6 +150,17 @@ class DagsterServer:
         """Stop the embedded `dagster dev` and everything it started (the whole process group)."""
         if self.process is None or self.process.poll() is not None:
             return
+        try:  # a second Ctrl-C must not interrupt the clean-up (and print a traceback)
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            previous = None
+        try:
+            self._stop_group(grace)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+
+    def _stop_group(self, grace: float) -> None:
         group = os.getpgid(self.process.pid)
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
             try:

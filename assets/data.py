@@ -68,12 +68,30 @@ def latest_part_versions(instance: dg.DagsterInstance) -> dict[str, str]:
 
 def register_parts(instance: dg.DagsterInstance, diffusiondb: DiffusionDBResource) -> list[str]:
     """Add every part the source lists as a partition of diffusiondb_parts; return the new ones."""
-    listed = sorted(diffusiondb.source().list_parts())
+    return sync_parts(instance, diffusiondb.source().list_parts())[0]
+
+
+def part_changes(instance: dg.DagsterInstance, listed) -> tuple[list[str], list[str]]:
+    """(new, gone): parts the source lists that are not registered, and registered parts it no longer lists
+    (deleted from the mirror or the hub, or replaced by a link the reader refuses)."""
     known = set(instance.get_dynamic_partitions(parts_partitions.name))
-    new = [p for p in listed if p not in known]
+    new = sorted(p for p in listed if p not in known)
+    gone = sorted(known - set(listed)) if listed else []  # a source listing nothing is a wrong setting, not news
+    return new, gone
+
+
+def sync_parts(instance: dg.DagsterInstance, listed) -> tuple[list[str], list[str]]:
+    """Register the parts the source lists and unregister the parts it no longer lists; returns (new, gone).
+
+    The rule for a vanished part: it is unregistered, so nothing plans or waits for it, and filtered_pairs (which
+    reads the registered parts) is stale and is rebuilt without its rows.  Its table stays on disk, unread, until
+    the part comes back (then it is new data again)."""
+    new, gone = part_changes(instance, listed)
     if new:
         instance.add_dynamic_partitions(parts_partitions.name, new)
-    return new
+    for part in gone:
+        instance.delete_dynamic_partition(parts_partitions.name, part)
+    return new, gone
 
 
 # Parts per run at most when runs cover a range of parts (a UI backfill, or `reverse-sd materialize` on many

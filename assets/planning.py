@@ -155,6 +155,7 @@ def plan_units(
     observed_now: dict[dg.AssetKey, dict[str | None, str]] | None = None,
     workers: int = 1,
     partitions_per_run: int | None = None,
+    gone_partitions: Sequence[str] = (),
 ) -> Plan:
     """The runs that materialize ``selection`` (default: every asset), in dependency order.
 
@@ -165,7 +166,8 @@ def plan_units(
     ``extra_partitions`` (dynamic partitions definition name -> keys) counts keys as registered without
     writing them to the instance: a dry run plans the parts the source lists but the instance lacks.
     ``observed_now`` (source asset -> partition -> data version) counts versions as observed without
-    recording them: a dry run sees changed settings.
+    recording them: a dry run sees changed settings.  ``gone_partitions`` are left out as if unregistered
+    (a dry run's parts that the source no longer lists).
     """
     asset_graph = defs.resolve_asset_graph()
     extra = {
@@ -186,6 +188,7 @@ def plan_units(
                 if stage.partitions_def
                 else [None]
             )
+            keys = [k for k in keys if k not in gone_partitions]
             gpu = any(GPU_POOL in (asset_graph.get(k).pools or ()) for k in stage.asset_keys)
             job = jobs[stage.asset_keys[0]].name
             order.setdefault(job, {k: n for n, k in enumerate(keys)})
@@ -205,7 +208,8 @@ def plan_units(
                 if unit.partition_key in unregistered:
                     continue  # not in the instance yet (dry run): it reads only the source
                 for parent in asset_graph.get_parents_partitions(key, unit.partition_key).parent_partitions:
-                    parents.append((parent.asset_key, parent.partition_key))
+                    if parent.partition_key not in gone_partitions:
+                        parents.append((parent.asset_key, parent.partition_key))
                 for parent_key in asset_graph.get(key).parent_keys:  # a dry run's new parts feed their children
                     if asset_graph.get(parent_key).partitions_def == asset_graph.get(key).partitions_def:
                         continue  # same partitions: each partition reads only its own (a new part feeds itself)

@@ -157,6 +157,11 @@ def stale_reason(
             return f"artifact missing: {local}"
         if os.path.isfile(local) and not storage.is_intact(local):
             return f"artifact damaged: {local}"
+    built_from = event.metadata.get("parts")  # filtered_pairs: how many parts it read
+    if built_from is not None and isinstance(built_from.value, int):
+        now = sum(1 for parent_key, _ in parents if parent_key.to_user_string() == "diffusiondb_parts")
+        if now and now != built_from.value:
+            return f"built from {built_from.value} parts, {now} registered now"
     for parent_key, parent_partition in parents:
         pointer = tags.get(f"dagster/input_event_pointer/{parent_key.to_user_string()}")
         if _parent_changed(records, parent_key, parent_partition, pointer):

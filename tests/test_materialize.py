@@ -155,12 +155,40 @@ def test_new_part_stales_that_part_and_downstream_only(sample_run, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(home.parent, copy, ignore=shutil.ignore_patterns("*.sock"))
     copied_env = {**env, "REVERSE_SD_HOME": str(copy / "data"), "DAGSTER_HOME": str(copy / "dagster_home")}
-    generate_sample_mirror(copy / "data" / "sample_mirror", n_parts=1, images_per_part=20, first_part=5)
+    (mirror,) = (copy / "data" / "sample_mirror").glob("*x*")  # named by the sample's settings
+    generate_sample_mirror(mirror, n_parts=1, images_per_part=20, first_part=5)
     plan = _stale_plan(copied_env)
     assert plan["diffusiondb_parts"] == ["part-000005"]  # old parts untouched
     assert next(iter(plan)) == "diffusiondb_parts"
     planned = {name for names in plan for name in names.split(",")}
     assert {"filtered_pairs", "prompt_embeddings", "trained_models", "evaluation_report"} <= planned
+
+
+def test_a_vanished_part_is_unregistered_and_stale_rebuilds_without_it(sample_run, tmp_path):
+    """On a copy: part 2's zip deleted from the mirror after it was built.  The dry run says it would unregister
+    it and plans filtered_pairs and below (not the part); --stale unregisters it, rebuilds filtered_pairs without
+    its rows, and a second --stale --dry-run has nothing left to do for the data stages (issue 27 item 6, 29 item 4)."""
+    import shutil
+
+    import dagster as dg
+
+    home, env, _ = sample_run
+    copy = tmp_path / "copy"
+    shutil.copytree(home.parent, copy, ignore=shutil.ignore_patterns("*.sock"))
+    copied_env = {**env, "REVERSE_SD_HOME": str(copy / "data"), "DAGSTER_HOME": str(copy / "dagster_home")}
+    (mirror,) = (copy / "data" / "sample_mirror").glob("*x*")
+    (mirror / "images" / "part-000002.zip").unlink()
+    dry = _run_cli(["materialize", "--stale", "--dry-run"], copied_env, timeout=300)
+    assert "would unregister 1 part the source no longer lists: part-000002" in dry.stdout, dry.stdout
+    plan = _stale_plan(copied_env)
+    assert "diffusiondb_parts" not in plan and any(n.startswith("filtered_pairs") for n in plan), plan
+    done = _run_cli(["materialize", "--stale", "--select", "diffusiondb_parts,filtered_pairs"], copied_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "unregistered 1 part" in done.stdout
+    pairs = pl.read_parquet(copy / "data" / "filtered_pairs.parquet")
+    assert pairs.height > 0 and "part-000002" not in set(pairs["part"])
+    with dg.DagsterInstance.from_config(copied_env["DAGSTER_HOME"]) as instance:
+        assert "part-000002" not in instance.get_dynamic_partitions("diffusiondb_part")
 
 
 def test_wrong_profile_fails_with_one_line(sample_run):

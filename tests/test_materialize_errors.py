@@ -1,0 +1,35 @@
+"""Failures of `reverse-sd materialize` itself (not of a run) are one line (issue 27 item 11)."""
+
+from __future__ import annotations
+
+import errno
+import sqlite3
+
+from assets.cli_materialize import one_line
+
+
+def test_a_read_only_or_full_dagster_home_is_one_line_naming_it():
+    read_only = OSError(errno.EROFS, "Read-only file system", "/srv/dh/logs/x.log")
+    assert one_line(read_only, "/srv/dh") == (
+        "DAGSTER_HOME=/srv/dh cannot be written: Read-only file system (/srv/dh/logs/x.log)"
+    )
+
+    class OperationalError(Exception):  # what SQLAlchemy raises, the driver's error in .orig
+        def __init__(self, orig):
+            super().__init__("(sqlite3.OperationalError) database or disk is full\n[SQL: INSERT INTO event_logs ...]")
+            self.orig = orig
+
+    full = OperationalError(sqlite3.OperationalError("database or disk is full"))
+    line = one_line(full, "/srv/dh")
+    assert line == "the Dagster instance in DAGSTER_HOME=/srv/dh cannot be used: database or disk is full"
+    assert "\n" not in line and "SQL" not in line
+
+
+def test_any_other_failure_is_its_innermost_cause_in_one_line():
+    try:
+        try:
+            raise ValueError("the real reason\nsecond line")
+        except ValueError as inner:
+            raise RuntimeError("wrapper") from inner
+    except RuntimeError as exc:
+        assert one_line(exc, "/dh") == "ValueError: the real reason (--verbose shows the trace)"

@@ -22,7 +22,7 @@ def materialize_command(args: argparse.Namespace) -> int:
     )
 
     settings = load_settings()  # every setting validated here, before any heavy import
-    check_storage_root(settings)
+    check_storage_root(settings, create=not args.dry_run)  # a dry run writes nothing under the root
     check_source(settings)
     ensure_dagster_home(settings)
     if settings.is_sample:
@@ -30,6 +30,8 @@ def materialize_command(args: argparse.Namespace) -> int:
     workers = args.workers or available_cores()
     # SIGTERM stops like Ctrl-C: the invocation's queued and running runs are terminated through the instance.
     signal.signal(signal.SIGTERM, _interrupt)
+    if args.dry_run:  # reads only: no lock, nothing written under the storage root
+        return _materialize_locked(args, settings, workers)
     # One invocation per storage root, decided before the slow imports.
     lock_dir = settings.home if "://" not in settings.home else settings.dagster_home
     lock = RootLock(lock_dir)
@@ -215,7 +217,7 @@ def _dry_run(args, settings, workers: int) -> int:
     if args.select:
         _check_selection(defs, args.select)
     instance = dg.DagsterInstance.get()
-    listed = defs.resources["diffusiondb"].source().list_parts()  # part -> version, listed once
+    listed = defs.resources["diffusiondb"].list_parts(create=False)  # part -> version, listed once; no sample made
     new_parts, gone = part_changes(instance, listed)
     if new_parts:
         print(f"would register {_count(len(new_parts), 'new DiffusionDB part')}: {new_parts[0]} .. {new_parts[-1]}")

@@ -33,3 +33,15 @@ def test_any_other_failure_is_its_innermost_cause_in_one_line():
             raise RuntimeError("wrapper") from inner
     except RuntimeError as exc:
         assert one_line(exc, "/dh") == "ValueError: the real reason (--verbose shows the trace)"
+
+
+def test_a_dry_run_on_a_fresh_root_writes_nothing_there(tmp_path):
+    """Its help says it writes nothing: no sample mirror, no lock file, not even the root (issue 27 item 14)."""
+    from conftest import run_cli, sample_env
+
+    env = sample_env(tmp_path, REVERSE_SD_SAMPLE_PARTS="2", REVERSE_SD_SAMPLE_IMAGES_PER_PART="10")
+    result = run_cli(["materialize", "--dry-run"], env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "would register 2 new DiffusionDB parts" in result.stdout
+    assert "diffusiondb_parts [2]: part-000001 part-000002" in result.stdout
+    assert not (tmp_path / "data").exists()

@@ -85,7 +85,7 @@ output formats:
           words (the vocabulary head's most probable words, when the models have one), generated
           (with --generate), embedding (with --embeddings)
   json    the same objects as one JSON array
-  table   the same, for reading
+  table   the same, for reading (control characters of prompts and file names escaped, as \\x1b)
   kaggle  the competition's submission CSV (imgId_eId,val; 384 rows per image, the id is the file's
           stem, so file names must not repeat)
 
@@ -99,6 +99,9 @@ zero-shot (before any training; needs only reverse-sd materialize --select '*pro
 
 Only regular files are read: FIFOs, devices, sockets, symlinks to them and files over 100 MB are
 skipped with their reason, as are unreadable images; any skip makes the exit status 1.
+An existing path is taken as it is, before any globbing (a[1].png is that file). Folders and ** globs
+follow symlinked folders but read each real file once, at most 32 folders deep and 1,000,000 files;
+an argument that matches nothing is named, and counts as a skip. An animated GIF is its first frame.
 
 examples:
   reverse-sd predict image.png some/folder "shots/*.jpg" --top-k 3
@@ -192,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         default=None,
         metavar="FILE",
-        help="write the output to FILE (atomically: complete or not at all) instead of standard output",
+        help="write the output to FILE instead of standard output: a regular file is replaced atomically "
+        "(complete or not at all, its permissions kept); a device, a FIFO or - (standard output) is written "
+        "in place; a symlink writes its target",
     )
     pred.add_argument("--embeddings", action="store_true", help="include the 384-d embedding in jsonl / json")
     pred.add_argument(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import stat
 import struct
 import sys
@@ -265,6 +266,80 @@ def listing(base: Path, exclude: Path) -> set[str]:
     return {str(p) for p in base.rglob("*") if exclude not in p.parents and p != exclude}
 
 
+def settings_hostile_cases() -> int:
+    """Wrong settings (issues 27 and 29): each runs `reverse-sd materialize` in a process of its own; prints
+    case, expected, observed.  Every one must exit 2 at start with one line naming the setting."""
+    import subprocess
+
+    project = Path(__file__).resolve().parents[1]
+    rows: list[tuple[str, str, str, bool]] = []
+    with tempfile.TemporaryDirectory(prefix="bad-settings-") as tmp:
+        base = Path(tmp)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("REVERSE_SD_", "HF_"))}
+        env.update(REVERSE_SD_HOME=str(base / "home"), DAGSTER_HOME=str(base / "dagster_home"), HF_HUB_OFFLINE="1")
+        cases = [  # name, environment, arguments, the word the one line must hold
+            ("cron 'a b c d e'", {"REVERSE_SD_OBSERVE_CRON": "a b c d e"}, [], "REVERSE_SD_OBSERVE_CRON"),
+            ("cron '99 99 99 99 99'", {"REVERSE_SD_OBSERVE_CRON": "99 99 99 99 99"}, [], "REVERSE_SD_OBSERVE_CRON"),
+            ("hub id offline", {"REVERSE_SD_DIFFUSIONDB": "not/a-real-repo"}, [], "REVERSE_SD_DIFFUSIONDB"),
+            ("REVERSE_SD_HOME=foo://bar", {"REVERSE_SD_HOME": "foo://bar"}, [], "REVERSE_SD_HOME"),
+            ("REVERSE_SD_HOME=memory://", {"REVERSE_SD_HOME": "memory://bucket/home"}, [], "REVERSE_SD_HOME"),
+            ("VIT_LR=1e308", {"REVERSE_SD_TRAIN_VIT_LR": "1e308"}, [], "REVERSE_SD_TRAIN_VIT_LR"),
+            ("VIT_LR=1e30", {"REVERSE_SD_TRAIN_VIT_LR": "1e30"}, [], "REVERSE_SD_TRAIN_VIT_LR"),
+            (
+                "SAMPLE_IMAGES_PER_PART=10^12",
+                {"REVERSE_SD_SAMPLE_IMAGES_PER_PART": str(10**12)},
+                [],
+                "REVERSE_SD_SAMPLE_IMAGES_PER_PART",
+            ),
+            ("LOADER_WORKERS=9999", {"REVERSE_SD_LOADER_WORKERS": "9999"}, [], "REVERSE_SD_LOADER_WORKERS"),
+            ("--workers 99999999999", {}, ["--workers", "99999999999"], "--workers"),
+        ]
+        for name, changes, args, word in cases:
+            started = time.perf_counter()
+            r = subprocess.run(
+                [sys.executable, "-m", "assets.cli", "materialize", *args],
+                cwd=project,
+                env={**env, **changes},
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            seconds = time.perf_counter() - started
+            # argparse's usage lines come before its one error line
+            lines = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith(("usage:", " "))]
+            ok = r.returncode == 2 and len(lines) == 1 and word in lines[0] and "Traceback" not in r.stderr
+            rows.append(
+                (name, "exit 2, one line naming it", f"exit {r.returncode}, {len(lines)} line(s), {seconds:.1f} s", ok)
+            )
+        home = base / "dry" / "home"  # a dry run on a fresh root writes nothing there
+        r = subprocess.run(
+            [sys.executable, "-m", "assets.cli", "materialize", "--dry-run"],
+            cwd=project,
+            env={**env, "REVERSE_SD_HOME": str(home)},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        written = sorted(str(p.relative_to(home)) for p in home.rglob("*")) if home.exists() else []
+        rows.append(
+            (
+                "materialize --dry-run, fresh root",
+                "exit 0, nothing written under the root",
+                f"exit {r.returncode}, {'root not created' if not home.exists() else f'{len(written)} path(s) written'}",
+                r.returncode == 0 and not written,
+            )
+        )
+
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    print()
+    print(f"{'case':<{widths[0]}}  {'expected':<{widths[1]}}  observed")
+    for name, expected, observed, ok in rows:
+        print(f"{name:<{widths[0]}}  {expected:<{widths[1]}}  {observed}{'' if ok else '   <-- UNEXPECTED'}")
+    bad = sum(1 for r in rows if not r[3])
+    print(f"settings cases: {len(rows)}, unexpected: {bad} (goal 0)")
+    return 1 if bad else 0
+
+
 def main() -> int:
     warnings.simplefilter("ignore", UserWarning)  # zipfile warns when the duplicate-member case is built
     cases = corpus()
@@ -334,5 +409,253 @@ def main() -> int:
     return 0 if not (crashes or unexpected or outside or lost) else 1
 
 
+# -- reverse-sd predict against hostile paths, outputs and arguments (issue 27 items 1, 7, 8, 12; issue 29) ---
+def _predict_home(home: Path) -> None:
+    """A storage root predict can use: one tiny vit with a vocabulary head, a vocabulary, a prompt bank whose
+    prompts carry terminal escapes, and the CLIP twin."""
+    import polars as pl
+
+    from pipeline.models import create_model
+    from pipeline.training.checkpoint import save_checkpoint
+    from pipeline.zero_shot import save_tiny_clip, twin_directory
+
+    words = ["red", "blue", "circle", "square", "painting", "photo"]
+    save_checkpoint(home / "trained_models" / "vit" / "mlc", create_model("vit", variant="tiny", vocab_size=len(words)))
+    bank = np.random.default_rng(0).normal(size=(3, 384)).astype(np.float32)
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    prompts = ["title \x1b]0;pwned\x07", "clear \x1b[2J", "over\rwritten"]
+    pl.DataFrame({"prompt": prompts, "embedding": bank}).write_parquet(home / "prompt_bank.parquet")
+    pl.DataFrame({"index": np.arange(len(words), dtype=np.int32), "word": words}).write_parquet(
+        home / "vocabulary.parquet"
+    )
+    save_tiny_clip(twin_directory(str(home)))
+
+
+def predict_hostile_cases() -> int:
+    """Each case runs `reverse-sd predict` in a process of its own; prints case, expected, observed."""
+    import signal
+    import socket
+    import subprocess
+
+    project = Path(__file__).resolve().parents[1]
+    rows: list[tuple[str, str, str, bool]] = []
+    with tempfile.TemporaryDirectory(prefix="bad-predict-") as tmp:
+        base = Path(tmp)
+        home = base / "home"
+        home.mkdir()
+        _predict_home(home)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("REVERSE_SD_", "HF_"))}
+        env.update(REVERSE_SD_HOME=str(home), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", HF_HOME=str(base / "hf"))
+        image = base / "in" / "red.png"
+        image.parent.mkdir()
+        image.write_bytes(png(1))
+
+        def run(*args: str, env_extra=None, timeout=120) -> tuple[int | str, str, str, float]:
+            started = time.perf_counter()
+            try:
+                r = subprocess.run(
+                    [sys.executable, "-m", "assets.cli", "predict", *args],
+                    cwd=project,
+                    env={**env, **(env_extra or {})},
+                    capture_output=True,
+                    text=True,
+                    timeout=timeout,
+                )
+            except subprocess.TimeoutExpired:
+                return "timeout", "", "", time.perf_counter() - started
+            return r.returncode, r.stdout, r.stderr, time.perf_counter() - started
+
+        def errors(err: str) -> list[str]:
+            return [line for line in err.splitlines() if not line.startswith("note: ")]
+
+        def case(name: str, expected: str, observed: str, ok: bool) -> None:
+            rows.append((name, expected, observed, ok))
+
+        # --output
+        full = base / "full"
+        try:
+            os.mknod(full, 0o666 | stat.S_IFCHR, os.makedev(1, 7))  # a private /dev/full
+        except OSError:
+            full = None
+        if full is not None:
+            code, _, err, _ = run(str(image), "--model", "vit", "--output", str(full))
+            still = stat.S_ISCHR(os.lstat(full).st_mode)
+            case(
+                "--output a full device",
+                "exit 2, one line, still a device",
+                f"exit {code}, {len(errors(err))} line(s), {'a device' if still else 'REPLACED by a file'}",
+                code == 2 and len(errors(err)) == 1 and still,
+            )
+        real = base / "real.jsonl"
+        real.write_text("old\n")
+        link = base / "link.jsonl"
+        link.symlink_to(real)
+        code, _, err, _ = run(str(image), "--model", "vit", "--output", str(link))
+        ok = link.is_symlink() and real.read_text().startswith("{")
+        case(
+            "--output a symlink",
+            "the link kept, its target written",
+            "as expected" if ok else f"exit {code}; link {'kept' if link.is_symlink() else 'replaced'}",
+            code == 0 and ok,
+        )
+        code, out, _, _ = run(str(image), "--model", "vit", "--output", "-", "--quiet")
+        ok = out.startswith("{") and not (project / "-").exists()
+        case("--output -", "records on standard output", "as expected" if ok else f"exit {code}", code == 0 and ok)
+        many = base / "many"
+        many.mkdir()
+        for i in range(300):
+            (many / f"{i:03d}.png").write_bytes(png(1))
+        target = base / "out" / "p.jsonl"
+        target.parent.mkdir()
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "assets.cli",
+                "predict",
+                str(many),
+                "--model",
+                "vit",
+                "--batch-size",
+                "1",
+                "--output",
+                str(target),
+            ],
+            cwd=project,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 120
+        while not list(target.parent.glob(".*.tmp")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+        left = [p.name for p in target.parent.iterdir()]
+        case(
+            "SIGTERM during --output",
+            "exit 143, nothing left beside the target",
+            f"exit {proc.returncode}, left {left}",
+            proc.returncode == 143 and not left,
+        )
+        # paths and table output
+        odd = base / "odd"
+        odd.mkdir()
+        (odd / "a[1].png").write_bytes(png(2))
+        (odd / "x\x1b[31m\nname.png").write_bytes(png(3))
+        code, out, err, _ = run(str(odd / "a[1].png"), "--model", "vit", "--quiet")
+        case(
+            "a file named a[1].png",
+            "read as it is",
+            f"exit {code}, {len(out.splitlines())} record(s)",
+            code == 0 and len(out.splitlines()) == 1,
+        )
+        code, out, err, _ = run(str(odd), "--model", "vit", "--format", "table", "--quiet")
+        raw = sorted({f"{ord(c):#x}" for c in out + err if ord(c) < 32 and c != "\n" or 0x7F <= ord(c) <= 0x9F})
+        case(
+            "table: ESC/BEL/CR in prompts, newline in a file name",
+            "no raw control character",
+            f"raw {', '.join(raw)}" if raw else "none raw",
+            code == 0 and not raw,
+        )
+        loop = base / "loop"
+        loop.mkdir()
+        (loop / "one.png").write_bytes(png(4))
+        (loop / "l1").symlink_to(".")
+        (loop / "l2").symlink_to(".")
+        code, out, _, seconds = run(str(loop / "**" / "*.png"), "--model", "vit", timeout=60)
+        case(
+            "'d/**/*.png' with two self-links",
+            "ends, 1 record",
+            f"exit {code}, {len(out.splitlines())} record(s), {seconds:.1f} s",
+            code == 0 and len(out.splitlines()) == 1,
+        )
+        code, _, err, _ = run(str(image), str(base / "*.jpg"), "--model", "vit")
+        case(
+            "a glob that matches nothing",
+            "named, exit 1",
+            f"exit {code}, {'named' if 'matches no file' in err else 'silent'}",
+            code == 1 and "matches no file" in err,
+        )
+        gifs = base / "gifs"
+        gifs.mkdir()
+        frames = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
+        frames[0].save(gifs / "anim.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+        code, out, _, _ = run(str(gifs), "--model", "vit")
+        case(
+            "an animated GIF in a folder",
+            "its first frame predicted",
+            f"exit {code}, {len(out.splitlines())} record(s)",
+            code == 0 and len(out.splitlines()) == 1,
+        )
+        # arguments
+        code, _, err, seconds = run(str(image), "--model", "nosuch")
+        case(
+            "--model nosuch",
+            "exit 2, one line, before the heavy imports",
+            f"exit {code}, {len(errors(err))} line(s), {seconds:.2f} s",
+            code == 2 and len(errors(err)) == 1,
+        )
+        code, _, err, seconds = run(str(image), "--batch-size", "100000")
+        case(
+            "--batch-size 100000",
+            "refused: usage + one error line (cap 256)",
+            f"exit {code}, {len(errors(err))} line(s), {seconds:.2f} s",
+            code == 2 and "cap of 256" in err,
+        )
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        code, _, err, seconds = run(
+            str(image),
+            "--zero-shot",
+            "--clip",
+            "nosuch/model",
+            timeout=300,
+            env_extra={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{port}"},
+        )
+        retries = err.count("Retrying")
+        case(
+            "--zero-shot --clip nosuch/model, no hub",
+            "exit 2 at once, one line, no retries",
+            f"exit {code}, {len(errors(err))} line(s), {retries} retries, {seconds:.1f} s",
+            code == 2 and len(errors(err)) == 1 and not retries,
+        )
+        from pipeline.zero_shot import twin_directory
+
+        cut = base / "cut_clip"
+        shutil.copytree(twin_directory(str(home)), cut)
+        data = (cut / "model.safetensors").read_bytes()
+        (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+        code, _, err, _ = run(str(image), "--zero-shot", "--clip", str(cut))
+        case(
+            "--clip DIR, truncated safetensors",
+            "exit 2, one line",
+            f"exit {code}, {len(errors(err))} line(s)",
+            code == 2 and len(errors(err)) == 1 and "Traceback" not in err,
+        )
+        pickled = base / "pickle_clip"
+        shutil.copytree(twin_directory(str(home)), pickled)
+        (pickled / "model.safetensors").unlink()
+        (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")  # a pickle: never loaded
+        code, _, err, _ = run(str(image), "--zero-shot", "--clip", str(pickled))
+        case(
+            "--clip DIR, pickle-only checkpoint",
+            "exit 2, one line, never unpickled",
+            f"exit {code}, {len(errors(err))} line(s)",
+            code == 2 and len(errors(err)) == 1 and "pickle" in err,
+        )
+
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    print()
+    print(f"{'case':<{widths[0]}}  {'expected':<{widths[1]}}  observed")
+    for name, expected, observed, ok in rows:
+        print(f"{name:<{widths[0]}}  {expected:<{widths[1]}}  {observed}{'' if ok else '   <-- UNEXPECTED'}")
+    bad = sum(1 for r in rows if not r[3])
+    print(f"predict cases: {len(rows)}, unexpected: {bad} (goal 0)")
+    return 1 if bad else 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(max(main(), predict_hostile_cases(), settings_hostile_cases()))

@@ -163,6 +163,10 @@ def test_the_walk_is_bounded_in_depth_and_in_files(tmp_path):
     scan = scan_inputs([str(many)], max_files=3)
     assert len(scan.files) == 3
     assert scan.skipped == [(many, "stopped at 3 files, the limit of one predict")]
+    from pipeline.inputs import MAX_INPUT_FILES
+
+    text = cli.build_parser()._subparsers._group_actions[0].choices["predict"].format_help()
+    assert f"at most {MAX_WALK_DEPTH} folders deep and {MAX_INPUT_FILES:,} files" in text  # --help states the bounds
 
 
 # -- item 12: an animated GIF ---------------------------------------------------------------------------------------

@@ -1,0 +1,132 @@
+"""`reverse-sd materialize` through the Dagster instance (this checkout) against the in-process executor it
+replaced (a git worktree of an earlier commit), side by side on this machine:
+
+- the sample graph, as `make run` builds it (wall time of the whole command, fresh root and instance each);
+- ingest of many small parts in ranged runs: wall time per part, i.e. what a run costs per part it covers;
+- planning with 2,000 registered parts (`plan_units`, a full plan and a --stale plan).
+
+    python bench/materialize.py                         # sample 4 x 250, 200 tiny parts, baseline a9db728
+    python bench/materialize.py --parts 2 --images 60 --tiny-parts 100 --baseline <commit>
+
+Each contender runs alone (one after the other), with the same environment; the printed ratio is
+this checkout / baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def _env(root: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REVERSE_SD_")}
+    env.update(
+        REVERSE_SD_PROFILE="sample",
+        REVERSE_SD_HOME=str(root / "data"),
+        DAGSTER_HOME=str(root / "dagster_home"),
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONWARNINGS="ignore",
+    )
+    env.update(extra)
+    return env
+
+
+def _cli(checkout: Path, args: list[str], env: dict[str, str]) -> float:
+    """Seconds of one `reverse-sd materialize` run of ``checkout``'s code (fails loudly)."""
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "assets.cli", *args], cwd=checkout, env=env, capture_output=True, text=True
+    )
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{checkout}: {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return seconds
+
+
+def baseline_checkout(commit: str) -> Path:
+    where = Path(tempfile.gettempdir()) / f"reverse-sd-baseline-{commit[:12]}"
+    if not where.exists():
+        subprocess.run(["git", "worktree", "add", "--detach", str(where), commit], cwd=PROJECT, check=True)
+    return where
+
+
+def sample_graph(checkout: Path, parts: int, images: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        env = _env(Path(tmp), REVERSE_SD_SAMPLE_PARTS=str(parts), REVERSE_SD_SAMPLE_IMAGES_PER_PART=str(images))
+        return _cli(checkout, ["materialize"], env)
+
+
+def tiny_parts(checkout: Path, n: int) -> float:
+    """Wall time to ingest ``n`` parts of 4 tiny images (the CLI's default ranges), the mirror made first."""
+    sys.path.insert(0, str(PROJECT))
+    from pipeline.data.sample_data import generate_sample_mirror
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mirror = Path(tmp) / "mirror"
+        generate_sample_mirror(mirror, n_parts=n, images_per_part=4, image_size=64)
+        env = _env(Path(tmp), REVERSE_SD_DIFFUSIONDB=str(mirror))
+        return _cli(checkout, ["materialize", "--select", "diffusiondb_parts"], env)
+
+
+PLAN = """
+import json, sys, time, warnings
+warnings.filterwarnings("ignore")
+import dagster as dg
+from resources.settings import ensure_dagster_home, load_settings
+ensure_dagster_home(load_settings())
+from assets.planning import plan_units
+from assets.definitions import defs
+instance = dg.DagsterInstance.get()
+instance.add_dynamic_partitions("diffusiondb_part", [f"part-{i:06d}" for i in range(1, 2001)])
+t0 = time.perf_counter(); plan = plan_units(defs, instance); t1 = time.perf_counter()
+plan_units(defs, instance, stale_only=True); t2 = time.perf_counter()
+print(json.dumps(dict(plan=t1 - t0, stale=t2 - t1, runs=len(plan.units))))
+"""
+
+
+def planning(checkout: Path) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run(
+            [sys.executable, "-c", PLAN], cwd=checkout, env=_env(Path(tmp)), capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            raise SystemExit(done.stderr[-3000:])
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baseline", default="a9db728", help="the commit to compare with (default a9db728)")
+    parser.add_argument("--parts", type=int, default=4, help="sample parts (default 4, as make run)")
+    parser.add_argument("--images", type=int, default=250, help="images per sample part (default 250)")
+    parser.add_argument("--tiny-parts", type=int, default=200, help="tiny parts for the per-part cost (default 200)")
+    parser.add_argument("--skip-graph", action="store_true", help="leave out the whole-graph run")
+    args = parser.parse_args()
+    base = baseline_checkout(args.baseline)
+    contenders = {"queue (this checkout)": PROJECT, f"in-process ({args.baseline})": base}
+    rows = []
+    if not args.skip_graph:
+        graph = {name: sample_graph(where, args.parts, args.images) for name, where in contenders.items()}
+        rows.append(("sample graph, whole command (s)", *graph.values()))
+    tiny = {name: tiny_parts(where, args.tiny_parts) / args.tiny_parts for name, where in contenders.items()}
+    rows.append((f"ingest, {args.tiny_parts} tiny parts: s per part", *tiny.values()))
+    plans = {name: planning(where) for name, where in contenders.items()}
+    rows.append(("plan 2,000 parts (s)", *(p["plan"] for p in plans.values())))
+    rows.append(("plan --stale 2,000 parts (s)", *(p["stale"] for p in plans.values())))
+    names = list(contenders)
+    print(f"{'':40} {names[0]:>24} {names[1]:>24} {'ratio':>7}")
+    for label, new, old in rows:
+        print(f"{label:40} {new:24.3f} {old:24.3f} {new / old:7.2f}")
+
+
+if __name__ == "__main__":
+    main()

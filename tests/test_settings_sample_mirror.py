@@ -36,7 +36,9 @@ def test_a_changed_sample_size_is_new_data(tmp_path):
     more images per part: every part is another version.  Before, the first mirror was kept for ever."""
 
     def listed(parts: int, images: int) -> dict[str, str]:
-        return build_resources(load_settings(_env(tmp_path / "home", parts, images)))["diffusiondb"].list_parts()
+        return (
+            build_resources(load_settings(_env(tmp_path / "home", parts, images)))["diffusiondb"].source().list_parts()
+        )
 
     first = listed(1, 2)
     assert list(first) == ["part-000001"]

@@ -170,15 +170,15 @@ def _output(name: str | None):
     if name is None or name == "-":
         yield sys.stdout, None
         return
-    target = Path(os.path.realpath(name)) if os.path.islink(name) else Path(name)
     try:
-        info = os.stat(target)
+        info = os.stat(name)  # after symlinks: /dev/stdout on a pipe is a FIFO, written in place
     except FileNotFoundError:
-        info = None
+        info = None  # a new path, or a dangling symlink: its target is created
     if info is not None and not stat.S_ISREG(info.st_mode):
-        with open(target, "w", encoding="utf-8", newline="") as out:
+        with open(name, "w", encoding="utf-8", newline="") as out:
             yield out, name
         return
+    target = Path(os.path.realpath(name)) if os.path.islink(name) else Path(name)
     import uuid
 
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")

@@ -216,3 +216,23 @@ def test_the_python_api_refuses_an_unbounded_batch(tiny_home):
 
     with pytest.raises(ValueError, match=r"outside 1\.\.256"):
         PromptPredictor(str(tiny_home), model="vit", device="cpu", batch_size=100_000)
+
+
+def test_a_symlink_to_a_pipe_writes_the_pipe(tiny_home, image, tmp_path):
+    """A private /dev/stdout: a symlink to /proc/self/fd/1, which is the pipe to this test. It is followed
+    and written in place, never replaced by a file (nor is a temporary made beside /proc's entry)."""
+    link = tmp_path / "stdout"
+    link.symlink_to("/proc/self/fd/1")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REVERSE_SD_")}
+    env.update(REVERSE_SD_HOME=str(tiny_home), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "assets.cli", "predict", str(image), "--model", "vit", "--output", str(link)],
+        cwd=PROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["path"] == str(image)
+    assert link.is_symlink() and os.readlink(link) == "/proc/self/fd/1"

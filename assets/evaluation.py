@@ -36,7 +36,7 @@ from pipeline.ensemble.ensemble import BEST, ENSEMBLE_METHODS, ensemble_column
 from pipeline.evaluation.report import (
     BASELINE_COLUMNS,
     GENERATION_COLUMNS,
-    TABLE1_COLUMNS,
+    TABLE1_TEXT_COLUMNS,
     ZERO_SHOT_KEY,
     Report,
     SplitScores,
@@ -194,7 +194,10 @@ def _report_metadata(report: Report, figures: dict[str, tuple[str, bytes]], repo
     """What the UI shows, in page order: the tables, the plots and gallery as images, the notes, then every
     figure as a rounded scalar (plotted over time) and the report files."""
     tables = {
-        "evaluation_table": metadata_table(report.table1_records(), TABLE1_COLUMNS),
+        # figures as fixed-decimal text ("0.6590" as in evaluation.html; a float cell shows as "0.659")
+        "evaluation_table": metadata_table(report.table1_text_records(), TABLE1_TEXT_COLUMNS),
+        # the same table as Markdown, every column (the typed table can be cut off at the panel's edge)
+        "table_1": dg.MetadataValue.md(report.table1_markdown()),
         "baselines": metadata_table(report.baseline_records(), BASELINE_COLUMNS),
     }
     if report.generation:

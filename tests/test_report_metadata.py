@@ -189,3 +189,22 @@ def test_plots_are_pngs_that_embed_as_markdown_images():
     gallery = gallery_png([image.getvalue()] * 2, ["true prompt: a red square\n1. (0.900) a red square"] * 2)
     width, height = Image.open(io.BytesIO(gallery)).size
     assert gallery.startswith(PNG_MAGIC) and height > width / 2  # one row per image
+
+
+def test_table_1_in_the_ui_keeps_trailing_zeros_and_every_column():
+    """The UI's Table 1 showed 0.659 where evaluation.html has 0.6590, and lost its last column: the typed
+    table's figures are fixed-decimal text now, and a Markdown rendition holds every column."""
+    from assets.evaluation import _report_metadata
+
+    report = Report(profile="sample", split="test", cosine={"vit/baseline": 0.659, "ensemble+dakl": 0.65})
+    metadata = _report_metadata(report, {}, "reports")
+    vit = metadata["evaluation_table"].records[0].data
+    assert vit["baseline"] == "0.6590" and vit["baseline (paper)"] == "0.6526" and vit["+ MLC"] == "-"
+    assert "0.6590" in report.html()  # what the page shows, the UI shows
+    markdown = metadata["table_1"].value
+    lines = markdown.strip().splitlines()
+    names = [name for name, _ in TABLE1_COLUMNS]
+    assert lines[0] == "| " + " | ".join(names) + " |"
+    assert all(line.count("|") == len(names) + 1 for line in lines), lines  # no row short of a column
+    assert "| vit | 0.6590 | 0.6526 | - | 0.6539 | - | 0.6550 |" in lines
+    assert lines[-1] == "| ensemble + DAKL | - | - | - | - | 0.6500 | 0.6917 |"  # the last column is there

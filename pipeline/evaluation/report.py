@@ -37,6 +37,9 @@ def paper_column(title: str) -> str:
 TABLE1_COLUMNS = [("model", "string")] + [
     column for title in RECIPE_TITLES.values() for column in ((title, "float"), (paper_column(title), "float"))
 ]
+# Table 1 as the UI shows it: every figure as text with exactly DIGITS decimals ("0.6590", as evaluation.html
+# prints it; the UI shows a float cell as a JavaScript number, "0.659").
+TABLE1_TEXT_COLUMNS = [(name, "string") for name, _ in TABLE1_COLUMNS]
 BASELINE_COLUMNS = [("baseline", "string"), ("test cosine", "float"), ("paper", "float")]
 GENERATION_COLUMNS = [
     ("captioner", "string"),
@@ -169,6 +172,26 @@ class Report:
         records.append(record("ensemble + DAKL", {"mlc_cl": self.cosine.get("ensemble+dakl")}, {"mlc_cl": PAPER_DAKL}))
         return records
 
+    def table1_text_records(self) -> list[dict]:
+        """table1_records with every figure as fixed-decimal text (``fixed``), for TABLE1_TEXT_COLUMNS."""
+        kinds = dict(TABLE1_COLUMNS)
+        return [
+            {name: fixed(value) if kinds[name] == "float" else value for name, value in record.items()}
+            for record in self.table1_records()
+        ]
+
+    def table1_markdown(self) -> str:
+        """Table 1 as a Markdown table: every column of TABLE1_COLUMNS (this run's figure, the paper's beside
+        it), figures right-aligned with exactly DIGITS decimals, "-" where there is none."""
+        names = [name for name, _ in TABLE1_COLUMNS]
+        align = ["---" if kind == "string" else "---:" for _, kind in TABLE1_COLUMNS]
+        lines = ["| " + " | ".join(names) + " |", "| " + " | ".join(align) + " |"]
+        lines += [
+            "| " + " | ".join(str(record[name]).replace("|", "\\|") for name in names) + " |"
+            for record in self.table1_text_records()
+        ]
+        return "\n".join(lines) + "\n"
+
     def baseline_records(self) -> list[dict]:
         """The baselines as records of BASELINE_COLUMNS, rounded, with the paper's figure where it has one."""
         records = [
@@ -296,6 +319,13 @@ class Report:
             "td.num{text-align:right;font-variant-numeric:tabular-nums}.paper{color:#777}"
             "img{max-width:100%;height:auto}</style></head><body>" + "".join(sections) + "</body></html>"
         )
+
+
+def fixed(value, digits: int = DIGITS) -> str:
+    """A figure with exactly ``digits`` decimals ("0.6590", never "0.659"); "-" for None or NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{float(value):.{digits}f}"
 
 
 def format_value(value) -> str:

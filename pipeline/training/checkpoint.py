@@ -13,28 +13,16 @@ numbers, strings, lists and dicts and is read with ``torch.load(weights_only=Tru
 nothing executable in a checkpoint.  A checkpoint that does not fit (unreadable file, other embedding
 size, other shapes) is a one-line CheckpointError naming the file, never a torch traceback.
 
-Identity: a checkpoint's metadata records what it was trained for, ``backbone`` (also in model_config),
-``recipe`` (baseline | mlc | mlc_cl, when the trainer was told) and ``settings_hash`` (``settings_hash`` of
-the result-changing training settings).  A checkpoint whose recorded identity differs from what is asked
-(``load_model``'s backbone / recipe, or the folder trained_models/<backbone>/<recipe>/ it sits in; a resume's
-model, recipe and settings) is refused by name: "checkpoint X was trained for backbone swin, recipe mlc;
-this is vit/baseline".  Older checkpoints without recipe / settings_hash still load: what they do not
-record is not checked (their backbone still is, from model_config).
-
-Resume (``newest_usable``): the newest checkpoint that is intact and fits is used; damaged or mismatched
-newer ones are passed over, each with the reason, so a damaged latest checkpoint is rebuilt instead of
-failing every run the same way.
+What a checkpoint was trained for, and which one a resume may use: pipeline.training.resume.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import random
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +32,6 @@ from safetensors.torch import load as st_load_bytes
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file as st_save_file
 
-from pipeline.constants import BACKBONE_NAMES, RECIPES
 from pipeline.constants import EMBED_DIM as EMBEDDING_DIM
 from pipeline.storage import IntegrityError, PathLike, as_path, atomic_local_path, sidecar_path, verify
 
@@ -63,44 +50,6 @@ def plural(count: int, word: str, words: str | None = None) -> str:
 
 class CheckpointError(ValueError):
     """A checkpoint that does not fit what is asked of it (wrong embedding size, missing state)."""
-
-
-# -- identity: what a checkpoint was trained for ------------------------------------------------------
-IDENTITY_KEYS = ("backbone", "recipe", "settings_hash")
-
-
-def settings_hash(settings: dict) -> str:
-    """A short hash of the result-changing training settings (``TrainConfig.result_dict()``)."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def checkpoint_identity(metadata: dict[str, str], model_cfg: dict | None = None) -> dict[str, str | None]:
-    """backbone / recipe / settings_hash a checkpoint records (None for what an older checkpoint does not)."""
-    recorded = {key: metadata.get(key) or None for key in IDENTITY_KEYS}
-    if recorded["backbone"] is None and model_cfg:
-        recorded["backbone"] = model_cfg.get("backbone")
-    return recorded
-
-
-def layout_identity(path: PathLike) -> dict[str, str]:
-    """backbone / recipe that the folder trained_models/<backbone>/<recipe>/ of a checkpoint file names ({} else)."""
-    p = as_path(path)
-    recipe, backbone = p.parent.name, p.parent.parent.name
-    if recipe in RECIPES and backbone in BACKBONE_NAMES:
-        return {"backbone": backbone, "recipe": recipe}
-    return {}
-
-
-def identity_mismatch(path: PathLike, recorded: dict, expected: dict) -> str | None:
-    """One line naming both when ``recorded`` disagrees with ``expected`` on a key both give, else None."""
-    wrong = [k for k in IDENTITY_KEYS if expected.get(k) and recorded.get(k) and recorded[k] != expected[k]]
-    if not wrong:
-        return None
-    trained = ", ".join(f"{k.replace('_', ' ')} {recorded[k]}" for k in IDENTITY_KEYS if recorded.get(k))
-    this = "/".join(str(expected[k]) for k in ("backbone", "recipe") if expected.get(k))
-    if "settings_hash" in wrong:
-        this = f"{this} with settings hash {expected['settings_hash']}".lstrip(" /")
-    return f"checkpoint {path} was trained for {trained}; this is {this or 'another model'}"
 
 
 # -- RNG state as tensors / plain lists ----------------------------------------------------------------
@@ -227,7 +176,7 @@ def save_checkpoint(
     if dim:
         metadata["embedding_dim"] = str(int(dim))
     recorded = {"backbone": m_config.get("backbone"), **(identity or {})}
-    metadata.update({k: str(recorded[k]) for k in IDENTITY_KEYS if recorded.get(k)})
+    metadata.update({k: str(v) for k, v in recorded.items() if k in ("backbone", "recipe", "settings_hash") and v})
     with atomic_local_path(weights_path, suffix=".safetensors") as tmp:
         st_save_file(_plain_state_dict(model), str(tmp), metadata=metadata)
     if keep_last is not None:
@@ -420,80 +369,9 @@ def load_checkpoint(
     if model is not None:
         check_state_fits(model, weights, weights_path)
     state = read_state(weights_path, map_location)
+    from pipeline.training.resume import Checkpoint, restore
+
     return restore(Checkpoint(weights_path, weights, model_cfg, {}, state), model, optimizer, scheduler, restore_rng)
-
-
-@dataclass
-class Checkpoint:
-    """One checkpoint read and verified: its weights file, tensors, model config, metadata and trainer state."""
-
-    path: Any
-    weights: dict[str, torch.Tensor]
-    model_config: dict
-    metadata: dict[str, str]
-    state: dict[str, Any]
-
-    @property
-    def identity(self) -> dict[str, str | None]:
-        return checkpoint_identity(self.metadata, self.model_config)
-
-
-def read_checkpoint(
-    weights_path: PathLike,
-    expected_embedding_dim: int | None = EMBEDDING_DIM,
-    map_location: str | torch.device = "cpu",
-) -> Checkpoint:
-    """Read and verify one complete checkpoint (weights and trainer state); CheckpointError if damaged."""
-    weights, model_cfg, metadata = _load_weights(as_path(weights_path), expected_embedding_dim)
-    state = read_state(weights_path, map_location)
-    return Checkpoint(as_path(weights_path), weights, model_cfg, metadata, state)
-
-
-def newest_usable(
-    directory: PathLike,
-    check: Callable[[Checkpoint], str | None] = lambda checkpoint: None,
-    expected_embedding_dim: int | None = EMBEDDING_DIM,
-    map_location: str | torch.device = "cpu",
-) -> tuple[Checkpoint | None, list[tuple[Any, str]]]:
-    """The newest checkpoint of ``directory`` that is intact and that ``check`` accepts (``check`` returns
-    None, or why not), and the (weights path, reason) of every newer one passed over, newest first.
-
-    Only the checkpoints down to the first usable one are read, so an intact latest costs one read."""
-    passed: list[tuple[Any, str]] = []
-    for _, weights_path in reversed(list_checkpoints(directory)):
-        try:
-            candidate = read_checkpoint(weights_path, expected_embedding_dim, map_location)
-        except CheckpointError as exc:
-            passed.append((weights_path, str(exc)))
-            continue
-        reason = check(candidate)
-        if reason is None:
-            return candidate, passed
-        passed.append((weights_path, reason))
-    return None, passed
-
-
-def restore(
-    checkpoint: Checkpoint,
-    model: torch.nn.Module | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any | None = None,
-    restore_rng: bool = True,
-) -> dict[str, Any]:
-    """Load a read checkpoint into the given objects; return its trainer state (progress, config, model_config)."""
-    state = checkpoint.state
-    if model is not None:
-        check_state_fits(model, checkpoint.weights, checkpoint.path)
-        _unwrap(model).load_state_dict(checkpoint.weights)
-    if optimizer is not None and "optimizer" in state:
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and "scheduler" in state:
-        scheduler.load_state_dict(state["scheduler"])
-    if restore_rng and "rng" in state:
-        restore_rng_state(state["rng"])
-    state.setdefault("model_config", checkpoint.model_config)
-    state["weights_path"] = str(checkpoint.path)
-    return state
 
 
 def load_model(
@@ -517,6 +395,8 @@ def load_model(
     Every failure is a one-line CheckpointError (a ValueError) naming the file.  Resuming training is
     ``load_checkpoint``, which also restores optimizer, scheduler and RNG state.
     """
+    from pipeline.training.resume import checkpoint_identity, identity_mismatch, layout_identity
+
     weights_path = _resolve(path)
     state, config, metadata = _load_weights(weights_path, expected_embedding_dim)
     expected = {"backbone": backbone, "recipe": recipe}

@@ -42,19 +42,13 @@ import torch
 from pipeline.constants import EMBED_DIM
 from pipeline.storage import as_path, atomic_local_path
 from pipeline.training.checkpoint import (
-    Checkpoint,
     CheckpointError,
     check_state_fits,
-    checkpoint_identity,
-    identity_mismatch,
     list_checkpoints,
     model_config,
-    newest_usable,
     plural,
     remove_checkpoint,
     remove_checkpoints,
-    restore,
-    settings_hash,
 )
 from pipeline.training.config import TrainConfig, TrainResult, run_figures, throughput_summary
 from pipeline.training.device import (
@@ -70,6 +64,14 @@ from pipeline.training.device import (
 from pipeline.training.epochs import _Loop
 from pipeline.training.inference import backbone_features, predict_embeddings, preliminary_cosines
 from pipeline.training.optim import cosine_with_warmup, make_optimizer
+from pipeline.training.resume import (
+    Checkpoint,
+    checkpoint_identity,
+    identity_mismatch,
+    newest_usable,
+    restore,
+    settings_hash,
+)
 from pipeline.training.tasks import (
     EmbeddingTask,
     LossFn,

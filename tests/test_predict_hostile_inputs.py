@@ -316,3 +316,29 @@ def test_a_truncated_or_pickle_only_clip_directory_is_refused_in_one_line(home, 
     assert code == 2 and out == "" and not marker.exists()
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "only a pickle checkpoint (pytorch_model.bin), which is never loaded" in lines[0]
+
+
+def test_a_cached_hub_model_with_the_hub_unreachable_loads_from_the_cache_at_once(tiny_home, tmp_path):
+    """The same unreachable hub, the model in the local Hugging Face cache: used from there, no retries."""
+    from pipeline import zero_shot as zs
+
+    revision = "0" * 40
+    repo = tmp_path / "hf" / "hub" / "models--reverse-sd-tests--cached-clip"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    shutil.copytree(zs.twin_directory(str(tiny_home)), repo / "snapshots" / revision)
+    env = _env(
+        tiny_home, HF_HUB_OFFLINE="0", HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}", HF_HOME=str(tmp_path / "hf")
+    )
+    image = str(_png(tmp_path / "x.png"))
+    result = subprocess.run(
+        [sys.executable, "-m", "assets.cli", "predict", image, "--zero-shot", "--clip", "reverse-sd-tests/cached-clip"],
+        cwd=PROJECT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Retrying" not in result.stderr
+    assert json.loads(result.stdout)["model"] == "zero-shot CLIP (reverse-sd-tests/cached-clip)"

@@ -111,6 +111,19 @@ def _check_bank(home: str, zero_shot: bool) -> None:
     raise _UsageError(f"no prompt bank under {home}: materialize the asset prompt_bank (make run)")
 
 
+def _check_clip(clip: str) -> None:
+    """--clip names weights that may be loaded (safetensors, whole) and can be had (a directory, the hub, or
+    the cache when the hub cannot be reached): checked before torch and transformers are imported."""
+    from huggingface_hub import constants
+
+    from pipeline.clip_files import ModelFilesError, local_files_only
+
+    try:
+        local_files_only(clip, offline=bool(constants.HF_HUB_OFFLINE))
+    except ModelFilesError as exc:
+        raise _UsageError(str(exc)) from None
+
+
 def _zero_shot_predictor(settings, clip: str, args: argparse.Namespace):
     """A ZeroShotRetriever over the storage root's prompt bank; the sample's CLIP twin is saved on first use."""
     from tqdm import tqdm
@@ -231,6 +244,8 @@ def _predict(args: argparse.Namespace) -> int:
     _check_bank(settings.home, zero_shot=clip is not None)
     if clip is None or (args.clip is None and settings.is_sample) or os.path.isdir(clip):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # trained models and local CLIP directories need no hub
+    if clip is not None and not (args.clip is None and settings.is_sample):
+        _check_clip(clip)
     from pipeline.inputs import duplicate_stems, scan_inputs
 
     scan = scan_inputs(args.paths)  # only regular files within the size cap; the rest skipped with a reason

@@ -9,6 +9,7 @@ local cache is used alone, and a model not cached fails at once instead of retry
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -76,6 +77,7 @@ def _cached(model: str) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=8)  # one request per model and process (the CLI checks before loading)
 def _hub_reachable(model: str) -> bool:
     """One request, no retries: True when the hub answers for ``model``; False when the hub cannot be reached
     (no network, a firewall, a dead HF_ENDPOINT); ModelFilesError when the hub says there is no such model."""

@@ -243,6 +243,12 @@ def test_bad_arguments_are_reported_before_torch_is_imported(tiny_home, tmp_path
     assert code == 2 and modules == [] and err.startswith("error: --model 'nosuch' is not a model")
     code, modules, err = _imported_by(["predict", image, "--clip", "x"], _env(tiny_home))
     assert code == 2 and modules == [] and "add --zero-shot" in err
+    truncated = tmp_path / "truncated_clip"
+    shutil.copytree(Path(tiny_home) / "zero_shot" / "tiny_clip", truncated)
+    (truncated / "model.safetensors").write_bytes((truncated / "model.safetensors").read_bytes()[:1000])
+    code, modules, err = _imported_by(["predict", image, "--zero-shot", "--clip", str(truncated)], _env(tiny_home))
+    assert code == 2 and "torch" not in modules and "transformers" not in modules, modules
+    assert "is not a whole safetensors file" in err and err.count("\n") == 1, err
     for extra in ([], ["--zero-shot"]):
         code, modules, err = _imported_by(["predict", image, *extra], _env(tmp_path / "no_home"))
         assert code == 2 and "torch" not in modules and "transformers" not in modules, modules

@@ -25,8 +25,10 @@ def materialize_command(args: argparse.Namespace) -> int:
     check_storage_root(settings, create=not args.dry_run)  # a dry run writes nothing under the root
     check_source(settings)
     ensure_dagster_home(settings)
-    if settings.is_sample:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the sample profile never needs the hub
+    from pipeline.data.diffusiondb import is_local_location
+
+    if settings.is_sample and is_local_location(settings.diffusiondb):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the sample profile on a local mirror never needs the hub
     workers = args.workers or available_cores()
     # SIGTERM stops like Ctrl-C: the invocation's queued and running runs are terminated through the instance.
     signal.signal(signal.SIGTERM, _interrupt)

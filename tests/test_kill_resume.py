@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import polars as pl
@@ -38,8 +39,9 @@ HOOK = r'''
 import io, os, sys, time
 
 TARGET = os.environ.get("KILL_TEST_HALF_WRITE", "")
-# Our own copy of the stdout pipe: Dagster captures fd 1 / sys.stdout during a run's compute.
-_REPORT = os.fdopen(os.dup(1), "w")
+# Our own copy of the stdout pipe: Dagster captures fd 1 / sys.stdout during a run's compute.  A run worker
+# launched by the instance reports to the file KILL_TEST_REPORT instead (its stdout is the server's log).
+_REPORT = open(os.environ["KILL_TEST_REPORT"], "a") if os.environ.get("KILL_TEST_REPORT") else os.fdopen(os.dup(1), "w")
 
 
 def _stall(path, data):
@@ -48,7 +50,7 @@ def _stall(path, data):
         f.write(data[: len(data) // 2])
         f.flush()
         os.fsync(f.fileno())
-        print(f"\nKILL-TEST-STALLED {path}", file=_REPORT, flush=True)
+        print(f"\nKILL-TEST-STALLED {path}" + (f" PID {os.getpid()}" if os.environ.get("KILL_TEST_REPORT") else ""), file=_REPORT, flush=True)
         time.sleep(600)
         f.write(data[len(data) // 2 :])
 
@@ -252,21 +254,66 @@ def _assert_not_parquet(path: Path) -> None:
 # -- diffusiondb_parts, through the CLI ----------------------------------------------------------------
 
 
+def _kill_run_worker_mid_write(args: list[str], env: dict[str, str], report: Path) -> Path:
+    """`reverse-sd materialize` whose runs (launched by the instance) carry the hook as sitecustomize: wait for
+    the run worker to report its half-written temporary file, SIGKILL that worker; the CLI reports the failed
+    run (exit 1).  Returns the temporary file it left."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "assets.cli", *args],
+        cwd=PROJECT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while MARKER not in (report.read_text() if report.exists() else ""):
+            assert proc.poll() is None, f"finished before the write could be killed: {proc.communicate()}"
+            assert time.monotonic() < deadline, "no stalled write reported"
+            time.sleep(0.2)
+        line = next(x for x in report.read_text().splitlines() if MARKER in x)
+        where, pid = line.split(MARKER, 1)[1].rsplit(" PID ", 1)
+        os.kill(int(pid), signal.SIGKILL)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, out[-2000:] + err[-3000:]
+    assert "Traceback" not in err
+    leftover = Path(where.strip())
+    assert leftover.exists() and leftover.name.startswith(".") and ".tmp" in leftover.name
+    return leftover
+
+
 def test_killed_part_write_leaves_no_partial_parquet_and_rerun_is_identical(tmp_path):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HOOK)  # in every process: the CLI, `dagster dev` and its run workers
+    report = tmp_path / "report.txt"
     env = _env(tmp_path, REVERSE_SD_SAMPLE_PARTS="2", REVERSE_SD_SAMPLE_IMAGES_PER_PART="6")
+    env["PYTHONPATH"] = f"{hook}{os.pathsep}{PROJECT}"
     cli = _script(tmp_path, "cli", CLI)
     parts_dir = tmp_path / "data" / "diffusiondb_parts"
-    killed_env = {**env, "KILL_TEST_HALF_WRITE": "parquet:part-000001.parquet"}
-    # one worker: the other part must not be written while this one stalls
-    leftover = _kill_mid_write(cli, ["materialize", "--select", "diffusiondb_parts", "--workers", "1"], killed_env)
+    killed_env = {**env, "KILL_TEST_HALF_WRITE": "parquet:part-000001.parquet", "KILL_TEST_REPORT": str(report)}
+    # one run at a time: the other part must not be written while this one stalls
+    leftover = _kill_run_worker_mid_write(
+        ["materialize", "--select", "diffusiondb_parts", "--workers", "1", "--partitions-per-run", "1"],
+        killed_env,
+        report,
+    )
     assert leftover.parent == parts_dir
     _assert_not_parquet(leftover)
-    assert not list(parts_dir.glob("part-*.parquet"))  # no reader finds a table
+    # no reader finds the killed part's table; the other part's run, independent of it, completed
+    assert sorted(p.name for p in parts_dir.glob("part-*.parquet")) == ["part-000002.parquet"]
 
     # the re-run (only what is missing, as after any failure) completes despite the stale temporary file
     rerun = _run(cli, ["materialize", "--select", "diffusiondb_parts", "--stale"], env)
-    assert "materialized 2 asset runs" in rerun.stdout
-    mirror = tmp_path / "data" / "sample_mirror" / "images"
+    assert "materialized 1 run " in rerun.stdout
+    from resources.settings import load_settings
+
+    mirror = Path(load_settings(env).sample_mirror_dir) / "images"
     for part in ("part-000001", "part-000002"):
         uninterrupted = read_part(mirror / f"{part}.zip", part).frame
         stored = pl.read_parquet(parts_dir / f"{part}.parquet")

@@ -184,7 +184,7 @@ def _materializations(cluster: _Cluster) -> list[tuple]:
 
 def test_runs_and_materializations_are_rows_in_postgres(postgres, shared_run):
     env, result = shared_run
-    assert "materialized 3 asset runs" in result.stdout
+    assert "materialized 3 runs" in result.stdout
     runs = _rows(postgres, "SELECT status FROM runs")
     # one run per part and one for filtered_pairs (plus any observation runs the CLI records)
     assert len(runs) >= 3 and {r[0] for r in runs} == {"SUCCESS"}

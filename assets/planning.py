@@ -156,6 +156,7 @@ def plan_units(
     workers: int = 1,
     partitions_per_run: int | None = None,
     gone_partitions: Sequence[str] = (),
+    storage_root: str | None = None,
 ) -> Plan:
     """The runs that materialize ``selection`` (default: every asset), in dependency order.
 
@@ -167,7 +168,8 @@ def plan_units(
     writing them to the instance: a dry run plans the parts the source lists but the instance lacks.
     ``observed_now`` (source asset -> partition -> data version) counts versions as observed without
     recording them: a dry run sees changed settings.  ``gone_partitions`` are left out as if unregistered
-    (a dry run's parts that the source no longer lists).
+    (a dry run's parts that the source no longer lists).  ``storage_root``: where artifacts must be (default:
+    the Definitions' storage resource's root).
     """
     asset_graph = defs.resolve_asset_graph()
     extra = {
@@ -221,8 +223,7 @@ def plan_units(
         if stale_only:
             from assets.staleness import _keep_stale, _Records  # staleness builds on the plan's types
 
-            storage = (defs.resources or {}).get("storage")
-            root = getattr(storage, "root", None)
+            root = storage_root or getattr((defs.resources or {}).get("storage"), "root", None)
             plan = _keep_stale(plan, parents_of, _Records(instance, asset_graph, observed_now, root))
     return group_ranges(plan, asset_graph, order, workers, partitions_per_run)
 

@@ -250,7 +250,8 @@ def test_new_parts_sensor_registers_them_and_requests_ranged_runs_that_materiali
 
         listed = resources["diffusiondb"].source().list_parts()
         assert changed_part_versions(instance, listed) == {}
-        assert plan_units(defs, instance, selection="diffusiondb_parts", stale_only=True).units == []
+        root = resources["storage"].root  # this test's root, not the one the environment configures
+        assert plan_units(defs, instance, selection="diffusiondb_parts", stale_only=True, storage_root=root).units == []
 
 
 def _stale_plan(instance) -> dict[str, set]:

@@ -283,3 +283,58 @@ def test_evaluation_report_shows_the_table(ui_server, browser, sample_instance, 
         shutil.copyfile(screenshot, target / "evaluation_report.png")
         shutil.copyfile(tmp_path / "evaluation_plot.png", target / "evaluation_plot.png")
     assert (reports / "ui.png").stat().st_size > 10_000  # a real page, not a blank image
+
+
+def test_a_cli_run_re_executes_from_the_ui_and_cli_runs_are_on_the_timeline(
+    ui_server, browser, sample_instance, tmp_path
+):
+    """CLI runs were launched through the instance (they have a job origin): the run page's Re-execute
+    launches a child run that succeeds, and the Overview timeline lists the CLI's jobs."""
+    import dagster as dg
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+
+    env = sample_instance
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        (run,) = [
+            r
+            for r in instance.get_runs(filters=dg.RunsFilter(job_name="materialize_diffusiondb_parts"))
+            if r.tags.get("dagster/partition") == "part-000001"
+        ][:1]
+        assert run.tags.get("reverse-sd/invocation")  # launched by `reverse-sd materialize`
+    try:
+        _open(browser, f"{ui_server}/overview/activity/timeline")
+        _wait(browser).until(lambda d: "materialize_trained_models" in d.find_element(By.TAG_NAME, "body").text)
+        browser.save_screenshot(str(tmp_path / "timeline.png"))
+
+        _open(browser, f"{ui_server}/runs/{run.run_id}")
+        button = _wait(browser).until(
+            EC.element_to_be_clickable((By.XPATH, "//button[starts-with(normalize-space(.), 'Re-execute')]"))
+        )
+        button.click()
+        try:  # a menu on some versions: "All steps in root run" / "All"
+            _wait(browser, 5).until(
+                EC.element_to_be_clickable(
+                    (
+                        By.XPATH,
+                        "//*[@role='menuitem' or self::a or self::button][starts-with(normalize-space(.), 'All')]",
+                    )
+                )
+            ).click()
+        except Exception:  # noqa: BLE001 - a single button launched it already
+            pass
+    finally:
+        browser.save_screenshot(str(tmp_path / "re_execute.png"))
+
+    def child(instance):
+        runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/parent_run_id": run.run_id}))
+        return (
+            runs[0] if runs and runs[0].status in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE) else None
+        )
+
+    deadline = time.monotonic() + 300
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        while (done := child(instance)) is None:
+            assert time.monotonic() < deadline, "the UI's re-execution did not finish in 300 s"
+            time.sleep(2)
+    assert done.status == dg.DagsterRunStatus.SUCCESS and done.job_name == "materialize_diffusiondb_parts"

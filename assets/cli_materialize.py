@@ -134,7 +134,12 @@ def _materialize_locked(args, settings, workers: int) -> int:
         if orphans:
             orch.stop_runs(runs, orphans)
             print(f"canceled {_count(len(orphans), 'queued run')} of an earlier materialize that was killed")
-        orch.observe_sources(runs, tags)
+        try:
+            orch.observe_sources(runs, tags)
+        except KeyboardInterrupt:  # stop the observation runs too: no run is left behind as STARTED
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            orch.stop_runs(runs, orch.active_runs(instance, invocation))
+            raise
         started = time.perf_counter()
         plan = orch.plan_units(
             defs,
@@ -176,7 +181,7 @@ def _materialize_locked(args, settings, workers: int) -> int:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the clean-up
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             view.close()
-            active = list(progress.active)
+            active = sorted(set(progress.active) | set(orch.active_runs(instance, invocation)))
             left = orch.stop_runs(runs, active)
             print(
                 f"stopped: {_count(len(active) - len(left), 'run')} canceled"

@@ -64,6 +64,12 @@ def new_invocation_tags(storage_root: str) -> dict[str, str]:
     return {LAUNCHED_BY_TAG: "cli", INVOCATION_TAG: uuid.uuid4().hex[:12], STORAGE_TAG: storage_root}
 
 
+def active_runs(instance: dg.DagsterInstance, invocation: str) -> list[str]:
+    """The invocation's runs that have not finished (queued, starting or running)."""
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={INVOCATION_TAG: invocation}))
+    return [r.run_id for r in runs if r.status not in FINISHED]
+
+
 def orphaned_queued_runs(instance: dg.DagsterInstance, storage_root: str) -> list[str]:
     """Queued runs that an earlier `materialize` on this storage root submitted and can no longer follow (it
     was killed): the caller holds the root's lock, so no live invocation owns them.  Their work is planned

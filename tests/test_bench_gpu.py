@@ -50,3 +50,29 @@ def test_gpu_bench_dry_run_prints_the_table():
         assert float(fields[8]) > 0 and fields[9].endswith("%"), row
         assert re.search(rf"^{backbone}\s+\d+\.\d+ h$", out, re.MULTILINE), out
     assert "GPU-hours" in out and re.search(r"^total\s+\d+\.\d+ h$", out, re.MULTILINE)
+
+
+def test_gpu_bench_says_when_the_sbert_model_is_missing():
+    """Without the SBERT model (a machine that lacks the package, --sbert-model not a directory) section 1 is
+    skipped and the output says so, rather than failing the whole run or printing target figures."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "gpu.py"),
+            "--dry-run",
+            "--skip-training",
+            "--sbert-model",
+            str(ROOT / "no-such-model-directory"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    out = done.stdout
+    assert done.returncode == 0, done.stderr[-3000:] + out[-3000:]
+    assert "SBERT targets: SKIPPED (--sbert-model" in out and "is no directory" in out, out
+    assert "PromptEncoder" not in out and re.search(r"^targets\s+-\s+\(SBERT targets not measured", out, re.M), out

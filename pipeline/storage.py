@@ -9,10 +9,16 @@ Azure: one PUT or a completed multipart upload) take it directly; any other fssp
 hidden temporary sibling that is moved into place, because a plain streamed write there commits
 whatever was written when it fails half-way.
 
-Every artifact written here gets a sidecar ``<name>.sha256`` (its SHA-256, size and modification time),
-written after the artifact itself; readers verify the content against it (``verify``), so a truncated or
-altered file stops with one line naming it instead of giving wrong answers, and ``is_intact`` tells
-`--stale` planning cheaply (size and time first, the hash only when they moved) that a file was touched.
+Every artifact written here gets a sidecar ``<name>.sha256`` (its SHA-256, size and modification time,
+or on an object store the object's ETag), written after the artifact itself; readers verify the content
+against it (``verify``), so a truncated or altered file stops with one line naming it instead of giving
+wrong answers, and ``is_intact`` tells `--stale` planning cheaply (size and time, or size and ETag, first;
+the hash only when they moved) that a file was touched.
+
+Object stores (s3://, through s3fs; an S3-compatible server through AWS_ENDPOINT_URL_S3): no "directory" is
+ever created (s3fs would create a missing *bucket* for it), directory listings are not cached (another
+process writes the objects this one lists), and a remote artifact is downloaded once, verified, then read
+from that local copy (``verified_local_copy``).
 """
 
 from __future__ import annotations
@@ -35,14 +41,35 @@ from upath import UPath
 PathLike = str | os.PathLike
 
 
+# Object stores whose put_file makes the object visible only once the whole upload has succeeded.
+ATOMIC_PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"})
+
+
 def as_path(path: PathLike) -> UPath | Path:
-    """A local Path for plain paths and file://, a UPath for any other fsspec protocol."""
+    """A local Path for plain paths and file://, a UPath for any other fsspec protocol.
+
+    On an object store the listing cache is off: s3fs would otherwise answer exists() and iterdir() from a
+    listing this process made before another process (a run, a worker) wrote there."""
     if isinstance(path, UPath):
         return Path(path.path) if path.protocol in ("", "file", "local") else path
     text = str(path)
     if "://" in text and not text.startswith("file://"):
+        if text.split("://", 1)[0].lower() in ATOMIC_PUT_PROTOCOLS:
+            return UPath(text, use_listings_cache=False)
         return UPath(text)
     return Path(text.removeprefix("file://"))
+
+
+def _is_object_store(path: UPath) -> bool:
+    protocols = {path.fs.protocol} if isinstance(path.fs.protocol, str) else set(path.fs.protocol)
+    return bool(protocols & ATOMIC_PUT_PROTOCOLS)
+
+
+def _etag(path: UPath) -> str | None:
+    """The object's ETag (changes whenever its content does), or None where the store has none."""
+    info = path.fs.info(path.path)
+    value = info.get("ETag") or info.get("etag")
+    return str(value) if value else None
 
 
 @contextlib.contextmanager
@@ -74,7 +101,8 @@ def atomic_local_path(target: PathLike, suffix: str = "", sidecar: bool = True) 
             digest = file_sha256(tmp) if sidecar else None
             upload(tmp, dest)
             if sidecar:
-                _write_sidecar(dest, digest, size=tmp.stat().st_size)
+                etag = _etag(dest) if _is_object_store(dest) else None
+                _write_sidecar(dest, digest, size=tmp.stat().st_size, etag=etag)
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -102,10 +130,12 @@ def sidecar_path(target: PathLike) -> UPath | Path:
     return dest.with_name(dest.name + SIDECAR_SUFFIX)
 
 
-def _write_sidecar(dest: UPath | Path, digest: str, size: int | None = None) -> None:
+def _write_sidecar(dest: UPath | Path, digest: str, size: int | None = None, etag: str | None = None) -> None:
     record = {"sha256": digest, "size": size if size is not None else dest.stat().st_size}
     if isinstance(dest, Path):
         record["mtime_ns"] = dest.stat().st_mtime_ns
+    if etag:
+        record["etag"] = etag
     data = json.dumps(record).encode()
     side = sidecar_path(dest)
     if isinstance(side, Path):
@@ -130,16 +160,17 @@ def recorded_hash(target: PathLike) -> dict | None:
         return None
 
 
-def verify(target: PathLike) -> str | None:
+def verify(target: PathLike, content: PathLike | None = None) -> str | None:
     """Check ``target`` against its sidecar; return its SHA-256 (None when it has no sidecar).
 
+    ``content``: a local copy of ``target`` to hash instead (``verified_local_copy``: one download, not two).
     Raises IntegrityError, naming the file, when the content differs from what was written."""
     record = recorded_hash(target)
     if record is None:
         return None
-    actual = file_sha256(target)
+    actual = file_sha256(target if content is None else content)
     if actual != record.get("sha256"):
-        size = as_path(target).stat().st_size
+        size = as_path(target if content is None else content).stat().st_size
         what = "truncated" if size < record.get("size", size) else "altered"
         _mark_refused(target, record)
         raise IntegrityError(
@@ -176,6 +207,11 @@ def is_intact(target: PathLike) -> bool:
         return False
     if isinstance(p, Path) and st_size == record.get("size") and p.stat().st_mtime_ns == record.get("mtime_ns"):
         return True
+    if not isinstance(p, Path) and record.get("etag") and st_size == record.get("size"):
+        # an object's ETag changes whenever its bytes do: one HEAD instead of downloading it to hash it
+        with contextlib.suppress(OSError):
+            if _etag(p) == record["etag"]:
+                return True
     try:
         verify(target)
     except IntegrityError:
@@ -183,19 +219,18 @@ def is_intact(target: PathLike) -> bool:
     return True
 
 
-# Object stores whose put_file makes the object visible only once the whole upload has succeeded.
-ATOMIC_PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"})
-
-
 def upload(local: Path, dest: UPath) -> None:
-    """Copy a complete local file to ``dest`` on its fsspec filesystem so no reader sees part of it."""
+    """Copy a complete local file to ``dest`` on its fsspec filesystem so no reader sees part of it.
+
+    On an object store that is one PUT (or a multipart upload, completed only once every part is in): no
+    "directory" is made first, because s3fs's mkdir creates the bucket when it is missing, and a mistyped
+    bucket in REVERSE_SD_HOME must be an error, not a new bucket."""
     fs = dest.fs
-    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    with contextlib.suppress(FileExistsError, NotImplementedError):
-        dest.parent.mkdir(parents=True, exist_ok=True)
-    if protocols & ATOMIC_PUT_PROTOCOLS:
+    if _is_object_store(dest):
         fs.put_file(str(local), dest.path)
         return
+    with contextlib.suppress(FileExistsError, NotImplementedError):
+        dest.parent.mkdir(parents=True, exist_ok=True)
     staging = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
     try:
         fs.put_file(str(local), staging.path)
@@ -222,14 +257,32 @@ def write_text(text: str, target: PathLike) -> None:
     write_bytes(text.encode("utf-8"), target)
 
 
+@contextlib.contextmanager
+def verified_local_copy(target: PathLike) -> Iterator[Path]:
+    """A local file holding ``target``'s content, checked against its sidecar (IntegrityError if damaged).
+
+    A local artifact is itself; a remote one is downloaded once to a temporary file, which is hashed and then
+    read (removed afterwards): a reader never hashes one version of an object and reads another."""
+    p = as_path(target)
+    if isinstance(p, Path):
+        verify(p)
+        yield p
+        return
+    fd, name = tempfile.mkstemp(suffix=p.suffix)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        p.fs.get_file(p.path, str(tmp))
+        verify(target, content=tmp)
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def read_parquet(path: PathLike, columns: list[str] | None = None) -> pl.DataFrame:
     """Read a Parquet artifact after checking it against its recorded hash (IntegrityError if damaged)."""
-    verify(path)
-    p = as_path(path)
-    if isinstance(p, Path):
-        return pl.read_parquet(p, columns=columns)
-    with p.open("rb") as f:
-        return pl.read_parquet(f, columns=columns)
+    with verified_local_copy(path) as local:
+        return pl.read_parquet(local, columns=columns)
 
 
 def exists(path: PathLike) -> bool:

@@ -24,8 +24,9 @@ REVERSE_SD_OBSERVE_CRON             when the observe schedule looks for a new Di
 
 Every number is bounded, and the bound is in the error.  REVERSE_SD_HOME's URL scheme must be one fsspec knows
 (checked here); check_storage_root also wants its driver installed and refuses in-process storage (memory://),
-which the processes that run the steps cannot see.  check_source refuses a hub dataset id when the hub cannot
-be reached (HF_HUB_OFFLINE, or no answer), before anything runs.
+which the processes that run the steps cannot see, and asks an object store (s3://bucket/prefix, the endpoint
+from AWS_ENDPOINT_URL_S3) for its bucket and a probe write before anything runs.  check_source refuses a hub
+dataset id when the hub cannot be reached (HF_HUB_OFFLINE, or no answer), before anything runs.
 """
 
 from __future__ import annotations
@@ -433,6 +434,7 @@ def check_storage_root(settings: Settings, create: bool = True) -> None:
     """
     if "://" in settings.home and not settings.home.startswith("file://"):
         _check_url_root(settings.home)
+        _check_object_store_root(settings.home, create)
         return
     root = Path(settings.home.removeprefix("file://"))
     if root.exists() and not root.is_dir():
@@ -476,6 +478,40 @@ def _check_url_root(url: str) -> None:
                 f"{name} lives in this process's memory ({scheme}://), which the processes that run the steps "
                 "cannot see: use a local directory or an object store (s3://bucket/prefix)"
             )
+
+
+def _check_object_store_root(url: str, create: bool) -> None:
+    """An object-store root (s3://bucket/prefix) answers now, not in the middle of a run: the endpoint is
+    reachable, the credentials are accepted and the bucket exists (a missing bucket is never created).
+    ``create``: a probe object is written under the prefix and deleted; otherwise (a dry run) the bucket is
+    only looked up."""
+    from pipeline import storage
+
+    root = storage.as_path(url)
+    if isinstance(root, Path) or url.split("://", 1)[0].lower() not in storage.ATOMIC_PUT_PROTOCOLS:
+        return
+    bucket = root.path.strip("/").split("/", 1)[0]
+    name = f"REVERSE_SD_HOME={url!r}"
+    try:
+        if not root.fs.exists(bucket):
+            raise FileNotFoundError(f"bucket {bucket!r} does not exist")
+        if create:
+            probe = root / f".write-probe-{os.getpid()}"
+            root.fs.pipe_file(probe.path, b"")
+            root.fs.rm_file(probe.path)
+    except Exception as exc:  # botocore / aiohttp / fsspec errors: say which, in one line
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        what = "cannot be written" if create else "cannot be read"
+        raise SettingsError(f"{name} {what}: {reason} ({_endpoint(url)})") from None
+
+
+def _endpoint(url: str) -> str:
+    if url.split("://", 1)[0].lower() in ("s3", "s3a"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            return f"endpoint {endpoint}"
+        return "AWS's own endpoint: set AWS_ENDPOINT_URL_S3 for another S3-compatible server"
+    return "the filesystem's default endpoint"
 
 
 def check_source(settings: Settings) -> None:

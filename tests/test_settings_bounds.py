@@ -119,10 +119,13 @@ def test_in_process_storage_is_refused_by_the_materialize_check_only():
 def test_a_known_scheme_without_its_driver_names_the_package():
     import importlib.util
 
-    if importlib.util.find_spec("s3fs") is not None:
-        pytest.skip("s3fs is installed here")
-    settings = load_settings({"REVERSE_SD_HOME": "s3://bucket/prefix"})  # known to fsspec: accepted
-    with pytest.raises(SettingsError, match=r"REVERSE_SD_HOME='s3://bucket/prefix': the 's3' filesystem is not .*s3fs"):
+    # s3fs is a dependency (REVERSE_SD_HOME=s3://...): gcs:// stands for a known scheme whose driver is missing
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed here")
+    settings = load_settings({"REVERSE_SD_HOME": "gcs://bucket/prefix"})  # known to fsspec: accepted
+    with pytest.raises(
+        SettingsError, match=r"REVERSE_SD_HOME='gcs://bucket/prefix': the 'gcs' filesystem is not .*gcsfs"
+    ):
         check_storage_root(settings)
 
 

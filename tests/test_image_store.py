@@ -289,3 +289,14 @@ def test_a_build_killed_mid_write_leaves_no_file_and_the_next_build_is_complete(
     n_val = sum(1 for s in split_of.values() if s == "val")
     assert done.stdout.split() == ["DONE", str(len(split_of) - n_val), str(n_val)]
     assert sorted(p.name.split("-")[0] for p in cache.glob("*.arrow")) == ["train", "val"]
+
+
+def test_an_empty_split_builds_an_empty_column(tmp_path):
+    """A tiny sample can leave a split empty (1 part x 24 images: 0 test pairs); it must not fail the others."""
+    from pipeline.data.image_store import split_images_many
+
+    requests = {"train": _rows(["a0", "a1"]), "test": _rows(["a0"]).head(0)}
+    built = split_images_many(requests, PartReader(), lambda p: "v", tmp_path)
+    assert built["train"][1] == ["a0", "a1"]
+    column, found = built["test"]
+    assert found == [] and len(column) == 0

@@ -203,7 +203,9 @@ def split_images_many(
             break
     out = {}
     for n, rows in requests.items():
-        file_rows = pl.DataFrame({"image_id": columns[n].file_image_ids}).with_row_index("file_row")
+        file_rows = pl.DataFrame(
+            {"image_id": pl.Series(columns[n].file_image_ids, dtype=pl.String)}  # typed: a split may be empty
+        ).with_row_index("file_row")
         found = rows.select("image_id").with_row_index("position").join(file_rows, on="image_id", how="inner")
         found = found.sort("position")
         out[n] = (ImageColumn(paths[n], found["file_row"].to_numpy()), found["image_id"].to_list())

@@ -146,7 +146,13 @@ def stale_reason(
         return "code version changed"
     for entry in event.metadata.values():  # the artifacts it wrote (path metadata): gone, truncated or altered
         local = entry.value if isinstance(entry, dg.PathMetadataValue) else None
-        if not isinstance(local, str) or "://" in local:
+        if not isinstance(local, str):
+            continue
+        if "://" in local:  # an object store: one HEAD and the sidecar when unchanged (pipeline/storage.py)
+            if not storage.exists(local):
+                return f"artifact missing: {local}"
+            if not storage.is_intact(local):
+                return f"artifact damaged: {local}"
             continue
         if records.root is not None:
             moved = under_root(local, key, records.root)

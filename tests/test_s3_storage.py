@@ -376,3 +376,30 @@ def test_materialize_into_the_bucket_then_predict_reads_the_bank_from_it(client,
     record = json.loads(predicted.stdout.strip().splitlines()[-1])
     bank = set(storage.read_parquet(f"{root}/prompt_bank.parquet")["prompt"].to_list())
     assert len(record["prompts"]) == 3 and all(p["prompt"] in bank for p in record["prompts"]), record
+
+
+def test_stale_planning_sees_a_missing_or_damaged_object(client, bucket):
+    """--stale judges artifacts in a bucket too (they used to be skipped): missing, damaged, intact."""
+    import dagster as dg
+
+    from assets.staleness import _Records, stale_reason
+
+    res = StorageResource(root=f"s3://{bucket}/plan")
+    target = str(res.write_table(FRAME, "prompt_bank"))
+
+    @dg.asset
+    def prompt_bank():
+        """Stands in for the real asset: only its records matter here."""
+
+    graph = dg.Definitions(assets=[prompt_bank]).resolve_asset_graph()
+    key = dg.AssetKey("prompt_bank")
+    with dg.instance_for_test() as instance:
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(asset_key=key, metadata={"path": dg.MetadataValue.path(target)})
+        )
+        assert stale_reason(key, None, [], _Records(instance, graph, root=res.root)) is None
+        good = _get(client, bucket, "plan/prompt_bank.parquet")
+        client.put_object(Bucket=bucket, Key="plan/prompt_bank.parquet", Body=good[:100])
+        assert stale_reason(key, None, [], _Records(instance, graph, root=res.root)) == f"artifact damaged: {target}"
+        client.delete_object(Bucket=bucket, Key="plan/prompt_bank.parquet")
+        assert stale_reason(key, None, [], _Records(instance, graph, root=res.root)) == f"artifact missing: {target}"

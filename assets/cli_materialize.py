@@ -14,6 +14,7 @@ from pathlib import Path
 def materialize_command(args: argparse.Namespace) -> int:
     from pipeline.storage import RootBusy, RootLock
     from resources.settings import (
+        SettingsError,
         available_cores,
         check_source,
         check_storage_root,
@@ -53,8 +54,8 @@ def materialize_command(args: argparse.Namespace) -> int:
         return 3
     try:
         return _materialize_locked(args, settings, workers)
-    except KeyboardInterrupt:
-        raise
+    except (KeyboardInterrupt, SettingsError):
+        raise  # a settings error is main()'s one line, exit 2
     except Exception as exc:  # noqa: BLE001 - one line for the user; the instance keeps the details
         if args.verbose:
             raise

@@ -155,7 +155,7 @@ def test_encoder_loads_from_a_trained_models_checkpoint(tmp_path):
     assert all(torch.equal(v, expected[k]) for k, v in encoder.state_dict().items())
     seed_everything(0)
     save_checkpoint(tmp_path / "vit", create_model("vit", variant="tiny", vocab_size=4), index=1)
-    with pytest.raises(ValueError, match="not unet"):
+    with pytest.raises(ValueError, match="trained for backbone vit; this is unet"):
         load_finetuned_encoder(tmp_path / "vit")
 
 

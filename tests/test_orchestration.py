@@ -244,6 +244,7 @@ def test_kill_minus_nine_of_a_run_worker_or_the_cli_and_sigterm_then_stale_compl
             os.environ["DAGSTER_HOME"] = old_home
 
 
+@pytest.mark.extended  # several CLI invocations, each with its own `dagster dev`
 def test_two_invocations_on_one_storage_root_and_a_failure_in_one_line(tmp_path, monkeypatch):
     """While another invocation holds the storage root (here the test holds its lock), a second one says so in
     one line and computes nothing; with --wait it queues behind it, then runs."""
@@ -309,6 +310,7 @@ def _materializations(instance, key: str) -> dict[str, list]:
     return by_part
 
 
+@pytest.mark.extended  # several CLI invocations, each with its own `dagster dev`
 def test_parts_run_in_ranges_each_part_keeps_its_metadata_and_a_bad_part_fails_alone(tmp_path, monkeypatch):
     """Ranged runs pay Dagster's per-run cost once per range of parts; each part still gets its own metadata
     in the UI, and a range that fails is re-run part by part so only the bad part fails (in one line)."""

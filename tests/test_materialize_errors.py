@@ -45,3 +45,32 @@ def test_a_dry_run_on_a_fresh_root_writes_nothing_there(tmp_path):
     assert "would register 2 new DiffusionDB parts" in result.stdout
     assert "diffusiondb_parts [2]: part-000001 part-000002" in result.stdout
     assert not (tmp_path / "data").exists()
+
+
+def test_progress_is_a_live_line_per_stage_on_a_terminal_and_heartbeats_elsewhere(tmp_path, capsys):
+    import dagster as dg
+
+    from assets.cli_materialize import _ProgressView
+    from assets.orchestration import Outcome, Plan, Progress, Unit
+
+    units = [Unit("j", (dg.AssetKey("trained_models"),), f"p{i}", True) for i in range(4)]
+    plan = Plan(units, {i: set() for i in range(4)})
+    active = Progress(active={"r": 3})
+    live = _ProgressView(plan, verbose=False, log_path=tmp_path / "log")
+    live.live = True
+    live.done(Outcome(units[0], "run-a", True, seconds=2.0))
+    live.done(Outcome(units[1], "run-b", False, ["boom"], "trace", seconds=2.0))
+    live.tick(active)
+    err = capsys.readouterr().err
+    assert "FAILED trained_models[p1]" in err and "1/4 done, 1 failed" in err
+    assert "trace" in (tmp_path / "log").read_text()  # the full error goes to the log file
+
+    quiet = _ProgressView(plan, verbose=False, log_path=tmp_path / "log2")
+    quiet.live = False
+    quiet.done(Outcome(units[0], "run-c", True, seconds=1.0))
+    assert capsys.readouterr().err.startswith("done trained_models[p0] in 1.0 s")  # a line per finished run
+    quiet.tick(active)
+    assert capsys.readouterr().err == ""  # nothing new within the heartbeat
+    quiet.last_line -= quiet.HEARTBEAT
+    quiet.tick(active)
+    assert capsys.readouterr().err.startswith("... 1 run(s) queued or running, 1 partitions done")

@@ -155,7 +155,9 @@ def test_new_part_stales_that_part_and_downstream_only(sample_run, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(home.parent, copy, ignore=shutil.ignore_patterns("*.sock"))
     copied_env = {**env, "REVERSE_SD_HOME": str(copy / "data"), "DAGSTER_HOME": str(copy / "dagster_home")}
-    (mirror,) = (copy / "data" / "sample_mirror").glob("*x*")  # named by the sample's settings
+    (mirror,) = [
+        p for p in (copy / "data" / "sample_mirror").glob("*x*") if p.is_dir()
+    ]  # named by the sample's settings
     generate_sample_mirror(mirror, n_parts=1, images_per_part=20, first_part=5)
     plan = _stale_plan(copied_env)
     assert plan["diffusiondb_parts"] == ["part-000005"]  # old parts untouched
@@ -176,7 +178,7 @@ def test_a_vanished_part_is_unregistered_and_stale_rebuilds_without_it(sample_ru
     copy = tmp_path / "copy"
     shutil.copytree(home.parent, copy, ignore=shutil.ignore_patterns("*.sock"))
     copied_env = {**env, "REVERSE_SD_HOME": str(copy / "data"), "DAGSTER_HOME": str(copy / "dagster_home")}
-    (mirror,) = (copy / "data" / "sample_mirror").glob("*x*")
+    (mirror,) = [p for p in (copy / "data" / "sample_mirror").glob("*x*") if p.is_dir()]
     (mirror / "images" / "part-000002.zip").unlink()
     dry = _run_cli(["materialize", "--stale", "--dry-run"], copied_env, timeout=300)
     assert "would unregister 1 part the source no longer lists: part-000002" in dry.stdout, dry.stdout

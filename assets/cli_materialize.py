@@ -112,11 +112,7 @@ def _materialize_locked(args, settings, workers: int) -> int:
         if args.select:
             _check_selection(defs, args.select)
         instance = dg.DagsterInstance.get()
-        new_parts, gone = sync_parts(instance, defs.resources["diffusiondb"].source().list_parts())
-        if new_parts:
-            print(f"registered {_count(len(new_parts), 'new DiffusionDB part')}: {new_parts[0]} .. {new_parts[-1]}")
-        if gone:
-            print(f"unregistered {_count(len(gone), 'part')} the source no longer lists: {', '.join(gone[:10])}")
+        listed = defs.resources["diffusiondb"].source().list_parts()
         runs = orch.InstanceRuns(server.ready().url, instance)
         mismatch = server.settings_mismatch(
             {
@@ -131,6 +127,11 @@ def _materialize_locked(args, settings, workers: int) -> int:
                 file=sys.stderr,
             )
             return 2
+        new_parts, gone = sync_parts(instance, listed)  # only once the server is known to run these settings
+        if new_parts:
+            print(f"registered {_count(len(new_parts), 'new DiffusionDB part')}: {new_parts[0]} .. {new_parts[-1]}")
+        if gone:
+            print(f"unregistered {_count(len(gone), 'part')} the source no longer lists: {', '.join(gone[:10])}")
         orphans = orch.orphaned_queued_runs(instance, settings.home)
         if orphans:
             orch.stop_runs(runs, orphans)

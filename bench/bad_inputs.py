@@ -60,6 +60,18 @@ def bomb_png(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
+def print_cases(kind: str, rows: list[tuple[str, str, str, bool]]) -> int:
+    """The table of (case, expected, observed, as expected) rows; 1 when any case was unexpected."""
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    print()
+    print(f"{'case':<{widths[0]}}  {'expected':<{widths[1]}}  observed")
+    for name, expected, observed, ok in rows:
+        print(f"{name:<{widths[0]}}  {expected:<{widths[1]}}  {observed}{'' if ok else '   <-- UNEXPECTED'}")
+    bad = sum(1 for r in rows if not r[3])
+    print(f"{kind} cases: {len(rows)}, unexpected: {bad} (goal 0)")
+    return 1 if bad else 0
+
+
 def symlink(name: str) -> zipfile.ZipInfo:
     info = zipfile.ZipInfo(name)
     info.create_system = 3
@@ -330,14 +342,7 @@ def settings_hostile_cases() -> int:
             )
         )
 
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    print()
-    print(f"{'case':<{widths[0]}}  {'expected':<{widths[1]}}  observed")
-    for name, expected, observed, ok in rows:
-        print(f"{name:<{widths[0]}}  {expected:<{widths[1]}}  {observed}{'' if ok else '   <-- UNEXPECTED'}")
-    bad = sum(1 for r in rows if not r[3])
-    print(f"settings cases: {len(rows)}, unexpected: {bad} (goal 0)")
-    return 1 if bad else 0
+    return print_cases("settings", rows)
 
 
 def main() -> int:
@@ -647,14 +652,7 @@ def predict_hostile_cases() -> int:
             code == 2 and len(errors(err)) == 1 and "pickle" in err,
         )
 
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    print()
-    print(f"{'case':<{widths[0]}}  {'expected':<{widths[1]}}  observed")
-    for name, expected, observed, ok in rows:
-        print(f"{name:<{widths[0]}}  {expected:<{widths[1]}}  {observed}{'' if ok else '   <-- UNEXPECTED'}")
-    bad = sum(1 for r in rows if not r[3])
-    print(f"predict cases: {len(rows)}, unexpected: {bad} (goal 0)")
-    return 1 if bad else 0
+    return print_cases("predict", rows)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,16 +65,53 @@ def _spec(tmp_path: Path, name: str, curriculum: bool) -> Path:
     return path
 
 
-@pytest.mark.extended
-def test_two_process_ddp_matches_single_process(tmp_path):
+def _toy_files(tmp_path: Path) -> None:
     images, targets, labels = toy_data(26)
     _write_pairs(tmp_path / "train.parquet", images[:18], targets[:18], labels[:18])  # 18: a short last batch
     _write_pairs(tmp_path / "val.parquet", images[18:], targets[18:], labels[18:])
     np.savez(tmp_path / "stages.npz", stage_0=np.arange(0, 16, 2), stage_1=np.arange(18))
 
+
+def _launch_env() -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
         env.pop(key, None)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _assert_matches_single(tmp_path: Path, metrics: dict) -> None:
+    """The multi-process checkpoint equals a single-process run's over the same global batches."""
+    single = ddp_train.run(json.loads(_spec(tmp_path, "single", curriculum=True).read_text()))
+    assert single["extra"]["world_size"] == 1
+    ddp_state, _ = load_model_weights(metrics["checkpoint_path"])
+    single_state, _ = load_model_weights(single["checkpoint_path"])
+    init = make_tiny_model(0, dropout=0.0).state_dict()
+    assert not torch.allclose(ddp_state["head.weight"], init["head.weight"])
+    # Even stage sizes (8, 18): no padding, so both runs see the same global batches (the last one of 2
+    # samples as 1 + 1) and differ only by float summation order.
+    for k in single_state:
+        assert torch.allclose(ddp_state[k], single_state[k], atol=1e-5, rtol=1e-4), k
+
+
+def _rank_lines(output: str) -> list[dict]:
+    records = []
+    for line in output.splitlines():
+        start = line.find('{"event": "rank_done"')
+        if start >= 0:
+            records.append(json.loads(line[start:]))
+    return records
+
+
+@pytest.mark.extended
+def test_two_process_ddp_matches_single_process(tmp_path):
+    _toy_files(tmp_path)
+    env = _launch_env()
     command = [
         sys.executable,
         "-m",
@@ -92,15 +131,42 @@ def test_two_process_ddp_matches_single_process(tmp_path):
     assert metrics["extra"]["world_size"] == 2
     assert metrics["extra"]["replica_max_abs_diff"] == 0.0  # both ranks hold the same weights
     assert [h["stage"] for h in metrics["history"]] == [0, 1]
+    _assert_matches_single(tmp_path, metrics)
 
-    single = ddp_train.run(json.loads(_spec(tmp_path, "single", curriculum=True).read_text()))
-    assert single["extra"]["world_size"] == 1
 
-    ddp_state, _ = load_model_weights(metrics["checkpoint_path"])
-    single_state, _ = load_model_weights(single["checkpoint_path"])
-    init = make_tiny_model(0, dropout=0.0).state_dict()
-    assert not torch.allclose(ddp_state["head.weight"], init["head.weight"])
-    # Even stage sizes (8, 18): no padding, so both runs see the same global batches (the last one of 2
-    # samples as 1 + 1) and differ only by float summation order.
-    for k in single_state:
-        assert torch.allclose(ddp_state[k], single_state[k], atol=1e-5, rtol=1e-4), k
+@pytest.mark.extended
+def test_two_node_rendezvous_matches_single_process(tmp_path):
+    """Two torchrun agents (--nnodes 2, one process each, c10d rendezvous on 127.0.0.1, gloo over lo): the
+    first holds the spec and hosts the rendezvous, the second joins with the spec-less command a second
+    machine runs.  Both ranks must report a world of 2, the second having taken the spec from the store."""
+    _toy_files(tmp_path)
+    env = {**_launch_env(), "GLOO_SOCKET_IFNAME": "lo"}
+    endpoint = f"127.0.0.1:{_free_port()}"
+    rdzv = {"nnodes": 2, "rdzv_endpoint": endpoint, "rdzv_id": f"test-{os.getpid()}", "join_timeout_s": 120}
+    node0 = ddp_train.torchrun_command(_spec(tmp_path, "ddp", curriculum=True), 1, **rdzv)
+    node1 = ddp_train.join_command(1, python=sys.executable, **rdzv)
+    started = time.monotonic()
+    first = subprocess.Popen(node0, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    second = subprocess.Popen(node1, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out0, _ = first.communicate(timeout=300)
+        out1, _ = second.communicate(timeout=60)
+    finally:
+        for proc in (first, second):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    elapsed = time.monotonic() - started
+    assert first.returncode == 0 and second.returncode == 0, out0[-3000:] + "\n-----\n" + out1[-3000:]
+
+    ranks0, ranks1 = _rank_lines(out0), _rank_lines(out1)
+    assert len(ranks0) == 1 and len(ranks1) == 1, out0[-2000:] + out1[-2000:]
+    assert {ranks0[0]["rank"], ranks1[0]["rank"]} == {0, 1}
+    assert ranks0[0]["world_size"] == ranks1[0]["world_size"] == 2
+    assert ranks0[0]["spec"] == "given" and ranks1[0]["spec"] == "joined"
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["extra"]["world_size"] == 2
+    assert metrics["extra"]["replica_max_abs_diff"] == 0.0
+    assert [h["stage"] for h in metrics["history"]] == [0, 1]
+    _assert_matches_single(tmp_path, metrics)
+    print(f"two-node rendezvous run: {elapsed:.1f} s")

@@ -11,6 +11,7 @@ import polars as pl
 from assets.common import (
     OBSERVE_CRON,
     PROFILE_CONFIG,
+    SETTINGS,
     artifact_metadata,
     code_version,
     markdown_table,
@@ -20,13 +21,12 @@ from assets.data import filtered_pairs, prompt_embeddings, vocabulary, vocabular
 from assets.plots import histogram_png, line_plot_png, md_image
 from pipeline.constants import BACKBONE_NAMES
 from pipeline.constants import RECIPES as RECIPE_NAMES
-from pipeline.evaluation.report import mean_cosine
+from pipeline.metrics import mean_cosine, mean_embedding_baseline
 from pipeline.training.pairs import (
     SplitData,
     embedding_series,
     join_pairs,
     load_split,
-    mean_embedding_baseline,
     split_rows,
 )
 from resources import ComputeResource, StorageResource
@@ -233,7 +233,8 @@ def trained_models(
     def on_log(record: dict) -> None:
         context.log.info(f"{backbone}/{recipe}: " + ", ".join(f"{k}={v}" for k, v in record.items()))
 
-    if compute.nproc_per_node > 1:
+    nodes = rendezvous(SETTINGS)
+    if compute.nproc_per_node > 1 or nodes:
         model_kwargs = dict(
             backbone=backbone, variant=compute.backbone_variant, vocab_size=vocab_size, pretrained=compute.pretrained
         )
@@ -247,7 +248,10 @@ def trained_models(
             config,
             checkpoint_dir,
             stages,
-            cache_dir=storage.local_dir("feature_cache"),
+            # several nodes: no one local directory every rank sees, so each rank runs the frozen prefix itself
+            cache_dir=None if nodes else storage.local_dir("feature_cache"),
+            nodes=nodes,
+            shared_dir=storage.path("ddp_runs", context.run_id, backbone, recipe) if nodes else None,
         )
     else:
         model = _create(backbone, compute, vocab_size)
@@ -283,20 +287,54 @@ def trained_models(
     )
 
 
+def rendezvous(settings) -> dict | None:
+    """The torchrun rendezvous of multi-node training from the settings (REVERSE_SD_TRAIN_NNODES > 1), as
+    keyword arguments of pipeline.training.ddp.torchrun_command / join_command; None on one node."""
+    if settings.train_nnodes <= 1:
+        return None
+    return {
+        "nnodes": settings.train_nnodes,
+        "rdzv_endpoint": settings.train_rdzv_endpoint,
+        "rdzv_id": settings.train_rdzv_id,
+        "join_timeout_s": settings.train_join_timeout_s,
+    }
+
+
 def _train_with_torchrun(
-    context, pipes, compute, model_kwargs, train, val, config, checkpoint_dir, stages, cache_dir=None
+    context,
+    pipes,
+    compute,
+    model_kwargs,
+    train,
+    val,
+    config,
+    checkpoint_dir,
+    stages,
+    cache_dir=None,
+    nodes: dict | None = None,
+    shared_dir: str | None = None,
 ):
     """DistributedDataParallel over compute.nproc_per_node processes: torchrun launched through Dagster
     Pipes (its output streams into the run's logs), pipeline.training.ddp in each process, the same
-    checkpoints and resume as in-process training."""
+    checkpoints and resume as in-process training.
+
+    ``nodes`` (from ``rendezvous``): this step's torchrun is node 0 of a multi-node run; it hosts the c10d
+    rendezvous and waits for the other nodes' agents (the join command, logged here).  The spec and its
+    files then go to ``shared_dir`` on the storage root, which every node reads (an object store or a shared
+    filesystem), and are removed when the step ends."""
+    import contextlib
     import json
     import tempfile
 
-    from pipeline.training.ddp import torchrun_command, write_spec
+    from pipeline import storage as artifact_storage
+    from pipeline.training.ddp import join_command, torchrun_command, write_spec
     from pipeline.training.loop import TrainResult
 
     with_labels = model_kwargs["vocab_size"] > 0
-    with tempfile.TemporaryDirectory(prefix="reverse-sd-ddp-") as workdir:
+    with contextlib.ExitStack() as stack:
+        if shared_dir:
+            stack.callback(_remove_tree, shared_dir)
+        workdir = shared_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="reverse-sd-ddp-"))
         spec = write_spec(
             workdir,
             model_kwargs=model_kwargs,
@@ -306,15 +344,38 @@ def _train_with_torchrun(
             checkpoint_dir=checkpoint_dir,
             stages=stages,
             cache_dir=cache_dir,
+            shared=nodes is not None,
         )
-        command = torchrun_command(spec, compute.nproc_per_node)
+        command = torchrun_command(spec, compute.nproc_per_node, **(nodes or {}))
         context.log.info("launching " + " ".join(command))
+        if nodes:
+            context.log.info(
+                f"waiting up to {nodes['join_timeout_s']} s for the other {nodes['nnodes'] - 1} node(s); on each run "
+                "(same project, same REVERSE_SD_HOME): " + " ".join(join_command(compute.nproc_per_node, **nodes))
+            )
         launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
         env = {k: v for k, v in os.environ.items() if k not in launcher_vars}  # torchrun sets its own
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_DIR), env.get("PYTHONPATH")]))
         pipes.run(command=command, context=context, env=env, cwd=str(PROJECT_DIR))
-        metrics = json.loads((spec.parent / "metrics.json").read_text())
+        metrics_path = f"{workdir.rstrip('/')}/metrics.json"
+        with artifact_storage.verified_local_copy(metrics_path) as local:
+            metrics = json.loads(local.read_text())
     return TrainResult(**metrics)
+
+
+def _remove_tree(url: str) -> None:
+    """Best effort: a multi-node run's spec files on the storage root, once its step ends."""
+    import contextlib
+    import shutil
+
+    from pipeline.storage import as_path
+
+    p = as_path(url)
+    with contextlib.suppress(OSError, FileNotFoundError):
+        if hasattr(p, "fs"):
+            p.fs.rm(p.path, recursive=True)
+        else:
+            shutil.rmtree(p)
 
 
 @dg.asset(

@@ -17,6 +17,10 @@ REVERSE_SD_TRAIN_<BACKBONE>_EPOCHS / _LR     one backbone's epochs (1 to 10,000)
 REVERSE_SD_SPLIT_SEED               seed of the train / val / test split (0 to 2**32 - 1)
 REVERSE_SD_CAPTIONERS               comma-separated captioners to fine-tune (default blip)
 REVERSE_SD_NPROC_PER_NODE           training processes per machine (1 to 64), or "gpus" (default 1)
+REVERSE_SD_TRAIN_NNODES             machines that train one model together (1 to 1,024; default 1); above 1 needs:
+REVERSE_SD_TRAIN_RDZV_ENDPOINT      host:port of the torchrun c10d rendezvous, on the machine that runs the step
+REVERSE_SD_TRAIN_RDZV_ID            the rendezvous id every node passes (letters, digits, . _ -; default reverse-sd)
+REVERSE_SD_TRAIN_JOIN_TIMEOUT       seconds the step waits for the other nodes to join (10 to 86,400; default 600)
 REVERSE_SD_DEVICE                   auto | cpu | cuda | cuda:N: where models run (default auto: CUDA when present)
 REVERSE_SD_LOADER_WORKERS           DataLoader worker processes (default: the cores available, at most 8; at most
                                     the cores this process may use)
@@ -58,11 +62,16 @@ MAX_EPOCHS = 10_000
 MAX_LR = 10.0
 MAX_SEED = 2**32 - 1
 MAX_NPROC_PER_NODE = 64
+MAX_NNODES = 1_024
+MIN_JOIN_TIMEOUT_S, MAX_JOIN_TIMEOUT_S = 10, 86_400
+DEFAULT_RDZV_ID = "reverse-sd"
 # The generated sample's fixed generator settings (its seed and image size), part of the mirror's directory name.
 SAMPLE_SEED = 0
 SAMPLE_IMAGE_SIZE = 256
 _PER_BACKBONE = re.compile(r"REVERSE_SD_TRAIN_([A-Z0-9]+)_(EPOCHS|LR)")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+_RDZV_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\]")
+_RDZV_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class SettingsError(ValueError):
@@ -85,6 +94,10 @@ class Settings:
     split_seed: int = 0
     captioners: tuple[str, ...] | None = None  # None: the profile's default
     nproc_per_node: int | str = 1  # an integer, or "gpus" (resolved when resources are built)
+    train_nnodes: int = 1  # REVERSE_SD_TRAIN_NNODES: machines in one torchrun rendezvous
+    train_rdzv_endpoint: str | None = None  # host:port, required when train_nnodes > 1
+    train_rdzv_id: str = DEFAULT_RDZV_ID
+    train_join_timeout_s: int = 600
     device: str = "auto"
     loader_workers: int | None = None  # None: cores available, at most MAX_LOADER_WORKERS
     hf_token_set: bool = False
@@ -220,7 +233,7 @@ def _captioners(env: Mapping[str, str]) -> tuple[str, ...] | None:
     raw = _text(env, "REVERSE_SD_CAPTIONERS")
     if not raw:
         return None
-    from pipeline.captioning.captioner import available_captioners
+    from pipeline.captioning import available_captioners
 
     names = tuple(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
     unknown = [n for n in names if n not in available_captioners()]
@@ -241,6 +254,33 @@ def _nproc(env: Mapping[str, str]) -> int | str:
             f"REVERSE_SD_NPROC_PER_NODE={raw[:40]!r} must be an integer from 1 to {MAX_NPROC_PER_NODE}, or 'gpus'"
         )
     return int(raw)
+
+
+def _rdzv_endpoint(env: Mapping[str, str], nnodes: int) -> str | None:
+    """REVERSE_SD_TRAIN_RDZV_ENDPOINT: host:port (port 1 to 65535); required with REVERSE_SD_TRAIN_NNODES > 1."""
+    name = "REVERSE_SD_TRAIN_RDZV_ENDPOINT"
+    raw = _text(env, name)
+    if not raw:
+        if nnodes > 1:
+            raise SettingsError(
+                f"REVERSE_SD_TRAIN_NNODES={nnodes} needs {name}=host:port, the rendezvous on the machine that "
+                "runs the training step"
+            )
+        return None
+    host, _, port = raw.rpartition(":")
+    if not (_RDZV_HOST.fullmatch(host) and port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
+        raise SettingsError(f"{name}={raw[:80]!r} must be host:port, with a port from 1 to 65535")
+    return raw
+
+
+def _rdzv_id(env: Mapping[str, str]) -> str:
+    raw = _text(env, "REVERSE_SD_TRAIN_RDZV_ID") or DEFAULT_RDZV_ID
+    if not _RDZV_ID.fullmatch(raw):
+        raise SettingsError(
+            f"REVERSE_SD_TRAIN_RDZV_ID={raw[:80]!r} must be 1 to 64 letters, digits, '.', '_' or '-' "
+            "(starting with a letter or digit)"
+        )
+    return raw
 
 
 def _device(env: Mapping[str, str]) -> str:
@@ -387,6 +427,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     sample_images = _int(env, "REVERSE_SD_SAMPLE_IMAGES_PER_PART", 250, maximum=MAX_SAMPLE_IMAGES_PER_PART)
     default_source = sample_mirror_dir(home, sample_parts, sample_images) if profile == "sample" else HUB_DATASET
     dagster_home = _text(env, "DAGSTER_HOME") or str(PROJECT_DIR / ".dagster_home")
+    nnodes = _int(env, "REVERSE_SD_TRAIN_NNODES", 1, maximum=MAX_NNODES)
     return Settings(
         profile=profile,
         home=home,
@@ -401,6 +442,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         split_seed=_int(env, "REVERSE_SD_SPLIT_SEED", 0, minimum=0, maximum=MAX_SEED),
         captioners=_captioners(env),
         nproc_per_node=_nproc(env),
+        train_nnodes=nnodes,
+        train_rdzv_endpoint=_rdzv_endpoint(env, nnodes),
+        train_rdzv_id=_rdzv_id(env),
+        train_join_timeout_s=_int(
+            env, "REVERSE_SD_TRAIN_JOIN_TIMEOUT", 600, minimum=MIN_JOIN_TIMEOUT_S, maximum=MAX_JOIN_TIMEOUT_S
+        ),
         device=_device(env),
         loader_workers=_loader_workers(env),
         hf_token_set=bool(_text(env, "HF_TOKEN")),

@@ -170,3 +170,67 @@ def test_two_node_rendezvous_matches_single_process(tmp_path):
     assert [h["stage"] for h in metrics["history"]] == [0, 1]
     _assert_matches_single(tmp_path, metrics)
     print(f"two-node rendezvous run: {elapsed:.1f} s")
+
+
+@pytest.mark.extended
+def test_trained_models_trains_on_two_nodes_from_the_settings(tmp_path):
+    """REVERSE_SD_TRAIN_NNODES=2: the trained_models asset (materialized as in test_training_launch) starts
+    node 0's torchrun agent from the settings, writes the spec under the storage root and waits; the test
+    plays the second machine with the documented join command, in its retry loop, started before the step.
+    Both ranks report a world of 2, the model's metadata too, and the run's spec files are gone afterwards."""
+    from conftest import sample_env
+    from test_training_launch import DRIVER
+
+    endpoint = f"127.0.0.1:{_free_port()}"
+    settings = {
+        "REVERSE_SD_SAMPLE_PARTS": "1",
+        "REVERSE_SD_SAMPLE_IMAGES_PER_PART": "48",
+        "REVERSE_SD_TRAIN_EPOCHS": "1",
+        "REVERSE_SD_TRAIN_NNODES": "2",
+        "REVERSE_SD_TRAIN_RDZV_ENDPOINT": endpoint,
+        "REVERSE_SD_TRAIN_RDZV_ID": f"asset-{os.getpid()}",
+        "REVERSE_SD_TRAIN_JOIN_TIMEOUT": "300",
+        "GLOO_SOCKET_IFNAME": "lo",
+        "OMP_NUM_THREADS": "1",
+    }
+    env = sample_env(tmp_path, **settings)
+    (tmp_path / "dagster_home").mkdir()
+    join = ddp_train.join_command(1, nnodes=2, rdzv_endpoint=endpoint, rdzv_id=settings["REVERSE_SD_TRAIN_RDZV_ID"])
+    # The README's command for the other machine: retried until node 0's agent hosts the rendezvous.
+    loop = f"until {' '.join(join)}; do sleep 2; done"
+    joiner_env = {**_launch_env(), "GLOO_SOCKET_IFNAME": "lo", "REVERSE_SD_HOME": env["REVERSE_SD_HOME"]}
+    joiner_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), joiner_env.get("PATH", "")])
+    started = time.monotonic()
+    joiner = subprocess.Popen(
+        ["bash", "-c", loop], cwd=ROOT, env=joiner_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", DRIVER], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        )
+        elapsed = time.monotonic() - started
+        joined_out, _ = joiner.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        joiner.kill()
+        joined_out, _ = joiner.communicate()
+    finally:
+        if joiner.poll() is None:
+            joiner.kill()
+            joiner.wait()
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:] + "\n-----\n" + joined_out[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["success"], "\n".join(report["logs"][-20:]) + "\n-----\n" + joined_out[-3000:]
+    assert joiner.returncode == 0, joined_out[-3000:]
+    logs = "\n".join(report["logs"])
+    assert "--nnodes 2" in logs and f"--rdzv-endpoint {endpoint}" in logs and "--join" in logs
+    assert report["world_size"] == 2 and report["epochs"] == 1
+
+    joined = _rank_lines(joined_out)
+    assert len(joined) == 1 and joined[0]["world_size"] == 2 and joined[0]["spec"] == "joined", joined_out[-2000:]
+    assert joined[0]["rank"] in (0, 1)  # node 0's rank is the other one: the model's world_size is 2
+
+    data = tmp_path / "data"
+    checkpoint = Path(report["checkpoint"])
+    assert checkpoint.exists() and checkpoint.parent == data / "trained_models" / "vit" / "mlc"
+    assert not list((data / "ddp_runs").rglob("*.parquet"))  # the run's spec files removed when the step ended
+    print(f"trained_models on two nodes: {elapsed:.1f} s (sample 1 part x 48 images, data assets included)")

@@ -8,7 +8,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: run test test-extended ui install bench clean automation-start automation-stop automation-status
+.PHONY: run test test-extended test-cluster ui install bench clean automation-start automation-stop automation-status
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ test: install
 # The multi-process tests the default run leaves out (kill -9 recovery, torchrun, Postgres, bench dry run).
 test-extended: install
 	$(BIN)/python -m pytest -q -m extended
+
+# The Celery deployment (deploy/celery/) on loopback: Postgres, Redis, moto's S3 server, a code server, the
+# webserver, the daemon and two Celery workers in network namespaces; the whole graph into the bucket, one worker
+# killed with kill -9 mid-run, then --stale.  Installs Debian's postgresql and redis-server when missing (root).
+test-cluster: install
+	$(BIN)/python -m pytest -q -s -m cluster tests/cluster
 
 ui: install
 	mkdir -p $(DAGSTER_HOME)

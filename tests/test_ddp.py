@@ -234,3 +234,14 @@ def test_trained_models_trains_on_two_nodes_from_the_settings(tmp_path):
     assert checkpoint.exists() and checkpoint.parent == data / "trained_models" / "vit" / "mlc"
     assert not list((data / "ddp_runs").rglob("*.parquet"))  # the run's spec files removed when the step ended
     print(f"trained_models on two nodes: {elapsed:.1f} s (sample 1 part x 48 images, data assets included)")
+
+
+def test_readme_gives_the_join_and_launch_commands():
+    """The README's multi-node commands are what join_command / torchrun_command build (the test above runs
+    join_command's), so the documented command is the tested one."""
+    readme = " ".join((ROOT / "README.md").read_text().replace("\\\n", " ").split())
+    rdzv = {"nnodes": 2, "rdzv_endpoint": "host0:29400", "rdzv_id": "reverse-sd", "join_timeout_s": 600}
+    join = " ".join(ddp_train.join_command(1, **rdzv))
+    assert f"until {join}; do sleep 5; done" in readme
+    launch = ddp_train.torchrun_command("<root>/ddp_runs/<run id>/<backbone>/<recipe>/spec.json", 1, **rdzv)
+    assert " ".join(["python", *launch[1:]]) in readme

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from test_s3_storage import bucket, client, s3_endpoint, s3_env  # noqa: F401  (moto's S3 server fixtures)
 from test_training import make_tiny_model, toy_data
 
 from pipeline.training import ddp as ddp_train
@@ -245,3 +246,67 @@ def test_readme_gives_the_join_and_launch_commands():
     assert f"until {join}; do sleep 5; done" in readme
     launch = ddp_train.torchrun_command("<root>/ddp_runs/<run id>/<backbone>/<recipe>/spec.json", 1, **rdzv)
     assert " ".join(["python", *launch[1:]]) in readme
+
+
+@pytest.mark.extended
+def test_two_nodes_read_the_spec_from_an_object_store(bucket, s3_env, tmp_path):  # noqa: F811
+    """The shared root is an S3 bucket (moto's server): write_spec(shared=True) puts the spec, the pairs with
+    their images inline and the stages there; both agents read them through pipeline.storage, rank 0 (on
+    whichever node) writes the checkpoint and metrics.json back there, and the result equals one process's."""
+    from pipeline import storage
+    from pipeline.training.loop import TrainConfig
+
+    images, targets, labels = toy_data(26)
+    run_dir = f"s3://{bucket}/root/ddp_runs/run-1/toy/mlc_cl"
+    config = json.loads(_spec(tmp_path, "unused", curriculum=True).read_text())["config"]
+    spec_path = ddp_train.write_spec(
+        run_dir,
+        model_kwargs={"seed": 0, "dropout": 0.0},
+        train=(images[:18], targets[:18], labels[:18]),
+        val=(images[18:], targets[18:], labels[18:]),
+        config=TrainConfig(**config),
+        checkpoint_dir=f"s3://{bucket}/root/trained_models/toy/mlc_cl",
+        stages=[np.arange(0, 16, 2), np.arange(18)],
+        shared=True,
+    )
+    spec = json.loads(_s3_text(spec_path))
+    spec["model"]["factory"] = "test_training:make_tiny_model"
+    spec["loss"] = {"factory": "test_training:make_loss"}
+    storage.write_text(json.dumps(spec), spec_path)
+    assert not list(tmp_path.rglob("*.parquet"))  # nothing of the run on local disk
+
+    env = {**_launch_env(), **s3_env, "GLOO_SOCKET_IFNAME": "lo"}
+    rdzv = {"nnodes": 2, "rdzv_endpoint": f"127.0.0.1:{_free_port()}", "rdzv_id": "s3", "join_timeout_s": 120}
+    started = time.monotonic()
+    procs = [
+        subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for command in (
+            ddp_train.torchrun_command(spec_path, 1, **rdzv),
+            ddp_train.join_command(1, python=sys.executable, **rdzv),
+        )
+    ]
+    try:
+        outs = [proc.communicate(timeout=300)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    elapsed = time.monotonic() - started
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + "\n-----\n" + outs[1][-3000:]
+    ranks = [_rank_lines(out) for out in outs]
+    assert [len(r) for r in ranks] == [1, 1] and {r[0]["world_size"] for r in ranks} == {2}
+    assert {r[0]["spec"] for r in ranks} == {"given", "joined"}
+
+    metrics = json.loads(_s3_text(spec["metrics"]))
+    assert metrics["extra"]["world_size"] == 2 and metrics["checkpoint_path"].startswith(f"s3://{bucket}/")
+    _toy_files(tmp_path)  # the same pairs and stages, locally, for the single-process run
+    _assert_matches_single(tmp_path, metrics)  # the checkpoint read from the bucket
+    print(f"two-node run on the object store: {elapsed:.1f} s")
+
+
+def _s3_text(url: str) -> str:
+    from pipeline import storage
+
+    with storage.verified_local_copy(url) as local:
+        return Path(local).read_text()

@@ -373,9 +373,14 @@ def _remove_tree(url: str) -> None:
     p = as_path(url)
     with contextlib.suppress(OSError, FileNotFoundError):
         if hasattr(p, "fs"):
-            p.fs.rm(p.path, recursive=True)
-        else:
-            shutil.rmtree(p)
+            p.fs.rm(p.path, recursive=True)  # an object store has no directories to leave behind
+            return
+        shutil.rmtree(p)
+        for parent in p.parents:  # <recipe>, <backbone>, <run id>, ddp_runs: while empty
+            if parent.name == "ddp_runs":
+                parent.rmdir()
+                break
+            parent.rmdir()
 
 
 @dg.asset(

@@ -233,7 +233,7 @@ def test_trained_models_trains_on_two_nodes_from_the_settings(tmp_path):
     data = tmp_path / "data"
     checkpoint = Path(report["checkpoint"])
     assert checkpoint.exists() and checkpoint.parent == data / "trained_models" / "vit" / "mlc"
-    assert not list((data / "ddp_runs").rglob("*.parquet"))  # the run's spec files removed when the step ended
+    assert not (data / "ddp_runs").exists()  # the run's spec files removed when the step ended
     print(f"trained_models on two nodes: {elapsed:.1f} s (sample 1 part x 48 images, data assets included)")
 
 

@@ -192,7 +192,8 @@ def write_spec(
     return path
 
 
-def _rendezvous_flags(nnodes: int, rdzv_endpoint: str, rdzv_id: str, join_timeout_s: int) -> list[str]:
+def _rendezvous_flags(nnodes: int, rdzv_endpoint: str, rdzv_id: str, join_timeout_s: int, host: bool) -> list[str]:
+    """torchrun's c10d rendezvous; the spec's node hosts its store (is_host), the others only connect to it."""
     return [
         "--nnodes",
         str(int(nnodes)),
@@ -203,7 +204,7 @@ def _rendezvous_flags(nnodes: int, rdzv_endpoint: str, rdzv_id: str, join_timeou
         "--rdzv-id",
         rdzv_id,
         "--rdzv-conf",
-        f"join_timeout={int(join_timeout_s)}",
+        f"join_timeout={int(join_timeout_s)},is_host={str(host).lower()}",
     ]
 
 
@@ -223,7 +224,7 @@ def torchrun_command(
     if nnodes > 1:
         if not rdzv_endpoint:
             raise ValueError("several nodes need a rendezvous endpoint (host:port)")
-        launch = _rendezvous_flags(nnodes, rdzv_endpoint, rdzv_id, join_timeout_s)
+        launch = _rendezvous_flags(nnodes, rdzv_endpoint, rdzv_id, join_timeout_s, host=True)
     else:
         launch = ["--standalone"]
     return [
@@ -249,12 +250,15 @@ def join_command(
     join_timeout_s: int = 600,
     python: str = "python",
 ) -> list[str]:
-    """What every other node runs to join a multi-node run: the same rendezvous, ``--join`` for the spec."""
+    """What every other node runs to join a multi-node run: the same rendezvous, ``--join`` for the spec.
+
+    It connects to the rendezvous store the spec's node hosts; started before that node's agent, it fails
+    once its connection attempt times out (about a minute), so a standing node runs it in a retry loop."""
     return [
         python,
         "-m",
         "torch.distributed.run",
-        *_rendezvous_flags(nnodes, rdzv_endpoint, rdzv_id, join_timeout_s),
+        *_rendezvous_flags(nnodes, rdzv_endpoint, rdzv_id, join_timeout_s, host=False),
         "--nproc_per_node",
         str(int(nproc_per_node)),
         "-m",

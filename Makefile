@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export REVERSE_SD_HOME ?= $(CURDIR)/data
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+override DAGSTER_HOME := $(abspath $(DAGSTER_HOME))
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -38,10 +39,15 @@ test-extended: install
 test-cluster: install
 	$(BIN)/python -m pytest -q -s -m cluster tests/cluster
 
-ui: install
-	mkdir -p $(DAGSTER_HOME)
-	test -e $(DAGSTER_HOME)/dagster.yaml || cp dagster.yaml $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/dagster dev -w workspace.yaml -h $${HOST:-127.0.0.1} -p $${PORT:-3000}
+# `dagster dev` runs from DAGSTER_HOME (so it does not warn about the project's own dagster.yaml, which was
+# copied there); relative paths in the settings are made absolute first, so they mean what they meant here.
+# Its one SupersessionWarning ("use 'dg dev'": the dg CLI is a separate package) is not shown.
+ui: install $(DAGSTER_HOME)/dagster.yaml
+	cd $(DAGSTER_HOME) && \
+	  REVERSE_SD_HOME='$(if $(findstring ://,$(REVERSE_SD_HOME)),$(REVERSE_SD_HOME),$(abspath $(REVERSE_SD_HOME)))' \
+	  $(if $(wildcard $(REVERSE_SD_DIFFUSIONDB)),REVERSE_SD_DIFFUSIONDB='$(abspath $(REVERSE_SD_DIFFUSIONDB))') \
+	  PYTHONWARNINGS='ignore:Function `dev_command` is superseded' \
+	  $(CURDIR)/$(BIN)/dagster dev -w $(CURDIR)/workspace.yaml -h $${HOST:-127.0.0.1} -p $${PORT:-3000}
 
 # The three automations (STOPPED on a fresh instance): start, stop or list them in this project's instance
 # (DAGSTER_HOME is set above, which a bare `dagster schedule start` in a fresh shell lacks).  `make ui` runs

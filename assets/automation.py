@@ -23,7 +23,7 @@ import dagster as dg
 
 from assets.common import OBSERVE_CRON
 from assets.data import MAX_PARTS_PER_RUN, diffusiondb_parts, diffusiondb_source, part_changes, parts_partitions
-from assets.planning import RANGE_END_TAG, RANGE_START_TAG
+from assets.jobs import RANGE_END_TAG, RANGE_START_TAG
 from assets.training import training_settings
 from resources import DiffusionDBResource
 

@@ -10,7 +10,7 @@ from assets.data import DATA_ASSETS, DATA_CHECKS
 from assets.ensemble import ENSEMBLE_ASSETS
 from assets.evaluation import EVALUATION_ASSETS
 from assets.generation import GENERATION_ASSETS
-from assets.orchestration import stage_jobs
+from assets.jobs import stage_jobs
 from assets.training import TRAINING_ASSETS, TRAINING_CHECKS, training_settings
 from resources import build_resources
 

@@ -23,9 +23,7 @@ from assets.training import BACKBONES, RECIPES, model_predictions
 from pipeline import storage as store
 from pipeline.ensemble.ensemble import DAKL_INPUT, build_ensembles
 from pipeline.ensemble.selection import DAKL_ALPHAS, DAKL_GAMMAS, select_dakl
-from pipeline.evaluation.report import (
-    row_cosines,
-)
+from pipeline.metrics import row_cosines
 from pipeline.training.pairs import embedding_series, join_pairs
 from resources import StorageResource
 

@@ -29,6 +29,7 @@ from assets.ensemble import (
     target_embeddings,
 )
 from assets.generation import caption_report_rows
+from assets.jobs import GPU_POOL
 from assets.plots import bar_plot_png, data_uri, gallery_png, grouped_bars_png, histogram_png, md_image
 from assets.training import BACKBONES, RECIPES, TRAIN, difficulty_scores, load_splits, model_predictions
 from pipeline import storage as store
@@ -40,10 +41,9 @@ from pipeline.evaluation.report import (
     ZERO_SHOT_KEY,
     Report,
     SplitScores,
-    knn_baseline,
-    row_cosines,
     score_test_split,
 )
+from pipeline.metrics import knn_baseline, row_cosines
 from resources import ComputeResource, StorageResource
 
 
@@ -124,7 +124,7 @@ REPORT_LAYOUT = 3  # 2: Table 1 and the baselines as UI tables, plots and galler
     ],
     group_name=EVAL_GROUP,
     kinds={"markdown", "html"},
-    pool="gpu",  # the k-NN baseline runs the clip backbone over the train and test images
+    pool=GPU_POOL,  # the k-NN baseline runs the clip backbone over the train and test images
     code_version=code_version("evaluation_report", layout=REPORT_LAYOUT),
     description="The paper's Table 1 on this data (mean cosine on test), baselines and plots; "
     "reports/evaluation.{md,html,json} under the storage root.",

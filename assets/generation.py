@@ -17,10 +17,12 @@ import polars as pl
 
 from assets.common import PROFILE_CONFIG, SETTINGS, artifact_metadata, code_version, markdown_table, table_metadata
 from assets.data import filtered_pairs, prompt_embeddings, vocabulary, vocabulary_labels
+from assets.jobs import GPU_POOL
 from assets.plots import line_plot_png, md_image
 from assets.training import BACKBONES, difficulty_scores, load_splits, trained_models, training_spec
 from pipeline import storage as store
-from pipeline.training.pairs import join_pairs, mean_embedding_baseline
+from pipeline.metrics import mean_embedding_baseline
+from pipeline.training.pairs import join_pairs
 from resources import ComputeResource, SentenceEncoderResource, StorageResource
 
 GEN_GROUP = "generation"
@@ -109,7 +111,7 @@ def _backbone_difficulty(storage: StorageResource, image_ids: list[str]) -> tupl
     ],
     group_name=GEN_GROUP,
     kinds={"pytorch", "safetensors"},
-    pool="gpu",
+    pool=GPU_POOL,
     code_version=code_version("trained_captioners", **TRAIN_SETTINGS),
     description="A captioner (BLIP, or BLIP-2 via REVERSE_SD_CAPTIONERS) fine-tuned to write the prompt: "
     "LM loss + lambda * BCE of a vocabulary head "
@@ -207,7 +209,7 @@ def _targets(storage: StorageResource) -> pl.DataFrame:
     deps=[trained_captioners, filtered_pairs, prompt_embeddings],
     group_name=GEN_GROUP,
     kinds={"pytorch", "parquet"},
-    pool="gpu",  # beam search of the captioner over the test images
+    pool=GPU_POOL,  # beam search of the captioner over the test images
     code_version=code_version("caption_predictions", **DECODE_SETTINGS),
     check_specs=[dg.AssetCheckSpec("generated_prompt_per_test_image", asset="caption_predictions")],
     description="Generated prompts for the test split with their SBERT cosine to the true prompt (the Kaggle "
@@ -324,7 +326,7 @@ def _unet_checkpoint(storage: StorageResource):
     ],
     group_name=GEN_GROUP,
     kinds={"pytorch", "png"},
-    pool="gpu",
+    pool=GPU_POOL,
     code_version=code_version("unet_swap_report", **SWAP_SETTINGS),
     description="Stable Diffusion 2 with and without the fine-tuned U-Net encoder swapped in after the first DDIM "
     "step: images for a fixed prompt list, CLIP prompt alignment side by side, reports/unet_swap.{png,json,md}.",

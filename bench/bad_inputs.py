@@ -309,7 +309,7 @@ def settings_hostile_cases() -> int:
         for name, changes, args, word in cases:
             started = time.perf_counter()
             r = subprocess.run(
-                [sys.executable, "-m", "assets.cli", "materialize", *args],
+                [sys.executable, "-m", "cli.main", "materialize", *args],
                 cwd=project,
                 env={**env, **changes},
                 capture_output=True,
@@ -325,7 +325,7 @@ def settings_hostile_cases() -> int:
             )
         home = base / "dry" / "home"  # a dry run on a fresh root writes nothing there
         r = subprocess.run(
-            [sys.executable, "-m", "assets.cli", "materialize", "--dry-run"],
+            [sys.executable, "-m", "cli.main", "materialize", "--dry-run"],
             cwd=project,
             env={**env, "REVERSE_SD_HOME": str(home)},
             capture_output=True,
@@ -459,7 +459,7 @@ def predict_hostile_cases() -> int:
             started = time.perf_counter()
             try:
                 r = subprocess.run(
-                    [sys.executable, "-m", "assets.cli", "predict", *args],
+                    [sys.executable, "-m", "cli.main", "predict", *args],
                     cwd=project,
                     env={**env, **(env_extra or {})},
                     capture_output=True,
@@ -516,7 +516,7 @@ def predict_hostile_cases() -> int:
             [
                 sys.executable,
                 "-m",
-                "assets.cli",
+                "cli.main",
                 "predict",
                 str(many),
                 "--model",

@@ -74,7 +74,7 @@ def materialize_parts(workdir: Path, mirror: Path, workers: int, per_run: int | 
         args += ["--partitions-per-run", str(per_run)]
     t0 = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "assets.cli", *args],
+        [sys.executable, "-m", "cli.main", *args],
         cwd=Path(__file__).resolve().parents[1],
         env={**os.environ},
         capture_output=True,
@@ -207,13 +207,13 @@ warnings.filterwarnings("ignore")
 import dagster as dg
 from resources.settings import ensure_dagster_home, load_settings
 ensure_dagster_home(load_settings())
-from assets import orchestration as orch
+from cli.planning import plan_units
 from assets.data import register_parts
 from assets.definitions import defs
 instance = dg.DagsterInstance.get()
 register_parts(instance, defs.resources["diffusiondb"])
-t0 = time.perf_counter(); plan = orch.plan_units(defs, instance); t1 = time.perf_counter()
-orch.plan_units(defs, instance, stale_only=True); t2 = time.perf_counter()
+t0 = time.perf_counter(); plan = plan_units(defs, instance); t1 = time.perf_counter()
+plan_units(defs, instance, stale_only=True); t2 = time.perf_counter()
 print(json.dumps(dict(plan=t1 - t0, stale=t2 - t1, units=len(plan.units))))
 """
     result = subprocess.run(

@@ -44,7 +44,7 @@ def _cli(checkout: Path, args: list[str], env: dict[str, str]) -> float:
     """Seconds of one `reverse-sd materialize` run of ``checkout``'s code (fails loudly)."""
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "assets.cli", *args], cwd=checkout, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "cli.main", *args], cwd=checkout, env=env, capture_output=True, text=True
     )
     seconds = time.perf_counter() - started
     if done.returncode != 0:
@@ -83,7 +83,7 @@ warnings.filterwarnings("ignore")
 import dagster as dg
 from resources.settings import ensure_dagster_home, load_settings
 ensure_dagster_home(load_settings())
-from assets.planning import plan_units
+from cli.planning import plan_units
 from assets.definitions import defs
 instance = dg.DagsterInstance.get()
 instance.add_dynamic_partitions("diffusiondb_part", [f"part-{i:06d}" for i in range(1, 2001)])

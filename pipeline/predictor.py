@@ -18,7 +18,6 @@ import numpy as np
 
 from pipeline import storage as store
 from pipeline.ensemble.ensemble import combine
-from pipeline.evaluation.report import normalise_rows
 from pipeline.inputs import (
     MAX_INPUT_BYTES,
     check_batch_size,
@@ -26,6 +25,7 @@ from pipeline.inputs import (
     read_input_file,
     resolve_predict_device,
 )
+from pipeline.metrics import normalise_rows
 
 
 class NotTrainedError(RuntimeError):
@@ -152,7 +152,7 @@ class PromptPredictor:
 
     def _load_captioner(self, name: str):
         """A trained captioner (trained_captioners/<name>); "auto" takes the first registered one found."""
-        from pipeline.captioning.captioner import available_captioners, load_captioner
+        from pipeline.captioning import available_captioners, load_captioner
         from pipeline.training.checkpoint import latest_checkpoint
 
         names = available_captioners() if name == "auto" else [name]
@@ -238,7 +238,7 @@ class PromptPredictor:
 
     def generate_stored(self, stored: Sequence[bytes]) -> list[str]:
         """Prompts written by the captioner for images re-encoded as diffusiondb_parts stores them."""
-        from pipeline.captioning.captioner import generate_prompts
+        from pipeline.captioning import generate_prompts
 
         if self.captioner is None:
             raise NotTrainedError("no captioner loaded: create the predictor with captioner='auto'")

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import storage as store
+from pipeline.metrics import normalise_rows
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 ZERO_SHOT_DIR = "zero_shot"  # under the storage root: cache/ (bank text embeddings), tiny_clip/ (the twin)
@@ -39,11 +40,6 @@ BANK_HINT = "run reverse-sd materialize --select '*prompt_bank' first (the data 
 
 class ZeroShotError(RuntimeError):
     """Zero-shot retrieval cannot run (no prompt bank, a model that cannot be loaded); one line saying why."""
-
-
-def _unit(matrix: np.ndarray) -> np.ndarray:
-    matrix = np.asarray(matrix, dtype=np.float32)
-    return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
 
 
 def _features(output) -> np.ndarray:
@@ -219,7 +215,11 @@ def text_embeddings(
         out.append(_features(feats))
         if progress is not None:
             progress(len(batch))
-    return _unit(np.concatenate(out)) if out else np.zeros((0, clip.config.projection_dim), np.float32)
+    return (
+        normalise_rows(np.concatenate(out), np.float32)
+        if out
+        else np.zeros((0, clip.config.projection_dim), np.float32)
+    )
 
 
 def image_embeddings(clip, processor, images: Sequence, device: str = "cpu") -> np.ndarray:
@@ -230,7 +230,7 @@ def image_embeddings(clip, processor, images: Sequence, device: str = "cpu") -> 
         return np.zeros((0, clip.config.projection_dim), np.float32)
     pixels = processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
     with torch.inference_mode():
-        return _unit(_features(clip.get_image_features(pixel_values=pixels.to(device))))
+        return normalise_rows(_features(clip.get_image_features(pixel_values=pixels.to(device))), np.float32)
 
 
 def bank_text_embeddings(
@@ -384,5 +384,5 @@ def top1_sbert_cosine(retriever: ZeroShotRetriever, images: Sequence, targets: n
     """The report's zero-shot baseline: mean cosine between the SBERT embedding of each image's top-1
     retrieved bank prompt and its true prompt's embedding (``targets``, row-aligned with ``images``)."""
     best, _ = retriever.retrieve(images, k=1)
-    predicted = _unit(retriever.bank_embeddings[best[:, 0]])
-    return float((predicted * _unit(targets)).sum(axis=1).mean())
+    predicted = normalise_rows(retriever.bank_embeddings[best[:, 0]], np.float32)
+    return float((predicted * normalise_rows(targets, np.float32)).sum(axis=1).mean())

@@ -19,7 +19,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 def run_cli(args: list[str], env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "assets.cli", *args],
+        [sys.executable, "-m", "cli.main", *args],
         cwd=PROJECT,
         env=env,
         capture_output=True,

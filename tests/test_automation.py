@@ -246,7 +246,7 @@ def test_new_parts_sensor_registers_them_and_requests_ranged_runs_that_materiali
         # The parts read their observed source versions, so the next observation records nothing new for them
         # and nothing is stale (without the sensor's observations, all three would be ingested twice).
         from assets.data import changed_part_versions
-        from assets.orchestration import plan_units
+        from cli.planning import plan_units
 
         listed = resources["diffusiondb"].source().list_parts()
         assert changed_part_versions(instance, listed) == {}
@@ -256,7 +256,7 @@ def test_new_parts_sensor_registers_them_and_requests_ranged_runs_that_materiali
 
 def _stale_plan(instance) -> dict[str, set]:
     """What `reverse-sd materialize --stale` would run (asset -> partitions), and what it leaves out."""
-    from assets.orchestration import plan_units
+    from cli.planning import plan_units
 
     plan = plan_units(defs, instance, stale_only=True)
     planned: dict[str, set] = {}
@@ -339,7 +339,7 @@ def test_stale_and_the_sensor_agree_after_a_code_version_bump():
             sensors=definitions.defs.sensors,
             schedules=definitions.defs.schedules,
         )
-        from assets.orchestration import plan_units
+        from cli.planning import plan_units
 
         sensor = dg.evaluate_automation_conditions(defs=bumped, instance=instance, cursor=first.cursor)
         requested = {k.to_user_string() for k in bumped.resolve_asset_graph().materializable_asset_keys}

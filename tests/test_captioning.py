@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.captioning.captioner import (
+from pipeline.captioning import (
     CAPTIONERS,
     KAGGLE_FIRST_PLACE,
     CaptionDataset,

@@ -9,7 +9,7 @@ import pytest
 from pipeline.ensemble.dakl import DAKLRegressor
 from pipeline.ensemble.ensemble import BEST, DAKL_INPUT, build_ensembles, combine, ensemble_column
 from pipeline.ensemble.selection import best_recipes, select_dakl, sweep_dakl
-from pipeline.evaluation.report import normalise_rows, row_cosines
+from pipeline.metrics import normalise_rows, row_cosines
 from pipeline.training.curriculum import align_buckets, aligned_stages, curriculum_stages
 
 BACKBONES = ["vit", "swin", "clip", "unet"]

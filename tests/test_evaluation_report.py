@@ -8,8 +8,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline.evaluation.report import Report, knn_baseline, mean_cosine, row_cosines
-from pipeline.training.pairs import join_pairs, mean_embedding_baseline
+from pipeline.evaluation.report import Report
+from pipeline.metrics import knn_baseline, mean_cosine, mean_embedding_baseline, row_cosines
+from pipeline.training.pairs import join_pairs
 
 
 def _unit(rng, n, d=8):

@@ -131,7 +131,7 @@ def test_unet_swap_report(materialized):
 def test_predict_generate_prints_the_captioners_prompt(materialized, tmp_path, monkeypatch, capsys):
     """`reverse-sd predict --generate`: the retrieved prompts, then the captioner's own, which is the prompt
     caption_predictions wrote for the same image (the same stored bytes go through the same decoding)."""
-    from assets import cli
+    from cli import main as cli
     from pipeline.models import create_model
     from pipeline.training.checkpoint import save_checkpoint
 
@@ -173,6 +173,6 @@ def test_predict_generate_prints_the_captioners_prompt(materialized, tmp_path, m
     assert cli.main(["predict", str(paths[0]), "--model", "vit", "--generate", "--format", "json", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["generated"] == predictions["generated"][0]
     # nothing trained to write prompts: one line naming the asset, exit 2
-    monkeypatch.setattr("pipeline.captioning.captioner.available_captioners", lambda: ["nothing"])
+    monkeypatch.setattr("pipeline.captioning.available_captioners", lambda: ["nothing"])
     assert cli.main(["predict", str(paths[0]), "--model", "vit", "--generate", "--quiet"]) == 2
     assert "materialize the asset trained_captioners" in capsys.readouterr().err

@@ -90,7 +90,7 @@ elif TARGET.startswith("checkpoint:"):
 CLI = (
     HOOK
     + r"""
-from assets.cli import main
+from cli.main import main
 
 if __name__ == "__main__":  # materialize's spawned workers import this module too (and so get the hook)
     sys.exit(main(sys.argv[1:]))
@@ -259,7 +259,7 @@ def _kill_run_worker_mid_write(args: list[str], env: dict[str, str], report: Pat
     the run worker to report its half-written temporary file, SIGKILL that worker; the CLI reports the failed
     run (exit 1).  Returns the temporary file it left."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "assets.cli", *args],
+        [sys.executable, "-m", "cli.main", *args],
         cwd=PROJECT,
         env=env,
         stdout=subprocess.PIPE,

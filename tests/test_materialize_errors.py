@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import sqlite3
 
-from assets.cli_materialize import one_line
+from cli.materialize import one_line
 
 
 def test_a_read_only_or_full_dagster_home_is_one_line_naming_it():
@@ -50,8 +50,9 @@ def test_a_dry_run_on_a_fresh_root_writes_nothing_there(tmp_path):
 def test_progress_is_a_live_line_per_stage_on_a_terminal_and_heartbeats_elsewhere(tmp_path, capsys):
     import dagster as dg
 
-    from assets.cli_materialize import _ProgressView
-    from assets.orchestration import Outcome, Plan, Progress, Unit
+    from cli.materialize import _ProgressView
+    from cli.plan import Plan, Unit
+    from cli.runs import Outcome, Progress
 
     units = [Unit("j", (dg.AssetKey("trained_models"),), f"p{i}", True) for i in range(4)]
     plan = Plan(units, {i: set() for i in range(4)})

@@ -17,15 +17,18 @@ import dagster as dg
 import pytest
 from conftest import run_cli, sample_env
 
-from assets import orchestration as orch
+from assets.jobs import RANGE_END_TAG, RANGE_START_TAG
+from cli import runs as orch
+from cli.plan import Plan, Unit
+from cli.planning import group_ranges, plan_units
 from pipeline import storage
 
 PROJECT = Path(__file__).resolve().parents[1]
 
 
-def _fake_plan(n: int, depends_on: dict[int, set[int]] | None = None) -> orch.Plan:
-    units = [orch.Unit("materialize_trained_models", (dg.AssetKey("trained_models"),), f"p{i}", True) for i in range(n)]
-    return orch.Plan(units, {i: set((depends_on or {}).get(i, ())) for i in range(n)})
+def _fake_plan(n: int, depends_on: dict[int, set[int]] | None = None) -> Plan:
+    units = [Unit("materialize_trained_models", (dg.AssetKey("trained_models"),), f"p{i}", True) for i in range(n)]
+    return Plan(units, {i: set((depends_on or {}).get(i, ())) for i in range(n)})
 
 
 class _FakeRuns:
@@ -63,8 +66,8 @@ def test_runs_are_submitted_with_the_invocation_and_partition_tags_and_at_most_m
     assert runs.max_active == 3
     unit, tags = runs.submitted[0]
     assert orch.run_tags(unit, tags) == {"reverse-sd/invocation": "abc", "dagster/partition": "p0"}
-    ranged = orch.Unit("materialize_diffusiondb_parts", (dg.AssetKey("diffusiondb_parts"),), "a", False, ("a", "b"))
-    assert orch.run_tags(ranged, {}) == {orch.RANGE_START_TAG: "a", orch.RANGE_END_TAG: "b"}
+    ranged = Unit("materialize_diffusiondb_parts", (dg.AssetKey("diffusiondb_parts"),), "a", False, ("a", "b"))
+    assert orch.run_tags(ranged, {}) == {RANGE_START_TAG: "a", RANGE_END_TAG: "b"}
 
 
 def test_a_failure_stops_its_dependents_only():
@@ -82,10 +85,10 @@ def test_runs_are_submitted_only_after_what_they_read():
 
 
 def test_a_failed_ranged_run_is_resubmitted_one_partition_per_run_and_its_readers_wait_for_all():
-    unit = orch.Unit("materialize_diffusiondb_parts", (dg.AssetKey("diffusiondb_parts"),), "a", False, ("a", "b", "c"))
-    reader = orch.Unit("materialize_unpartitioned", (dg.AssetKey("filtered_pairs"),), None, False)
+    unit = Unit("materialize_diffusiondb_parts", (dg.AssetKey("diffusiondb_parts"),), "a", False, ("a", "b", "c"))
+    reader = Unit("materialize_unpartitioned", (dg.AssetKey("filtered_pairs"),), None, False)
     runs = _FakeRuns(fail={"b"})
-    progress = orch.run_plan(orch.Plan([unit, reader], {0: set(), 1: {0}}), runs, {}, max_active=4, poll_seconds=0)
+    progress = orch.run_plan(Plan([unit, reader], {0: set(), 1: {0}}), runs, {}, max_active=4, poll_seconds=0)
     assert runs.order == [("a", "b", "c"), ("a",), ("b",), ("c",)]
     assert progress.outcomes[0].split_into == 3
     assert [u.label for u in progress.not_run] == ["filtered_pairs"]
@@ -97,7 +100,7 @@ def test_plan_is_runs_of_named_jobs_in_dependency_order_and_a_dry_plan_writes_no
 
     instance = dg.DagsterInstance.ephemeral()
     parts = [f"part-{i:06d}" for i in range(1, 4)]
-    plan = orch.plan_units(defs, instance, extra_partitions={parts_partitions.name: parts})
+    plan = plan_units(defs, instance, extra_partitions={parts_partitions.name: parts})
     assert instance.get_dynamic_partitions(parts_partitions.name) == []  # nothing registered
     jobs = {job.name for job in defs.jobs}
     assert {u.job for u in plan.units} <= jobs
@@ -137,7 +140,7 @@ def _wait_for(predicate, timeout: float, what: str):
 
 def _cli(args, env) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "assets.cli", *args],
+        [sys.executable, "-m", "cli.main", *args],
         cwd=PROJECT,
         env=env,
         stdout=subprocess.PIPE,
@@ -328,7 +331,7 @@ def test_parts_run_in_ranges_each_part_keeps_its_metadata_and_a_bad_part_fails_a
     instance = dg.DagsterInstance.get()
     runs = instance.get_runs()
     assert sorted(
-        (r.tags[orch.RANGE_START_TAG], r.tags[orch.RANGE_END_TAG])
+        (r.tags[RANGE_START_TAG], r.tags[RANGE_END_TAG])
         for r in runs
         if r.job_name.startswith("materialize_diffusiondb")
     ) == [
@@ -382,13 +385,13 @@ def test_ranges_join_only_adjacent_partitions_and_readers_wait_for_every_range()
     graph = defs.resolve_asset_graph()
     parts_job = "materialize_diffusiondb_parts"
     keys = ["p0", "p1", "p2", "p4", "p5"]
-    units = [orch.Unit(parts_job, (dg.AssetKey("diffusiondb_parts"),), k, False) for k in keys]
-    units.append(orch.Unit("materialize_unpartitioned", (dg.AssetKey("filtered_pairs"),), None, False))
-    units += [orch.Unit("materialize_trained_models", (dg.AssetKey("trained_models"),), f"vit|{r}", True) for r in "ab"]
+    units = [Unit(parts_job, (dg.AssetKey("diffusiondb_parts"),), k, False) for k in keys]
+    units.append(Unit("materialize_unpartitioned", (dg.AssetKey("filtered_pairs"),), None, False))
+    units += [Unit("materialize_trained_models", (dg.AssetKey("trained_models"),), f"vit|{r}", True) for r in "ab"]
     depends_on = {i: set() for i in range(len(units))}
     depends_on[5] = {0, 1, 2, 3, 4}
     order = {parts_job: {f"p{i}": i for i in range(6)}}
-    plan = orch.group_ranges(orch.Plan(units, depends_on), graph, order, workers=1, partitions_per_run=2)
+    plan = group_ranges(Plan(units, depends_on), graph, order, workers=1, partitions_per_run=2)
     assert [u.partition_keys for u in plan.units] == [
         ("p0", "p1"),
         ("p2",),
@@ -399,4 +402,4 @@ def test_ranges_join_only_adjacent_partitions_and_readers_wait_for_every_range()
     ]
     assert plan.depends_on[3] == {0, 1, 2} and plan.depends_on[0] == set()
     # The default: four runs per worker, so small plans keep one run per part.
-    assert orch.group_ranges(orch.Plan(units, depends_on), graph, order, 2, None).units == units
+    assert group_ranges(Plan(units, depends_on), graph, order, 2, None).units == units

@@ -163,7 +163,7 @@ def shared_run(postgres, tmp_path_factory):
 
 def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "assets.cli", *args], cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "cli.main", *args], cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600
     )
 
 

@@ -17,7 +17,7 @@ import pytest
 from conftest import PREDICT_WORDS, write_tiny_predict_home
 from PIL import Image
 
-from assets import cli
+from cli import main as cli
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.timeout(300)]
 
@@ -189,7 +189,7 @@ def test_hostile_inputs_are_skipped_by_name_without_hang_or_traceback(tiny_home,
         [
             sys.executable,
             "-m",
-            "assets.cli",
+            "cli.main",
             "predict",
             str(folder / "*.png"),
             str(folder / "pipe.png"),

@@ -21,7 +21,7 @@ import pytest
 from conftest import write_tiny_predict_home
 from PIL import Image
 
-from assets import cli
+from cli import main as cli
 from pipeline.inputs import scan_inputs
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.timeout(300)]
@@ -119,7 +119,7 @@ def test_symlink_loops_in_a_recursive_glob_end(tiny_home, tmp_path):
     (folder / "l1").symlink_to(".")
     (folder / "sub" / "l2").symlink_to("..")
     result = subprocess.run(
-        [sys.executable, "-m", "assets.cli", "predict", str(folder / "**" / "*.png"), "--model", "vit"],
+        [sys.executable, "-m", "cli.main", "predict", str(folder / "**" / "*.png"), "--model", "vit"],
         cwd=PROJECT,
         env=_env(tiny_home),
         capture_output=True,
@@ -269,7 +269,7 @@ def test_a_hub_model_with_the_hub_unreachable_fails_at_once_in_one_line(tiny_hom
     )
     image = str(_png(tmp_path / "x.png"))
     result = subprocess.run(
-        [sys.executable, "-m", "assets.cli", "predict", image, "--zero-shot", "--clip", "reverse-sd-tests/no-such"],
+        [sys.executable, "-m", "cli.main", "predict", image, "--zero-shot", "--clip", "reverse-sd-tests/no-such"],
         cwd=PROJECT,
         env=env,
         capture_output=True,
@@ -338,7 +338,7 @@ def test_a_cached_hub_model_with_the_hub_unreachable_loads_from_the_cache_at_onc
     )
     image = str(_png(tmp_path / "x.png"))
     result = subprocess.run(
-        [sys.executable, "-m", "assets.cli", "predict", image, "--zero-shot", "--clip", "reverse-sd-tests/cached-clip"],
+        [sys.executable, "-m", "cli.main", "predict", image, "--zero-shot", "--clip", "reverse-sd-tests/cached-clip"],
         cwd=PROJECT,
         env=env,
         capture_output=True,

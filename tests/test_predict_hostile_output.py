@@ -20,7 +20,7 @@ import pytest
 from conftest import write_tiny_predict_home
 from PIL import Image
 
-from assets import cli
+from cli import main as cli
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.timeout(300)]
 
@@ -154,7 +154,7 @@ def _interrupt_midway(tiny_home: Path, folder: Path, target: Path, sig: int) -> 
     some records are written; (exit status, stderr)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("REVERSE_SD_")}
     env.update(REVERSE_SD_HOME=str(tiny_home), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "assets.cli", "predict", str(folder), "--model", "vit", "--batch-size", "1"]
+    command = [sys.executable, "-m", "cli.main", "predict", str(folder), "--model", "vit", "--batch-size", "1"]
     proc = subprocess.Popen(
         [*command, "--output", str(target)],
         cwd=PROJECT,
@@ -226,7 +226,7 @@ def test_a_symlink_to_a_pipe_writes_the_pipe(tiny_home, image, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("REVERSE_SD_")}
     env.update(REVERSE_SD_HOME=str(tiny_home), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     result = subprocess.run(
-        [sys.executable, "-m", "assets.cli", "predict", str(image), "--model", "vit", "--output", str(link)],
+        [sys.executable, "-m", "cli.main", "predict", str(image), "--model", "vit", "--output", str(link)],
         cwd=PROJECT,
         env=env,
         capture_output=True,

@@ -99,7 +99,7 @@ def _get(client, bucket: str, key: str) -> bytes:
 
 def _cli(args: list[str], env: dict[str, str], cwd: Path, timeout: int) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "assets.cli", *args],
+        [sys.executable, "-m", "cli.main", *args],
         cwd=cwd,
         env={**env, "PYTHONPATH": str(PROJECT)},
         capture_output=True,
@@ -382,7 +382,7 @@ def test_stale_planning_sees_a_missing_or_damaged_object(client, bucket):
     """--stale judges artifacts in a bucket too (they used to be skipped): missing, damaged, intact."""
     import dagster as dg
 
-    from assets.staleness import _Records, stale_reason
+    from cli.staleness import _Records, stale_reason
 
     res = StorageResource(root=f"s3://{bucket}/plan")
     target = str(res.write_table(FRAME, "prompt_bank"))

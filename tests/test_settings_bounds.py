@@ -204,7 +204,7 @@ def test_loader_workers_beyond_the_cores_are_refused_naming_them():
 
 
 def test_materialize_workers_are_capped_in_the_parser(capsys):
-    from assets.cli import MAX_WORKERS, build_parser
+    from cli.main import MAX_WORKERS, build_parser
 
     parser = build_parser()
     assert parser.parse_args(["materialize", "--workers", str(MAX_WORKERS)]).workers == MAX_WORKERS

@@ -8,7 +8,7 @@ import shutil
 import dagster as dg
 import polars as pl
 
-from assets.staleness import _Records, stale_reason, under_root
+from cli.staleness import _Records, stale_reason, under_root
 from pipeline import storage
 
 

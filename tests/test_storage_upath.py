@@ -191,7 +191,7 @@ def test_cli_materializes_into_file_url_root(tiny_mirror, tmp_path):
         "HF_HUB_OFFLINE": "1",
     }
     result = subprocess.run(
-        [sys.executable, "-m", "assets.cli", "materialize", "--select", "diffusiondb_parts,filtered_pairs"],
+        [sys.executable, "-m", "cli.main", "materialize", "--select", "diffusiondb_parts,filtered_pairs"],
         cwd=tmp_path,  # a relative "file:" folder would show up here if a URL were taken for a path
         env={**env, "PYTHONPATH": str(PROJECT)},
         capture_output=True,

@@ -22,7 +22,6 @@ from torch import nn
 from pipeline.training.checkpoint import (
     CheckpointError,
     latest_checkpoint,
-    load_checkpoint,
     load_model_weights,
     read_state,
     save_checkpoint,
@@ -36,6 +35,7 @@ from pipeline.training.loop import (
     seed_everything,
     train_model,
 )
+from pipeline.training.resume import load_checkpoint
 
 SIZE = 32
 K = 6

@@ -18,7 +18,7 @@ import json, sys
 import dagster as dg
 from assets.data import register_parts
 from assets.definitions import ALL_ASSETS, ALL_CHECKS, defs
-from assets.orchestration import OBSERVE_JOBS
+from cli.runs import OBSERVE_JOBS
 instance = dg.DagsterInstance.get()
 register_parts(instance, defs.resources["diffusiondb"])
 for job in OBSERVE_JOBS:  # what `reverse-sd materialize` submits first, run here in this process

@@ -23,7 +23,8 @@ import polars as pl
 import pytest
 from conftest import sample_env
 
-from pipeline.training.checkpoint import CheckpointError, load_checkpoint, load_model_weights, save_checkpoint
+from pipeline.training.checkpoint import CheckpointError, load_model_weights, save_checkpoint
+from pipeline.training.resume import load_checkpoint
 
 PROJECT = Path(__file__).resolve().parents[1]
 SECRET = "hf_kIlLrEsUmEsEcReT0123456789abcdef"  # a token-shaped value that must never be written anywhere
@@ -132,7 +133,7 @@ def _cases(tmp: Path) -> dict[str, tuple[dict[str, str], list[str], list[str]]]:
 
 def _run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "assets.cli", *args], cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "cli.main", *args], cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300
     )
 
 
@@ -206,7 +207,7 @@ def test_case_list_is_complete(cli_runs):
 
 def test_backbone_given_as_a_path_is_refused_before_any_path_is_built(capsys, tmp_path):
     """--model becomes a directory name under the storage root: only registered names get that far."""
-    from assets.cli import main
+    from cli.main import main
 
     assert main(["predict", str(tmp_path / "x.png"), "--model", "../../etc"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

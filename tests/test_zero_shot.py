@@ -15,7 +15,8 @@ import pytest
 from conftest import run_cli, sample_env
 from PIL import Image
 
-from assets import cli, cli_predict
+from cli import main as cli
+from cli import predict as cli_predict
 from pipeline import storage as store
 from pipeline import zero_shot as zs
 from pipeline.evaluation.report import ZERO_SHOT_KEY, Report

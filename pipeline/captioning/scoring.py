@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from pipeline.captioning.tokenizer import minilm_tokenizer
+from pipeline.metrics import normalise_rows
 from pipeline.models.backbones import CLIP_MEAN, CLIP_STD
 from pipeline.models.backbones import _check_variant as check_variant
 from pipeline.models.tiny_clip import tiny_clip_model
@@ -21,20 +22,19 @@ KAGGLE_FIRST_PLACE = 0.66316  # private leaderboard, "Stable Diffusion - Image t
 CLIP_S_WEIGHT = 2.5  # Hessel et al.'s w in CLIP-S = w * max(cos, 0)
 
 
-def _unit(matrix: np.ndarray) -> np.ndarray:
-    matrix = np.asarray(matrix, dtype=np.float64)
-    return matrix / np.maximum(np.linalg.norm(matrix, axis=-1, keepdims=True), 1e-12)
-
-
 def sbert_cosines(generated: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Per row, the cosine of the generated prompt's SBERT embedding with the true prompt's (the Kaggle metric
     is the mean of these over images and, with 384 values per image, the same number)."""
-    return (_unit(generated) * _unit(targets)).sum(axis=-1)
+    return (normalise_rows(generated, np.float64) * normalise_rows(targets, np.float64)).sum(axis=-1)
 
 
 def clip_s(image_embeddings: np.ndarray, text_embeddings: np.ndarray, w: float = CLIP_S_WEIGHT) -> np.ndarray:
     """CLIP-S (Hessel et al. 2021) per row: w * max(cos(image, text), 0)."""
-    return w * np.clip((_unit(image_embeddings) * _unit(text_embeddings)).sum(axis=-1), 0.0, None)
+    return w * np.clip(
+        (normalise_rows(image_embeddings, np.float64) * normalise_rows(text_embeddings, np.float64)).sum(axis=-1),
+        0.0,
+        None,
+    )
 
 
 def ref_clip_s(
@@ -49,10 +49,10 @@ def ref_clip_s(
     reference term is clipped at 0 like CLIP-S so the harmonic mean stays defined; it is 0 when both are 0.
     Papers print it x100 (the paper's BLIP 31.88 reads 0.3188 here).
     """
-    refs = _unit(reference_embeddings)
+    refs = normalise_rows(reference_embeddings, np.float64)
     if refs.ndim == 2:
         refs = refs[:, None, :]
-    cand = _unit(candidate_embeddings)
+    cand = normalise_rows(candidate_embeddings, np.float64)
     ref_term = np.clip(np.einsum("nd,nrd->nr", cand, refs).max(axis=1), 0.0, None)
     image_term = clip_s(image_embeddings, candidate_embeddings, w)
     denom = image_term + ref_term
@@ -109,7 +109,9 @@ class ClipScorer:
         for start in range(0, len(images), self.batch_size):
             pixels = torch.stack([_clip_pixels(im, self.image_size) for im in images[start : start + self.batch_size]])
             out.append(_features(self.model.get_image_features(pixel_values=pixels.to(self.device))))
-        return _unit(np.concatenate(out)) if out else np.zeros((0, self.model.config.projection_dim))
+        return (
+            normalise_rows(np.concatenate(out), np.float64) if out else np.zeros((0, self.model.config.projection_dim))
+        )
 
     @torch.no_grad()
     def text_embeddings(self, texts: Sequence[str]) -> np.ndarray:
@@ -126,7 +128,9 @@ class ClipScorer:
                 input_ids=enc["input_ids"].to(self.device), attention_mask=enc["attention_mask"].to(self.device)
             )
             out.append(_features(feats))
-        return _unit(np.concatenate(out)) if out else np.zeros((0, self.model.config.projection_dim))
+        return (
+            normalise_rows(np.concatenate(out), np.float64) if out else np.zeros((0, self.model.config.projection_dim))
+        )
 
 
 def _features(output) -> np.ndarray:

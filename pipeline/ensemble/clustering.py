@@ -16,6 +16,8 @@ import os
 
 import numpy as np
 
+from pipeline.metrics import normalise_rows
+
 log = logging.getLogger(__name__)
 
 __all__ = ["kmeans_centroids", "label_centroids", "inertia", "nearest"]
@@ -75,7 +77,7 @@ def kmeans_centroids(
     if k == n:  # every point its own centroid: nothing to learn (faiss would warn and shuffle)
         C = X.copy()
         if spherical:
-            C /= np.maximum(np.linalg.norm(C, axis=1, keepdims=True), 1e-12)
+            C = normalise_rows(C)
         return C
     faiss = _faiss()
     inits = {

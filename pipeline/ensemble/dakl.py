@@ -30,15 +30,14 @@ import scipy.linalg
 from sklearn.base import BaseEstimator, MultiOutputMixin, RegressorMixin
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
+from pipeline.metrics import normalise_rows
+
 __all__ = ["DAKLRegressor", "cosine_normalise", "dense_reference_predict"]
 
 
 def cosine_normalise(X: np.ndarray, dtype=np.float32) -> np.ndarray:
     """Rows scaled to unit length so that dot products are K^; zero rows stay zero (K^ = 0 against them)."""
-    X = np.asarray(X, dtype=np.float64)
-    norms = np.linalg.norm(X, axis=1, keepdims=True)
-    out = np.divide(X, norms, out=np.zeros_like(X), where=norms > 0)
-    return out.astype(dtype, copy=False)
+    return normalise_rows(X, np.float64).astype(dtype, copy=False)
 
 
 def dense_reference_predict(X, Y, X_target, Z, gamma: float = 0.001, alpha: float = 1.0) -> np.ndarray:

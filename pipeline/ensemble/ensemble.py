@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.ensemble.selection import best_recipes
-from pipeline.evaluation.report import normalise_rows, row_cosines
+from pipeline.metrics import normalise_rows, row_cosines
 
 ENSEMBLE_METHODS = ("median", "mean")
 BEST = "best"  # the group of each backbone's best recipe on val

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.evaluation.report import normalise_rows, row_cosines
+from pipeline.metrics import normalise_rows, row_cosines
 
 DAKL_GAMMAS = (0.001, 0.01, 0.1, 1.0, 10.0)
 DAKL_ALPHAS = (0.01, 0.1, 1.0)

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.metrics import mean_cosine, mean_embedding_baseline, row_cosines
+
 # Mean cosine on the DiffusionDB test split as published in Croitoru et al., "Reverse Stable Diffusion: What
 # prompt was used to generate this image?" (Table 1: backbone x recipe, the ensemble, ensemble + DAKL; and the
 # k-NN baseline on CLIP ViT-H/14 image features). For reference beside this run's figures only.
@@ -62,32 +64,6 @@ def _ensemble_key(method: str, group: str) -> str:
     return f"ensemble/{method}" if group == "best" else f"ensemble/{method}/{group}"
 
 
-def normalise_rows(matrix: np.ndarray) -> np.ndarray:
-    """Unit-length rows (zero rows stay zero)."""
-    return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
-
-
-def row_cosines(predictions: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    return (normalise_rows(predictions) * normalise_rows(targets)).sum(axis=1)
-
-
-def mean_cosine(predictions: np.ndarray, targets: np.ndarray) -> float:
-    """The paper's and Kaggle's metric: mean row-wise cosine."""
-    return float(row_cosines(predictions, targets).mean())
-
-
-def knn_baseline(
-    train_features: np.ndarray, train_targets: np.ndarray, test_features: np.ndarray, k: int = 5
-) -> np.ndarray:
-    """Predict each test embedding as the mean target of its k nearest training images (cosine)."""
-    from sklearn.neighbors import NearestNeighbors
-
-    k = max(1, min(k, len(train_features)))
-    index = NearestNeighbors(n_neighbors=k, metric="cosine").fit(train_features)
-    _, neighbours = index.kneighbors(test_features)
-    return normalise_rows(train_targets[neighbours].mean(axis=1))
-
-
 @dataclass(frozen=True)
 class SplitScores:
     cosine: dict[str, float]  # the report's keys ("vit/baseline", "ensemble/median", ...) -> mean test cosine
@@ -104,8 +80,6 @@ def score_test_split(
     """Table 1 on the test split: every model ("backbone/recipe" -> predictions), every ensemble
     ((method, group) -> predictions, group a recipe or "best"), ensemble + DAKL, and the mean training
     embedding baseline; all predictions row-aligned with ``test_targets``."""
-    from pipeline.training.pairs import mean_embedding_baseline
-
     cosine, per_row = {}, {}
     for name, predictions in models.items():
         per_row[name] = row_cosines(predictions, test_targets)

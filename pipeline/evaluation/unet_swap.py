@@ -81,7 +81,7 @@ def tiny_sd_pipeline(seed: int = 0):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from pipeline.captioning.captioner import minilm_tokenizer
+    from pipeline.captioning import minilm_tokenizer
 
     state = torch.random.get_rng_state()
     try:

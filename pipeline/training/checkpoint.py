@@ -34,6 +34,7 @@ from safetensors.torch import save_file as st_save_file
 
 from pipeline.constants import EMBED_DIM as EMBEDDING_DIM
 from pipeline.storage import IntegrityError, PathLike, as_path, atomic_local_path, sidecar_path, verify
+from pipeline.training.identity import checkpoint_identity, identity_mismatch, layout_identity
 
 _NAME = re.compile(r"^ckpt-(\d+)\.safetensors$")
 _STATE_NAME = re.compile(r"^ckpt-(\d+)\.state\.pt$")
@@ -351,29 +352,6 @@ def read_state(path: PathLike, map_location: str | torch.device = "cpu") -> dict
     return state
 
 
-def load_checkpoint(
-    path: PathLike,
-    model: torch.nn.Module | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any | None = None,
-    restore_rng: bool = True,
-    map_location: str | torch.device = "cpu",
-    expected_embedding_dim: int | None = EMBEDDING_DIM,
-) -> dict[str, Any]:
-    """Load a checkpoint into the given objects; return its state (progress, config, model_config).
-
-    The trainer state is read with ``torch.load(weights_only=True)``.
-    """
-    weights_path = _resolve(path)
-    weights, model_cfg = load_model_weights(weights_path, expected_embedding_dim)
-    if model is not None:
-        check_state_fits(model, weights, weights_path)
-    state = read_state(weights_path, map_location)
-    from pipeline.training.resume import Checkpoint, restore
-
-    return restore(Checkpoint(weights_path, weights, model_cfg, {}, state), model, optimizer, scheduler, restore_rng)
-
-
 def load_model(
     path: PathLike,
     *,
@@ -393,10 +371,8 @@ def load_model(
     trained for; when neither is given, the folder trained_models/<backbone>/<recipe>/ holding it says
     (a checkpoint copied in from another model is refused by name, not loaded until a shape error).
     Every failure is a one-line CheckpointError (a ValueError) naming the file.  Resuming training is
-    ``load_checkpoint``, which also restores optimizer, scheduler and RNG state.
+    ``resume.load_checkpoint``, which also restores optimizer, scheduler and RNG state.
     """
-    from pipeline.training.resume import checkpoint_identity, identity_mismatch, layout_identity
-
     weights_path = _resolve(path)
     state, config, metadata = _load_weights(weights_path, expected_embedding_dim)
     expected = {"backbone": backbone, "recipe": recipe}

@@ -62,16 +62,10 @@ from pipeline.training.device import (
     seed_everything,
 )
 from pipeline.training.epochs import _Loop
+from pipeline.training.identity import checkpoint_identity, identity_mismatch, settings_hash
 from pipeline.training.inference import backbone_features, predict_embeddings, preliminary_cosines
 from pipeline.training.optim import cosine_with_warmup, make_optimizer
-from pipeline.training.resume import (
-    Checkpoint,
-    checkpoint_identity,
-    identity_mismatch,
-    newest_usable,
-    restore,
-    settings_hash,
-)
+from pipeline.training.resume import Checkpoint, newest_usable, restore
 from pipeline.training.tasks import (
     EmbeddingTask,
     LossFn,

@@ -79,14 +79,6 @@ def load_split(rows: pl.DataFrame, images: Sequence[bytes], found: list[str]) ->
     )
 
 
-def mean_embedding_baseline(train_targets: np.ndarray, eval_targets: np.ndarray) -> float:
-    """Mean cosine of the (normalised) mean training embedding against each evaluation target."""
-    from pipeline.evaluation.report import mean_cosine, normalise_rows
-
-    mean = normalise_rows(train_targets.mean(axis=0, keepdims=True))
-    return mean_cosine(np.broadcast_to(mean, eval_targets.shape), eval_targets)
-
-
 def embedding_series(name: str, matrix: np.ndarray) -> pl.Series:
     """A (n, d) matrix as a fixed-size float32 array column, the layout of every embedding table."""
     return pl.Series(name, matrix.astype(np.float32, copy=False), dtype=pl.Array(pl.Float32, matrix.shape[1]))

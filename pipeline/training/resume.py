@@ -15,63 +15,26 @@ failing every run the same way.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from pipeline.constants import BACKBONE_NAMES, RECIPES
 from pipeline.constants import EMBED_DIM as EMBEDDING_DIM
 from pipeline.storage import PathLike, as_path
 from pipeline.training.checkpoint import (
     CheckpointError,
     _load_weights,
+    _resolve,
     _unwrap,
     check_state_fits,
     list_checkpoints,
+    load_model_weights,
     read_state,
     restore_rng_state,
 )
-
-# -- identity: what a checkpoint was trained for ------------------------------------------------------
-IDENTITY_KEYS = ("backbone", "recipe", "settings_hash")
-
-
-def settings_hash(settings: dict) -> str:
-    """A short hash of the result-changing training settings (``TrainConfig.result_dict()``)."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def checkpoint_identity(metadata: dict[str, str], model_cfg: dict | None = None) -> dict[str, str | None]:
-    """backbone / recipe / settings_hash a checkpoint records (None for what an older checkpoint does not)."""
-    recorded = {key: metadata.get(key) or None for key in IDENTITY_KEYS}
-    if recorded["backbone"] is None and model_cfg:
-        recorded["backbone"] = model_cfg.get("backbone")
-    return recorded
-
-
-def layout_identity(path: PathLike) -> dict[str, str]:
-    """backbone / recipe that the folder trained_models/<backbone>/<recipe>/ of a checkpoint file names ({} else)."""
-    p = as_path(path)
-    recipe, backbone = p.parent.name, p.parent.parent.name
-    if recipe in RECIPES and backbone in BACKBONE_NAMES:
-        return {"backbone": backbone, "recipe": recipe}
-    return {}
-
-
-def identity_mismatch(path: PathLike, recorded: dict, expected: dict) -> str | None:
-    """One line naming both when ``recorded`` disagrees with ``expected`` on a key both give, else None."""
-    wrong = [k for k in IDENTITY_KEYS if expected.get(k) and recorded.get(k) and recorded[k] != expected[k]]
-    if not wrong:
-        return None
-    trained = ", ".join(f"{k.replace('_', ' ')} {recorded[k]}" for k in IDENTITY_KEYS if recorded.get(k))
-    this = "/".join(str(expected[k]) for k in ("backbone", "recipe") if expected.get(k))
-    if "settings_hash" in wrong:
-        this = f"{this} with settings hash {expected['settings_hash']}".lstrip(" /")
-    return f"checkpoint {path} was trained for {trained}; this is {this or 'another model'}"
+from pipeline.training.identity import checkpoint_identity
 
 
 @dataclass
@@ -145,3 +108,24 @@ def restore(
     state.setdefault("model_config", checkpoint.model_config)
     state["weights_path"] = str(checkpoint.path)
     return state
+
+
+def load_checkpoint(
+    path: PathLike,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    restore_rng: bool = True,
+    map_location: str | torch.device = "cpu",
+    expected_embedding_dim: int | None = EMBEDDING_DIM,
+) -> dict[str, Any]:
+    """Load a checkpoint into the given objects; return its state (progress, config, model_config).
+
+    The trainer state is read with ``torch.load(weights_only=True)``.
+    """
+    weights_path = _resolve(path)
+    weights, model_cfg = load_model_weights(weights_path, expected_embedding_dim)
+    if model is not None:
+        check_state_fits(model, weights, weights_path)
+    state = read_state(weights_path, map_location)
+    return restore(Checkpoint(weights_path, weights, model_cfg, {}, state), model, optimizer, scheduler, restore_rng)

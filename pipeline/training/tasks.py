@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -21,8 +21,24 @@ import torch.nn.functional as F
 from pipeline.training.datasets import make_loader
 from pipeline.training.feature_cache import feature_loader
 
-if TYPE_CHECKING:
-    from pipeline.training.epochs import _Loop
+
+class _Loop(Protocol):
+    """What a task reads from the training loop (``pipeline.training.epochs._Loop`` implements it): declared
+    here so that tasks do not import the loop that imports them."""
+
+    model: torch.nn.Module  # the DDP wrapper when distributed
+    unwrapped: torch.nn.Module
+    device: torch.device
+    amp: torch.dtype | None
+    config: Any
+    dist: Any
+    train_set: Any
+    embedding_dim: int | None
+
+    def eval_loader(self, dataset) -> Any: ...
+
+    def mean_over_ranks(self, total: torch.Tensor) -> float: ...
+
 
 LossFn = Callable[..., tuple[torch.Tensor, dict]]
 

@@ -1,4 +1,4 @@
-"""Hand `reverse-sd materialize`'s plan (``assets.planning``) to the Dagster instance, and follow it.
+"""Hand `reverse-sd materialize`'s plan (``cli.planning``) to the Dagster instance, and follow it.
 
 Every run is submitted through the webserver's GraphQL API (``launchMultipleRuns``), so it goes through the
 instance's run coordinator (the queue in dagster.yaml, its ``max_concurrent_runs``) and its run launcher
@@ -21,34 +21,9 @@ from dataclasses import dataclass, field
 
 import dagster as dg
 
-from assets.dagster_server import LOCATION_NAME, REPOSITORY_NAME, ServerError, graphql
-from assets.planning import (
-    GPU_POOL,
-    RANGE_END_TAG,
-    RANGE_START_TAG,
-    Plan,
-    Stage,
-    Unit,
-    group_ranges,
-    plan_units,
-    resolve_selection,
-    stage_jobs,
-)
-from assets.staleness import stale_reason
-
-__all__ = [  # planning and staleness, re-exported: the CLI and tests use this module as the one entry point
-    "GPU_POOL",
-    "RANGE_END_TAG",
-    "RANGE_START_TAG",
-    "Plan",
-    "Stage",
-    "Unit",
-    "group_ranges",
-    "plan_units",
-    "resolve_selection",
-    "stage_jobs",
-    "stale_reason",
-]
+from assets.jobs import RANGE_END_TAG, RANGE_START_TAG
+from cli.dagster_server import LOCATION_NAME, REPOSITORY_NAME, ServerError, graphql
+from cli.plan import Plan, Unit
 
 LAUNCHED_BY_TAG = "reverse-sd/launched-by"
 INVOCATION_TAG = "reverse-sd/invocation"

@@ -46,7 +46,7 @@ def _check_captioner(name: str | None) -> None:
     """--captioner is auto or a registered captioner."""
     if name is None:
         return
-    from pipeline.captioning.captioner import available_captioners
+    from pipeline.captioning import available_captioners
 
     valid = ["auto", *available_captioners()]
     if name not in valid:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets.planning import GPU_POOL, Plan, Unit
+from assets.jobs import GPU_POOL
+from cli.plan import Plan, Unit
 from pipeline import storage
 
 # ---- staleness from the instance's records (public APIs only) -------------------------------------------

@@ -1,115 +1,23 @@
-"""Plan `reverse-sd materialize`: named Dagster jobs, and the runs that materialize a selection.
+"""Plan `reverse-sd materialize`: the runs that materialize a selection.
 
 Planning walks the asset graph in topological stages (the assets that share a partitions definition
 and come at the same depth run together, e.g. trained_models + model_predictions per model partition).
 Each (stage, partition) becomes one run of the stage's named asset job (``stage_jobs``), so the UI lists
 it under that job and can re-execute it; assets whose BackfillPolicy allows it (DiffusionDB parts) run
 a range of consecutive partitions per run (``group_ranges``).  ``--stale`` keeps only what
-``assets.staleness`` finds missing or stale.
+``cli.staleness`` finds missing or stale.  The named jobs are ``assets.jobs``.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import dagster as dg
 
-GPU_POOL = "gpu"
-# Dagster's own tags for a run over a range of partitions (what a single-run backfill sets).
-RANGE_START_TAG = "dagster/asset_partition_range_start"
-RANGE_END_TAG = "dagster/asset_partition_range_end"
-
-
-# ---- named jobs ----------------------------------------------------------------------------------------
-
-
-def stage_jobs(assets_defs: Sequence[dg.AssetsDefinition]) -> list[dg.UnresolvedAssetJobDefinition]:
-    """One asset job per partitions definition, named after its first asset (materialize_trained_models) or
-    materialize_unpartitioned: the jobs the CLI's runs belong to.
-
-    A run materializes a subset of its job's assets (one stage), so a UI re-execution repeats exactly it.
-    """
-    groups: dict[str, tuple[dg.PartitionsDefinition | None, list[dg.AssetKey]]] = {}
-    for assets_def in assets_defs:
-        if not isinstance(assets_def, dg.AssetsDefinition) or not assets_def.is_materializable:
-            continue
-        partitions_def = assets_def.partitions_def
-        existing = next((n for n, (p, _) in groups.items() if p == partitions_def), None)
-        name = existing or (
-            "materialize_unpartitioned"
-            if partitions_def is None
-            else f"materialize_{assets_def.key.to_python_identifier()}"
-        )
-        groups.setdefault(name, (partitions_def, []))[1].extend(assets_def.keys)
-    return [
-        dg.define_asset_job(
-            name,
-            selection=dg.AssetSelection.assets(*keys),
-            description=f"Materializes {', '.join(k.to_user_string() for k in keys)} (used by `reverse-sd materialize`).",
-        )
-        for name, (partitions_def, keys) in groups.items()
-    ]
-
-
-# ---- planning ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Stage:
-    asset_keys: list[dg.AssetKey]
-    partitions_def: dg.PartitionsDefinition | None
-    partition_keys: list[str | None] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One run: the assets of a stage for one partition, as a run of the named job ``job``; or for a range
-    of partitions (``partitions``, consecutive in the partitions definition's order) in one ranged run."""
-
-    job: str
-    asset_keys: tuple[dg.AssetKey, ...]
-    partition_key: str | None
-    gpu: bool
-    partitions: tuple[str, ...] = ()  # a ranged run: every key from partition_key to the last, in order
-
-    @property
-    def partition_keys(self) -> tuple[str | None, ...]:
-        return self.partitions or (self.partition_key,)
-
-    @property
-    def is_range(self) -> bool:
-        return len(self.partitions) > 1
-
-    @property
-    def label(self) -> str:
-        names = ",".join(k.to_user_string() for k in self.asset_keys)
-        if self.is_range:
-            return f"{names}[{self.partitions[0]}...{self.partitions[-1]}] ({len(self.partitions)} partitions)"
-        return names + (f"[{self.partition_key}]" if self.partition_key is not None else "")
-
-    def singles(self) -> list[Unit]:
-        """The range as one unit per partition (to isolate the partition that made the ranged run fail)."""
-        return [Unit(self.job, self.asset_keys, key, self.gpu) for key in self.partition_keys]
-
-
-@dataclass
-class Plan:
-    units: list[Unit]
-    depends_on: dict[int, set[int]]  # unit index -> indices of the units it reads from
-    reasons: dict[int, str] = field(default_factory=dict)  # --stale: why a unit runs
-    # --stale: (asset, partition) pairs left out because a failed blocking check stops them -> that check
-    blocked: dict[tuple[dg.AssetKey, str | None], str] = field(default_factory=dict)
-
-    @property
-    def stages(self) -> list[Stage]:
-        """The units grouped back into stages (for printing)."""
-        stages: dict[tuple, Stage] = {}
-        for unit in self.units:
-            stage = stages.setdefault((unit.job, unit.asset_keys), Stage(list(unit.asset_keys), None))
-            stage.partition_keys.extend(unit.partition_keys)
-        return list(stages.values())
+from assets.jobs import GPU_POOL
+from cli.plan import Plan, Stage, Unit
+from cli.staleness import _keep_stale, _Records
 
 
 def resolve_selection(asset_graph, selection: str | None) -> set[dg.AssetKey]:
@@ -221,8 +129,6 @@ def plan_units(
             depends_on[i] = {index[p] for p in every if p in index and index[p] != i}
         plan = Plan(units, depends_on)
         if stale_only:
-            from assets.staleness import _keep_stale, _Records  # staleness builds on the plan's types
-
             root = storage_root or getattr((defs.resources or {}).get("storage"), "root", None)
             plan = _keep_stale(plan, parents_of, _Records(instance, asset_graph, observed_now, root))
     return group_ranges(plan, asset_graph, order, workers, partitions_per_run)

@@ -76,7 +76,7 @@ def one_line(exc: BaseException, dagster_home: str) -> str:
         return f"DAGSTER_HOME={dagster_home} cannot be written: {cause.strerror} ({cause.filename})"
     if type(cause).__module__.startswith("sqlite3") or "database" in text:
         return f"the Dagster instance in DAGSTER_HOME={dagster_home} cannot be used: {text}"
-    from assets.dagster_server import ServerError
+    from cli.dagster_server import ServerError
 
     if isinstance(exc, ServerError):
         return str(exc)
@@ -95,8 +95,9 @@ def _materialize_locked(args, settings, workers: int) -> int:
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
     warnings.filterwarnings("ignore", category=dg.PreviewWarning)
 
-    from assets import orchestration as orch
-    from assets.dagster_server import DagsterServer
+    from cli import runs as orch
+    from cli.dagster_server import DagsterServer
+    from cli.planning import plan_units
 
     tags = orch.new_invocation_tags(settings.home)
     invocation = tags[orch.INVOCATION_TAG]
@@ -143,7 +144,7 @@ def _materialize_locked(args, settings, workers: int) -> int:
             orch.stop_runs(runs, orch.active_runs(instance, invocation))
             raise
         started = time.perf_counter()
-        plan = orch.plan_units(
+        plan = plan_units(
             defs,
             instance,
             selection=args.select,
@@ -218,10 +219,10 @@ def _print_blocked(plan) -> None:
 def _dry_run(args, settings, workers: int) -> int:
     import dagster as dg
 
-    from assets import orchestration as orch
     from assets.data import diffusiondb_source, part_changes, parts_partitions
     from assets.definitions import defs
     from assets.training import training_settings, training_settings_versions
+    from cli.planning import plan_units
 
     if args.select:
         _check_selection(defs, args.select)
@@ -233,7 +234,7 @@ def _dry_run(args, settings, workers: int) -> int:
     if gone:
         print(f"would unregister {_count(len(gone), 'part')} the source no longer lists: {', '.join(gone[:10])}")
     started = time.perf_counter()
-    plan = orch.plan_units(
+    plan = plan_units(
         defs,
         instance,
         selection=args.select,

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from assets.cli_materialize import materialize_command
-from assets.cli_predict import predict_command
+from cli.materialize import materialize_command
+from cli.predict import predict_command
 from pipeline.inputs import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE
 
 

@@ -11,6 +11,7 @@ import sys
 
 from cli.materialize import materialize_command
 from cli.predict import predict_command
+from cli.scan import add_scan_parser
 from pipeline.inputs import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE
 
 
@@ -73,10 +74,11 @@ examples:
   reverse-sd materialize --stale              rebuild only what is missing or stale
   reverse-sd predict photo.png shots/         prompts for images, one JSON object per line
   reverse-sd predict shots/ --format table    the same as a readable table
+  reverse-sd scan outputs/                    the prompts your generator wrote into your images
 
 settings (environment): REVERSE_SD_PROFILE (sample | diffusiondb), REVERSE_SD_HOME (storage root),
 REVERSE_SD_DIFFUSIONDB (hub dataset id or local mirror), DAGSTER_HOME (Dagster instance).
-more on a command: reverse-sd predict --help, reverse-sd materialize --help
+more on a command: reverse-sd predict --help, reverse-sd materialize --help, reverse-sd scan --help
 """
 
 PREDICT_EPILOG = """\
@@ -239,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
         "profile's, see zero-shot below)",
     )
     pred.set_defaults(func=predict_command)
+    add_scan_parser(sub, _HelpFormatter)
     return parser
 
 

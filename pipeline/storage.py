@@ -202,16 +202,18 @@ def is_intact(target: PathLike) -> bool:
         return True
     p = as_path(target)
     try:
-        st_size = p.stat().st_size
+        # one stat, or one HEAD on an object store (its size and ETag together)
+        info = p.stat() if isinstance(p, Path) else p.fs.info(p.path)
     except FileNotFoundError:
         return False
-    if isinstance(p, Path) and st_size == record.get("size") and p.stat().st_mtime_ns == record.get("mtime_ns"):
-        return True
-    if not isinstance(p, Path) and record.get("etag") and st_size == record.get("size"):
-        # an object's ETag changes whenever its bytes do: one HEAD instead of downloading it to hash it
-        with contextlib.suppress(OSError):
-            if _etag(p) == record["etag"]:
-                return True
+    if isinstance(p, Path):
+        if info.st_size == record.get("size") and info.st_mtime_ns == record.get("mtime_ns"):
+            return True
+    elif record.get("etag") and info.get("size") == record.get("size"):
+        # an object's ETag changes whenever its bytes do: that HEAD instead of downloading it to hash it
+        etag = info.get("ETag") or info.get("etag")
+        if etag and str(etag) == record["etag"]:
+            return True
     try:
         verify(target)
     except IntegrityError:

@@ -27,8 +27,8 @@ import os
 import threading
 import time
 
-import dagster_celery
 from celery import signals
+from dagster_celery.launcher import CeleryRunLauncher as _CeleryRunLauncher
 
 WORKER_TAG = "reverse-sd/celery-worker"
 TASK_ID_TAG = "dagster-celery/task_id"  # dagster_celery.tags.DAGSTER_CELERY_TASK_ID_TAG
@@ -54,7 +54,7 @@ def _redis(app):
     return client if client is not None and hasattr(client, "set") and hasattr(client, "get") else None
 
 
-class CeleryRunLauncher(dagster_celery.CeleryRunLauncher):
+class CeleryRunLauncher(_CeleryRunLauncher):
     """dagster-celery's run launcher, whose health check also fails a run whose worker stopped beating."""
 
     def check_run_worker_health(self, run):
@@ -113,7 +113,8 @@ def _start_heartbeat(sender=None, **_kwargs) -> None:
 def _tag_run_with_worker(sender=None, task=None, kwargs=None, **_extra) -> None:
     """Name this worker on the run it is about to execute (run tag ``reverse-sd/celery-worker``)."""
     packed = (kwargs or {}).get("execute_job_args_packed")
-    run_id = packed.get("run_id") if isinstance(packed, dict) else None
+    # ExecuteRunArgs stores run_id as "pipeline_run_id" (its serialized name, kept for old readers)
+    run_id = (packed.get("run_id") or packed.get("pipeline_run_id")) if isinstance(packed, dict) else None
     if not run_id:
         return
     import dagster as dg

@@ -77,7 +77,18 @@ def spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Pat
             env=env,
             cwd=cwd,
             start_new_session=True,  # its own process group: stop_process takes its children too
+            preexec_fn=_die_with_parent,
         )
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL from the kernel if the test process dies without its clean-up (kill -9)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 # ---- PostgreSQL ----------------------------------------------------------------------------------------------

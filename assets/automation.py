@@ -24,6 +24,7 @@ import dagster as dg
 from assets.common import OBSERVE_CRON
 from assets.data import MAX_PARTS_PER_RUN, diffusiondb_parts, diffusiondb_source, part_changes, parts_partitions
 from assets.jobs import RANGE_END_TAG, RANGE_START_TAG
+from assets.own_images import images_new_folders, observe_images_job
 from assets.training import training_settings
 from resources import DiffusionDBResource
 
@@ -180,6 +181,6 @@ def with_rebuild_conditions(assets: list) -> list:
 
 AUTOMATION = {
     "schedules": [observe_diffusiondb],
-    "sensors": [diffusiondb_new_parts, rebuild_sensor],
-    "jobs": [observe_job],
+    "sensors": [diffusiondb_new_parts, images_new_folders, rebuild_sensor],
+    "jobs": [observe_job, observe_images_job],
 }

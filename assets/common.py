@@ -30,7 +30,8 @@ def transient_retry(hub: bool = False) -> dg.RetryPolicy | None:
 # Bump an entry when the code of that stage changes what it computes.
 CODE_REVISIONS = {
     "diffusiondb_parts": 1,
-    "filtered_pairs": 1,
+    "image_folders": 1,
+    "filtered_pairs": 2,  # 2: a source column, and the pairs of REVERSE_SD_IMAGES
     "prompt_embeddings": 1,
     "vocabulary": 2,  # 2: words of two or more letters (was three)
     "vocabulary_labels": 2,

@@ -20,6 +20,8 @@ from assets.common import (
     table_metadata,
     transient_retry,
 )
+from assets.own_images import TABLE as IMAGES_TABLE
+from assets.own_images import image_folders, materialized_folders
 from pipeline.constants import EMBED_DIM
 from pipeline.data import filtering
 from pipeline.data import vocabulary as vocab
@@ -154,39 +156,60 @@ def _ingest_part(context: dg.AssetExecutionContext, part: str, zip_path, storage
     }
 
 
-def materialized_parts(context: dg.AssetExecutionContext, storage: StorageResource) -> list[str]:
-    """The registered parts that have a table, in part order (input order = filter priority)."""
+def materialized_parts(context: dg.AssetExecutionContext, storage: StorageResource, required: bool = True) -> list[str]:
+    """The registered parts that have a table, in part order (input order = filter priority); none is a
+    Failure when ``required`` (no image folder has a table either)."""
     parts = sorted(context.instance.get_dynamic_partitions(parts_partitions.name))
     present = [p for p in parts if storage.has_table("diffusiondb_parts", p)]
     missing = sorted(set(parts) - set(present))
     if missing:
         context.log.warning(f"{len(missing)} registered parts have no table yet and are left out: {missing[:10]}")
-    if not present:
-        raise dg.Failure("No diffusiondb_parts table exists: materialize diffusiondb_parts first.")
+    if not present and required:
+        raise dg.Failure(
+            "No diffusiondb_parts or image_folders table exists: materialize diffusiondb_parts (or set "
+            "REVERSE_SD_IMAGES and materialize image_folders) first."
+        )
     return present
 
 
 @dg.asset(
-    deps=[diffusiondb_parts],
+    deps=[diffusiondb_parts, image_folders],
     group_name=DATA_GROUP,
     kinds={"polars", "parquet"},
     code_version=code_version("filtered_pairs", ratios=PROFILE_CONFIG.split_ratios, seed=PROFILE_CONFIG.split_seed),
-    description="The paper's prompt filter over all parts, and a deterministic train/val/test split.",
+    description="The paper's prompt filter over all parts (DiffusionDB's, then the image folders'), and a "
+    "deterministic train/val/test split; source is diffusiondb or images, part the DiffusionDB part or subfolder.",
 )
 def filtered_pairs(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-    parts = materialized_parts(context, storage)
+    folders = materialized_folders(context, storage)
+    parts = materialized_parts(context, storage, required=not folders)
+    columns = ["image_id", "part", "prompt"]
     frame = pl.concat(
-        [storage.read_table("diffusiondb_parts", p, columns=["image_id", "part", "prompt"]) for p in parts]
+        [
+            *(
+                storage.read_table("diffusiondb_parts", p, columns=columns).with_columns(source=pl.lit("diffusiondb"))
+                for p in parts
+            ),
+            *(
+                storage.read_table(IMAGES_TABLE, f, columns=columns).with_columns(source=pl.lit("images"))
+                for f in folders
+            ),
+        ]
     )
+    by_source_in = dict(frame.group_by("source").len().iter_rows())
     kept, counts = filtering.filter_report(frame)
     pairs = filtering.assign_split(kept, ratios=PROFILE_CONFIG.split_ratios, seed=PROFILE_CONFIG.split_seed)
     target = storage.write_table(pairs, "filtered_pairs")
     split_counts = dict(pairs.group_by("split").len().sort("split").iter_rows())
+    by_source = dict(pairs.group_by("source").len().iter_rows())
     context.log.info(f"filtered_pairs: {frame.height} in, {pairs.height} kept, removed {counts}, split {split_counts}")
     return dg.MaterializeResult(
         metadata={
             "parts": len(parts),
+            "image_folders": len(folders),
             "rows_in": frame.height,
+            **{f"rows_in_{source}": int(n) for source, n in by_source_in.items()},
+            **{f"rows_kept_{source}": int(n) for source, n in by_source.items()},
             "rows_kept": pairs.height,
             **{f"removed_{rule}": int(n) for rule, n in counts.items() if rule != "kept"},
             **{f"split_{name}": int(n) for name, n in split_counts.items()},

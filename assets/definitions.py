@@ -11,10 +11,11 @@ from assets.ensemble import ENSEMBLE_ASSETS
 from assets.evaluation import EVALUATION_ASSETS
 from assets.generation import GENERATION_ASSETS
 from assets.jobs import stage_jobs
+from assets.own_images import IMAGES_ASSETS
 from assets.training import TRAINING_ASSETS, TRAINING_CHECKS, training_settings
 from resources import build_resources
 
-ALL_ASSETS = [*DATA_ASSETS, *TRAINING_ASSETS, *ENSEMBLE_ASSETS, *EVALUATION_ASSETS, *GENERATION_ASSETS]
+ALL_ASSETS = [*IMAGES_ASSETS, *DATA_ASSETS, *TRAINING_ASSETS, *ENSEMBLE_ASSETS, *EVALUATION_ASSETS, *GENERATION_ASSETS]
 ALL_CHECKS = [*DATA_CHECKS, *TRAINING_CHECKS]
 # The jobs `reverse-sd materialize` runs (one per partitions definition), and the settings observation (it
 # observes the parts with the observe schedule's job).

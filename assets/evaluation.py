@@ -30,6 +30,7 @@ from assets.ensemble import (
 )
 from assets.generation import caption_report_rows
 from assets.jobs import GPU_POOL
+from assets.own_images import table_of
 from assets.plots import bar_plot_png, data_uri, gallery_png, grouped_bars_png, histogram_png, md_image
 from assets.training import BACKBONES, RECIPES, TRAIN, difficulty_scores, load_splits, model_predictions
 from pipeline import storage as store
@@ -132,7 +133,7 @@ REPORT_LAYOUT = 3  # 2: Table 1 and the baselines as UI tables, plots and galler
 def evaluation_report(
     context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
-    pairs = storage.read_table("filtered_pairs", columns=["image_id", "part", "split"])
+    pairs = storage.read_table("filtered_pairs", columns=["image_id", "part", "split", "source"])
     targets = target_embeddings(storage).sort("image_id")
     test, train = targets.filter(pl.col("split") == "test"), targets.filter(pl.col("split") == "train")
     ensemble = test.select("image_id").join(storage.read_table("ensemble_predictions"), on="image_id", how="left")
@@ -158,7 +159,9 @@ def evaluation_report(
         cosine[ZERO_SHOT_KEY] = zero_shot_cosine
     generation = caption_report_rows(storage)
     cosine.update({f"caption/{row['captioner']}": row["sbert_cosine"] for row in generation})
-    figures = _figures(storage, scores, train, test, dakl, dict(pairs.select("image_id", "part").iter_rows()))
+    sources = pairs["source"] if "source" in pairs.columns else ["diffusiondb"] * pairs.height
+    id_parts = {i: table_of(s, p) for i, p, s in zip(pairs["image_id"], pairs["part"], sources)}
+    figures = _figures(storage, scores, train, test, dakl, id_parts)
     if zero_shot_cosine is not None and zero_shot_toy:  # in the tables, not the plot: it would stretch its axis
         cosine[ZERO_SHOT_KEY] = zero_shot_cosine
     report = Report(
@@ -286,7 +289,7 @@ def _gallery(storage: StorageResource, test: pl.DataFrame, predictions: pl.DataF
     scores = as_matrix(preds, "embedding") @ bank_matrix.T
     images, captions = [], []
     for i, (image_id, prompt) in enumerate(rows.select("image_id", "prompt").iter_rows()):
-        frame = storage.read_table("diffusiondb_parts", id_parts[image_id], columns=["image_id", "image"])
+        frame = storage.read_table(*id_parts[image_id], columns=["image_id", "image"])
         images.append(frame.filter(pl.col("image_id") == image_id)["image"][0])
         top = np.argsort(-scores[i])[:3]
         lines = [f"true prompt: {prompt}"] + [

@@ -18,6 +18,7 @@ from assets.common import (
     table_metadata,
 )
 from assets.data import filtered_pairs, prompt_embeddings, vocabulary, vocabulary_labels
+from assets.own_images import table_of
 from assets.plots import histogram_png, line_plot_png, md_image
 from pipeline.constants import BACKBONE_NAMES
 from pipeline.constants import RECIPES as RECIPE_NAMES
@@ -82,14 +83,27 @@ def load_splits(storage: StorageResource, splits=("train", "val", "test")) -> di
     )
     rows = {s: split_rows(joined, s) for s in splits}
 
-    def read_part(part: str, ids: list[str]) -> pl.DataFrame:
-        images = storage.read_table("diffusiondb_parts", part, columns=["image_id", "image"])
+    # An image folder's pairs are read from its own table: their part key here is "images/<subfolder>" (a
+    # DiffusionDB part key has no slash, so the two never meet).
+    def table(key: str) -> tuple[str, str]:
+        return table_of("images", key.removeprefix("images/")) if key.startswith("images/") else table_of("", key)
+
+    def read_part(key: str, ids: list[str]) -> pl.DataFrame:
+        images = storage.read_table(*table(key), columns=["image_id", "image"])
         return images.filter(pl.col("image_id").is_in(ids))
 
+    def keyed(r: pl.DataFrame) -> pl.DataFrame:
+        if "source" not in r.columns:
+            return r.select("image_id", "part")
+        own = pl.col("source") == "images"
+        return r.select(
+            "image_id", pl.when(own).then(pl.lit("images/") + pl.col("part")).otherwise("part").alias("part")
+        )
+
     images = split_images_many(
-        {s: r.select("image_id", "part") for s, r in rows.items()},
+        {s: keyed(r) for s, r in rows.items()},
         read_part,
-        lambda part: storage.fingerprint("diffusiondb_parts", part),
+        lambda key: storage.fingerprint(*table(key)),
         storage.local_dir("image_cache"),
     )
     return {s: load_split(rows[s], *images[s]) for s in splits}

@@ -109,16 +109,19 @@ def _materialize_locked(args, settings, workers: int) -> int:
     with DagsterServer(settings.dagster_home, logs / f"dagster-dev-{invocation}.log") as server:
         from assets.data import sync_parts
         from assets.definitions import defs
+        from assets.own_images import sync_folders
 
         if args.select:
             _check_selection(defs, args.select)
         instance = dg.DagsterInstance.get()
         listed = defs.resources["diffusiondb"].source().list_parts()
+        folders = defs.resources["images"].list_folders()  # subfolder -> content version (REVERSE_SD_IMAGES)
         runs = orch.InstanceRuns(server.ready().url, instance)
         mismatch = server.settings_mismatch(
             {
                 "storage": {"root": defs.resources["storage"].root},
                 "diffusiondb": {"location": defs.resources["diffusiondb"].location},
+                "images": {"location": defs.resources["images"].location},
             }
         )
         if mismatch:
@@ -133,6 +136,13 @@ def _materialize_locked(args, settings, workers: int) -> int:
             print(f"registered {_count(len(new_parts), 'new DiffusionDB part')}: {new_parts[0]} .. {new_parts[-1]}")
         if gone:
             print(f"unregistered {_count(len(gone), 'part')} the source no longer lists: {', '.join(gone[:10])}")
+        new_folders, gone_folders = sync_folders(instance, folders)
+        if new_folders:
+            print(f"registered {_count(len(new_folders), 'new image folder')}: {', '.join(new_folders[:10])}")
+        if gone_folders:
+            print(
+                f"unregistered {_count(len(gone_folders), 'image folder')} no longer there: {', '.join(gone_folders[:10])}"
+            )
         orphans = orch.orphaned_queued_runs(instance, settings.home)
         if orphans:
             orch.stop_runs(runs, orphans)
@@ -221,6 +231,7 @@ def _dry_run(args, settings, workers: int) -> int:
 
     from assets.data import diffusiondb_source, part_changes, parts_partitions
     from assets.definitions import defs
+    from assets.own_images import folder_changes, folders_partitions, images_source
     from assets.training import training_settings, training_settings_versions
     from cli.planning import plan_units
 
@@ -233,15 +244,23 @@ def _dry_run(args, settings, workers: int) -> int:
         print(f"would register {_count(len(new_parts), 'new DiffusionDB part')}: {new_parts[0]} .. {new_parts[-1]}")
     if gone:
         print(f"would unregister {_count(len(gone), 'part')} the source no longer lists: {', '.join(gone[:10])}")
+    folders = defs.resources["images"].list_folders()
+    new_folders, gone_folders = folder_changes(instance, folders)
+    if new_folders:
+        print(f"would register {_count(len(new_folders), 'new image folder')}: {', '.join(new_folders[:10])}")
     started = time.perf_counter()
     plan = plan_units(
         defs,
         instance,
         selection=args.select,
         stale_only=args.stale,
-        extra_partitions={parts_partitions.name: new_parts},
-        gone_partitions=gone,
-        observed_now={training_settings.key: training_settings_versions(), diffusiondb_source.key: listed},
+        extra_partitions={parts_partitions.name: new_parts, folders_partitions.name: new_folders},
+        gone_partitions=[*gone, *gone_folders],
+        observed_now={
+            training_settings.key: training_settings_versions(),
+            diffusiondb_source.key: listed,
+            images_source.key: folders,
+        },
         workers=workers,
         partitions_per_run=args.partitions_per_run,
     )

@@ -28,7 +28,7 @@ from cli.plan import Plan, Unit
 LAUNCHED_BY_TAG = "reverse-sd/launched-by"
 INVOCATION_TAG = "reverse-sd/invocation"
 PARTITION_TAG = "dagster/partition"
-OBSERVE_JOBS = ("observe_diffusiondb_source", "observe_settings")
+OBSERVE_JOBS = ("observe_diffusiondb_source", "observe_images_source", "observe_settings")
 FINISHED = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
 
 

@@ -164,11 +164,16 @@ def stale_reason(
             return f"artifact missing: {local}"
         if os.path.isfile(local) and not storage.is_intact(local):
             return f"artifact damaged: {local}"
-    built_from = event.metadata.get("parts")  # filtered_pairs: how many parts it read
-    if built_from is not None and isinstance(built_from.value, int):
-        now = sum(1 for parent_key, _ in parents if parent_key.to_user_string() == "diffusiondb_parts")
-        if now and now != built_from.value:
-            return f"built from {built_from.value} parts, {now} registered now"
+    # filtered_pairs: how many DiffusionDB parts and image folders it read (a vanished one is no parent event)
+    for field, parent_name, noun in (
+        ("parts", "diffusiondb_parts", "parts"),
+        ("image_folders", "image_folders", "image folders"),
+    ):
+        built_from = event.metadata.get(field)
+        if built_from is not None and isinstance(built_from.value, int):
+            now = sum(1 for parent_key, _ in parents if parent_key.to_user_string() == parent_name)
+            if (now or field == "image_folders") and now != built_from.value:
+                return f"built from {built_from.value} {noun}, {now} registered now"
     for parent_key, parent_partition in parents:
         pointer = tags.get(f"dagster/input_event_pointer/{parent_key.to_user_string()}")
         if _parent_changed(records, parent_key, parent_partition, pointer):

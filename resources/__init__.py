@@ -3,6 +3,7 @@
 from resources.core import (
     ComputeResource,
     DiffusionDBResource,
+    ImagesResource,
     SentenceEncoderResource,
     StorageResource,
     build_resources,
@@ -13,6 +14,7 @@ from resources.settings import Settings, SettingsError, load_settings
 __all__ = [
     "ComputeResource",
     "DiffusionDBResource",
+    "ImagesResource",
     "ProfileConfig",
     "SentenceEncoderResource",
     "Settings",

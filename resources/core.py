@@ -12,7 +12,14 @@ import polars as pl
 
 from pipeline import storage
 from resources.profiles import profile_config
-from resources.settings import SAMPLE_IMAGE_SIZE, Settings, default_loader_workers, load_settings, local_dir
+from resources.settings import (
+    NO_DIFFUSIONDB,
+    SAMPLE_IMAGE_SIZE,
+    Settings,
+    default_loader_workers,
+    load_settings,
+    local_dir,
+)
 
 
 class ArtifactError(RuntimeError):
@@ -94,6 +101,8 @@ class DiffusionDBResource(dg.ConfigurableResource):
     def source(self):
         from pipeline.data.diffusiondb import DiffusionDBSource
 
+        if self.location == NO_DIFFUSIONDB:
+            return _NoParts()
         if self.generate_sample:
             self._ensure_sample()
         return DiffusionDBSource(
@@ -112,7 +121,7 @@ class DiffusionDBResource(dg.ConfigurableResource):
         listed as the parts it would hold, each versioned "not-generated:<mirror>" (a version no built part
         has, so every part counts as new data), and the zip-hash cache is used only when it exists already.
         """
-        if create:
+        if create or self.location == NO_DIFFUSIONDB:
             return self.source().list_parts()
         from pipeline.data.diffusiondb import DiffusionDBSource
         from pipeline.data.sample_data import part_key
@@ -157,6 +166,41 @@ class DiffusionDBResource(dg.ConfigurableResource):
 _SAMPLE_LOCK = threading.Lock()  # threads of one process; the file lock covers processes
 
 
+class _NoParts:
+    """The DiffusionDB source of REVERSE_SD_DIFFUSIONDB=none: no parts."""
+
+    def list_parts(self) -> dict[str, str]:
+        return {}
+
+    def fetch_part(self, part: str, cache_dir=None):
+        raise RuntimeError(f"REVERSE_SD_DIFFUSIONDB=none: there is no DiffusionDB part {part}")
+
+
+class ImagesResource(dg.ConfigurableResource):
+    """REVERSE_SD_IMAGES: a folder of the user's own generations, each immediate subfolder one part
+    (pipeline/data/own_images.py); ``location`` None when unset (no folders).  ``hash_cache_dir`` keeps the
+    files' content hashes across invocations, so a listing re-reads only changed files."""
+
+    location: str | None = None
+    hash_cache_dir: str | None = None
+
+    def list_folders(self) -> dict[str, str]:
+        """subfolder -> content version (empty when REVERSE_SD_IMAGES is unset or the folder is gone)."""
+        from pipeline.data.own_images import list_folders
+
+        if not self.location or not Path(self.location).is_dir():
+            return {}
+        cache = self.hash_cache_dir
+        if cache:
+            Path(cache).mkdir(parents=True, exist_ok=True)
+        return list_folders(self.location, cache)
+
+    def folder(self, name: str) -> Path:
+        if not self.location:
+            raise RuntimeError("REVERSE_SD_IMAGES is not set: there are no image folders")
+        return Path(self.location) / name
+
+
 class SentenceEncoderResource(dg.ConfigurableResource):
     """The SBERT model of the targets: a local directory, the offline package, or a hub name."""
 
@@ -197,6 +241,7 @@ def build_resources(settings: Settings | None = None) -> dict[str, dg.Configurab
             sample_seed=config.sample.seed,
             hash_cache_dir=local_dir(settings.home, "hash-cache"),
         ),
+        "images": ImagesResource(location=settings.images, hash_cache_dir=local_dir(settings.home, "hash-cache")),
         "sentence_encoder": SentenceEncoderResource(
             model=config.encoder_model, device=settings.device, batch_size=config.encoder_batch_size
         ),

@@ -6,7 +6,10 @@ any Dagster step runs.  ``resources/profiles.py`` turns a ``Settings`` into the 
 its profile (plain data).
 
 REVERSE_SD_PROFILE                  sample | diffusiondb (default sample)
-REVERSE_SD_DIFFUSIONDB              a hub dataset id or a local mirror directory (default: the profile's)
+REVERSE_SD_DIFFUSIONDB              a hub dataset id or a local mirror directory (default: the profile's), or none
+                                    (train on REVERSE_SD_IMAGES alone)
+REVERSE_SD_IMAGES                   a folder of the user's own generations: each immediate subfolder is one part
+                                    of image_folders (prompts from the images' metadata or sidecars)
 REVERSE_SD_DIFFUSIONDB_REVISION     hub revision (default main; the observed data version records the sha)
 REVERSE_SD_HOME                     the storage root of every artifact (default ./data in the project)
 DAGSTER_HOME                        the Dagster instance (default ./.dagster_home in the project)
@@ -53,6 +56,7 @@ HUB_DATASET = "poloclub/diffusiondb"
 # reproducible runs; either way diffusiondb_source records the resolved commit sha as its data version,
 # so a new upstream revision shows up as stale data rather than silently changing results.
 HUB_REVISION = "main"
+NO_DIFFUSIONDB = "none"  # REVERSE_SD_DIFFUSIONDB=none: no DiffusionDB parts, only REVERSE_SD_IMAGES
 DEFAULT_OBSERVE_CRON = "0 3 * * *"
 MAX_LOADER_WORKERS = 8  # beyond this, decoding 256-px JPEGs outpaces one GPU; more workers only cost memory
 # Bounds of the numeric settings (each error names its bound).
@@ -102,6 +106,12 @@ class Settings:
     loader_workers: int | None = None  # None: cores available, at most MAX_LOADER_WORKERS
     hf_token_set: bool = False
     hub_offline: bool = False  # HF_HUB_OFFLINE is set: the hub cannot be reached
+    images: str | None = None  # REVERSE_SD_IMAGES: the own-images folder (absolute), or None
+
+    @property
+    def uses_diffusiondb(self) -> bool:
+        """False for REVERSE_SD_DIFFUSIONDB=none: training on the own images alone."""
+        return self.diffusiondb != NO_DIFFUSIONDB
 
     @property
     def is_sample(self) -> bool:
@@ -416,6 +426,19 @@ def _storage_home(env: Mapping[str, str]) -> str:
     return home
 
 
+def _images(env: Mapping[str, str], diffusiondb: str) -> str | None:
+    raw = _text(env, "REVERSE_SD_IMAGES")
+    if diffusiondb.lower() == NO_DIFFUSIONDB and not raw:
+        raise SettingsError(
+            "REVERSE_SD_DIFFUSIONDB=none leaves nothing to train on: set REVERSE_SD_IMAGES to a folder of your images"
+        )
+    if not raw:
+        return None
+    if "://" in raw:
+        raise SettingsError(f"REVERSE_SD_IMAGES={raw[:80]!r} must be a local folder, not a URL")
+    return str(Path(raw).expanduser().resolve())
+
+
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Read and validate every setting from ``environ`` (default: the process environment)."""
     env = os.environ if environ is None else environ
@@ -428,10 +451,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     default_source = sample_mirror_dir(home, sample_parts, sample_images) if profile == "sample" else HUB_DATASET
     dagster_home = _text(env, "DAGSTER_HOME") or str(PROJECT_DIR / ".dagster_home")
     nnodes = _int(env, "REVERSE_SD_TRAIN_NNODES", 1, maximum=MAX_NNODES)
+    diffusiondb = _text(env, "REVERSE_SD_DIFFUSIONDB") or default_source
+    if diffusiondb.lower() == NO_DIFFUSIONDB:
+        diffusiondb = NO_DIFFUSIONDB
     return Settings(
         profile=profile,
         home=home,
-        diffusiondb=_text(env, "REVERSE_SD_DIFFUSIONDB") or default_source,
+        images=_images(env, diffusiondb),
+        diffusiondb=diffusiondb,
         diffusiondb_revision=_text(env, "REVERSE_SD_DIFFUSIONDB_REVISION") or HUB_REVISION,
         dagster_home=str(Path(dagster_home).expanduser().resolve()),
         observe_cron=_cron(env),
@@ -570,7 +597,10 @@ def check_source(settings: Settings) -> None:
     """
     from pipeline.data.diffusiondb import PART_KEY, is_local_location
 
-    if settings.uses_generated_sample:
+    if settings.images is not None and not Path(settings.images).is_dir():
+        what = "does not exist" if not Path(settings.images).exists() else "is not a directory"
+        raise SettingsError(f"REVERSE_SD_IMAGES={settings.images!r} {what}: give a folder of image subfolders")
+    if settings.uses_generated_sample or not settings.uses_diffusiondb:
         return
     if not is_local_location(settings.diffusiondb):
         _check_hub_source(settings)

@@ -25,7 +25,8 @@ from own_images import (
 )
 
 from cli.main import main
-from pipeline.image_metadata import FIELDS, MAX_TEXT_BYTES, NO_PROMPT, read_image_metadata
+from pipeline.image_chunks import MAX_TEXT_BYTES
+from pipeline.image_metadata import FIELDS, NO_PROMPT, read_image_metadata
 
 pytestmark = pytest.mark.timeout(120)
 

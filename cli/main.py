@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cli.evaluate import add_evaluate_parser
 from cli.materialize import materialize_command
 from cli.predict import predict_command
 from cli.scan import add_scan_parser
@@ -75,6 +76,7 @@ examples:
   reverse-sd predict photo.png shots/         prompts for images, one JSON object per line
   reverse-sd predict shots/ --format table    the same as a readable table
   reverse-sd scan outputs/                    the prompts your generator wrote into your images
+  reverse-sd evaluate outputs/                how well the trained models do on them (mean cosine)
 
 settings (environment): REVERSE_SD_PROFILE (sample | diffusiondb), REVERSE_SD_HOME (storage root),
 REVERSE_SD_DIFFUSIONDB (hub dataset id or local mirror), DAGSTER_HOME (Dagster instance).
@@ -242,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pred.set_defaults(func=predict_command)
     add_scan_parser(sub, _HelpFormatter)
+    add_evaluate_parser(sub, _HelpFormatter)
     return parser
 
 

@@ -655,5 +655,78 @@ def predict_hostile_cases() -> int:
     return print_cases("predict", rows)
 
 
+# -- damaged artifacts, damaged checkpoints, a moved root (issue 27 items 2, 3, 4) ------------------------------
+def artifact_hostile_cases() -> int:
+    """What `materialize --stale` and training resume see after damage; prints case, expected, observed."""
+    import dagster as dg
+    import polars as pl
+
+    from cli.staleness import under_root
+    from pipeline import storage
+    from pipeline.models import create_model
+    from pipeline.training.checkpoint import save_checkpoint
+    from pipeline.training.resume import newest_usable
+
+    rows: list[tuple[str, str, str, bool]] = []
+    with tempfile.TemporaryDirectory(prefix="bad-artifacts-") as tmp:
+        base = Path(tmp)
+        target = base / "root" / "prompt_bank.parquet"
+        write_parquet(pl.DataFrame({"prompt": [f"prompt {i}" for i in range(1000)]}), target)
+        before = target.stat()
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # one byte flipped, size kept
+        target.write_bytes(bytes(data))
+        os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))  # and the modification time kept
+        cheap_before = storage.is_intact(target)
+        try:
+            read_parquet(target)
+            refused = "read"
+        except storage.IntegrityError:
+            refused = "refused"
+        cheap_after = storage.is_intact(target)
+        rows.append(
+            (
+                "artifact: byte flipped, size and mtime kept",
+                "reader refuses; then --stale's check sees it",
+                f"{refused}; check before {'intact' if cheap_before else 'damaged'}, "
+                f"after {'intact' if cheap_after else 'damaged'}",
+                refused == "refused" and not cheap_after,
+            )
+        )
+
+        folder = base / "trained_models" / "vit" / "baseline"
+        model = create_model("vit", variant="tiny", vocab_size=0)
+        for step in (1, 2):
+            save_checkpoint(folder, model, progress={"step": step}, index=step)
+        newest = sorted(folder.rglob("*.safetensors"))[-1]
+        with open(newest, "r+b") as handle:
+            handle.seek(newest.stat().st_size // 2)
+            handle.write(b"\0" * 64)
+        usable, passed = newest_usable(folder)
+        chosen = usable.path.name if usable is not None else "none"
+        rows.append(
+            (
+                "checkpoint: the latest damaged",
+                "resume from the newest intact one, naming the one passed over",
+                f"resumes from {chosen}, {len(passed)} passed over",
+                usable is not None and Path(str(usable.path)) != newest and len(passed) == 1,
+            )
+        )
+
+        key = dg.AssetKey("prompt_bank")
+        moved = under_root("/old/root/prompt_bank.parquet", key, str(base / "new"))
+        rows.append(
+            (
+                "root moved: artifact recorded at the old root",
+                "checked at the new root",
+                str(moved).replace(str(base), "<tmp>"),
+                moved == str(base / "new" / "prompt_bank.parquet"),
+            )
+        )
+        foreign = under_root("/elsewhere/bank.parquet", key, str(base / "new"))
+        rows.append(("root replaced: another root's file", "not trusted (rebuilt here)", str(foreign), foreign is None))
+    return print_cases("artifacts", rows)
+
+
 if __name__ == "__main__":
-    sys.exit(max(main(), predict_hostile_cases(), settings_hostile_cases()))
+    sys.exit(max(main(), predict_hostile_cases(), settings_hostile_cases(), artifact_hostile_cases()))

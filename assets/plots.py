@@ -5,14 +5,22 @@ from __future__ import annotations
 import base64
 import io
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend, imported on first use (it costs about a second, and most runs and
+    every command-line start import this module without drawing)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _png(fig) -> bytes:
+    plt = _pyplot()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
     plt.close(fig)
@@ -28,6 +36,7 @@ def md_image(png: bytes, alt: str = "plot") -> str:
 
 
 def histogram_png(series: dict[str, np.ndarray], title: str, bins: int = 30) -> bytes:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3))
     for name, values in series.items():
         ax.hist(np.asarray(values, dtype=float), bins=bins, alpha=0.6, label=name)
@@ -45,6 +54,7 @@ def line_plot_png(
     logx: bool = False,
 ) -> bytes:
     """One line per series over ``x`` (default 1, 2, ...), e.g. epochs or a swept parameter (``logx``)."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3))
     for name, values in series.items():
         ax.plot(x if x is not None else range(1, len(values) + 1), values, marker="o", label=name)
@@ -92,6 +102,7 @@ def bar_plot_png(
     """
     items = sorted(((k, float(v)) for k, v in values.items() if v is not None and np.isfinite(v)), key=lambda kv: kv[1])
     names, numbers = [k for k, _ in items], [v for _, v in items]
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 0.32 * len(items) + 1.2))
     ax.barh(range(len(items)), numbers, color=[_bar_colour(n) for n in names], height=0.7)
     ax.set_yticks(range(len(items)), names, fontsize=9)
@@ -114,6 +125,7 @@ def bar_plot_png(
 
 def grouped_bars_png(groups: dict[str, dict[str, float]], title: str, ylabel: str) -> bytes:
     """One cluster of bars per group (e.g. backbone), one bar per key (e.g. difficulty bucket)."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3))
     names = list(groups)
     keys = sorted(
@@ -135,6 +147,7 @@ def grouped_bars_png(groups: dict[str, dict[str, float]], title: str, ylabel: st
 def gallery_png(images: list[bytes], captions: list[str], wrap: int = 60) -> bytes:
     """One row per image: the image on the left, its caption lines (true prompt, retrieved prompts) beside it
     in a readable size; the first line is bold."""
+    plt = _pyplot()
     import textwrap
 
     from PIL import Image

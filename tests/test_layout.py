@@ -209,3 +209,15 @@ def test_imports_only_run_down_the_layers():
         if LAYER[target.split(".")[0]] < LAYER[name.split(".")[0]]
     )
     assert upward == [], f"imports running back up (cli -> assets -> resources -> pipeline): {upward}"
+
+
+def test_loading_the_definitions_imports_no_torch_sklearn_or_matplotlib():
+    """The code server, every run worker and every `reverse-sd materialize` import the definitions; torch,
+    scikit-learn and matplotlib (about 5 s together here) load only in the steps that use them."""
+    import subprocess
+    import sys
+
+    probe = "import sys, assets.definitions; print(sorted({'torch', 'sklearn', 'matplotlib'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

@@ -335,7 +335,7 @@ def _ui_command(**env: str) -> str:
 
 
 def test_ui_binds_localhost_unless_told():
-    assert _ui_command() == "-w workspace.yaml -h 127.0.0.1 -p 3000"
-    assert _ui_command(HOST="0.0.0.0", PORT="3001") == "-w workspace.yaml -h 0.0.0.0 -p 3001"
+    assert _ui_command() == f"-w {PROJECT}/workspace.yaml -h 127.0.0.1 -p 3000"
+    assert _ui_command(HOST="0.0.0.0", PORT="3001") == f"-w {PROJECT}/workspace.yaml -h 0.0.0.0 -p 3001"
     for name in ("dagster.yaml", "workspace.yaml"):
         assert "0.0.0.0" not in (PROJECT / name).read_text()

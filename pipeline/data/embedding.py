@@ -4,26 +4,47 @@ The targets of the whole method are these 384-d unit vectors.  This module keys 
 hash of the prompt text and by the model id, so a materialisation only encodes prompts it has never seen,
 and a model change re-encodes everything.  The encoder itself lives in ``pipeline.data.prompt_encoder``
 (loading, precision probe, chunked tokenising) and ``pipeline.data.encoder_forward`` (packed kernel,
-length bands); its public names are re-exported here, the import path assets/, bench/ and tests use.
+length bands); its public names are re-exported here, the import path assets/, bench/ and tests use.  They
+are imported on first use (PEP 562): both load torch, which the code server, the command line and the runs
+that only read or filter data need not pay for.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 
 from pipeline.constants import EMBED_DIM as EMBEDDING_DIM
-from pipeline.data.encoder_forward import length_bands
-from pipeline.data.prompt_encoder import (
-    DEFAULT_MODEL,
-    LOCAL_ALIASES,
-    ProgressCallback,
-    PromptEncoder,
-    resolve_model_location,
-)
+
+if TYPE_CHECKING:
+    from pipeline.data.encoder_forward import length_bands
+    from pipeline.data.prompt_encoder import (
+        DEFAULT_MODEL,
+        LOCAL_ALIASES,
+        ProgressCallback,
+        PromptEncoder,
+        resolve_model_location,
+    )
+
+_REEXPORTED = {
+    "DEFAULT_MODEL": "pipeline.data.prompt_encoder",
+    "LOCAL_ALIASES": "pipeline.data.prompt_encoder",
+    "ProgressCallback": "pipeline.data.prompt_encoder",
+    "PromptEncoder": "pipeline.data.prompt_encoder",
+    "resolve_model_location": "pipeline.data.prompt_encoder",
+    "length_bands": "pipeline.data.encoder_forward",
+}
+
+
+def __getattr__(name: str):
+    if name in _REEXPORTED:
+        return getattr(importlib.import_module(_REEXPORTED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "DEFAULT_MODEL",

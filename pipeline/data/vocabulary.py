@@ -19,13 +19,16 @@ from collections.abc import Sequence
 import numpy as np
 import polars as pl
 import pyarrow as pa
-from sklearn.feature_extraction.text import CountVectorizer
 
 # Whole alphabetic tokens of two or more letters; "octane-render" -> octane, render; "artist's" -> artist.
 TOKEN_PATTERN = r"(?u)\b[a-zA-Z]{2,}\b"
 
 
-def _vectorizer(vocabulary: dict[str, int] | None = None) -> CountVectorizer:
+def _vectorizer(vocabulary: dict[str, int] | None = None):
+    """scikit-learn is imported here, on first use: most imports of this module (the code server, every run
+    worker, the command line) never fit a vocabulary."""
+    from sklearn.feature_extraction.text import CountVectorizer
+
     return CountVectorizer(
         lowercase=True,
         stop_words="english",

@@ -1,7 +1,16 @@
-"""Shared fixtures: the whole graph materialized once per test session on the default sample, as
-`make run` builds it (the CLI in a subprocess, its own storage root and Dagster instance).
+"""The tiers, and shared fixtures.
 
-tests/test_materialize.py checks the run and the CLI on it; tests/test_web_ui.py opens it in a browser.
+Tests mirror the packages: tests/pipeline, tests/resources, tests/assets, tests/cli, and tests/e2e (whole
+materializations; tests/cluster: the Celery deployment).  `make test` runs all but e2e, cluster and the tests
+marked ``extended`` (multi-process: torchrun, kill -9, Postgres); `make test-extended` runs those.
+
+One timeout policy: pytest-timeout gives a test 900 s (pyproject.toml) and an e2e test E2E_TIMEOUT, and no
+subprocess a test starts may outlive that: run_cli defaults to 600 s, the session's materialization to
+E2E_MATERIALIZE_TIMEOUT, less than E2E_TIMEOUT (its first test pays for it).
+
+The whole graph is materialized once per test session on the default sample, as `make run` builds it (the
+CLI in a subprocess, its own storage root and Dagster instance): tests/e2e/ checks the run, the report and
+the CLI on it, and opens it in a browser.
 """
 
 from __future__ import annotations
@@ -15,9 +24,20 @@ import pytest
 import torch
 
 PROJECT = Path(__file__).resolve().parents[1]
+E2E = Path(__file__).resolve().parent / "e2e"
+E2E_TIMEOUT = 1800
+E2E_MATERIALIZE_TIMEOUT = 1500
 
 
-def run_cli(args: list[str], env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: an e2e test is an extended one
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if E2E in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.extended)
+            item.add_marker(pytest.mark.timeout(E2E_TIMEOUT))
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "cli.main", *args],
         cwd=PROJECT,
@@ -53,7 +73,7 @@ def sample_graph_run(tmp_path_factory) -> tuple[Path, dict[str, str], subprocess
     """
     root = tmp_path_factory.mktemp("e2e")
     env = sample_env(root)  # the defaults, whatever the calling shell exported
-    result = run_cli(["materialize"], env, timeout=1500)
+    result = run_cli(["materialize"], env, timeout=E2E_MATERIALIZE_TIMEOUT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return root / "data", env, result
 

@@ -213,3 +213,18 @@ def write_plain(path: Path, colour: str = "green") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     picture(colour).save(path)
     return path
+
+
+SHAPES = ["cube", "sphere", "pyramid", "cone", "torus", "cylinder"]
+
+
+def make_folder(root: Path, name: str, n: int = 6) -> list[str]:
+    """``n`` A1111 PNGs with distinct prompts in ``root/name``, and one image without metadata (skipped)."""
+    colours = list(COLOURS)
+    prompts = []
+    for i in range(n):
+        prompt = f"{name} a {colours[i % 4]} {SHAPES[i % 6]} on a table, photo number {i}"
+        write_a1111(root / name / f"{i:05d}.png", prompt, colour=colours[i % 4], seed=i)
+        prompts.append(prompt)
+    write_plain(root / name / "no-metadata.png")
+    return prompts

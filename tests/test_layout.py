@@ -85,11 +85,7 @@ def _hops_from_assets() -> tuple[dict[str, int], dict[str, Path]]:
 
 def test_every_pipeline_module_is_within_two_import_hops_of_assets():
     hops, pipeline_modules = _hops_from_assets()
-    far = {
-        name: hops.get(name)
-        for name in pipeline_modules
-        if hops.get(name, MAX_HOPS + 1) > MAX_HOPS
-    }
+    far = {name: hops.get(name) for name in pipeline_modules if hops.get(name, MAX_HOPS + 1) > MAX_HOPS}
     # None: no asset reaches it at all (dead code, or only tests and bench/ use it)
     assert far == {}, f"pipeline modules more than {MAX_HOPS} import hops from assets/: {far}"
 

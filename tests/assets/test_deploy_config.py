@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 DEPLOY = PROJECT / "deploy"
 GPU = "nvidia.com/gpu"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import sample_env
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 
 DRIVER = r"""
 import json, sys

@@ -32,7 +32,7 @@ from pipeline.training.checkpoint import latest_checkpoint, list_checkpoints, lo
 
 pytestmark = pytest.mark.extended  # multi-process: run by CI (make test-extended), not the default run
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 
 # Installed in the subprocess (sitecustomize-free: the driver / CLI wrapper imports it first).
 HOOK = r'''

@@ -23,7 +23,7 @@ from cli.plan import Plan, Unit
 from cli.planning import group_ranges, plan_units
 from pipeline import storage
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 def _fake_plan(n: int, depends_on: dict[int, set[int]] | None = None) -> Plan:

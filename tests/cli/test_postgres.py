@@ -24,7 +24,7 @@ import pytest
 
 pytestmark = pytest.mark.extended  # multi-process: run by CI (make test-extended), not the default run
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 CONFIG = PROJECT / "deploy" / "postgres" / "dagster.yaml"
 PG_USER = "dagster"
 PG_DB = "reverse_sd_dagster"

@@ -21,7 +21,7 @@ from cli import main as cli
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.timeout(300)]
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 WORDS = PREDICT_WORDS
 
 

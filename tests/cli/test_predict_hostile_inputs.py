@@ -26,7 +26,7 @@ from pipeline.inputs import scan_inputs
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.timeout(300)]
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 HOSTILE_PROMPTS = [
     "title \x1b]0;pwned\x07 set",
     "clear \x1b[2J\x1b[H screen",

@@ -26,7 +26,7 @@ from conftest import sample_env
 from pipeline.training.checkpoint import CheckpointError, load_model_weights, save_checkpoint
 from pipeline.training.resume import load_checkpoint
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 SECRET = "hf_kIlLrEsUmEsEcReT0123456789abcdef"  # a token-shaped value that must never be written anywhere
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-
 # ---- on the materialized sample graph (the session fixture of tests/conftest.py, ~3-4 minutes once) ---------
 TABLE_ASSETS = {
     "filtered_pairs": None,

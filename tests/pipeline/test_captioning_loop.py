@@ -142,7 +142,7 @@ def test_captioner_trains_under_two_process_ddp_like_one_process(pairs, tmp_path
     script = tmp_path / "rank.py"
     script.write_text(_RANK_SCRIPT)
     tests = Path(__file__).resolve().parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parents[1]), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     out = tmp_path / "ddp.pt"
     run = subprocess.run([*command, str(script), str(out), str(tests)], env=env, capture_output=True, text=True)

@@ -26,7 +26,7 @@ from test_training import make_tiny_model, toy_data
 from pipeline.training import ddp as ddp_train
 from pipeline.training.checkpoint import load_model_weights
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _write_pairs(path: Path, images, targets, labels) -> None:

@@ -262,7 +262,7 @@ def test_a_build_killed_mid_write_leaves_no_file_and_the_next_build_is_complete(
     import sys
     from pathlib import Path
 
-    project = str(Path(__file__).resolve().parents[1])
+    project = str(Path(__file__).resolve().parents[2])
     parts_dir = tmp_path / "parts"
     parts_dir.mkdir()
     split_of = {}

@@ -20,7 +20,7 @@ from fsspec.implementations.memory import MemoryFile
 from pipeline import storage
 from resources import DiffusionDBResource, StorageResource
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 FRAME = pl.DataFrame({"image_id": ["a", "b", "c"], "value": [1.0, 2.0, 3.0]})
 
 

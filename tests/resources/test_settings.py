@@ -82,7 +82,7 @@ def test_no_module_but_the_settings_module_reads_reverse_sd_variables():
     import pathlib
     import re
 
-    root = pathlib.Path(__file__).resolve().parents[1]
+    root = pathlib.Path(__file__).resolve().parents[2]
     readers = []
     for path in [*root.glob("assets/*.py"), *root.glob("resources/*.py"), *root.glob("pipeline/**/*.py")]:
         text = path.read_text()

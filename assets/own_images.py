@@ -11,7 +11,6 @@
   observes them too (sync_folders, the observe_images_source job).
 """
 
-
 import time
 
 import dagster as dg

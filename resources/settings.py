@@ -27,6 +27,9 @@ REVERSE_SD_TRAIN_JOIN_TIMEOUT       seconds the step waits for the other nodes t
 REVERSE_SD_DEVICE                   auto | cpu | cuda | cuda:N: where models run (default auto: CUDA when present)
 REVERSE_SD_LOADER_WORKERS           DataLoader worker processes (default: the cores available, at most 8; at most
                                     the cores this process may use)
+REVERSE_SD_BASELINE_CHECK           block | warn (default block): a model that does not beat the mean-embedding
+                                    baseline stops the ensemble, DAKL and the report (block), or is only flagged
+                                    (warn: a WARN-severity, non-blocking check, for samples too small to learn)
 REVERSE_SD_OBSERVE_CRON             when the observe schedule looks for a new DiffusionDB revision (five cron fields)
 
 Every number is bounded, and the bound is in the error.  REVERSE_SD_HOME's URL scheme must be one fsspec knows
@@ -69,6 +72,7 @@ MAX_NPROC_PER_NODE = 64
 MAX_NNODES = 1_024
 MIN_JOIN_TIMEOUT_S, MAX_JOIN_TIMEOUT_S = 10, 86_400
 DEFAULT_RDZV_ID = "reverse-sd"
+BASELINE_CHECK_MODES = ("block", "warn")
 # The generated sample's fixed generator settings (its seed and image size), part of the mirror's directory name.
 SAMPLE_SEED = 0
 SAMPLE_IMAGE_SIZE = 256
@@ -106,6 +110,7 @@ class Settings:
     loader_workers: int | None = None  # None: cores available, at most MAX_LOADER_WORKERS
     hf_token_set: bool = False
     hub_offline: bool = False  # HF_HUB_OFFLINE is set: the hub cannot be reached
+    baseline_check: str = "block"  # REVERSE_SD_BASELINE_CHECK: block | warn
     images: str | None = None  # REVERSE_SD_IMAGES: the own-images folder (absolute), or None
 
     @property
@@ -293,6 +298,13 @@ def _rdzv_id(env: Mapping[str, str]) -> str:
     return raw
 
 
+def _baseline_check(env: Mapping[str, str]) -> str:
+    raw = (_text(env, "REVERSE_SD_BASELINE_CHECK") or "block").lower()
+    if raw not in BASELINE_CHECK_MODES:
+        raise SettingsError(f"REVERSE_SD_BASELINE_CHECK={raw!r} is not a mode; use block or warn")
+    return raw
+
+
 def _device(env: Mapping[str, str]) -> str:
     raw = _text(env, "REVERSE_SD_DEVICE") or "auto"
     if not _DEVICE.fullmatch(raw):
@@ -476,6 +488,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             env, "REVERSE_SD_TRAIN_JOIN_TIMEOUT", 600, minimum=MIN_JOIN_TIMEOUT_S, maximum=MAX_JOIN_TIMEOUT_S
         ),
         device=_device(env),
+        baseline_check=_baseline_check(env),
         loader_workers=_loader_workers(env),
         hf_token_set=bool(_text(env, "HF_TOKEN")),
         hub_offline=_text(env, "HF_HUB_OFFLINE").upper() in _OFFLINE_VALUES,

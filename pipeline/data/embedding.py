@@ -46,6 +46,7 @@ def __getattr__(name: str):
         return getattr(importlib.import_module(_REEXPORTED[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 __all__ = [
     "DEFAULT_MODEL",
     "EMBEDDING_DIM",

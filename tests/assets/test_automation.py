@@ -104,6 +104,7 @@ def test_every_asset_downstream_of_the_parts_carries_the_rebuild_condition():
     graph = _graph()
     conditions = {k.to_user_string(): graph.get(k).automation_condition for k in graph.materializable_asset_keys}
     assert conditions.pop("diffusiondb_parts") is None  # requested by the diffusiondb_new_parts sensor
+    assert conditions.pop("image_folders") is None  # requested by the images_new_folders sensor
     assert all(c is not None and c.get_label() == REBUILD_LABEL for c in conditions.values()), conditions
     sensors = {s.name: s for s in defs.sensors}
     assert sensors["reverse_sd_automation"].default_status == dg.DefaultSensorStatus.STOPPED
@@ -145,7 +146,11 @@ def test_new_part_rebuilds_its_downstream_once_in_graph_order():
         names = {name for name, _ in when}
         assert "diffusiondb_parts" not in names  # the old parts are not read again
         graph = _graph()
-        downstream = {k.to_user_string() for k in graph.materializable_asset_keys} - {"diffusiondb_parts"}
+        # everything but the two sources' partitioned assets (image_folders is the other source, not fed by parts)
+        downstream = {k.to_user_string() for k in graph.materializable_asset_keys} - {
+            "diffusiondb_parts",
+            "image_folders",
+        }
         assert names == downstream, (downstream - names, names - downstream)  # everything the parts feed, once
         assert {p for n, p in when if n == "trained_models"} == set(
             graph.get(dg.AssetKey("trained_models")).partitions_def.get_partition_keys()

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import dagster as dg
+import pytest
+from conftest import PROJECT
 
 from assets.definitions import defs
 
@@ -62,3 +68,20 @@ def test_captioners_setting_chooses_the_captioner_partitions():
     from assets.generation import trained_captioners
 
     assert trained_captioners.partitions_def.get_partition_keys() == ["blip"]  # the default
+
+
+@pytest.mark.parametrize("mode, blocking", [("block", True), ("warn", False)])
+def test_the_baseline_check_blocks_or_only_warns_as_set(tmp_path, mode, blocking):
+    """REVERSE_SD_BASELINE_CHECK decides whether beats_mean_embedding_baseline blocks (read at load time)."""
+    code = (
+        "import dagster as dg\n"
+        "from assets.definitions import defs\n"
+        "graph = defs.resolve_asset_graph()\n"
+        "key = dg.AssetCheckKey(dg.AssetKey('model_predictions'), 'beats_mean_embedding_baseline')\n"
+        "print('blocking', graph.get_check_spec(key).blocking)\n"
+    )
+    env = {**os.environ, "REVERSE_SD_BASELINE_CHECK": mode, "REVERSE_SD_HOME": str(tmp_path / "data")}
+    env["DAGSTER_HOME"] = str(tmp_path / "dagster_home")
+    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"blocking {blocking}" in result.stdout

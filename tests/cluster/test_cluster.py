@@ -17,13 +17,12 @@ it and exits 1; the worker is restarted and ``materialize --stale`` finishes wha
 landed on both workers; every artifact of the single-machine run is an object in the bucket, and none is on
 any local disk; the figures equal those of a single-machine ``reverse-sd materialize`` of the same sample
 (local storage root) to float tolerance: every model's predictions, difficulty scores and prompt embeddings,
-each blocking check's verdict and figures, and the report's figures when the sample gets that far.
+each blocking check's verdict and figures, and the report's figures (reports/evaluation.json).
 
 The sample is 2 parts x 16 images, 1 epoch: the cluster's mechanics, not the method, are under test.  On a
-sample this small the tiny models do not all beat the mean-embedding baseline, so their blocking check stops
-the graph before the ensemble and the report, identically in both deployments (checked).  The smallest sample
-on which every model passes is the default 4 x 250 x 8 epochs, about 6 minutes a run on an idle 2-core
-machine, twice that here under load: too slow to run twice in this test's 15 minutes.
+sample this small the tiny models do not all beat the mean-embedding baseline, so the test sets
+REVERSE_SD_BASELINE_CHECK=warn: the check still runs and its verdicts are compared, but it stops nothing, and
+the ensemble, DAKL and the report are built and compared too.
 """
 
 from __future__ import annotations
@@ -49,6 +48,7 @@ SAMPLE = {
     "REVERSE_SD_SAMPLE_PARTS": "2",
     "REVERSE_SD_SAMPLE_IMAGES_PER_PART": "16",
     "REVERSE_SD_TRAIN_EPOCHS": "1",
+    "REVERSE_SD_BASELINE_CHECK": "warn",  # flag, not stop: the whole graph down to the report
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     # one thread everywhere: the same float reductions in the workers as in the single-machine run
@@ -175,7 +175,7 @@ def test_celery_workers_postgres_and_s3_on_loopback():
         single_code, single_out, timings["single machine"] = _materialize(
             [], single_env, str(root / "single" / "cwd"), root / "single.log"
         )
-        assert single_code in (0, 1) and "Traceback" not in single_out, single_out[-4000:]
+        assert single_code == 0 and "Traceback" not in single_out, single_out[-4000:]
         failures = [line for line in single_out.splitlines() if line.startswith("failed: ")]
         assert all(" check " in line for line in failures), failures  # only blocking checks, never a run
         single_files = {
@@ -345,13 +345,13 @@ def test_celery_workers_postgres_and_s3_on_loopback():
         for name in compared:
             body = client.get_object(Bucket=bucket, Key=f"home/{name}")["Body"].read()
             _assert_same_tables(body, single_files[name], name)
-        if "reports/evaluation.json" in artifacts:
-            body = client.get_object(Bucket=bucket, Key="home/reports/evaluation.json")["Body"].read()
-            ours, theirs = json.loads(body)["cosine"], json.loads(single_files["reports/evaluation.json"])["cosine"]
-            assert ours.keys() == theirs.keys()
-            for k in ours:
-                assert (ours[k] is None) == (theirs[k] is None), k
-                assert ours[k] is None or abs(ours[k] - theirs[k]) <= TOLERANCE, (k, ours[k], theirs[k])
+        assert "reports/evaluation.json" in artifacts, sorted(artifacts)  # the whole graph, down to the report
+        body = client.get_object(Bucket=bucket, Key="home/reports/evaluation.json")["Body"].read()
+        ours, theirs = json.loads(body)["cosine"], json.loads(single_files["reports/evaluation.json"])["cosine"]
+        assert ours and ours.keys() == theirs.keys()
+        for k in ours:
+            assert (ours[k] is None) == (theirs[k] is None), k
+            assert ours[k] is None or abs(ours[k] - theirs[k]) <= TOLERANCE, (k, ours[k], theirs[k])
         timings["whole test"] = time.monotonic() - started
         print(
             "cluster test: "

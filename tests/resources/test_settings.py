@@ -21,6 +21,7 @@ from resources.settings import check_storage_root, ensure_dagster_home
         ({"REVERSE_SD_SPLIT_SEED": "-1"}, ["REVERSE_SD_SPLIT_SEED", "at least 0"]),
         ({"REVERSE_SD_NPROC_PER_NODE": "all"}, ["REVERSE_SD_NPROC_PER_NODE", "gpus"]),
         ({"REVERSE_SD_DEVICE": "gpu0"}, ["REVERSE_SD_DEVICE", "cuda:N"]),
+        ({"REVERSE_SD_BASELINE_CHECK": "off"}, ["REVERSE_SD_BASELINE_CHECK", "block or warn"]),
         ({"REVERSE_SD_LOADER_WORKERS": "many"}, ["REVERSE_SD_LOADER_WORKERS"]),
         ({"REVERSE_SD_OBSERVE_CRON": "daily"}, ["REVERSE_SD_OBSERVE_CRON", "five fields"]),
         ({"REVERSE_SD_PROFILE": "nosuch"}, ["REVERSE_SD_PROFILE", "sample, diffusiondb"]),

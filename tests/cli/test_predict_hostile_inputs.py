@@ -228,7 +228,7 @@ def test_table_output_escapes_prompts_and_file_names_and_json_stays_exact(home, 
 def _imported_by(args: list[str], env: dict[str, str]) -> tuple[int, list[str], str]:
     """(exit status, which of torch / transformers / dagster the predict run imported, stderr)."""
     probe = (
-        "import sys\nfrom assets import cli\ncode = cli.main(sys.argv[1:])\n"
+        "import sys\nfrom cli.main import main\ncode = main(sys.argv[1:])\n"
         "print(sorted(m for m in ('torch', 'transformers', 'dagster') if m in sys.modules))\nsys.exit(code)\n"
     )
     result = subprocess.run(

@@ -217,3 +217,37 @@ def test_loading_the_definitions_imports_no_torch_sklearn_or_matplotlib():
     result = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+def _private_dagster_imports(path: Path) -> list[str]:
+    """Every ``dagster._*`` module an ``import`` / ``from ... import`` statement names (also ``from dagster
+    import _core``), wherever the statement sits (lazy imports inside functions included)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.startswith("dagster._")]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module.startswith("dagster._"):
+                found.append(node.module)
+            elif node.module == "dagster":
+                found += [f"dagster.{a.name}" for a in node.names if a.name.startswith("_")]
+    return found
+
+
+def test_product_code_uses_only_public_dagster_apis():
+    offenders = {
+        str(path.relative_to(PROJECT)): names
+        for package in (*PACKAGES, "bench")
+        for path in sorted((PROJECT / package).rglob("*.py"))
+        if (names := _private_dagster_imports(path))
+    }
+    assert offenders == {}
+
+
+def test_the_private_import_finder_sees_every_form(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import dagster as dg\nfrom dagster import AssetKey\nimport dagster._core.instance\n"
+        "from dagster import _check\ndef f():\n    from dagster._utils import x\n"
+    )
+    assert _private_dagster_imports(probe) == ["dagster._core.instance", "dagster._check", "dagster._utils"]

@@ -115,16 +115,6 @@ def test_plan_is_runs_of_named_jobs_in_dependency_order_and_a_dry_plan_writes_no
     assert not any(u.gpu for u in plan.units[:3])
 
 
-def test_no_private_dagster_import_in_assets_or_resources():
-    offenders = [
-        str(path.relative_to(PROJECT))
-        for folder in ("assets", "resources")
-        for path in (PROJECT / folder).glob("*.py")
-        if "dagster._" in path.read_text()
-    ]
-    assert offenders == []
-
-
 # ---- recovery, with real processes -----------------------------------------------------------------------
 
 

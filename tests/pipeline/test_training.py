@@ -7,7 +7,6 @@ test runs the real tiny ViT when pipeline.models is present.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 
@@ -19,6 +18,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from pipeline.models import create_model
+from pipeline.models.loss import ReverseSDLoss
 from pipeline.training.checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -39,7 +40,6 @@ from pipeline.training.resume import load_checkpoint
 
 SIZE = 32
 K = 6
-HAS_MODELS = importlib.util.find_spec("pipeline.models") is not None
 
 
 # -- stand-ins -------------------------------------------------------------------------------------------
@@ -72,29 +72,9 @@ class TinyModel(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
 
-class StandInLoss:
-    """1 - cosine + lambda * BCE, the contract of pipeline.models.loss.ReverseSDLoss."""
-
-    def __init__(self, lambda_vocab: float):
-        self.lambda_vocab = lambda_vocab
-
-    def __call__(self, embedding, target, vocab_logits=None, labels=None):
-        cos = 1 - F.cosine_similarity(embedding, target, dim=-1).mean()
-        bce = torch.zeros((), device=embedding.device)
-        if vocab_logits is not None and labels is not None and self.lambda_vocab:
-            bce = F.binary_cross_entropy_with_logits(vocab_logits, labels)
-        return cos + self.lambda_vocab * bce, {"cosine": cos.detach(), "bce": bce.detach()}
-
-
-def make_loss(lambda_vocab: float = 0.1):
-    if HAS_MODELS:
-        try:
-            from pipeline.models.loss import ReverseSDLoss
-
-            return ReverseSDLoss(lambda_vocab)
-        except ImportError:
-            pass
-    return StandInLoss(lambda_vocab)
+def make_loss(lambda_vocab: float = 0.1) -> ReverseSDLoss:
+    """The product's joint loss (1 - cosine + lambda * BCE), never a stand-in: a missing one fails here."""
+    return ReverseSDLoss(lambda_vocab)
 
 
 def make_tiny_model(seed: int = 0, **kwargs) -> TinyModel:
@@ -401,9 +381,7 @@ def test_preliminary_cosines_are_recorded_per_sample_index():
     assert np.allclose(history, expected[None], atol=1e-5)
 
 
-@pytest.mark.skipif(not HAS_MODELS, reason="pipeline.models not written yet")
 def test_real_tiny_vit_trains_and_round_trips(tmp_path):
-    from pipeline.models import create_model
 
     seed_everything(0)
     model = create_model("vit", variant="tiny", vocab_size=K)

@@ -48,6 +48,31 @@ def run_cli(args: list[str], env: dict[str, str], timeout: int = 600) -> subproc
     )
 
 
+def popen_cli(args: list[str], env: dict[str, str], **popen: object) -> subprocess.Popen:
+    """The CLI started in a subprocess with its stdout and stderr piped (text); ``popen`` on top."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli.main", *args],
+        cwd=PROJECT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
+def use_home(monkeypatch: pytest.MonkeyPatch, home: Path, **settings: str) -> Path:
+    """This process's REVERSE_SD_HOME is ``home``: no other REVERSE_SD_* setting leaks in from the calling shell,
+    then ``settings`` (e.g. HF_HUB_OFFLINE="1") on top.  Returns ``home``."""
+    for key in list(os.environ):
+        if key.startswith("REVERSE_SD_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("REVERSE_SD_HOME", str(home))
+    for key, value in settings.items():
+        monkeypatch.setenv(key, value)
+    return home
+
+
 def sample_env(root: Path, **settings: str) -> dict[str, str]:
     """The environment of a CLI subprocess on the sample profile with its own storage root and Dagster
     instance under ``root``: no REVERSE_SD_* setting or HF_TOKEN leaks in from the calling shell, then

@@ -26,6 +26,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
+from conftest import popen_cli
 
 from pipeline.data.diffusiondb import read_part
 from pipeline.training.checkpoint import latest_checkpoint, list_checkpoints, load_model_weights
@@ -258,14 +259,7 @@ def _kill_run_worker_mid_write(args: list[str], env: dict[str, str], report: Pat
     """`reverse-sd materialize` whose runs (launched by the instance) carry the hook as sitecustomize: wait for
     the run worker to report its half-written temporary file, SIGKILL that worker; the CLI reports the failed
     run (exit 1).  Returns the temporary file it left."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", *args],
-        cwd=PROJECT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = popen_cli(args, env)
     try:
         deadline = time.monotonic() + 300
         while MARKER not in (report.read_text() if report.exists() else ""):

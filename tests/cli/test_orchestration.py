@@ -9,13 +9,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import dagster as dg
 import pytest
-from conftest import run_cli, sample_env
+from conftest import popen_cli, run_cli, sample_env
 
 from assets.jobs import RANGE_END_TAG, RANGE_START_TAG
 from cli import runs as orch
@@ -129,15 +128,7 @@ def _wait_for(predicate, timeout: float, what: str):
 
 
 def _cli(args, env) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "cli.main", *args],
-        cwd=PROJECT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    return popen_cli(args, env, start_new_session=True)
 
 
 def _started_run(dagster_home: Path, job: str):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import PREDICT_WORDS, write_tiny_predict_home
+from conftest import PREDICT_WORDS, use_home, write_tiny_predict_home
 from PIL import Image
 
 from cli import main as cli
@@ -43,11 +43,7 @@ def images(tmp_path) -> list[Path]:
 
 @pytest.fixture()
 def home(tiny_home, monkeypatch) -> Path:
-    for key in list(os.environ):
-        if key.startswith("REVERSE_SD_"):
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("REVERSE_SD_HOME", str(tiny_home))
-    return tiny_home
+    return use_home(monkeypatch, tiny_home)
 
 
 def _predict(capsys, *args: str) -> tuple[int, str, str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from conftest import write_tiny_predict_home
+from conftest import run_cli, use_home, write_tiny_predict_home
 from PIL import Image
 
 from cli import main as cli
@@ -60,12 +60,7 @@ def tiny_home(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def home(tiny_home, monkeypatch) -> Path:
-    for key in list(os.environ):
-        if key.startswith("REVERSE_SD_"):
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("REVERSE_SD_HOME", str(tiny_home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return tiny_home
+    return use_home(monkeypatch, tiny_home, HF_HUB_OFFLINE="1")
 
 
 def _png(path: Path, color="red") -> Path:
@@ -261,21 +256,22 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_a_hub_model_with_the_hub_unreachable_fails_at_once_in_one_line(tiny_home, tmp_path):
-    """HF_HUB_OFFLINE unset and no hub: huggingface_hub retried each file with backoff (225 s, 45 "Retrying"
-    lines); now one request, then the local cache alone."""
+def _predict_with_the_hub_unreachable(
+    tiny_home: Path, tmp_path: Path, clip: str, timeout: int
+) -> subprocess.CompletedProcess:
+    """predict --zero-shot --clip ``clip`` on one image, HF_HUB_OFFLINE unset, the hub a closed port and the
+    Hugging Face cache tmp_path/hf."""
     env = _env(
         tiny_home, HF_HUB_OFFLINE="0", HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}", HF_HOME=str(tmp_path / "hf")
     )
     image = str(_png(tmp_path / "x.png"))
-    result = subprocess.run(
-        [sys.executable, "-m", "cli.main", "predict", image, "--zero-shot", "--clip", "reverse-sd-tests/no-such"],
-        cwd=PROJECT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=150,
-    )
+    return run_cli(["predict", image, "--zero-shot", "--clip", clip], env, timeout=timeout)
+
+
+def test_a_hub_model_with_the_hub_unreachable_fails_at_once_in_one_line(tiny_home, tmp_path):
+    """HF_HUB_OFFLINE unset and no hub: huggingface_hub retried each file with backoff (225 s, 45 "Retrying"
+    lines); now one request, then the local cache alone."""
+    result = _predict_with_the_hub_unreachable(tiny_home, tmp_path, "reverse-sd-tests/no-such", timeout=150)
     assert result.returncode == 2 and result.stdout == ""
     assert "Retrying" not in result.stderr
     lines = result.stderr.strip().splitlines()
@@ -333,18 +329,7 @@ def test_a_cached_hub_model_with_the_hub_unreachable_loads_from_the_cache_at_onc
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(revision)
     shutil.copytree(zs.twin_directory(str(tiny_home)), repo / "snapshots" / revision)
-    env = _env(
-        tiny_home, HF_HUB_OFFLINE="0", HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}", HF_HOME=str(tmp_path / "hf")
-    )
-    image = str(_png(tmp_path / "x.png"))
-    result = subprocess.run(
-        [sys.executable, "-m", "cli.main", "predict", image, "--zero-shot", "--clip", "reverse-sd-tests/cached-clip"],
-        cwd=PROJECT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
+    result = _predict_with_the_hub_unreachable(tiny_home, tmp_path, "reverse-sd-tests/cached-clip", timeout=90)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Retrying" not in result.stderr
     assert json.loads(result.stdout)["model"] == "zero-shot CLIP (reverse-sd-tests/cached-clip)"

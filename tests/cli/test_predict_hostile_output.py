@@ -10,14 +10,12 @@ import json
 import os
 import signal
 import stat
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import write_tiny_predict_home
+from conftest import popen_cli, run_cli, use_home, write_tiny_predict_home
 from PIL import Image
 
 from cli import main as cli
@@ -34,11 +32,7 @@ def tiny_home(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def home(tiny_home, monkeypatch) -> Path:
-    for key in list(os.environ):
-        if key.startswith("REVERSE_SD_"):
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("REVERSE_SD_HOME", str(tiny_home))
-    return tiny_home
+    return use_home(monkeypatch, tiny_home)
 
 
 @pytest.fixture()
@@ -154,15 +148,7 @@ def _interrupt_midway(tiny_home: Path, folder: Path, target: Path, sig: int) -> 
     some records are written; (exit status, stderr)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("REVERSE_SD_")}
     env.update(REVERSE_SD_HOME=str(tiny_home), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "cli.main", "predict", str(folder), "--model", "vit", "--batch-size", "1"]
-    proc = subprocess.Popen(
-        [*command, "--output", str(target)],
-        cwd=PROJECT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = popen_cli(["predict", str(folder), "--model", "vit", "--batch-size", "1", "--output", str(target)], env)
     try:
         deadline = time.monotonic() + 200
         while not [p for p in target.parent.iterdir() if p.name.endswith(".tmp")]:
@@ -225,14 +211,7 @@ def test_a_symlink_to_a_pipe_writes_the_pipe(tiny_home, image, tmp_path):
     link.symlink_to("/proc/self/fd/1")
     env = {k: v for k, v in os.environ.items() if not k.startswith("REVERSE_SD_")}
     env.update(REVERSE_SD_HOME=str(tiny_home), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "cli.main", "predict", str(image), "--model", "vit", "--output", str(link)],
-        cwd=PROJECT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_cli(["predict", str(image), "--model", "vit", "--output", str(link)], env, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout)["path"] == str(image)
     assert link.is_symlink() and os.readlink(link) == "/proc/self/fd/1"

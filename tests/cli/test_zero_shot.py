@@ -6,13 +6,12 @@ the storage root, and the report's baseline row is the top-1 prompt's SBERT cosi
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
-from conftest import run_cli, sample_env
+from conftest import run_cli, sample_env, use_home
 from PIL import Image
 
 from cli import main as cli
@@ -148,12 +147,7 @@ def test_a_hub_model_offline_fails_in_one_line(twin_home, images, tmp_path):
 # -- the CLI ------------------------------------------------------------------------------------------------
 @pytest.fixture()
 def home(twin_home, monkeypatch) -> Path:
-    for key in list(os.environ):
-        if key.startswith("REVERSE_SD_"):
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("REVERSE_SD_HOME", str(twin_home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return twin_home
+    return use_home(monkeypatch, twin_home, HF_HUB_OFFLINE="1")
 
 
 def test_predict_zero_shot_writes_the_predict_json_lines(home, images, capsys):

@@ -38,18 +38,22 @@ from pipeline.ensemble.ensemble import BEST, ENSEMBLE_METHODS, ensemble_column
 from pipeline.evaluation.report import (
     BASELINE_COLUMNS,
     GENERATION_COLUMNS,
+    SOURCE_TEXT_COLUMNS,
     TABLE1_TEXT_COLUMNS,
     ZERO_SHOT_KEY,
     Report,
     SplitScores,
+    pooled_mean,
+    score_by_source,
     score_test_split,
 )
 from pipeline.metrics import knn_baseline, row_cosines
 from resources import ComputeResource, StorageResource
 
 
-def _knn_baseline(storage: StorageResource, compute: ComputeResource) -> tuple[float | None, str]:
-    """The paper's k-NN baseline: 5 nearest training images by CLIP image features, their prompts' mean.
+def _knn_baseline(storage: StorageResource, compute: ComputeResource) -> tuple[pl.DataFrame | None, str]:
+    """The paper's k-NN baseline: 5 nearest training images by CLIP image features, their prompts' mean; per
+    test image (image_id, cosine), or None when there is no clip model.
 
     The features come from the clip backbone's frozen tower as stored in its checkpoint (the same for every
     recipe): the pretrained ViT-H/14 on DiffusionDB, the tiny random-init twin on the sample profile.
@@ -75,15 +79,18 @@ def _knn_baseline(storage: StorageResource, compute: ComputeResource) -> tuple[f
     predicted = knn_baseline(features["train"], train.targets, features["test"], k=5)
     variant = "pretrained CLIP" if model.config_dict().get("variant") == "full" else "the tiny random-init CLIP twin's"
     return (
-        float(row_cosines(predicted, test.targets).mean()),
+        pl.DataFrame({"image_id": test.image_ids, "cosine": row_cosines(predicted, test.targets)}),
         f"k-NN baseline: 5 nearest training images by {variant} image features (the paper: CLIP ViT-H/14).",
     )
 
 
-def _zero_shot_baseline(storage: StorageResource, compute: ComputeResource) -> tuple[float | None, str, str, bool]:
-    """(mean test cosine, CLIP model, note, whether the model is the random-init twin) of zero-shot CLIP
-    retrieval, the baseline with no training: each test image's top-1 prompt-bank prompt by CLIP image-text
-    cosine (pipeline.zero_shot), scored by that prompt's SBERT embedding against the true prompt's. The
+def _zero_shot_baseline(
+    storage: StorageResource, compute: ComputeResource, source_of: dict[str, str]
+) -> tuple[float | None, dict[str, float], str, str, bool]:
+    """(mean test cosine, the same per data source, CLIP model, note, whether the model is the random-init twin) of
+    zero-shot CLIP retrieval, the baseline with no training: each test image's top-1 prompt-bank prompt by CLIP
+    image-text cosine (pipeline.zero_shot), scored by that prompt's SBERT embedding against the true prompt's.
+    Each source's images are retrieved once (``source_of``: image id -> source). The
     sample profile ranks with its tiny random-init CLIP twin, any other with openai/clip-vit-large-patch14
     (what `reverse-sd predict --zero-shot` uses)."""
     from pipeline.zero_shot import (
@@ -99,17 +106,23 @@ def _zero_shot_baseline(storage: StorageResource, compute: ComputeResource) -> t
     try:
         retriever = ZeroShotRetriever(storage.root, clip, device=compute.device)
     except ZeroShotError as exc:
-        return None, "", f"zero-shot CLIP retrieval: not computed ({exc}).", False
+        return None, {}, "", f"zero-shot CLIP retrieval: not computed ({exc}).", False
     test = load_splits(storage, ("test",))["test"]
-    value = top1_sbert_cosine(retriever, test.images, test.targets)
+    sources = np.array([source_of.get(i, "diffusiondb") for i in test.image_ids], dtype=object)
+    values, counts = {}, {}
+    for source in sorted(set(sources.tolist())):
+        rows = np.flatnonzero(sources == source)
+        images = test.images if len(rows) == len(test) else [test.images[int(i)] for i in rows]
+        values[source], counts[source] = top1_sbert_cosine(retriever, images, test.targets[rows]), len(rows)
     note = f"zero-shot CLIP retrieval: top-1 prompt-bank prompt by {retriever.description}'s image-text cosine"
     if retriever.toy_models:
         note += " (random-init on the sample profile: what a random bank prompt scores, not CLIP)"
-    return value, retriever.description, note + ".", retriever.toy_models
+    return pooled_mean(values, counts), values, retriever.description, note + ".", retriever.toy_models
 
 
 # Bump when the report's layout changes (not its figures), so the UI marks the page stale.
-REPORT_LAYOUT = 3  # 2: Table 1 and the baselines as UI tables, plots and gallery as UI images; 3: zero-shot row
+# 2: Table 1 and the baselines as UI tables, plots and gallery as UI images; 3: zero-shot row; 4: per source
+REPORT_LAYOUT = 4
 
 
 @dg.asset(
@@ -135,10 +148,11 @@ def evaluation_report(
 ) -> dg.MaterializeResult:
     pairs = storage.read_table("filtered_pairs", columns=["image_id", "part", "split", "source"])
     targets = target_embeddings(storage).sort("image_id")
+    source_of = dict(zip(pairs["image_id"], pairs["source"]))
     test, train = targets.filter(pl.col("split") == "test"), targets.filter(pl.col("split") == "train")
     ensemble = test.select("image_id").join(storage.read_table("ensemble_predictions"), on="image_id", how="left")
     dakl = test.select("image_id").join(storage.read_table("dakl_predictions"), on="image_id", how="left")
-    scores = score_test_split(
+    inputs = (
         as_matrix(test, "target"),
         as_matrix(train, "target"),
         {f"{b}/{r}": preds for (b, r), preds in predictions_by_model(storage, test).items()},
@@ -150,11 +164,19 @@ def evaluation_report(
         },
         as_matrix(dakl, "embedding"),
     )
+    scores = score_test_split(*inputs)
     cosine = scores.cosine
-    knn_cosine, knn_note = _knn_baseline(storage, compute)
-    if knn_cosine is not None:
-        cosine["baseline/knn"] = knn_cosine
-    zero_shot_cosine, zero_shot_model, zero_shot_note, zero_shot_toy = _zero_shot_baseline(storage, compute)
+    knn_rows, knn_note = _knn_baseline(storage, compute)
+    extra_rows = {}
+    if knn_rows is not None:
+        cosine["baseline/knn"] = float(knn_rows["cosine"].mean())
+        extra_rows["baseline/knn"] = (knn_rows["cosine"].to_numpy(), [source_of[i] for i in knn_rows["image_id"]])
+    by_source = score_by_source([source_of[i] for i in test["image_id"]], *inputs, extra_rows=extra_rows)
+    zero_shot_cosine, zero_shot_by_source, zero_shot_model, zero_shot_note, zero_shot_toy = _zero_shot_baseline(
+        storage, compute, source_of
+    )
+    for source, value in zero_shot_by_source.items():
+        by_source.setdefault(source, {})[ZERO_SHOT_KEY] = value
     if zero_shot_cosine is not None and not zero_shot_toy:
         cosine[ZERO_SHOT_KEY] = zero_shot_cosine
     generation = caption_report_rows(storage)
@@ -173,6 +195,11 @@ def evaluation_report(
         notes=[*_notes(knn_note, bool(generation)), zero_shot_note],
         figures={title: data_uri(png) for title, (_, png) in figures.items()},
         zero_shot_model=zero_shot_model,
+        cosine_by_source=by_source,
+        counts_by_source={
+            source: dict(pairs.filter(pl.col("source") == source).group_by("split").len().sort("split").iter_rows())
+            for source in by_source
+        },
     )
     reports = storage.path("reports")
     for suffix, text in (("md", report.markdown()), ("html", report.html()), ("json", report.to_json())):
@@ -203,6 +230,10 @@ def _report_metadata(report: Report, figures: dict[str, tuple[str, bytes]], repo
         "table_1": dg.MetadataValue.md(report.table1_markdown()),
         "baselines": metadata_table(report.baseline_records(), BASELINE_COLUMNS),
     }
+    if report.cosine_by_source:
+        # one row per data source of the test split (diffusiondb, images), even when there is only one
+        tables["cosine_by_source"] = metadata_table(report.source_records(), SOURCE_TEXT_COLUMNS)
+        tables["table_by_source"] = dg.MetadataValue.md(report.by_source_note() + "\n\n" + report.by_source_markdown())
     if report.generation:
         tables["generated_prompts"] = metadata_table(report.generation_records(), GENERATION_COLUMNS, digits=5)
     return {

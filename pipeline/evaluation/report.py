@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +43,19 @@ TABLE1_COLUMNS = [("model", "string")] + [
 # prints it; the UI shows a float cell as a JavaScript number, "0.659").
 TABLE1_TEXT_COLUMNS = [(name, "string") for name, _ in TABLE1_COLUMNS]
 BASELINE_COLUMNS = [("baseline", "string"), ("test cosine", "float"), ("paper", "float")]
+# The per-source table (one row per data source of the test split: "diffusiondb", "images"): its headline
+# figures, column title -> the report's cosine key; every figure per source is in table_by_source and the JSON.
+SOURCE_HEADLINES = {
+    "ensemble + DAKL": "ensemble+dakl",
+    "ensemble median": "ensemble/median",
+    "ensemble mean": "ensemble/mean",
+    "mean training embedding": "baseline/mean_embedding",
+    "k-NN": "baseline/knn",
+    "zero-shot CLIP": ZERO_SHOT_KEY,
+}
+# Figures as fixed-decimal text, as Table 1 in the UI.
+SOURCE_TEXT_COLUMNS = [("source", "string"), ("test pairs", "int")] + [(t, "string") for t in SOURCE_HEADLINES]
+SOURCE_NAMES = {"diffusiondb": "DiffusionDB parts", "images": "REVERSE_SD_IMAGES folders"}
 GENERATION_COLUMNS = [
     ("captioner", "string"),
     ("SBERT cosine (Kaggle metric)", "float"),
@@ -92,6 +105,54 @@ def score_test_split(
     return SplitScores(cosine, per_row)
 
 
+def mean_by_source(values: np.ndarray, sources: Sequence[str]) -> dict[str, float]:
+    """Per source (sorted by name), the mean of ``values`` over its rows (``sources`` row-aligned)."""
+    values, sources = np.asarray(values, dtype=np.float64), np.asarray(sources, dtype=object)
+    if len(values) != len(sources):
+        raise ValueError(f"{len(values)} values but {len(sources)} sources")
+    return {source: float(values[sources == source].mean()) for source in sorted(set(sources.tolist()))}
+
+
+def score_by_source(
+    sources: Sequence[str],
+    test_targets: np.ndarray,
+    train_targets: np.ndarray,
+    models: Mapping[str, np.ndarray],
+    ensembles: Mapping[tuple[str, str], np.ndarray],
+    dakl: np.ndarray | None,
+    extra_rows: Mapping[str, tuple[np.ndarray, Sequence[str]]] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Table 1 per data source: source -> the figures score_test_split gives on that source's test rows alone
+    (``sources`` row-aligned with ``test_targets`` and every prediction), sources sorted by name.
+
+    The mean-embedding baseline stays the mean of *all* training targets (the predictor is the same for every
+    source; only the rows it is scored on differ).  ``extra_rows``: figures scored outside (the k-NN baseline),
+    key -> (per-row cosines, their rows' sources), each averaged per source."""
+    sources = np.asarray(sources, dtype=object)
+    if len(sources) != len(test_targets):
+        raise ValueError(f"{len(sources)} sources for {len(test_targets)} test rows")
+    out = {}
+    for source in sorted(set(sources.tolist())):
+        rows = sources == source
+        out[source] = score_test_split(
+            test_targets[rows],
+            train_targets,
+            {name: predictions[rows] for name, predictions in models.items()},
+            {key: predictions[rows] for key, predictions in ensembles.items()},
+            None if dakl is None else dakl[rows],
+        ).cosine
+    for key, (values, row_sources) in (extra_rows or {}).items():
+        for source, value in mean_by_source(values, row_sources).items():
+            out.setdefault(source, {})[key] = value
+    return out
+
+
+def pooled_mean(means: Mapping[str, float], counts: Mapping[str, int]) -> float:
+    """The mean over all rows from per-group means and row counts (groups with no rows count for nothing)."""
+    total = sum(counts[g] for g in means)
+    return float(sum(means[g] * counts[g] for g in means) / total) if total else float("nan")
+
+
 @dataclass
 class Report:
     profile: str
@@ -104,9 +165,15 @@ class Report:
     generation: list[dict] = field(default_factory=list)
     # The CLIP model of the zero-shot retrieval baseline (cosine key ZERO_SHOT_KEY): a hub id or a description.
     zero_shot_model: str = ""
+    # The same figures per data source of the test split ("diffusiondb", "images"): source -> cosine key -> value
+    cosine_by_source: dict[str, dict[str, float]] = field(default_factory=dict)
+    counts_by_source: dict[str, dict[str, int]] = field(default_factory=dict)  # source -> split -> pairs
 
     def to_json(self) -> str:
         payload = {"split": self.split, "profile": self.profile, "cosine": self.cosine, "counts": self.counts}
+        if self.cosine_by_source:
+            payload["cosine_by_source"] = self.cosine_by_source
+            payload["counts_by_source"] = self.counts_by_source
         if self.generation:
             payload["generation"] = self.generation
         if self.zero_shot_model:
@@ -186,6 +253,65 @@ class Report:
             )
         return records
 
+    def source_test_pairs(self, source: str) -> int:
+        return int(self.counts_by_source.get(source, {}).get(self.split, 0))
+
+    def source_records(self) -> list[dict]:
+        """One record per data source of SOURCE_TEXT_COLUMNS: its test pairs and headline figures as
+        fixed-decimal text ("-" where the source has no such figure)."""
+        return [
+            {"source": source, "test pairs": self.source_test_pairs(source)}
+            | {title: fixed(figures.get(key)) for title, key in SOURCE_HEADLINES.items()}
+            for source, figures in self.cosine_by_source.items()
+        ]
+
+    def source_figure_keys(self) -> list[str]:
+        """The cosine keys any source has, in the overall figures' order (then any the overall lacks)."""
+        present = {key for figures in self.cosine_by_source.values() for key in figures}
+        ordered = [key for key in self.cosine if key in present]
+        return ordered + sorted(present - set(ordered))
+
+    def by_source_markdown(self) -> str:
+        """Every per-source figure as a Markdown table: a row per figure (the JSON's keys), a column for all
+        test pairs and one per source, the test pairs first."""
+        sources = list(self.cosine_by_source)
+        lines = [
+            "| figure | all | " + " | ".join(sources) + " |",
+            "| --- | ---: | " + " | ".join("---:" for _ in sources) + " |",
+            f"| test pairs | {self.counts.get(self.split, '-')} | "
+            + " | ".join(str(self.source_test_pairs(s)) for s in sources)
+            + " |",
+        ]
+        lines += [
+            f"| {key} | {fixed(self.cosine.get(key))} | "
+            + " | ".join(fixed(self.cosine_by_source[s].get(key)) for s in sources)
+            + " |"
+            for key in self.source_figure_keys()
+        ]
+        return "\n".join(lines) + "\n"
+
+    def by_source_html(self) -> str:
+        """by_source_markdown as an HTML table (figures right-aligned, 4 decimals)."""
+        sources = list(self.cosine_by_source)
+        columns = [("figure", "string"), ("all", "float"), *((s, "float") for s in sources)]
+        records = [
+            {"figure": "test pairs", "all": self.counts.get(self.split)}
+            | {s: self.source_test_pairs(s) for s in sources}
+        ]
+        records += [
+            {"figure": key, "all": rounded(self.cosine.get(key))}
+            | {s: rounded(self.cosine_by_source[s].get(key)) for s in sources}
+            for key in self.source_figure_keys()
+        ]
+        return _html_table(columns, records)
+
+    def by_source_note(self) -> str:
+        names = ", ".join(f"{s} = {SOURCE_NAMES.get(s, s)}" for s in self.cosine_by_source)
+        return (
+            f"Mean {self.split} cosine per data source ({names}); the mean-embedding baseline is the mean of all "
+            "training prompts, scored on each source's pairs."
+        )
+
     def zero_shot_label(self) -> str:
         return f"zero-shot CLIP retrieval ({self.zero_shot_model or 'CLIP'})"
 
@@ -248,6 +374,8 @@ class Report:
         if ZERO_SHOT_KEY in self.cosine:
             lines.append(f"| {self.zero_shot_label()} | {self.cosine[ZERO_SHOT_KEY]:.4f} |")
         lines.append("")
+        if self.cosine_by_source:
+            lines += ["## Per data source", "", self.by_source_note(), "", self.by_source_markdown()]
         if self.generation:
             lines += [
                 "| generated prompts | SBERT cosine (Kaggle metric) | RefCLIPScore | Kaggle first place |",
@@ -277,6 +405,12 @@ class Report:
             "<h2>Baselines</h2>",
             _html_table(BASELINE_COLUMNS, self.baseline_records()),
         ]
+        if self.cosine_by_source:
+            sections += [
+                "<h2>Per data source</h2>",
+                f"<p>{html.escape(self.by_source_note())}</p>",
+                self.by_source_html(),
+            ]
         if self.generation:
             sections += ["<h2>Generated prompts</h2>", _html_table(GENERATION_COLUMNS, self.generation_records())]
         if self.counts:

@@ -69,6 +69,13 @@ def write_a1111(path: Path, prompt: str, colour: str = "red", seed: int = 1234) 
     return write_exif_image(path, text, colour)
 
 
+def _ksampler(seed, steps, cfg, sampler, scheduler, denoise, positive: str, latent: str) -> dict:
+    """A KSampler node on checkpoint node 4 and negative encoder node 7; ``positive`` and ``latent``: node ids."""
+    settings = dict(seed=seed, steps=steps, cfg=cfg, sampler_name=sampler, scheduler=scheduler, denoise=denoise)
+    wiring = dict(model=["4", 0], positive=[positive, 0], negative=["7", 0], latent_image=[latent, 0])
+    return {"class_type": "KSampler", "inputs": {**settings, **wiring}}
+
+
 def comfy_two_samplers() -> tuple[dict, dict]:
     """(prompt, workflow) of a two-pass graph: a base KSampler (node 3) on "a red cube on a table", then an
     upscale pass (KSampler node 12) whose positive prompt is another encoder, "highly detailed"."""
@@ -77,37 +84,9 @@ def comfy_two_samplers() -> tuple[dict, dict]:
         "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red cube on a table", "clip": ["4", 1]}},
         "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
-        "3": {
-            "class_type": "KSampler",
-            "inputs": {
-                "seed": 42,
-                "steps": 20,
-                "cfg": 8.0,
-                "sampler_name": "euler",
-                "scheduler": "normal",
-                "denoise": 1.0,
-                "model": ["4", 0],
-                "positive": ["6", 0],
-                "negative": ["7", 0],
-                "latent_image": ["5", 0],
-            },
-        },
+        "3": _ksampler(42, 20, 8.0, "euler", "normal", 1.0, positive="6", latent="5"),
         "11": {"class_type": "CLIPTextEncode", "inputs": {"text": "highly detailed", "clip": ["4", 1]}},
-        "12": {
-            "class_type": "KSampler",
-            "inputs": {
-                "seed": 43,
-                "steps": 10,
-                "cfg": 5.0,
-                "sampler_name": "dpmpp_2m",
-                "scheduler": "karras",
-                "denoise": 0.5,
-                "model": ["4", 0],
-                "positive": ["11", 0],
-                "negative": ["7", 0],
-                "latent_image": ["3", 0],
-            },
-        },
+        "12": _ksampler(43, 10, 5.0, "dpmpp_2m", "karras", 0.5, positive="11", latent="3"),
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["12", 0], "vae": ["4", 2]}},
         "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}},
     }

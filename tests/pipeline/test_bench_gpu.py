@@ -13,20 +13,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _dry_run(*args: str, timeout: int) -> str:
+    """The output of bench/gpu.py --dry-run ``args`` on the CPU, offline; it must exit 0."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, str(ROOT / "bench" / "gpu.py"), "--dry-run", *args]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    return done.stdout
+
+
 @pytest.mark.extended
 def test_gpu_bench_dry_run_prints_the_table():
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--dry-run", "--peak-tflops", "1"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    out = done.stdout
-    assert done.returncode == 0, done.stderr[-3000:] + out[-3000:]
+    out = _dry_run("--peak-tflops", "1", timeout=600)
     assert out.startswith("device: cpu") and "DRY RUN" in out
     # Encoder contenders, each with a rate; the PromptEncoder modes with their cosine to fp32 ST encode.
     for name in (
@@ -55,24 +53,6 @@ def test_gpu_bench_dry_run_prints_the_table():
 def test_gpu_bench_says_when_the_sbert_model_is_missing():
     """Without the SBERT model (a machine that lacks the package, --sbert-model not a directory) section 1 is
     skipped and the output says so, rather than failing the whole run or printing target figures."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "gpu.py"),
-            "--dry-run",
-            "--skip-training",
-            "--sbert-model",
-            str(ROOT / "no-such-model-directory"),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    out = done.stdout
-    assert done.returncode == 0, done.stderr[-3000:] + out[-3000:]
+    out = _dry_run("--skip-training", "--sbert-model", str(ROOT / "no-such-model-directory"), timeout=300)
     assert "SBERT targets: SKIPPED (--sbert-model" in out and "is no directory" in out, out
     assert "PromptEncoder" not in out and re.search(r"^targets\s+-\s+\(SBERT targets not measured", out, re.M), out

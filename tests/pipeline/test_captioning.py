@@ -46,7 +46,8 @@ K = 5
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _png(rgb, seed: int, size: int = 32) -> bytes:
+def noisy_png(rgb, seed: int, size: int = 32) -> bytes:
+    """A PNG of colour ``rgb`` with Gaussian noise (seeded)."""
     rng = np.random.default_rng(seed)
     pixels = np.clip(np.array(rgb)[None, None, :] + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
     buffer = io.BytesIO()
@@ -57,7 +58,7 @@ def _png(rgb, seed: int, size: int = 32) -> bytes:
 @pytest.fixture(scope="module")
 def pairs():
     """Four noisy red images with one prompt, four blue ones with another; vocabulary labels per colour."""
-    images = [_png((220, 30, 30), i) for i in range(4)] + [_png((30, 30, 220), 10 + i) for i in range(4)]
+    images = [noisy_png((220, 30, 30), i) for i in range(4)] + [noisy_png((30, 30, 220), 10 + i) for i in range(4)]
     prompts = [RED] * 4 + [BLUE] * 4
     labels = [np.array([0, 1])] * 4 + [np.array([2, 3])] * 4
     return images, prompts, labels

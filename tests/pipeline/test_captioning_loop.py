@@ -3,12 +3,10 @@ resumes to the same selection and weights, and gradient accumulation matches a b
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from test_captioning import noisy_png
 
 from pipeline.captioning import (
     CaptionDataset,
@@ -23,16 +21,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 RED, BLUE = "a red circle", "a blue square"  # the same number of tokens: token and sample means agree
 
 
-def _png(rgb, seed: int, size: int = 32) -> bytes:
-    rng = np.random.default_rng(seed)
-    pixels = np.clip(np.array(rgb)[None, None, :] + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _pairs():
-    images = [_png((220, 30, 30), i) for i in range(4)] + [_png((30, 30, 220), 10 + i) for i in range(4)]
+    images = [noisy_png((220, 30, 30), i) for i in range(4)] + [noisy_png((30, 30, 220), 10 + i) for i in range(4)]
     labels = [np.array([0, 1])] * 4 + [np.array([2, 3])] * 4
     return images, [RED] * 4 + [BLUE] * 4, labels
 

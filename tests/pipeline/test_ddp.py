@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from test_s3_storage import bucket, client, s3_endpoint, s3_env  # noqa: F401  (moto's S3 server fixtures)
-from test_training import make_tiny_model, toy_data
+from test_training import TINY_CONFIG, make_tiny_model, toy_data
 
 from pipeline.training import ddp as ddp_train
 from pipeline.training.checkpoint import load_model_weights
@@ -47,17 +47,7 @@ def _spec(tmp_path: Path, name: str, curriculum: bool) -> Path:
         "train": str(tmp_path / "train.parquet"),
         "val": str(tmp_path / "val.parquet"),
         "stages": str(tmp_path / "stages.npz") if curriculum else None,
-        "config": {
-            "epochs": 2,
-            "stage_epochs": 1,
-            "batch_size": 8,
-            "lr": 3e-3,
-            "warmup_fraction": 0.1,
-            "seed": 0,
-            "device": "cpu",
-            "precision": "fp32",
-            "log_every": 1,
-        },
+        "config": {**TINY_CONFIG, "stage_epochs": 1, "precision": "fp32", "log_every": 1},
         "checkpoint_dir": str(tmp_path / name / "ckpt"),
         "metrics": str(tmp_path / name / "metrics.json"),
     }

@@ -50,6 +50,13 @@ def fresh_process():
     ddb._DISK_UNWRITABLE.clear()
 
 
+def list_afresh(mirror, cache, reads) -> dict[str, str]:
+    """The parts listed by a fresh process (fresh_process) with the hash cache ``cache``; ``reads`` cleared first."""
+    fresh_process()
+    reads.clear()
+    return DiffusionDBSource(str(mirror), hash_cache_dir=str(cache)).list_parts()
+
+
 def sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -83,16 +90,12 @@ def test_changed_zip_is_rehashed(mirror, tmp_path, reads):
     rewritten.write_bytes(bytes(data))
     os.utime(rewritten, ns=(st.st_atime_ns, st.st_mtime_ns))
 
-    fresh_process()
-    reads.clear()
-    listed = DiffusionDBSource(str(mirror), hash_cache_dir=str(cache)).list_parts()
+    listed = list_afresh(mirror, cache, reads)
     assert sorted(reads) == ["part-000000.zip", "part-000002.zip"]
     assert listed["part-000002"] == sha(rewritten) != before["part-000002"]
     assert listed["part-000000"] == before["part-000000"]  # touched only: the same bytes, the same hash
 
-    fresh_process()
-    reads.clear()
-    assert DiffusionDBSource(str(mirror), hash_cache_dir=str(cache)).list_parts() == listed
+    assert list_afresh(mirror, cache, reads) == listed
     assert reads == []  # the new hashes were kept in turn
 
 
@@ -115,13 +118,9 @@ def test_corrupt_cache_file_is_ignored(mirror, tmp_path, reads, damage):
             "deep": b"[" * 100_000 + b"\n",
         }[damage]
     )
-    fresh_process()
-    reads.clear()
-    assert DiffusionDBSource(str(mirror), hash_cache_dir=str(cache)).list_parts() == want
+    assert list_afresh(mirror, cache, reads) == want
     assert reads  # what the damaged file lost is hashed again, and the file is usable afterwards
-    fresh_process()
-    reads.clear()
-    assert DiffusionDBSource(str(mirror), hash_cache_dir=str(cache)).list_parts() == want
+    assert list_afresh(mirror, cache, reads) == want
     assert reads == []
 
 
@@ -130,9 +129,7 @@ def test_record_appended_after_a_torn_one_survives(mirror, tmp_path, reads):
     cache.mkdir()
     (cache / HASH_CACHE_FILE).write_bytes(b'\n{"v":1,"path":"/x","si')  # a writer killed mid-record
     want = DiffusionDBSource(str(mirror), hash_cache_dir=str(cache)).list_parts()
-    fresh_process()
-    reads.clear()
-    assert DiffusionDBSource(str(mirror), hash_cache_dir=str(cache)).list_parts() == want
+    assert list_afresh(mirror, cache, reads) == want
     assert reads == []
 
 
@@ -157,9 +154,7 @@ def test_superseded_records_are_compacted(mirror, tmp_path, reads, monkeypatch):
         want = DiffusionDBSource(str(mirror), hash_cache_dir=str(cache)).list_parts()
     lines = [line for line in (cache / HASH_CACHE_FILE).read_bytes().splitlines() if line.strip()]
     assert len(lines) <= 3 + 2 + 1
-    fresh_process()
-    reads.clear()
-    assert DiffusionDBSource(str(mirror), hash_cache_dir=str(cache)).list_parts() == want
+    assert list_afresh(mirror, cache, reads) == want
     assert reads == []
 
 

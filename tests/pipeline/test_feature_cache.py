@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from test_training import toy_data
+from test_training import cfg, toy_data
 from torch.utils.data import default_collate
 
 from pipeline.data.image_store import SCHEMA, ImageColumn
@@ -58,17 +58,7 @@ def _sets(model, n_train: int = 30, n_val: int = 14, context: bool = False):
 
 
 def _cfg(**kw) -> TrainConfig:
-    base = {
-        "epochs": 2,
-        "stage_epochs": 1,
-        "batch_size": 8,
-        "lr": 3e-3,
-        "warmup_fraction": 0.1,
-        "seed": 0,
-        "device": "cpu",
-        "log_every": 0,
-    }
-    return TrainConfig(**{**base, **kw})
+    return cfg(**{"stage_epochs": 1, **kw})
 
 
 # -- the split -------------------------------------------------------------------------------------------

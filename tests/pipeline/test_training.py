@@ -114,9 +114,11 @@ def weights(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+TINY_CONFIG = dict(epochs=2, batch_size=8, lr=3e-3, warmup_fraction=0.1, seed=0, device="cpu", log_every=0)
+
+
 def cfg(**kw) -> TrainConfig:
-    base = dict(epochs=2, batch_size=8, lr=3e-3, warmup_fraction=0.1, seed=0, device="cpu", log_every=0)
-    return TrainConfig(**{**base, **kw})
+    return TrainConfig(**{**TINY_CONFIG, **kw})
 
 
 # -- dataset ---------------------------------------------------------------------------------------------

@@ -12,6 +12,13 @@ from dataclasses import asdict, dataclass, field, replace
 from resources.settings import SAMPLE_SEED, Settings
 
 
+class _AsDict:
+    """as_dict of a dataclass: its settings as a plain dict (for code versions)."""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
 @dataclass(frozen=True)
 class SampleSpec:
     """Size of the generated sample mirror (sample profile only)."""
@@ -22,7 +29,7 @@ class SampleSpec:
 
 
 @dataclass(frozen=True)
-class TrainingSpec:
+class TrainingSpec(_AsDict):
     """Training settings shared by every backbone; each one changes results (part of code versions)."""
 
     epochs: int = 3
@@ -32,12 +39,9 @@ class TrainingSpec:
     lambda_vocab: float = 0.1
     seed: int = 0
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
-class CaptionerSpec:
+class CaptionerSpec(_AsDict):
     """Prompt generation (captioners) and the U-Net swap report; each setting changes results (code versions)."""
 
     captioners: tuple[str, ...] = ("blip",)  # partitions of trained_captioners / caption_predictions
@@ -55,9 +59,6 @@ class CaptionerSpec:
     swap_size: int = 512
     swap_guidance: float = 7.5
     seed: int = 0
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

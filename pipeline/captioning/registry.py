@@ -19,7 +19,7 @@ from torch import nn
 
 from pipeline.captioning.model import Captioner
 from pipeline.captioning.tokenizer import IMAGE_TOKEN, tiny_tokenizer, with_image_token
-from pipeline.models.backbones import VARIANTS
+from pipeline.models.backbones import TINY_TRANSFORMER, VARIANTS
 from pipeline.models.backbones import _check_pretrained as check_variant
 
 BLIP_HUB_ID = "Salesforce/blip-image-captioning-base"
@@ -28,16 +28,9 @@ TINY_IMAGE_SIZE = 32  # colour, shape and count survive 32 px; 16 patches keep a
 TINY_MAX_LENGTH = 48  # the sample's prompts are at most ~46 WordPiece tokens
 FULL_MAX_LENGTH = 77  # Stable Diffusion reads 77 CLIP tokens of a prompt; longer text never reached the image
 
-TINY_VISION = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    image_size=TINY_IMAGE_SIZE,
-    patch_size=8,
-)
-TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
-TINY_QFORMER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
+TINY_VISION = dict(TINY_TRANSFORMER, image_size=TINY_IMAGE_SIZE, patch_size=8)
+TINY_TEXT = dict(TINY_TRANSFORMER)
+TINY_QFORMER = dict(TINY_TRANSFORMER)
 TINY_OPT = dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=2, word_embed_proj_dim=64)
 TINY_QUERY_TOKENS = 4
 

@@ -142,18 +142,11 @@ def fit_captioner(
 
 
 def train_captioner(
-    captioner: Captioner,
-    train_set: CaptionDataset,
-    config: CaptionTrainConfig,
-    stages: Sequence[np.ndarray] | None = None,
-    val_set: CaptionDataset | None = None,
-    on_log: Callable[[dict], None] | None = None,
-    on_batch: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
-    checkpoint_dir: str | None = None,
+    captioner: Captioner, train_set: CaptionDataset, config: CaptionTrainConfig, *args, **kwargs
 ) -> list[dict]:
-    """fit_captioner, returning its history: one record per epoch (train_loss, train_lm, train_bce, val_lm,
-    lr, throughput, ...)."""
-    return fit_captioner(captioner, train_set, config, stages, val_set, on_log, on_batch, checkpoint_dir).history
+    """fit_captioner (the same arguments), returning its history: one record per epoch (train_loss, train_lm,
+    train_bce, val_lm, lr, throughput, ...)."""
+    return fit_captioner(captioner, train_set, config, *args, **kwargs).history
 
 
 def evaluate_lm(captioner: Captioner, dataset: CaptionDataset | None, batch_size: int = 32, device="cpu") -> float:

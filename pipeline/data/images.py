@@ -166,13 +166,7 @@ def reencode(
     return buf.getvalue(), width, height
 
 
-def reencode_image(
-    data: bytes,
-    size: int = 256,
-    fmt: str = "JPEG",
-    quality: int = 95,
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-    name: str | None = None,
-) -> bytes:
-    """Encoded image -> upright RGB, shorter side resized to `size`, centre-cropped to size x size, re-encoded."""
-    return reencode(data, size, fmt, quality, max_image_pixels, name)[0]
+def reencode_image(data: bytes, *args, **kwargs) -> bytes:
+    """Encoded image -> upright RGB, shorter side resized to `size`, centre-cropped to size x size, re-encoded:
+    reencode (the same arguments: size, fmt, quality, max_image_pixels, name) without the source's size."""
+    return reencode(data, *args, **kwargs)[0]

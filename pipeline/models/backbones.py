@@ -196,16 +196,10 @@ CLIP_FULL_CONFIG = dict(  # the vision tower of laion/CLIP-ViT-H-14-laion2B-s32B
     hidden_act="gelu",
     layer_norm_eps=1e-5,
 )
+# The size of every tiny twin's transformer (CLIP's tower here, the captioners' towers in pipeline.captioning).
+TINY_TRANSFORMER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
 CLIP_TINY_CONFIG = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    image_size=TINY_IMAGE_SIZE,
-    patch_size=8,
-    projection_dim=64,
-    hidden_act="gelu",
-    layer_norm_eps=1e-5,
+    CLIP_FULL_CONFIG, **TINY_TRANSFORMER, image_size=TINY_IMAGE_SIZE, patch_size=8, projection_dim=64
 )
 
 
@@ -281,13 +275,16 @@ SD2_UNET_CONFIG = dict(  # stabilityai/stable-diffusion-2-1-base, subfolder unet
     norm_num_groups=32,
     norm_eps=1e-5,
 )
-SD2_VAE_CONFIG = dict(  # subfolder vae
+VAE_LAYOUT = dict(  # SD's VAE: four encoder blocks, images x8 down to 4 latent channels
     in_channels=3,
     out_channels=3,
     latent_channels=4,
-    block_out_channels=(128, 256, 512, 512),
     down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4,
+)
+SD2_VAE_CONFIG = dict(  # subfolder vae
+    VAE_LAYOUT,
+    block_out_channels=(128, 256, 512, 512),
     layers_per_block=2,
     norm_num_groups=32,
     sample_size=768,
@@ -306,15 +303,7 @@ TINY_UNET_CONFIG = dict(
 )
 # Four encoder blocks like SD's VAE, so 64 px -> 8x8 latents (the same x8 geometry), at toy width.
 TINY_VAE_CONFIG = dict(
-    in_channels=3,
-    out_channels=3,
-    latent_channels=4,
-    block_out_channels=(8, 16, 32, 32),
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    layers_per_block=1,
-    norm_num_groups=8,
-    sample_size=TINY_IMAGE_SIZE,
+    VAE_LAYOUT, block_out_channels=(8, 16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=TINY_IMAGE_SIZE
 )
 
 

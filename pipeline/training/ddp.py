@@ -227,18 +227,7 @@ def torchrun_command(
         launch = _rendezvous_flags(nnodes, rdzv_endpoint, rdzv_id, join_timeout_s, host=True)
     else:
         launch = ["--standalone"]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        *launch,
-        "--nproc_per_node",
-        str(int(nproc_per_node)),
-        "-m",
-        "pipeline.training.ddp",
-        "--spec",
-        str(spec_path),
-    ]
+    return _torchrun(sys.executable, launch, nproc_per_node, "--spec", str(spec_path))
 
 
 def join_command(
@@ -254,16 +243,23 @@ def join_command(
 
     It connects to the rendezvous store the spec's node hosts; started before that node's agent, it fails
     once its connection attempt times out (about a minute), so a standing node runs it in a retry loop."""
+    launch = _rendezvous_flags(nnodes, rdzv_endpoint, rdzv_id, join_timeout_s, host=False)
+    return _torchrun(python, launch, nproc_per_node, "--join")
+
+
+def _torchrun(python: str, launch: list[str], nproc_per_node: int, *ddp_args: str) -> list[str]:
+    """``python -m torch.distributed.run`` with the ``launch`` flags, N processes each running this module with
+    ``ddp_args``."""
     return [
         python,
         "-m",
         "torch.distributed.run",
-        *_rendezvous_flags(nnodes, rdzv_endpoint, rdzv_id, join_timeout_s, host=False),
+        *launch,
         "--nproc_per_node",
         str(int(nproc_per_node)),
         "-m",
         "pipeline.training.ddp",
-        "--join",
+        *ddp_args,
     ]
 
 

@@ -113,13 +113,13 @@ def restore(
 def load_checkpoint(
     path: PathLike,
     model: torch.nn.Module | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any | None = None,
-    restore_rng: bool = True,
+    *objects: Any,
     map_location: str | torch.device = "cpu",
     expected_embedding_dim: int | None = EMBEDDING_DIM,
+    **restore_options: Any,
 ) -> dict[str, Any]:
-    """Load a checkpoint into the given objects; return its state (progress, config, model_config).
+    """Load a checkpoint into the given objects (as restore takes them: model, optimizer, scheduler,
+    restore_rng); return its state (progress, config, model_config).
 
     The trainer state is read with ``torch.load(weights_only=True)``.
     """
@@ -128,4 +128,4 @@ def load_checkpoint(
     if model is not None:
         check_state_fits(model, weights, weights_path)
     state = read_state(weights_path, map_location)
-    return restore(Checkpoint(weights_path, weights, model_cfg, {}, state), model, optimizer, scheduler, restore_rng)
+    return restore(Checkpoint(weights_path, weights, model_cfg, {}, state), model, *objects, **restore_options)

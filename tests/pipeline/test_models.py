@@ -305,16 +305,7 @@ def test_clip_hub_loader_reads_a_local_clip_checkpoint(tmp_path):
     torch.manual_seed(0)
     vision = dict(bb.CLIP_TINY_CONFIG)
     projection = vision.pop("projection_dim")
-    text = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        vocab_size=99,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
+    text = dict(bb.TINY_TRANSFORMER, vocab_size=99, bos_token_id=0, eos_token_id=1, pad_token_id=1)
     clip = CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=projection))
     clip.save_pretrained(tmp_path)
     backbone = bb.ClipBackbone(bb.load_clip_tower(str(tmp_path)))

@@ -14,8 +14,14 @@ import json
 import os
 import sys
 
+from cli.parsing import add_paths_command
 from pipeline.text_safety import printable
 
+EVALUATE_HELP = "score the trained models on images whose prompts are known"
+EVALUATE_DESCRIPTION = (
+    "Score the trained models on your own images: the cosine between the predicted embedding and\n"
+    "the SBERT embedding of the prompt written in each image's metadata, per image and model, and the mean."
+)
 EVALUATE_EPILOG = """\
 output formats (default: table on a terminal, jsonl otherwise):
   jsonl   one JSON object per image: path, generator, prompt, model (the default model), cosine (its
@@ -45,15 +51,9 @@ class _UsageError(Exception):
 
 
 def add_evaluate_parser(sub, formatter_class) -> None:
-    ev = sub.add_parser(
-        "evaluate",
-        help="score the trained models on images whose prompts are known",
-        description="Score the trained models on your own images: the cosine between the predicted embedding and\n"
-        "the SBERT embedding of the prompt written in each image's metadata, per image and model, and the mean.",
-        epilog=EVALUATE_EPILOG,
-        formatter_class=formatter_class,
+    ev = add_paths_command(
+        sub, "evaluate", formatter_class, help=EVALUATE_HELP, description=EVALUATE_DESCRIPTION, epilog=EVALUATE_EPILOG
     )
-    ev.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or globs")
     ev.add_argument("--format", choices=["table", "jsonl"], default=None, help="output format (default: see below)")
     ev.add_argument(
         "--model", default="auto", help="auto (the ensemble and its backbones), ensemble, or one backbone: vit, ..."

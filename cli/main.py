@@ -11,6 +11,7 @@ import sys
 
 from cli.evaluate import add_evaluate_parser
 from cli.materialize import materialize_command
+from cli.parsing import add_paths_command
 from cli.predict import predict_command
 from cli.scan import add_scan_parser
 from pipeline.inputs import DEFAULT_BATCH_SIZE, MAX_BATCH_SIZE
@@ -174,16 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mat.add_argument("--verbose", action="store_true", help="print each run and full error traces")
     mat.set_defaults(func=materialize_command)
-    pred = sub.add_parser(
+    pred = add_paths_command(
+        sub,
         "predict",
+        _HelpFormatter,
         help="images or folders in, prompts out",
         description="Predict the prompt of each image: the trained models' embedding, the nearest prompts of\n"
         "the prompt bank, and the vocabulary head's most probable words. Uses the ensemble (+ DAKL when\n"
         "fitted) trained under REVERSE_SD_HOME by default.",
         epilog=PREDICT_EPILOG,
-        formatter_class=_HelpFormatter,
     )
-    pred.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or globs")
     pred.add_argument("--top-k", type=_positive_int, default=5, metavar="K", help="nearest bank prompts per image")
     pred.add_argument(
         "--words",

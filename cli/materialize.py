@@ -97,7 +97,6 @@ def _materialize_locked(args, settings, workers: int) -> int:
 
     from cli import runs as orch
     from cli.dagster_server import DagsterServer
-    from cli.planning import plan_units
 
     tags = orch.new_invocation_tags(settings.home)
     invocation = tags[orch.INVOCATION_TAG]
@@ -154,14 +153,7 @@ def _materialize_locked(args, settings, workers: int) -> int:
             orch.stop_runs(runs, orch.active_runs(instance, invocation))
             raise
         started = time.perf_counter()
-        plan = plan_units(
-            defs,
-            instance,
-            selection=args.select,
-            stale_only=args.stale,
-            workers=workers,
-            partitions_per_run=args.partitions_per_run,
-        )
+        plan = _plan(defs, instance, args, workers)
         _print_blocked(plan)
         if not plan.units:
             print(
@@ -207,6 +199,22 @@ def _materialize_locked(args, settings, workers: int) -> int:
     return _summary(args, settings, plan, progress, view, time.perf_counter() - started)
 
 
+def _plan(defs, instance, args, workers: int, **what_is_new):
+    """plan_units for this invocation: its --select, --stale, --partitions-per-run and ``workers``;
+    ``what_is_new`` (a dry run's partitions and observations not yet registered) on top."""
+    from cli.planning import plan_units
+
+    return plan_units(
+        defs,
+        instance,
+        selection=args.select,
+        stale_only=args.stale,
+        workers=workers,
+        partitions_per_run=args.partitions_per_run,
+        **what_is_new,
+    )
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
@@ -233,7 +241,6 @@ def _dry_run(args, settings, workers: int) -> int:
     from assets.definitions import defs
     from assets.own_images import folder_changes, folders_partitions, images_source
     from assets.training import training_settings, training_settings_versions
-    from cli.planning import plan_units
 
     if args.select:
         _check_selection(defs, args.select)
@@ -249,11 +256,11 @@ def _dry_run(args, settings, workers: int) -> int:
     if new_folders:
         print(f"would register {_count(len(new_folders), 'new image folder')}: {', '.join(new_folders[:10])}")
     started = time.perf_counter()
-    plan = plan_units(
+    plan = _plan(
         defs,
         instance,
-        selection=args.select,
-        stale_only=args.stale,
+        args,
+        workers,
         extra_partitions={parts_partitions.name: new_parts, folders_partitions.name: new_folders},
         gone_partitions=[*gone, *gone_folders],
         observed_now={
@@ -261,8 +268,6 @@ def _dry_run(args, settings, workers: int) -> int:
             diffusiondb_source.key: listed,
             images_source.key: folders,
         },
-        workers=workers,
-        partitions_per_run=args.partitions_per_run,
     )
     planned_in = time.perf_counter() - started
     _print_blocked(plan)

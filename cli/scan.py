@@ -16,8 +16,14 @@ import sys
 import time
 from collections import Counter
 
+from cli.parsing import add_paths_command
 from pipeline.text_safety import printable
 
+SCAN_HELP = "read the prompts that generators wrote into images"
+SCAN_DESCRIPTION = (
+    "Read the generation metadata of images (PNG, JPEG, WebP; folders recursively): generator,\n"
+    "prompt, negative prompt, seed, steps, CFG, sampler, size. Nothing is trained or loaded."
+)
 SCAN_EPILOG = """\
 output formats (default: table on a terminal, jsonl otherwise, e.g. into a pipe or a file):
   jsonl   one JSON object per file: path, generator, prompt, negative_prompt, seed, steps, cfg, sampler,
@@ -45,15 +51,9 @@ examples:
 
 
 def add_scan_parser(sub, formatter_class) -> None:
-    scan = sub.add_parser(
-        "scan",
-        help="read the prompts that generators wrote into images",
-        description="Read the generation metadata of images (PNG, JPEG, WebP; folders recursively): generator,\n"
-        "prompt, negative prompt, seed, steps, CFG, sampler, size. Nothing is trained or loaded.",
-        epilog=SCAN_EPILOG,
-        formatter_class=formatter_class,
+    scan = add_paths_command(
+        sub, "scan", formatter_class, help=SCAN_HELP, description=SCAN_DESCRIPTION, epilog=SCAN_EPILOG
     )
-    scan.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or globs")
     scan.add_argument(
         "--format",
         choices=["table", "jsonl"],

@@ -8,6 +8,8 @@ and measure nothing, which the metadata says.
 """
 
 import contextlib
+import functools
+import inspect
 import json
 import time
 
@@ -61,6 +63,17 @@ def _tiny_threads(compute: ComputeResource):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _in_tiny_threads(body):
+    """The asset body ``body`` run under _tiny_threads of its ``compute`` resource."""
+
+    @functools.wraps(body)
+    def run(*args, **kwargs):
+        with _tiny_threads(inspect.signature(body).bind(*args, **kwargs).arguments["compute"]):
+            return body(*args, **kwargs)
+
+    return run
 
 
 def _train_config(compute: ComputeResource):
@@ -117,14 +130,8 @@ def _backbone_difficulty(storage: StorageResource, image_ids: list[str]) -> tupl
     "LM loss + lambda * BCE of a vocabulary head "
     "on the pooled vision features, curriculum easy, easy+medium, all, all.",
 )
+@_in_tiny_threads
 def trained_captioners(
-    context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource
-) -> dg.MaterializeResult:
-    with _tiny_threads(compute):
-        return _train_captioner(context, storage, compute)
-
-
-def _train_captioner(
     context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
     from pipeline.captioning import (
@@ -215,17 +222,8 @@ def _targets(storage: StorageResource) -> pl.DataFrame:
     description="Generated prompts for the test split with their SBERT cosine to the true prompt (the Kaggle "
     "metric) and RefCLIPScore; caption_predictions/<captioner>.parquet.",
 )
+@_in_tiny_threads
 def caption_predictions(
-    context: dg.AssetExecutionContext,
-    storage: StorageResource,
-    compute: ComputeResource,
-    sentence_encoder: SentenceEncoderResource,
-) -> dg.MaterializeResult:
-    with _tiny_threads(compute):
-        return _predict_captions(context, storage, compute, sentence_encoder)
-
-
-def _predict_captions(
     context: dg.AssetExecutionContext,
     storage: StorageResource,
     compute: ComputeResource,
@@ -331,14 +329,8 @@ def _unet_checkpoint(storage: StorageResource):
     description="Stable Diffusion 2 with and without the fine-tuned U-Net encoder swapped in after the first DDIM "
     "step: images for a fixed prompt list, CLIP prompt alignment side by side, reports/unet_swap.{png,json,md}.",
 )
+@_in_tiny_threads
 def unet_swap_report(
-    context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource
-) -> dg.MaterializeResult:
-    with _tiny_threads(compute):
-        return _swap_report(context, storage, compute)
-
-
-def _swap_report(
     context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
     from pipeline.captioning import load_clip_scorer

@@ -252,20 +252,11 @@ def trained_models(
         model_kwargs = dict(
             backbone=backbone, variant=compute.backbone_variant, vocab_size=vocab_size, pretrained=compute.pretrained
         )
+        # several nodes: no one local directory every rank sees, so each rank runs the frozen prefix itself
+        cache = None if nodes else storage.local_dir("feature_cache")
+        shared = storage.path("ddp_runs", context.run_id, backbone, recipe) if nodes else None
         result = _train_with_torchrun(
-            context,
-            pipes,
-            compute,
-            model_kwargs,
-            train,
-            val,
-            config,
-            checkpoint_dir,
-            stages,
-            # several nodes: no one local directory every rank sees, so each rank runs the frozen prefix itself
-            cache_dir=None if nodes else storage.local_dir("feature_cache"),
-            nodes=nodes,
-            shared_dir=storage.path("ddp_runs", context.run_id, backbone, recipe) if nodes else None,
+            context, pipes, compute, model_kwargs, train, val, config, checkpoint_dir, stages, cache, nodes, shared
         )
     else:
         model = _create(backbone, compute, vocab_size)

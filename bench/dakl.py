@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+from options import add_options  # noqa: E402
 
 
 def make_data(n: int, m: int, d: int = 384, p: int = 384, seed: int = 0):
@@ -127,14 +128,8 @@ def row_cosine(a, b):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=2000)
-    ap.add_argument("--m", type=int, default=6000)
-    ap.add_argument("--paper-n", type=int, default=10_000)
-    ap.add_argument("--paper-m", type=int, default=30_000)
-    ap.add_argument("--gamma", type=float, default=0.001)
-    ap.add_argument("--alpha", type=float, default=1.0)
-    ap.add_argument("--skip-paper", action="store_true")
-    ap.add_argument("--skip-compare", action="store_true")
+    add_options(ap, n=2000, m=6000, paper_n=10_000, paper_m=30_000, gamma=0.001, alpha=1.0)
+    add_options(ap, skip_paper=False, skip_compare=False)
     ap.add_argument(
         "--check-paper",
         action="store_true",

@@ -21,6 +21,7 @@ import tempfile
 import time
 
 import numpy as np
+from options import add_options
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -198,13 +199,7 @@ def child(which: str, path: str, repeat: int, out: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--n", type=int, default=2_000_000)
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--child", default=None)
-    parser.add_argument("--data", default=None)
-    parser.add_argument("--out", default=None)
+    parser = add_options(argparse.ArgumentParser(), n=2_000_000, repeat=5, seed=0, child=None, data=None, out=None)
     args = parser.parse_args()
     if args.child:
         child(args.child, args.data, args.repeat, args.out)

@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from options import add_options  # noqa: E402
 
 # Peak dense (no sparsity) bf16 tensor-core FLOP/s from the vendors' data sheets, by device-name substring;
 # the first match wins, so the more specific names come first.
@@ -426,12 +427,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--batch", type=int, default=None, help="training batch (64; dry run 8)")
     parser.add_argument("--workers", type=int, default=None, help="loader workers (cores - 2, at most 14)")
-    parser.add_argument("--vocab", type=int, default=1000)
-    parser.add_argument("--train-pairs", type=int, default=670_000)
-    parser.add_argument("--diffusiondb-prompts", type=int, default=2_000_000)
-    parser.add_argument("--prelim-epochs", type=int, default=2)
-    parser.add_argument("--recipes", type=int, default=3)
-    parser.add_argument("--recipe-epochs", type=int, default=3)
+    add_options(parser, vocab=1000, train_pairs=670_000, diffusiondb_prompts=2_000_000)
+    add_options(parser, prelim_epochs=2, recipes=3, recipe_epochs=3)
     args = parser.parse_args(argv)
 
     dry = args.dry_run

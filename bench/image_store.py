@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 import polars as pl
+from options import add_options
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -104,13 +105,7 @@ def child(which: str, directory: str, out: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--n", type=int, default=20_000)
-    parser.add_argument("--parts", type=int, default=20)
-    parser.add_argument("--kb", type=int, default=32)
-    parser.add_argument("--child", default=None)
-    parser.add_argument("--dir", default=None)
-    parser.add_argument("--out", default=None)
+    parser = add_options(argparse.ArgumentParser(), n=20_000, parts=20, kb=32, child=None, dir=None, out=None)
     args = parser.parse_args()
     if args.child:
         child(args.child, args.dir, args.out)

@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
+from options import add_options  # noqa: E402
 
 from pipeline.ensemble.clustering import inertia, kmeans_centroids, label_centroids  # noqa: E402
 
@@ -105,15 +106,8 @@ def subsample_comparison(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=670_000)
-    ap.add_argument("--k", type=int, default=10_000)
-    ap.add_argument("--d", type=int, default=384)
-    ap.add_argument("--n-iter", type=int, default=10)
-    ap.add_argument("--max-points-per-centroid", type=int, default=32)
-    ap.add_argument("--sub-n", type=int, default=20_000)
-    ap.add_argument("--sub-k", type=int, default=500)
-    ap.add_argument("--skip-full", action="store_true")
-    ap.add_argument("--skip-sub", action="store_true")
+    add_options(ap, n=670_000, k=10_000, d=384, n_iter=10, max_points_per_centroid=32, sub_n=20_000, sub_k=500)
+    add_options(ap, skip_full=False, skip_sub=False)
     args = ap.parse_args()
     if not args.skip_full:
         full_scale(args)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -44,6 +45,53 @@ class Prediction:
     words: list[tuple[str, float]] = field(default_factory=list)
     generated: str | None = None
     error: str | None = None
+
+
+class Predictor(Protocol):
+    """What `reverse-sd predict` and `reverse-sd evaluate` run: the trained models (PromptPredictor) and
+    zero-shot CLIP retrieval (ZeroShotPredictor) both answer it, one Prediction per path in input order."""
+
+    method: str
+
+    def predict(
+        self,
+        paths: Iterable[str | os.PathLike],
+        top_k: int = 5,
+        words: int = 0,
+        generate: bool = False,
+        max_bytes: int = MAX_INPUT_BYTES,
+    ) -> Iterator[Prediction]: ...
+
+
+def predict_in_batches(
+    paths: Iterable[str | os.PathLike],
+    batch_size: int,
+    load: Callable[[Path], object],
+    predict_loaded: Callable[[list[Path], list], list[Prediction]],
+    map_: Callable = map,
+) -> Iterator[Prediction]:
+    """Every predictor's walk: paths in batches, each file loaded by ``load`` (through ``map_``, e.g. a
+    thread pool's), the ones that loaded predicted together by ``predict_loaded(paths, inputs)``, and a file
+    that could not be used (ImageError, or an OSError such as InputError) a Prediction with ``error`` set."""
+    from pipeline.data.images import ImageError
+
+    def safe_load(path: Path):
+        try:
+            return load(path), None
+        except ImageError as exc:
+            return None, exc.detail
+        except OSError as exc:  # InputError, or an I/O error while reading
+            return None, str(exc) or type(exc).__name__
+
+    for chunk in path_batches(paths, batch_size):
+        loaded = list(map_(safe_load, chunk))
+        good = [i for i, (_, error) in enumerate(loaded) if error is None]
+        results = [Prediction(path, error=error) for path, (_, error) in zip(chunk, loaded)]
+        if good:
+            predicted = predict_loaded([chunk[i] for i in good], [loaded[i][0] for i in good])
+            for i, prediction in zip(good, predicted):
+                results[i] = prediction
+        yield from results
 
 
 @dataclass
@@ -276,33 +324,17 @@ class PromptPredictor:
     ) -> Iterator[Prediction]:
         """One Prediction per path, in input order, batch by batch (files read and decoded on the pool's
         threads); a file that cannot be used is a Prediction with ``error`` set, never an exception."""
-        from pipeline.data.images import ImageError
 
-        def load(path):
-            try:
-                return self.read_image(path, max_bytes), None
-            except ImageError as exc:
-                return None, exc.detail
-            except OSError as exc:  # InputError, or an I/O error while reading
-                return None, str(exc) or type(exc).__name__
+        def predict_loaded(chunk: list[Path], stored: list[bytes]) -> list[Prediction]:
+            probs: list[np.ndarray] = []
+            embeddings = self.embed_stored(stored, probs if words > 0 else None)
+            prompts = self.top_k(embeddings, top_k) if top_k > 0 else [[] for _ in stored]
+            found = self.top_words(probs[0], words) if probs else [[] for _ in stored]
+            written = self.generate_stored(stored) if generate else [None] * len(stored)
+            return [Prediction(*fields) for fields in zip(chunk, embeddings, prompts, found, written)]
 
-        def run(chunk: list[Path]) -> Iterator[Prediction]:
-            loaded = list(self._pool().map(load, chunk))
-            good = [i for i, (_, error) in enumerate(loaded) if error is None]
-            results = [Prediction(path, error=error) for path, (_, error) in zip(chunk, loaded)]
-            if good:
-                stored = [loaded[i][0] for i in good]
-                probs: list[np.ndarray] = []
-                embeddings = self.embed_stored(stored, probs if words > 0 else None)
-                prompts = self.top_k(embeddings, top_k) if top_k > 0 else [[] for _ in good]
-                found = self.top_words(probs[0], words) if probs else [[] for _ in good]
-                written = self.generate_stored(stored) if generate else [None] * len(good)
-                for i, e, p, w, g in zip(good, embeddings, prompts, found, written):
-                    results[i] = Prediction(chunk[i], e, p, w, g)
-            yield from results
-
-        for chunk in path_batches(paths, self.batch_size):
-            yield from run(chunk)
+        load = functools.partial(self.read_image, max_bytes=max_bytes)
+        return predict_in_batches(paths, self.batch_size, load, predict_loaded, self._pool().map)
 
     def predict_files(self, paths: Iterable[Path], generate: bool = False):
         """Yield (path, embedding or None, error or None) in input order, batch by batch; with ``generate``

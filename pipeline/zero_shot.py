@@ -350,34 +350,23 @@ class ZeroShotRetriever:
         cosine, and as ``embedding`` the top-1 prompt's SBERT embedding; an unusable file is a Prediction
         with ``error`` set. ``words`` and ``generate`` are accepted for the CLI and ignored (no head, no
         captioner)."""
-        from pipeline.data.images import ImageError, open_image
-        from pipeline.inputs import MAX_INPUT_BYTES, path_batches, read_input_file
-        from pipeline.predictor import Prediction
+        from pipeline.data.images import open_image
+        from pipeline.inputs import MAX_INPUT_BYTES, read_input_file
+        from pipeline.predictor import Prediction, predict_in_batches
 
         limit = MAX_INPUT_BYTES if max_bytes is None else max_bytes
 
-        def load(path: Path):
-            try:
-                return open_image(read_input_file(path, limit), name=str(path)), None
-            except ImageError as exc:
-                return None, exc.detail
-            except OSError as exc:
-                return None, str(exc) or type(exc).__name__
+        def predict_loaded(chunk: list[Path], images: list) -> list[Prediction]:
+            best, scores = self.retrieve(images, max(top_k, 1))
+            results = []
+            for row, path in enumerate(chunk):
+                prompts = [(self.bank_prompts[j], float(s)) for j, s in zip(best[row], scores[row])]
+                embedding = self.bank_embeddings[best[row, 0]]
+                results.append(Prediction(path, embedding, prompts[:top_k] if top_k > 0 else []))
+            return results
 
-        def run(chunk: list[Path]) -> Iterator[Prediction]:
-            loaded = [load(p) for p in chunk]
-            good = [i for i, (_, error) in enumerate(loaded) if error is None]
-            results = [Prediction(path, error=error) for path, (_, error) in zip(chunk, loaded)]
-            if good:
-                best, scores = self.retrieve([loaded[i][0] for i in good], max(top_k, 1))
-                for row, i in enumerate(good):
-                    prompts = [(self.bank_prompts[j], float(s)) for j, s in zip(best[row], scores[row])]
-                    embedding = self.bank_embeddings[best[row, 0]]
-                    results[i] = Prediction(chunk[i], embedding, prompts[:top_k] if top_k > 0 else [])
-            yield from results
-
-        for chunk in path_batches(paths, self.batch_size):
-            yield from run(chunk)
+        load = lambda path: open_image(read_input_file(path, limit), name=str(path))  # noqa: E731
+        return predict_in_batches(paths, self.batch_size, load, predict_loaded)
 
 
 def top1_sbert_cosine(retriever: ZeroShotRetriever, images: Sequence, targets: np.ndarray) -> float:

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 
 import polars as pl
+import pytest
 from conftest import run_cli, sample_env
 from own_images import make_folder
 
@@ -57,3 +60,36 @@ def test_the_sample_graph_with_two_image_folders_then_a_third(tmp_path):
     assert _materializations(tmp_path / "dagster_home", "image_folders") == {"day1": 1, "day2": 1, "day3": 1}
     assert _materializations(tmp_path / "dagster_home", "diffusiondb_parts") == {"part-000001": 1}
     assert _materializations(tmp_path / "dagster_home", "filtered_pairs") == {None: 2}
+
+
+def test_the_whole_graph_on_own_images_alone(tmp_path):
+    """REVERSE_SD_DIFFUSIONDB=none: every stage, from the image folders to the report, on the user's images
+    alone.  Two folders of six images are the smallest make_folder data whose split holds a test pair
+    (12 pairs: 9 train, 2 val, 1 test); one epoch, and the baseline check only warns (so few pairs cannot be
+    expected to beat the mean embedding)."""
+    images = tmp_path / "images"
+    prompts = make_folder(images, "day1") + make_folder(images, "day2")
+    env = sample_env(
+        tmp_path,
+        REVERSE_SD_DIFFUSIONDB="none",
+        REVERSE_SD_IMAGES=str(images),
+        REVERSE_SD_TRAIN_EPOCHS="1",
+        REVERSE_SD_BASELINE_CHECK="warn",
+    )
+    result = run_cli(["materialize"], env, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "registered 2 new image folders: day1, day2" in result.stdout
+
+    data = tmp_path / "data"
+    pairs = pl.read_parquet(data / "filtered_pairs.parquet")
+    assert set(pairs["source"]) == {"images"} and set(pairs["part"]) == {"day1", "day2"}
+    assert sorted(pairs["prompt"]) == sorted(prompts)
+    assert not (data / "diffusiondb_parts").exists()
+
+    report = json.loads((data / "reports" / "evaluation.json").read_text())
+    assert set(report["cosine_by_source"]) == {"images"} and set(report["counts_by_source"]) == {"images"}
+    assert report["counts_by_source"]["images"] == report["counts"]  # every pair is an own image
+    own = report["cosine_by_source"]["images"]
+    for key in ("vit/baseline", "unet/mlc_cl", "ensemble/median", "ensemble+dakl", "baseline/mean_embedding"):
+        assert math.isfinite(report["cosine"][key]) and own[key] == pytest.approx(report["cosine"][key])
+    assert "## Per data source" in (data / "reports" / "evaluation.md").read_text()

@@ -35,6 +35,7 @@ from assets.plots import bar_plot_png, data_uri, gallery_png, grouped_bars_png, 
 from assets.training import BACKBONES, RECIPES, TRAIN, difficulty_scores, load_splits, model_predictions
 from pipeline import storage as store
 from pipeline.ensemble.ensemble import BEST, ENSEMBLE_METHODS, ensemble_column
+from pipeline.evaluation.by_source import pooled_mean, score_by_source
 from pipeline.evaluation.report import (
     BASELINE_COLUMNS,
     GENERATION_COLUMNS,
@@ -43,8 +44,6 @@ from pipeline.evaluation.report import (
     ZERO_SHOT_KEY,
     Report,
     SplitScores,
-    pooled_mean,
-    score_by_source,
     score_test_split,
 )
 from pipeline.metrics import knn_baseline, row_cosines

@@ -9,12 +9,10 @@ import json
 import numpy as np
 import pytest
 
+from pipeline.evaluation.by_source import mean_by_source, pooled_mean, score_by_source
 from pipeline.evaluation.report import (
     SOURCE_TEXT_COLUMNS,
     Report,
-    mean_by_source,
-    pooled_mean,
-    score_by_source,
     score_test_split,
 )
 

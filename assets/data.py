@@ -325,6 +325,26 @@ def no_prompt_in_two_splits(storage: StorageResource) -> dg.AssetCheckResult:
     )
 
 
+@dg.asset_check(
+    asset=filtered_pairs,
+    blocking=True,
+    description="Train, val and test each hold at least one pair: training, model selection and the report need all "
+    "three, so too little data stops here rather than after every model has trained.",
+)
+def every_split_has_pairs(storage: StorageResource) -> dg.AssetCheckResult:
+    pairs = storage.read_table("filtered_pairs", columns=["split"])
+    counts = {name: 0 for name in ("train", "val", "test")} | dict(pairs.group_by("split").len().iter_rows())
+    empty = [name for name, n in counts.items() if n == 0]
+    return dg.AssetCheckResult(
+        passed=not empty,
+        metadata={
+            **{f"split_{name}": int(n) for name, n in counts.items()},
+            "empty_splits": ", ".join(empty) or "none",
+            **({"remedy": "more pairs: more DiffusionDB parts or image folders"} if empty else {}),
+        },
+    )
+
+
 @dg.asset_check(asset=vocabulary_labels, blocking=True, description="Every label index is a vocabulary word.")
 def labels_within_vocabulary(storage: StorageResource) -> dg.AssetCheckResult:
     labels = storage.read_table("vocabulary_labels", columns=["label_indices"])["label_indices"].explode().drop_nulls()
@@ -334,4 +354,9 @@ def labels_within_vocabulary(storage: StorageResource) -> dg.AssetCheckResult:
 
 
 DATA_ASSETS = [diffusiondb_source, diffusiondb_parts, filtered_pairs, prompt_embeddings, vocabulary, vocabulary_labels]
-DATA_CHECKS = [prompt_embeddings_are_unit_vectors, no_prompt_in_two_splits, labels_within_vocabulary]
+DATA_CHECKS = [
+    prompt_embeddings_are_unit_vectors,
+    no_prompt_in_two_splits,
+    every_split_has_pairs,
+    labels_within_vocabulary,
+]

@@ -22,13 +22,11 @@ and `dagster sensor start reverse_sd_automation`.
 import dagster as dg
 
 from assets.common import OBSERVE_CRON
-from assets.data import MAX_PARTS_PER_RUN, diffusiondb_parts, diffusiondb_source, part_changes, parts_partitions
+from assets.data import MAX_PARTS_PER_RUN, PARTS, diffusiondb_parts, diffusiondb_source, part_changes
 from assets.jobs import RANGE_END_TAG, RANGE_START_TAG
 from assets.own_images import images_new_folders, observe_images_job
 from assets.training import training_settings
 from resources import DiffusionDBResource
-
-DATA_VERSION_TAG = "dagster/data_version"  # the tag an observation's data version is recorded in
 
 # One job per partitions definition (an asset job cannot mix them): the parts' versions here; training_settings
 # observes itself daily through its automation condition, and `reverse-sd materialize` observes both.
@@ -59,19 +57,7 @@ def diffusiondb_new_parts(context: dg.SensorEvaluationContext, diffusiondb: Diff
         return dg.SkipReason(f"no new or vanished parts ({len(listed)} listed)")
     if gone:  # the same rule as `reverse-sd materialize`: a part the source no longer lists is unregistered
         context.log.warning(f"unregistering {len(gone)} parts the source no longer lists: {gone[:10]}")
-    return dg.SensorResult(
-        run_requests=part_run_requests(new) if new else [],
-        dynamic_partitions_requests=[
-            *([parts_partitions.build_add_request(new)] if new else []),
-            *([parts_partitions.build_delete_request(gone)] if gone else []),
-        ],
-        # Each new part's source version, recorded before its run reads it: without it the part would look
-        # stale (read before its source was ever observed) after the next observation, and be ingested twice.
-        asset_events=[
-            dg.AssetObservation(asset_key=diffusiondb_source.key, partition=p, tags={DATA_VERSION_TAG: listed[p]})
-            for p in new
-        ],
-    )
+    return PARTS.sensor_result(listed, new, gone, new, part_run_requests(new) if new else [])
 
 
 def part_run_requests(parts: list[str], per_run: int = MAX_PARTS_PER_RUN) -> list[dg.RunRequest]:

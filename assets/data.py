@@ -20,6 +20,7 @@ from assets.common import (
     table_metadata,
     transient_retry,
 )
+from assets.listed_partitions import ListedPartitions
 from assets.own_images import TABLE as IMAGES_TABLE
 from assets.own_images import image_folders, materialized_folders
 from pipeline.constants import EMBED_DIM
@@ -43,57 +44,15 @@ def diffusiondb_source(context: dg.OpExecutionContext, diffusiondb: DiffusionDBR
     return dg.DataVersionsByPartition(changed_part_versions(context.instance, diffusiondb.source().list_parts()))
 
 
-def changed_part_versions(instance: dg.DagsterInstance, listed: dict[str, str]) -> dict[str, str]:
-    """The registered parts whose listed version differs from their last observed one (or that never were
-    observed): observing only those keeps the event log at one event per change, not per part per run."""
-    registered = set(instance.get_dynamic_partitions(parts_partitions.name))
-    latest = latest_part_versions(instance)
-    return {part: version for part, version in listed.items() if part in registered and latest.get(part) != version}
-
-
-def latest_part_versions(instance: dg.DagsterInstance) -> dict[str, str]:
-    """part -> the data version of its newest diffusiondb_source observation."""
-    latest: dict[str, str] = {}
-    cursor = None
-    while True:
-        result = instance.fetch_observations(
-            dg.AssetRecordsFilter(asset_key=diffusiondb_source.key), limit=1000, cursor=cursor, ascending=False
-        )
-        for record in result.records:
-            observation = record.asset_observation
-            if observation.partition is not None:
-                latest.setdefault(observation.partition, observation.tags.get("dagster/data_version"))
-        if not result.has_more:
-            return latest
-        cursor = result.cursor
+# The source's parts as partitions (the rule in assets/listed_partitions.py); a source listing no part at all is
+# a wrong setting, not news, so it unregisters nothing.
+PARTS = ListedPartitions(parts_partitions, dg.AssetKey("diffusiondb_source"), keep_all_when_none_listed=True)
+part_changes, sync_parts, changed_part_versions = PARTS.changes, PARTS.sync, PARTS.changed_versions
 
 
 def register_parts(instance: dg.DagsterInstance, diffusiondb: DiffusionDBResource) -> list[str]:
     """Add every part the source lists as a partition of diffusiondb_parts; return the new ones."""
     return sync_parts(instance, diffusiondb.source().list_parts())[0]
-
-
-def part_changes(instance: dg.DagsterInstance, listed) -> tuple[list[str], list[str]]:
-    """(new, gone): parts the source lists that are not registered, and registered parts it no longer lists
-    (deleted from the mirror or the hub, or replaced by a link the reader refuses)."""
-    known = set(instance.get_dynamic_partitions(parts_partitions.name))
-    new = sorted(p for p in listed if p not in known)
-    gone = sorted(known - set(listed)) if listed else []  # a source listing nothing is a wrong setting, not news
-    return new, gone
-
-
-def sync_parts(instance: dg.DagsterInstance, listed) -> tuple[list[str], list[str]]:
-    """Register the parts the source lists and unregister the parts it no longer lists; returns (new, gone).
-
-    The rule for a vanished part: it is unregistered, so nothing plans or waits for it, and filtered_pairs (which
-    reads the registered parts) is stale and is rebuilt without its rows.  Its table stays on disk, unread, until
-    the part comes back (then it is new data again)."""
-    new, gone = part_changes(instance, listed)
-    if new:
-        instance.add_dynamic_partitions(parts_partitions.name, new)
-    for part in gone:
-        instance.delete_dynamic_partition(parts_partitions.name, part)
-    return new, gone
 
 
 # Parts per run at most when runs cover a range of parts (a UI backfill, or `reverse-sd materialize` on many

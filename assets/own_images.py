@@ -16,10 +16,10 @@ import time
 import dagster as dg
 
 from assets.common import PROFILE_CONFIG, artifact_metadata, code_version, markdown_table, table_metadata
+from assets.listed_partitions import ListedPartitions
 from resources import ImagesResource, StorageResource
 
 DATA_GROUP = "data"
-DATA_VERSION_TAG = "dagster/data_version"
 folders_partitions = dg.DynamicPartitionsDefinition(name="image_folder")
 TABLE = "image_folders"  # the asset key, and the table's name under the storage root
 
@@ -34,44 +34,9 @@ def images_source(context: dg.OpExecutionContext, images: ImagesResource) -> dg.
     return dg.DataVersionsByPartition(changed_folder_versions(context.instance, images.list_folders()))
 
 
-def latest_folder_versions(instance: dg.DagsterInstance) -> dict[str, str]:
-    """folder -> the data version of its newest images_source observation."""
-    latest: dict[str, str] = {}
-    cursor = None
-    while True:
-        result = instance.fetch_observations(
-            dg.AssetRecordsFilter(asset_key=images_source.key), limit=1000, cursor=cursor, ascending=False
-        )
-        for record in result.records:
-            observation = record.asset_observation
-            if observation.partition is not None:
-                latest.setdefault(observation.partition, observation.tags.get(DATA_VERSION_TAG))
-        if not result.has_more:
-            return latest
-        cursor = result.cursor
-
-
-def changed_folder_versions(instance: dg.DagsterInstance, listed: dict[str, str]) -> dict[str, str]:
-    """The registered folders whose version differs from their last observed one (or never observed)."""
-    registered = set(instance.get_dynamic_partitions(folders_partitions.name))
-    latest = latest_folder_versions(instance)
-    return {name: v for name, v in listed.items() if name in registered and latest.get(name) != v}
-
-
-def folder_changes(instance: dg.DagsterInstance, listed) -> tuple[list[str], list[str]]:
-    """(new, gone): listed subfolders not registered yet, registered ones no longer listed."""
-    known = set(instance.get_dynamic_partitions(folders_partitions.name))
-    return sorted(p for p in listed if p not in known), sorted(known - set(listed))
-
-
-def sync_folders(instance: dg.DagsterInstance, listed) -> tuple[list[str], list[str]]:
-    """Register new subfolders and unregister vanished ones (their tables stay, unread); returns (new, gone)."""
-    new, gone = folder_changes(instance, listed)
-    if new:
-        instance.add_dynamic_partitions(folders_partitions.name, new)
-    for name in gone:
-        instance.delete_dynamic_partition(folders_partitions.name, name)
-    return new, gone
+# Subfolders as partitions, by the same rule as DiffusionDB's parts (assets/listed_partitions.py).
+FOLDERS = ListedPartitions(folders_partitions, dg.AssetKey("images_source"))
+folder_changes, sync_folders, changed_folder_versions = FOLDERS.changes, FOLDERS.sync, FOLDERS.changed_versions
 
 
 @dg.asset(
@@ -149,18 +114,9 @@ def images_new_folders(context: dg.SensorEvaluationContext, images: ImagesResour
     changed = [n for n in changed_folder_versions(context.instance, listed) if n not in new]
     if not new and not gone and not changed:
         return dg.SkipReason(f"no new, changed or vanished image folders ({len(listed)} listed)")
-    return dg.SensorResult(
-        run_requests=[dg.RunRequest(partition_key=n, asset_selection=[image_folders.key]) for n in [*new, *changed]],
-        dynamic_partitions_requests=[
-            *([folders_partitions.build_add_request(new)] if new else []),
-            *([folders_partitions.build_delete_request(gone)] if gone else []),
-        ],
-        # Each folder's version, recorded before its run reads it (as diffusiondb_new_parts does for parts).
-        asset_events=[
-            dg.AssetObservation(asset_key=images_source.key, partition=n, tags={DATA_VERSION_TAG: listed[n]})
-            for n in [*new, *changed]
-        ],
-    )
+    run = [*new, *changed]
+    requests = [dg.RunRequest(partition_key=n, asset_selection=[image_folders.key]) for n in run]
+    return FOLDERS.sensor_result(listed, new, gone, run, requests)
 
 
 IMAGES_ASSETS = [images_source, image_folders]

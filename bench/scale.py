@@ -43,7 +43,7 @@ sys.dont_write_bytecode = True  # nothing written in the repository, not even __
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))
 sys.path.insert(0, str(PROJECT / "bench"))
-sys.path.insert(0, str(PROJECT / "tests" / "cluster"))
+sys.path.insert(0, str(PROJECT / "tests"))
 
 MB = 1e6
 # Quoted, not measured here (the README's Results rows).
@@ -260,7 +260,7 @@ def events_per_run(instance, tmp: Path, range_parts: int) -> dict:
 
 def measure_instance(tmp: Path, n_events: int, range_parts: int) -> dict:
     import yaml
-    from servers import Postgres  # tests/cluster/servers.py
+    from servers import Postgres  # tests/servers.py
 
     out: dict = {}
     sqlite = instance_at(tmp / "sqlite_home", None)
@@ -305,7 +305,7 @@ def measure_instance(tmp: Path, n_events: int, range_parts: int) -> dict:
 
 def measure_object_store(tmp: Path, objects: int, object_mb: int, small: int) -> dict:
     import s3fs
-    from servers import MotoS3  # tests/cluster/servers.py
+    from servers import MotoS3  # tests/servers.py
 
     moto = MotoS3(tmp / "moto", "127.0.0.1")
     try:

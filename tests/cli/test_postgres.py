@@ -10,17 +10,15 @@ server can be installed or started.
 
 from __future__ import annotations
 
-import glob
 import os
-import pwd
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+from servers import Postgres
 
 pytestmark = pytest.mark.extended  # multi-process: run by CI (make test-extended), not the default run
 
@@ -30,107 +28,21 @@ PG_USER = "dagster"
 PG_DB = "reverse_sd_dagster"
 
 
-def _postgres_bin(name: str) -> str | None:
-    """Debian keeps the server tools under /usr/lib/postgresql/<version>/bin, off PATH."""
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=lambda p: int(p.split("/")[4]))
-    return found[-1] if found else shutil.which(name)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Cluster:
-    def __init__(self, bindir: Path, root: Path, run_as: pwd.struct_passwd | None):
-        self.bindir, self.root, self.run_as = bindir, root, run_as
-        self.data, self.log = root / "data", root / "server.log"
-        self.port, self.password = _free_port(), os.urandom(12).hex()
-
-    def _run(self, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-        kwargs = {"user": self.run_as.pw_uid, "group": self.run_as.pw_gid} if self.run_as else {}
-        return subprocess.run(
-            [str(a) for a in args], capture_output=True, text=True, timeout=timeout, cwd=self.root, **kwargs
-        )
-
-    def start(self) -> str | None:
-        """None when the server is up; otherwise why not."""
-        pwfile = self.root / "pw"
-        pwfile.write_text(self.password + "\n")
-        if self.run_as:
-            for path in (self.root, pwfile):
-                os.chown(path, self.run_as.pw_uid, self.run_as.pw_gid)
-        init = self._run(
-            self.bindir / "initdb",
-            "-D",
-            self.data,
-            "-U",
-            PG_USER,
-            f"--pwfile={pwfile}",
-            "--auth-host=scram-sha-256",
-            "--auth-local=trust",
-            "-E",
-            "UTF8",
-            "--locale=C",
-        )
-        if init.returncode != 0:
-            return f"initdb failed: {(init.stderr or init.stdout)[-800:]}"
-        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.root} -c fsync=off"
-        start = self._run(
-            self.bindir / "pg_ctl", "-D", self.data, "-l", self.log, "-w", "-t", "60", "-o", options, "start"
-        )
-        if start.returncode != 0:
-            log = self.log.read_text()[-800:] if self.log.exists() else ""
-            return f"pg_ctl start failed: {(start.stderr or start.stdout)[-400:]} {log}"
-        return None
-
-    def stop(self) -> None:
-        if self.data.exists():
-            self._run(self.bindir / "pg_ctl", "-D", self.data, "-m", "immediate", "stop", timeout=60)
-
-    def connect(self, dbname: str = PG_DB):
-        import psycopg2
-
-        return psycopg2.connect(host="127.0.0.1", port=self.port, user=PG_USER, password=self.password, dbname=dbname)
-
-
 @pytest.fixture(scope="module")
 def postgres():
+    """A throw-away PostgreSQL server on 127.0.0.1 with the database, as tests/servers.py starts it for the
+    cluster test (installed with Debian's package when missing)."""
     pytest.importorskip("dagster_postgres", reason="dagster-postgres is not installed: pip install -e '.[deploy]'")
-    if _postgres_bin("initdb") is None:
-        setup = subprocess.run(
-            ["bash", str(PROJECT / "tests" / "postgres_setup.sh")], capture_output=True, text=True, timeout=600
-        )
-        if setup.returncode != 0:
-            pytest.skip(f"no PostgreSQL server could be installed: {setup.stderr.strip()[-500:]}")
-    initdb = _postgres_bin("initdb")
-    if initdb is None:
-        pytest.skip("no PostgreSQL server binaries (initdb) on this machine")
-    run_as = None
-    if os.geteuid() == 0:  # the server refuses to run as root
-        for name in ("postgres", "nobody"):
-            try:
-                run_as = pwd.getpwnam(name)
-                break
-            except KeyError:
-                continue
-        else:
-            pytest.skip("running as root and no 'postgres' or 'nobody' user to run the server as")
     root = Path(tempfile.mkdtemp(prefix="reverse-sd-pg-"))  # in /tmp: the server user must reach it
-    cluster = _Cluster(Path(initdb).parent, root, run_as)
+    os.chmod(root, 0o755)
+    server = Postgres(root, ["127.0.0.1"])
     try:
-        why = cluster.start()
+        why = server.start()
         if why:
             pytest.skip(f"no PostgreSQL server could start here: {why}")
-        conn = cluster.connect("postgres")
-        conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
-        with conn.cursor() as cur:
-            cur.execute(f"CREATE DATABASE {PG_DB}")
-        conn.close()
-        yield cluster
+        yield server
     finally:
-        cluster.stop()
+        server.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -167,15 +79,20 @@ def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     )
 
 
-def _rows(cluster: _Cluster, sql: str) -> list[tuple]:
-    with cluster.connect() as conn, conn.cursor() as cur:
+def _rows(server: Postgres, sql: str) -> list[tuple]:
+    import psycopg2
+
+    conn = psycopg2.connect(
+        host="127.0.0.1", port=server.port, user=server.user, password=server.password, dbname=server.db
+    )
+    with conn, conn.cursor() as cur:
         cur.execute(sql)
         rows = cur.fetchall()
     conn.close()
     return rows
 
 
-def _materializations(cluster: _Cluster) -> list[tuple]:
+def _materializations(cluster: Postgres) -> list[tuple]:
     return _rows(
         cluster,
         "SELECT asset_key, partition FROM event_logs WHERE dagster_event_type = 'ASSET_MATERIALIZATION' ORDER BY id",

@@ -322,23 +322,19 @@ def measure_object_store(tmp: Path, objects: int, object_mb: int, small: int) ->
         moto.client().create_bucket(Bucket="scale-bench")
         payload = os.urandom(object_mb * 1_000_000)
         fs.pipe_file("scale-bench/warm", payload)  # connection and code warm
-        t0 = time.perf_counter()
-        for i in range(objects):
-            fs.pipe_file(f"scale-bench/big-{i:03d}", payload)
-        write = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for i in range(objects):
-            assert len(fs.cat_file(f"scale-bench/big-{i:03d}")) == len(payload)
-        read = time.perf_counter() - t0
+
+        def timed(step, count: int) -> float:  # seconds for step(0) ... step(count - 1)
+            t0 = time.perf_counter()
+            for i in range(count):
+                step(i)
+            return time.perf_counter() - t0
+
         kb = os.urandom(1024)
-        t0 = time.perf_counter()
-        for i in range(small):
-            fs.pipe_file(f"scale-bench/small-{i:04d}", kb)
-        put = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for i in range(small):
-            fs.info(f"scale-bench/small-{i:04d}", refresh=True)
-        head = time.perf_counter() - t0
+        write = timed(lambda i: fs.pipe_file(f"scale-bench/big-{i:03d}", payload), objects)
+        read = timed(lambda i: fs.cat_file(f"scale-bench/big-{i:03d}"), objects)
+        assert len(fs.cat_file("scale-bench/big-000")) == len(payload)
+        put = timed(lambda i: fs.pipe_file(f"scale-bench/small-{i:04d}", kb), small)
+        head = timed(lambda i: fs.info(f"scale-bench/small-{i:04d}", refresh=True), small)
         volume = objects * len(payload) / MB
         return {
             "objects": objects,

@@ -284,24 +284,38 @@ def no_prompt_in_two_splits(storage: StorageResource) -> dg.AssetCheckResult:
     )
 
 
-@dg.asset_check(
-    asset=filtered_pairs,
-    blocking=True,
-    description="Train, val and test each hold at least one pair: training, model selection and the report need all "
-    "three, so too little data stops here rather than after every model has trained.",
-)
-def every_split_has_pairs(storage: StorageResource) -> dg.AssetCheckResult:
+def _splits_hold_pairs(storage: StorageResource, splits: tuple[str, ...]) -> dg.AssetCheckResult:
     pairs = storage.read_table("filtered_pairs", columns=["split"])
-    counts = {name: 0 for name in ("train", "val", "test")} | dict(pairs.group_by("split").len().iter_rows())
-    empty = [name for name, n in counts.items() if n == 0]
+    counts = {name: 0 for name in splits} | {k: v for k, v in pairs.group_by("split").len().iter_rows() if k in splits}
+    empty = [name for name in splits if counts[name] == 0]
     return dg.AssetCheckResult(
         passed=not empty,
+        severity=dg.AssetCheckSeverity.ERROR if "train" in splits else dg.AssetCheckSeverity.WARN,
         metadata={
             **{f"split_{name}": int(n) for name, n in counts.items()},
             "empty_splits": ", ".join(empty) or "none",
             **({"remedy": "more pairs: more DiffusionDB parts or image folders"} if empty else {}),
         },
     )
+
+
+@dg.asset_check(
+    asset=filtered_pairs,
+    blocking=True,
+    description="Train and val each hold at least one pair: training and model selection need both, so too little "
+    "data stops here rather than after the preliminary epochs.",
+)
+def train_and_val_hold_pairs(storage: StorageResource) -> dg.AssetCheckResult:
+    return _splits_hold_pairs(storage, ("train", "val"))
+
+
+@dg.asset_check(
+    asset=filtered_pairs,
+    description="The test split holds at least one pair (a warning: without one, the report and "
+    "caption_predictions have nothing to score; embeddings, the prompt bank and training still run).",
+)
+def has_test_pairs(storage: StorageResource) -> dg.AssetCheckResult:
+    return _splits_hold_pairs(storage, ("test",))
 
 
 @dg.asset_check(asset=vocabulary_labels, blocking=True, description="Every label index is a vocabulary word.")
@@ -316,6 +330,7 @@ DATA_ASSETS = [diffusiondb_source, diffusiondb_parts, filtered_pairs, prompt_emb
 DATA_CHECKS = [
     prompt_embeddings_are_unit_vectors,
     no_prompt_in_two_splits,
-    every_split_has_pairs,
+    train_and_val_hold_pairs,
+    has_test_pairs,
     labels_within_vocabulary,
 ]

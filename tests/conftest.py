@@ -146,3 +146,32 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# A script (python -c) that materializes what trained_models[vit|mlc] reads, in process on the instance of
+# DAGSTER_HOME, then trained_models[vit|mlc] itself, and prints one JSON line: success, the run's log messages,
+# the checkpoint, epochs and world size.  tests/assets/test_training_launch.py and tests/pipeline/test_ddp.py
+# drive torchrun launches through it.
+TRAINED_MODELS_DRIVER = r"""
+import json, sys
+import dagster as dg
+from assets.data import register_parts
+from assets.definitions import ALL_ASSETS, ALL_CHECKS, defs
+from cli.runs import OBSERVE_JOBS
+instance = dg.DagsterInstance.get()
+register_parts(instance, defs.resources["diffusiondb"])
+for job in OBSERVE_JOBS:  # what `reverse-sd materialize` submits first, run here in this process
+    assert defs.resolve_job_def(job).execute_in_process(instance=instance).success
+data = ["filtered_pairs", "prompt_embeddings", "vocabulary", "vocabulary_labels"]
+for part in instance.get_dynamic_partitions("diffusiondb_part"):
+    dg.materialize([*ALL_ASSETS, *ALL_CHECKS], selection=["diffusiondb_parts"], partition_key=part,
+                   instance=instance, resources=defs.resources)
+dg.materialize([*ALL_ASSETS, *ALL_CHECKS], selection=data, instance=instance, resources=defs.resources)
+result = dg.materialize([*ALL_ASSETS, *ALL_CHECKS], selection=["trained_models"],
+                        partition_key="vit|mlc", instance=instance, resources=defs.resources, raise_on_error=False)
+logs = [e.message for e in instance.all_logs(result.run_id) if e.message]
+meta = result.asset_materializations_for_node("trained_models")[0].metadata
+print(json.dumps({"success": result.success, "logs": logs,
+                  "checkpoint": meta["checkpoint"].value, "epochs": meta["epochs"].value,
+                  "world_size": meta["world_size"].value}))
+"""

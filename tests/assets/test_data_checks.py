@@ -8,8 +8,8 @@ import pytest
 from assets.data import (
     diffusiondb_parts,
     filtered_pairs,
-    parts_partitions,
     has_test_pairs,
+    parts_partitions,
     train_and_val_hold_pairs,
 )
 from resources import DiffusionDBResource, StorageResource

@@ -9,33 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TRAINED_MODELS_DRIVER as DRIVER
 from conftest import sample_env
 
 PROJECT = Path(__file__).resolve().parents[2]
-
-DRIVER = r"""
-import json, sys
-import dagster as dg
-from assets.data import register_parts
-from assets.definitions import ALL_ASSETS, ALL_CHECKS, defs
-from cli.runs import OBSERVE_JOBS
-instance = dg.DagsterInstance.get()
-register_parts(instance, defs.resources["diffusiondb"])
-for job in OBSERVE_JOBS:  # what `reverse-sd materialize` submits first, run here in this process
-    assert defs.resolve_job_def(job).execute_in_process(instance=instance).success
-data = ["filtered_pairs", "prompt_embeddings", "vocabulary", "vocabulary_labels"]
-for part in instance.get_dynamic_partitions("diffusiondb_part"):
-    dg.materialize([*ALL_ASSETS, *ALL_CHECKS], selection=["diffusiondb_parts"], partition_key=part,
-                   instance=instance, resources=defs.resources)
-dg.materialize([*ALL_ASSETS, *ALL_CHECKS], selection=data, instance=instance, resources=defs.resources)
-result = dg.materialize([*ALL_ASSETS, *ALL_CHECKS], selection=["trained_models"],
-                        partition_key="vit|mlc", instance=instance, resources=defs.resources, raise_on_error=False)
-logs = [e.message for e in instance.all_logs(result.run_id) if e.message]
-meta = result.asset_materializations_for_node("trained_models")[0].metadata
-print(json.dumps({"success": result.success, "logs": logs,
-                  "checkpoint": meta["checkpoint"].value, "epochs": meta["epochs"].value,
-                  "world_size": meta["world_size"].value}))
-"""
 
 
 @pytest.mark.extended

@@ -288,7 +288,7 @@ def test_killed_part_write_leaves_no_partial_parquet_and_rerun_is_identical(tmp_
     report = tmp_path / "report.txt"
     env = _env(tmp_path, REVERSE_SD_SAMPLE_PARTS="2", REVERSE_SD_SAMPLE_IMAGES_PER_PART="6")
     env["PYTHONPATH"] = f"{hook}{os.pathsep}{PROJECT}"
-    cli = _script(tmp_path, "cli", CLI)
+    cli = _script(tmp_path, "cli_probe", CLI)
     parts_dir = tmp_path / "data" / "diffusiondb_parts"
     killed_env = {**env, "KILL_TEST_HALF_WRITE": "parquet:part-000001.parquet", "KILL_TEST_REPORT": str(report)}
     # one run at a time: the other part must not be written while this one stalls

@@ -64,7 +64,9 @@ def _toy_files(tmp_path: Path) -> None:
 
 
 def _launch_env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    # test_training (the spec's model and loss factories) lives beside this file; conftest one level up
+    path = [str(Path(__file__).resolve().parent), str(ROOT / "tests"), str(ROOT)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
         env.pop(key, None)
     return env
@@ -169,8 +171,8 @@ def test_trained_models_trains_on_two_nodes_from_the_settings(tmp_path):
     node 0's torchrun agent from the settings, writes the spec under the storage root and waits; the test
     plays the second machine with the documented join command, in its retry loop, started before the step.
     Both ranks report a world of 2, the model's metadata too, and the run's spec files are gone afterwards."""
+    from conftest import TRAINED_MODELS_DRIVER as DRIVER
     from conftest import sample_env
-    from test_training_launch import DRIVER
 
     endpoint = f"127.0.0.1:{_free_port()}"
     settings = {

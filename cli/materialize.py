@@ -104,6 +104,9 @@ def _materialize_locked(args, settings, workers: int) -> int:
     print(f"profile={settings.profile} source={settings.diffusiondb} storage={settings.home}")
     if args.dry_run:  # nothing is written to the instance: new parts are planned, not registered
         return _dry_run(args, settings, workers)
+    # The instance's storage is created here first: `dagster dev` creating it at the same moment races this
+    # process on a fresh DAGSTER_HOME ("table alembic_version already exists").
+    instance = dg.DagsterInstance.get()
     # The webserver (found, or `dagster dev` started now) loads the code while this process plans.
     with DagsterServer(settings.dagster_home, logs / f"dagster-dev-{invocation}.log") as server:
         from assets.data import sync_parts
@@ -112,7 +115,6 @@ def _materialize_locked(args, settings, workers: int) -> int:
 
         if args.select:
             _check_selection(defs, args.select)
-        instance = dg.DagsterInstance.get()
         listed = defs.resources["diffusiondb"].source().list_parts()
         folders = defs.resources["images"].list_folders()  # subfolder -> content version (REVERSE_SD_IMAGES)
         runs = orch.InstanceRuns(server.ready().url, instance)

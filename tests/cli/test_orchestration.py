@@ -176,6 +176,11 @@ def test_kill_minus_nine_of_a_run_worker_or_the_cli_and_sigterm_then_stale_compl
     try:
         # 1. kill -9 a run worker while its step holds the gpu slot
         proc = _cli(["materialize", *selection], env)
+        # Only once the CLI has created the fresh instance's storage (it says so when it submits) may this
+        # process open it: two processes creating it at once race ("alembic_version already exists").
+        for line in iter(proc.stdout.readline, ""):
+            if "submitted to the Dagster instance" in line:
+                break
         run = _wait_for(gpu_run, 300, "a gpu run")
         instance = dg.DagsterInstance.get()
         limit_before = instance.event_log_storage.get_concurrency_info("gpu").slot_count

@@ -258,7 +258,7 @@ class PromptPredictor:
         """
         import torch
 
-        from pipeline.training.datasets import decode_image
+        from pipeline.training.datasets import image_tensor
 
         outputs, probs = [], []
         unit_pixels: dict[int, torch.Tensor] = {}  # decoded once per input size, normalised per model
@@ -266,7 +266,7 @@ class PromptPredictor:
             model = member.model
             size = model.image_size
             if size not in unit_pixels:
-                decode = functools.partial(decode_image, image_size=size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+                decode = functools.partial(image_tensor, image_size=size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
                 unit_pixels[size] = torch.stack(list(self._pool().map(decode, stored)))
             mean = torch.tensor(model.mean).view(1, 3, 1, 1)
             std = torch.tensor(model.std).view(1, 3, 1, 1)

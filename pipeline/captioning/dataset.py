@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from pipeline.captioning.model import Captioner
-from pipeline.training.datasets import LabelLists, decode_image, multi_hot
+from pipeline.training.datasets import LabelLists, image_tensor, multi_hot
 
 PRELOAD_BYTES = 256 * 2**20
 
@@ -39,7 +39,7 @@ class CaptionDataset(torch.utils.data.Dataset):
 
     def _decode(self, index: int) -> torch.Tensor:
         try:
-            return decode_image(self.images[index], self.size, self.mean, self.std)
+            return image_tensor(self.images[index], self.size, self.mean, self.std)
         except Exception as exc:  # name the row: a silent skip would misalign the indices
             raise ValueError(f"cannot decode image at row {index}: {exc}") from exc
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from pipeline.captioning.model import Captioner
-from pipeline.training.datasets import decode_image
+from pipeline.training.datasets import image_tensor
 
 
 def generate_prompts(
@@ -28,6 +28,6 @@ def generate_prompts(
     out: list[str] = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
-        pixels = torch.stack([decode_image(b, captioner.image_size, captioner.mean, captioner.std) for b in batch])
+        pixels = torch.stack([image_tensor(b, captioner.image_size, captioner.mean, captioner.std) for b in batch])
         out += captioner.generate(pixels.to(dev), num_beams=num_beams, max_new_tokens=max_new_tokens, **kwargs)
     return out

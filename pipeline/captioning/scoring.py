@@ -15,7 +15,7 @@ from pipeline.metrics import normalise_rows
 from pipeline.models.backbones import CLIP_MEAN, CLIP_STD
 from pipeline.models.backbones import _check_variant as check_variant
 from pipeline.models.tiny_clip import tiny_clip_model
-from pipeline.training.datasets import decode_image
+from pipeline.training.datasets import image_tensor
 
 CLIP_SCORE_HUB_ID = "openai/clip-vit-large-patch14"
 KAGGLE_FIRST_PLACE = 0.66316  # private leaderboard, "Stable Diffusion - Image to Prompts"
@@ -141,12 +141,12 @@ def _features(output) -> np.ndarray:
 
 def _clip_pixels(image, size: int) -> torch.Tensor:
     if isinstance(image, (bytes, bytearray, memoryview)):
-        return decode_image(bytes(image), size, CLIP_MEAN, CLIP_STD)
+        return image_tensor(bytes(image), size, CLIP_MEAN, CLIP_STD)
     import io
 
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="PNG")
-    return decode_image(buffer.getvalue(), size, CLIP_MEAN, CLIP_STD)
+    return image_tensor(buffer.getvalue(), size, CLIP_MEAN, CLIP_STD)
 
 
 def load_clip_scorer(

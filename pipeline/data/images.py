@@ -139,11 +139,6 @@ def open_image(data: bytes, name: str | None = None, max_image_pixels: int = DEF
         raise ImageError("undecodable", f"cannot convert image to RGB: {exc}", name) from exc
 
 
-def decode_image(data: bytes, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, name: str | None = None) -> Image.Image:
-    """Encoded bytes -> a loaded RGB PIL image, or ImageError (open_image, under its older name)."""
-    return open_image(data, name, max_image_pixels)
-
-
 def reencode(
     data: bytes,
     size: int = 256,

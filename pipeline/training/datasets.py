@@ -78,7 +78,7 @@ def multi_hot(labels: LabelLists | None, index: int, size: int) -> torch.Tensor:
     return out
 
 
-def decode_image(data: bytes, image_size: int | tuple[int, int], mean, std, name: str | None = None) -> torch.Tensor:
+def image_tensor(data: bytes, image_size: int | tuple[int, int], mean, std, name: str | None = None) -> torch.Tensor:
     """Encoded image -> normalised float tensor [3, H, W] in the backbone's preprocessing.
 
     Opened by pipeline.data.images.open_image like every image (pixel limit, EXIF orientation, RGB); an
@@ -160,7 +160,7 @@ class PairDataset(Dataset):
     def __getitem__(self, index: int):
         index = int(index)
         try:
-            pixels = decode_image(self._bytes(index), self.image_size, self.mean, self.std)
+            pixels = image_tensor(self._bytes(index), self.image_size, self.mean, self.std)
         except Exception as exc:  # name the offending row; a silent skip would misalign the indices
             raise ValueError(f"cannot decode image at row {index}: {exc}") from exc
         target = torch.tensor(self.targets[index])  # a copy: the table may be a read-only Arrow buffer

@@ -23,7 +23,7 @@ from pipeline.data.diffusiondb import (
     read_part,
     validate_part_key,
 )
-from pipeline.data.images import ImageError, decode_image, reencode_image
+from pipeline.data.images import ImageError, open_image, reencode_image
 from pipeline.data.sample_data import generate_sample_mirror
 
 PART = "part-000007"
@@ -99,7 +99,7 @@ def test_reads_every_record_of_a_generated_part(mirror):
     assert frame["sampler"].to_list() == [e["sa"] for e in entries.values()]
     assert frame["width"].unique().to_list() == [96] and frame["height"].unique().to_list() == [96]
     for data in frame["image"].head(5):
-        img = decode_image(data)
+        img = open_image(data)
         assert img.size == (64, 64) and img.mode == "RGB"
 
 
@@ -109,7 +109,7 @@ def test_reencoded_image_keeps_the_picture(mirror):
     with zipfile.ZipFile(zip_path) as zf:
         name = frame["image_id"][0]
         original = np.asarray(Image.open(io.BytesIO(zf.read(name))).convert("RGB"), dtype=np.float64)
-    stored = np.asarray(decode_image(frame["image"][0]), dtype=np.float64)
+    stored = np.asarray(open_image(frame["image"][0]), dtype=np.float64)
     assert np.abs(original - stored).mean() < 8  # JPEG q95, same size: close to the source
 
 
@@ -173,7 +173,7 @@ def test_hostile_archive_keeps_good_records_and_counts_bad_ones(hostile):
     assert frame["image_id"].to_list() == ["good-0.png", "good-1.png", "good-2.png"]
     assert frame["prompt"].to_list() == ["  good prompt 0 ", "  good prompt 1 ", None]
     assert frame["seed"].to_list() == [1, None, 1]
-    assert all(decode_image(b).size == (32, 32) for b in frame["image"])
+    assert all(open_image(b).size == (32, 32) for b in frame["image"])
 
     reasons = {s["id"]: s["reason"] for s in result.skipped}
     assert reasons == {
@@ -428,7 +428,7 @@ def test_hub_and_local_share_the_reader(tmp_path, mirror, monkeypatch):
 def test_reencode_centre_crops_to_a_square():
     img = Image.new("RGB", (300, 100), (0, 0, 255))
     img.paste((255, 0, 0), (100, 0, 200, 100))  # red middle third
-    out = decode_image(reencode_image(_to_bytes(img), size=50, fmt="PNG"))
+    out = open_image(reencode_image(_to_bytes(img), size=50, fmt="PNG"))
     assert out.size == (50, 50)
     assert np.asarray(out)[:, :, 0].mean() > 250  # only the red centre survives the crop
 
@@ -441,11 +441,11 @@ def _to_bytes(img: Image.Image, fmt="PNG") -> bytes:
 
 def test_reencode_handles_modes():
     rgba = Image.new("RGBA", (20, 20), (255, 0, 0, 0))  # fully transparent -> white
-    assert np.asarray(decode_image(reencode_image(_to_bytes(rgba), size=8, fmt="PNG"))).min() == 255
+    assert np.asarray(open_image(reencode_image(_to_bytes(rgba), size=8, fmt="PNG"))).min() == 255
     grey16 = Image.fromarray(np.full((20, 20), 65535, dtype=np.uint16))
-    assert np.asarray(decode_image(reencode_image(_to_bytes(grey16), size=8, fmt="PNG"))).min() == 255
+    assert np.asarray(open_image(reencode_image(_to_bytes(grey16), size=8, fmt="PNG"))).min() == 255
     for mode, color in (("L", 128), ("P", 3), ("CMYK", (0, 0, 0, 0))):
-        out = decode_image(reencode_image(_to_bytes(Image.new(mode, (20, 30), color), "TIFF"), size=8))
+        out = open_image(reencode_image(_to_bytes(Image.new(mode, (20, 30), color), "TIFF"), size=8))
         assert out.size == (8, 8) and out.mode == "RGB"
 
 

@@ -159,9 +159,9 @@ def test_exif_orientation_is_applied():
 
 
 def test_training_decode_applies_exif_orientation_too():
-    from pipeline.training.datasets import decode_image
+    from pipeline.training.datasets import image_tensor
 
-    pixels = decode_image(_rotated_jpeg(), (40, 20), (0, 0, 0), (1, 1, 1))  # (H, W) as stored upright
+    pixels = image_tensor(_rotated_jpeg(), (40, 20), (0, 0, 0), (1, 1, 1))  # (H, W) as stored upright
     assert tuple(pixels.shape) == (3, 40, 20)
     assert pixels[2, 2, 15] > 0.8 and pixels[0, 2, 15] < 0.2
 

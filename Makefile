@@ -29,7 +29,8 @@ test: install
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
-# The multi-process tests the default run leaves out (kill -9 recovery, torchrun, Postgres, bench dry run).
+# What the default run leaves out: tests/e2e (whole-graph runs, the browser) and the multi-process tests
+# (kill -9 recovery, torchrun, Postgres, bench dry run).
 test-extended: install
 	$(BIN)/python -m pytest -q -m extended
 

@@ -54,7 +54,7 @@ ui: install $(DAGSTER_HOME)/dagster.yaml
 # (DAGSTER_HOME is set above, which a bare `dagster schedule start` in a fresh shell lacks).  `make ui` runs
 # the daemon that executes them.
 AUTOMATIONS_SCHEDULES := observe_diffusiondb
-AUTOMATIONS_SENSORS := diffusiondb_new_parts reverse_sd_automation
+AUTOMATIONS_SENSORS := diffusiondb_new_parts reverse_sd_automation damaged_artifacts
 
 $(DAGSTER_HOME)/dagster.yaml:
 	mkdir -p $(DAGSTER_HOME)

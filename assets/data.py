@@ -76,11 +76,21 @@ def diffusiondb_parts(
     """One part per run, or a range of parts per run; each part gets its own metadata in the UI."""
     source = diffusiondb.source()
     versions = []
+    started = time.perf_counter()
+    records = skipped = 0
     for part in context.partition_keys:
         zip_path = source.fetch_part(part, cache_dir=storage.local_dir("downloads"))
         metadata = _ingest_part(context, part, zip_path, storage)
         context.add_asset_metadata(metadata, partition_key=part)
         versions.append((part, metadata["source_sha256"]))
+        records, skipped = records + metadata["records"], skipped + metadata["skipped"]
+        if len(context.partition_keys) == 1:
+            context.log.info(f"{part}: {records} records kept, {skipped} skipped, {metadata['seconds']:.1f} s")
+    if len(versions) > 1:  # one line per run, not per part: each event is a database write (README, Scale on paper)
+        context.log.info(
+            f"{versions[0][0]} .. {versions[-1][0]} ({len(versions)} parts): {records} records kept, {skipped} skipped, "
+            f"{time.perf_counter() - started:.1f} s; per-part figures in each partition's metadata"
+        )
     # A run of one part keeps the zip's sha256 as its data version; a range shares one version (Dagster records
     # one per run), the hash of its parts' hashes.  Each part's own hash is in its metadata (source_sha256).
     version = versions[0][1] if len(versions) == 1 else hashlib.sha256(repr(versions).encode()).hexdigest()
@@ -96,7 +106,6 @@ def _ingest_part(context: dg.AssetExecutionContext, part: str, zip_path, storage
     elapsed = time.perf_counter() - started
     for skipped in result.skipped[:50]:
         context.log.warning(f"{part}: skipped {skipped['id']}: {skipped['reason']}")
-    context.log.info(f"{part}: {result.frame.height} records kept, {len(result.skipped)} skipped, {elapsed:.1f} s")
     skipped_md = markdown_table(
         [{"id": s["id"], "reason": s["reason"]} for s in result.skipped[:100]] or [{"id": "-", "reason": "none"}]
     )

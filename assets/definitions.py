@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
+from assets.artifacts import damaged_artifacts
 from assets.automation import AUTOMATION, with_rebuild_conditions
 from assets.common import SETTINGS
 from assets.data import DATA_ASSETS, DATA_CHECKS
@@ -31,5 +32,5 @@ defs = dg.Definitions(
     resources=build_resources(SETTINGS),
     jobs=[*AUTOMATION["jobs"], *CLI_JOBS],
     schedules=AUTOMATION["schedules"],
-    sensors=AUTOMATION["sensors"],
+    sensors=[*AUTOMATION["sensors"], damaged_artifacts],
 )

@@ -661,7 +661,7 @@ def artifact_hostile_cases() -> int:
     import dagster as dg
     import polars as pl
 
-    from cli.staleness import under_root
+    from assets.artifacts import under_root
     from pipeline import storage
     from pipeline.models import create_model
     from pipeline.training.checkpoint import save_checkpoint

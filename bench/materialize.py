@@ -2,7 +2,8 @@
 replaced (a git worktree of an earlier commit), side by side on this machine:
 
 - the sample graph, as `make run` builds it (wall time of the whole command, fresh root and instance each);
-- ingest of many small parts in ranged runs: wall time per part, i.e. what a run costs per part it covers;
+- ingest of many small parts in ranged runs: wall time per part, and what one more part costs (the slope
+  between a third of the parts and all of them, so the command's fixed start is left out);
 - planning with 2,000 registered parts (`plan_units`, a full plan and a --stale plan).
 
     python bench/materialize.py                         # sample 4 x 250, 200 tiny parts, baseline a9db728
@@ -105,20 +106,33 @@ def planning(checkout: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip-tiny", action="store_true", help="leave out the tiny-parts ingest")
     parser.add_argument("--baseline", default="a9db728", help="the commit to compare with (default a9db728)")
     parser.add_argument("--parts", type=int, default=4, help="sample parts (default 4, as make run)")
     parser.add_argument("--images", type=int, default=250, help="images per sample part (default 250)")
-    parser.add_argument("--tiny-parts", type=int, default=200, help="tiny parts for the per-part cost (default 200)")
+    parser.add_argument(
+        "--tiny-parts",
+        type=int,
+        default=200,
+        help="tiny parts for the per-part cost, also run with a third of them for the slope (default 200)",
+    )
     parser.add_argument("--skip-graph", action="store_true", help="leave out the whole-graph run")
     args = parser.parse_args()
     base = baseline_checkout(args.baseline)
     contenders = {"queue (this checkout)": PROJECT, f"in-process ({args.baseline})": base}
-    rows = []
+    rows, tiny = [], {}
     if not args.skip_graph:
         graph = {name: sample_graph(where, args.parts, args.images) for name, where in contenders.items()}
         rows.append(("sample graph, whole command (s)", *graph.values()))
-    tiny = {name: tiny_parts(where, args.tiny_parts) / args.tiny_parts for name, where in contenders.items()}
-    rows.append((f"ingest, {args.tiny_parts} tiny parts: s per part", *tiny.values()))
+    small, large = args.tiny_parts // 3, args.tiny_parts
+    for name, where in [] if args.skip_tiny else contenders.items():
+        tiny[name] = (tiny_parts(where, small), tiny_parts(where, large))
+    if tiny:
+        rows.append((f"ingest, {large} tiny parts: s per part", *(t[1] / large for t in tiny.values())))
+        # What one more part costs, the command's fixed start (server, observation, planning) taken out: the
+        # difference between two sizes, as the same ranges (four runs per worker) cover both.
+        slope = ((t[1] - t[0]) / (large - small) for t in tiny.values())
+        rows.append((f"one more part ({small} -> {large}): s", *slope))
     plans = {name: planning(where) for name, where in contenders.items()}
     rows.append(("plan 2,000 parts (s)", *(p["plan"] for p in plans.values())))
     rows.append(("plan --stale 2,000 parts (s)", *(p["stale"] for p in plans.values())))

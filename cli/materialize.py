@@ -180,6 +180,7 @@ def _materialize_locked(args, settings, workers: int) -> int:
                 runs,
                 tags,
                 max_active=workers,
+                on_submit=view.submitted,
                 on_done=view.done,
                 on_tick=view.tick,
                 progress=progress,
@@ -298,6 +299,7 @@ class _ProgressView:
         self.totals: dict[str, int] = {}
         self.done_count: dict[str, int] = {}
         self.failed: dict[str, int] = {}
+        self.stage_of_run: dict[str, str] = {}  # run id -> its stage, for the running count per stage
         for unit in plan.units:
             name = self._stage(unit)
             self.totals[name] = self.totals.get(name, 0) + len(unit.partition_keys)
@@ -305,6 +307,9 @@ class _ProgressView:
     @staticmethod
     def _stage(unit) -> str:
         return ",".join(k.to_user_string() for k in unit.asset_keys)
+
+    def submitted(self, unit, run_id: str) -> None:
+        self.stage_of_run[run_id] = self._stage(unit)
 
     def done(self, outcome) -> None:
         name = self._stage(outcome.unit)
@@ -334,12 +339,15 @@ class _ProgressView:
         if self.live:
             self._clear()
             lines = []
+            running = [self.stage_of_run.get(run_id) for run_id in progress.active]
             for name, total in self.totals.items():
                 done, failed = self.done_count.get(name, 0), self.failed.get(name, 0)
                 elapsed = now - self.started
                 eta = (elapsed / done * (total - done - failed)) if done and done + failed < total else 0
                 state = f"{done}/{total} done" + (f", {failed} failed" if failed else "")
-                lines.append(f"  {name[:48]:<48} {state:<22}" + (f" ETA {eta:4.0f} s" if eta else ""))
+                if running.count(name):
+                    state += f", {running.count(name)} in flight"
+                lines.append(f"  {name[:48]:<48} {state:<34}" + (f" ETA {eta:4.0f} s" if eta else ""))
             lines.append(f"  {len(progress.active)} run(s) queued or running, {now - self.started:.0f} s elapsed")
             sys.stderr.write("\n".join(lines) + "\n")
             sys.stderr.flush()

@@ -238,7 +238,8 @@ def run_plan(
     progress: Progress | None = None,
 ) -> Progress:
     """Submit each unit of ``plan`` once every unit it reads from succeeded, keep at most ``max_active`` of
-    this invocation's runs queued or running, and follow them until all finished.
+    this invocation's runs queued or running (a few more for GPU runs: ``_admit``), and follow them until all
+    finished.
 
     ``runs`` submits and reports (``InstanceRuns``; tests pass a fake).  A failed unit stops only its
     dependents; a failed ranged run is re-submitted one partition per run (``Outcome.split_into``).
@@ -256,8 +257,7 @@ def run_plan(
                 pending.discard(i)
                 blocked.add(i)
                 progress.not_run.append(plan.units[i])
-        ready = [i for i in sorted(pending) if plan.depends_on[i] <= succeeded]
-        ready = ready[: max(0, max_active - len(progress.active))]
+        ready = _admit(plan, [i for i in sorted(pending) if plan.depends_on[i] <= succeeded], progress, max_active)
         if ready:
             ids = runs.submit([plan.units[i] for i in ready], tags)
             for i, run_id in zip(ready, ids):
@@ -286,6 +286,27 @@ def run_plan(
         if progress.active:
             time.sleep(poll_seconds)
     return progress
+
+
+GPU_RUNS_AHEAD = 2  # GPU runs in flight beyond --workers: one started and waiting at its step, one queued
+
+
+def _admit(plan: Plan, ready: list[int], progress: Progress, max_active: int) -> list[int]:
+    """The ready units to submit now: at most ``max_active`` runs in flight that use no GPU, and GPU runs up to
+    ``max_active + GPU_RUNS_AHEAD``.  GPU runs wait for the instance's "gpu" pool, not for a core, so a few
+    more are kept in flight: the next one is already started (dagster.yaml's op_granularity_run_buffer) when
+    the slot frees, rather than submitted only once a whole earlier run has ended."""
+    active = [plan.units[i] for i in progress.active.values()]
+    room = {
+        False: max_active - sum(not u.gpu for u in active),
+        True: max_active + GPU_RUNS_AHEAD - sum(u.gpu for u in active),
+    }
+    admitted = []
+    for i in ready:
+        if room[plan.units[i].gpu] > 0:
+            room[plan.units[i].gpu] -= 1
+            admitted.append(i)
+    return admitted
 
 
 def _split(plan: Plan, i: int) -> list[int]:

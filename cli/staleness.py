@@ -7,16 +7,14 @@ that is rebuilt now is rebuilt too.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterable
-from pathlib import Path
 
 import dagster as dg
 
+from assets.artifacts import artifact_problem
 from assets.jobs import GPU_POOL
 from cli.plan import Plan, Unit
-from pipeline import storage
 
 # ---- staleness from the instance's records (public APIs only) -------------------------------------------
 
@@ -92,21 +90,6 @@ class _Records:
         return self._history[key].get(partition, [])
 
 
-def under_root(recorded: str, key: dg.AssetKey, root: str) -> str | None:
-    """Where an artifact recorded at ``recorded`` lives under the storage root ``root`` now.
-
-    Artifacts sit at <root>/<asset key>[.parquet | /...]: the path from the asset key's component on is
-    relative to the root, so a copied or moved root is checked at its new place, not the original's.  None
-    when ``recorded`` has no such component and is not under ``root`` (another root's file: rebuild here)."""
-    parts = Path(recorded).parts
-    name = key.to_user_string()
-    for i, part in enumerate(parts):
-        if part == name or part.startswith(name + "."):
-            return str(Path(root, *parts[i:]))
-    root_path = Path(root).resolve()
-    return recorded if Path(recorded).resolve().is_relative_to(root_path) else None
-
-
 def _event(record):
     return record.asset_materialization or record.asset_observation
 
@@ -145,25 +128,9 @@ def stale_reason(
     current_code = records.graph.get(key).code_version
     if current_code is not None and tags.get("dagster/code_version") != current_code:
         return "code version changed"
-    for entry in event.metadata.values():  # the artifacts it wrote (path metadata): gone, truncated or altered
-        local = entry.value if isinstance(entry, dg.PathMetadataValue) else None
-        if not isinstance(local, str):
-            continue
-        if "://" in local:  # an object store: one HEAD and the sidecar when unchanged (pipeline/storage.py)
-            if not storage.exists(local):
-                return f"artifact missing: {local}"
-            if not storage.is_intact(local):
-                return f"artifact damaged: {local}"
-            continue
-        if records.root is not None:
-            moved = under_root(local, key, records.root)
-            if moved is None:
-                return f"artifact recorded outside the storage root {records.root}: {local}"
-            local = moved
-        if not os.path.exists(local):
-            return f"artifact missing: {local}"
-        if os.path.isfile(local) and not storage.is_intact(local):
-            return f"artifact damaged: {local}"
+    problem = artifact_problem(key, event.metadata, records.root)  # the files it wrote: gone, truncated, altered
+    if problem:
+        return problem
     # filtered_pairs: how many DiffusionDB parts and image folders it read (a vanished one is no parent event)
     for field, parent_name, noun in (
         ("parts", "diffusiondb_parts", "parts"),

@@ -352,3 +352,74 @@ def test_stale_and_the_sensor_agree_after_a_code_version_bump():
         plan = plan_units(bumped, instance, stale_only=True)
         planned = {k.to_user_string() for u in plan.units for k in u.asset_keys}
         assert "vocabulary" in requested and "vocabulary" in planned, (requested, planned)
+
+
+def test_stale_and_the_sensors_agree_after_a_garbled_artifact(tmp_path):
+    """A truncated file: --stale rebuilds its partition and what reads it; the damaged_artifacts sensor requests
+    that partition (once per damaged materialization), and once it is rebuilt the automation sensor goes on
+    to what reads it."""
+    import polars as pl
+
+    from assets.artifacts import damaged_artifacts
+    from cli.planning import plan_units
+    from pipeline import storage
+    from resources import StorageResource
+
+    graph = _graph()
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(PART, ["part-000001"])
+        _build_everything(instance, graph)
+        target = tmp_path / "vocabulary.parquet"
+        storage.write_parquet(pl.DataFrame({"word": ["cat", "dog"] * 200}), target)
+        _report_run(instance, graph, "vocabulary", None)  # rebuilt, recording its file as a real run does
+        latest = instance.fetch_materializations(dg.AssetKey("vocabulary"), limit=1).records[0]
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(
+                asset_key="vocabulary",
+                tags=latest.asset_materialization.tags,
+                metadata={"path": dg.MetadataValue.path(str(target))},
+            )
+        )
+        for name in ("vocabulary_labels", "trained_models"):  # what reads it, rebuilt after it
+            pdef = graph.get(dg.AssetKey(name)).partitions_def
+            for partition in pdef.get_partition_keys() if pdef else [None]:
+                _report_run(instance, graph, name, partition)
+        root = str(tmp_path)
+        first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+
+        def sensor():
+            context = dg.build_sensor_context(
+                instance=instance,
+                resources={"storage": StorageResource(root=root)},
+                repository_def=defs.get_repository_def(),
+            )
+            return damaged_artifacts(context)
+
+        def stale():
+            plan = plan_units(defs, instance, selection="vocabulary*", stale_only=True, storage_root=root)
+            return plan, {k.to_user_string() for u in plan.units for k in u.asset_keys}
+
+        assert isinstance(sensor(), dg.SkipReason)
+        assert "vocabulary" not in stale()[1]
+
+        target.write_bytes(target.read_bytes()[:100])  # truncated
+        requests = sensor()
+        assert [(r.asset_selection, r.partition_key) for r in requests] == [([dg.AssetKey("vocabulary")], None)]
+        assert requests[0].run_key == sensor()[0].run_key  # asked again next tick: Dagster skips the same key
+        plan, planned = stale()
+        assert plan.reasons[0] == f"vocabulary: artifact damaged: {target}"
+        assert {"vocabulary", "vocabulary_labels"} <= planned
+
+        storage.write_parquet(pl.DataFrame({"word": ["cat", "dog"] * 200}), target)  # the requested rebuild
+        _report_run(instance, graph, "vocabulary", None)
+        latest = instance.fetch_materializations(dg.AssetKey("vocabulary"), limit=1).records[0]
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(
+                asset_key="vocabulary",
+                tags=latest.asset_materialization.tags,
+                metadata={"path": dg.MetadataValue.path(str(target))},
+            )
+        )
+        assert isinstance(sensor(), dg.SkipReason)
+        after = _requested(dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor))
+        assert "vocabulary_labels" in after and "vocabulary_labels" in planned

@@ -59,11 +59,12 @@ def test_progress_is_a_live_line_per_stage_on_a_terminal_and_heartbeats_elsewher
     active = Progress(active={"r": 3})
     live = _ProgressView(plan, verbose=False, log_path=tmp_path / "log")
     live.live = True
+    live.submitted(units[3], "r")
     live.done(Outcome(units[0], "run-a", True, seconds=2.0))
     live.done(Outcome(units[1], "run-b", False, ["boom"], "trace", seconds=2.0))
     live.tick(active)
     err = capsys.readouterr().err
-    assert "FAILED trained_models[p1]" in err and "1/4 done, 1 failed" in err
+    assert "FAILED trained_models[p1]" in err and "1/4 done, 1 failed, 1 in flight" in err
     assert "trace" in (tmp_path / "log").read_text()  # the full error goes to the log file
 
     quiet = _ProgressView(plan, verbose=False, log_path=tmp_path / "log2")

@@ -25,8 +25,8 @@ from pipeline import storage
 PROJECT = Path(__file__).resolve().parents[2]
 
 
-def _fake_plan(n: int, depends_on: dict[int, set[int]] | None = None) -> Plan:
-    units = [Unit("materialize_trained_models", (dg.AssetKey("trained_models"),), f"p{i}", True) for i in range(n)]
+def _fake_plan(n: int, depends_on: dict[int, set[int]] | None = None, gpu: bool = True) -> Plan:
+    units = [Unit("materialize_trained_models", (dg.AssetKey("trained_models"),), f"p{i}", gpu) for i in range(n)]
     return Plan(units, {i: set((depends_on or {}).get(i, ())) for i in range(n)})
 
 
@@ -58,9 +58,22 @@ class _FakeRuns:
         return ["boom"], "Traceback: boom"
 
 
+def test_gpu_runs_wait_for_the_pool_not_for_workers_so_a_few_more_are_kept_in_flight():
+    runs = _FakeRuns()
+    orch.run_plan(_fake_plan(10, gpu=True), runs, {}, max_active=3, poll_seconds=0)
+    assert runs.max_active == 3 + orch.GPU_RUNS_AHEAD
+    mixed = _fake_plan(10, gpu=True)
+    mixed.units[5:] = [Unit(u.job, u.asset_keys, u.partition_key, False) for u in mixed.units[5:]]
+    runs = _FakeRuns()
+    orch.run_plan(mixed, runs, {}, max_active=2, poll_seconds=0)
+    first = [unit.gpu for unit, _ in runs.submitted[:6]]  # all ready at once: 4 GPU runs, then 2 others
+    assert first == [True, True, True, True, False, False]
+
+
 def test_runs_are_submitted_with_the_invocation_and_partition_tags_and_at_most_max_active_at_once():
     runs = _FakeRuns()
-    progress = orch.run_plan(_fake_plan(10), runs, {"reverse-sd/invocation": "abc"}, max_active=3, poll_seconds=0)
+    plan = _fake_plan(10, gpu=False)
+    progress = orch.run_plan(plan, runs, {"reverse-sd/invocation": "abc"}, max_active=3, poll_seconds=0)
     assert len(progress.outcomes) == 10 and all(o.success for o in progress.outcomes)
     assert runs.max_active == 3
     unit, tags = runs.submitted[0]

@@ -8,7 +8,8 @@ import shutil
 import dagster as dg
 import polars as pl
 
-from cli.staleness import _Records, stale_reason, under_root
+from assets.artifacts import under_root
+from cli.staleness import _Records, stale_reason
 from pipeline import storage
 
 

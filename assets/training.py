@@ -129,12 +129,6 @@ def _train_config(compute: ComputeResource, backbone: str, recipe: str, **overri
     )
 
 
-def _make_dataset(split: SplitData, model):
-    from pipeline.training.datasets import PairDataset
-
-    return PairDataset.for_model(split.images, split.targets, split.labels, model)
-
-
 def _create(backbone: str, compute: ComputeResource, vocab_size: int):
     from pipeline.models import create_model
     from pipeline.training.loop import seed_everything
@@ -159,7 +153,7 @@ def difficulty_scores(
     context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
     from pipeline.training.curriculum import bucket_by_difficulty, difficulty_from_history
-    from pipeline.training.loop import preliminary_cosines, run_figures
+    from pipeline.training.loop import data_path, preliminary_cosines, run_figures
 
     backbone = context.partition_key
     splits = load_splits(storage, ("train",))
@@ -169,14 +163,8 @@ def difficulty_scores(
     config = _train_config(compute, backbone, "mlc", epochs=preliminary_epochs)
     started = time.perf_counter()
     run_metrics: dict = {}
-    history = preliminary_cosines(
-        model,
-        _make_dataset(train, model),
-        config,
-        epochs=preliminary_epochs,
-        metrics=run_metrics,
-        cache_dir=storage.local_dir("feature_cache"),
-    )
+    data = data_path({"train": train}, model, storage.local_dir("feature_cache"), num_workers=compute.num_workers)
+    history = preliminary_cosines(model, data, config, epochs=preliminary_epochs, metrics=run_metrics)
     difficulty = difficulty_from_history(history)
     buckets = bucket_by_difficulty(difficulty)
     table = pl.DataFrame(
@@ -231,7 +219,7 @@ def trained_models(
     pipes: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
     from pipeline.training.curriculum import aligned_stages
-    from pipeline.training.loop import run_figures, train_model
+    from pipeline.training.loop import data_path, run_figures, train_model
 
     backbone, recipe = _split_key(context)
     splits = load_splits(storage, ("train", "val"))
@@ -260,15 +248,16 @@ def trained_models(
         )
     else:
         model = _create(backbone, compute, vocab_size)
+        data = data_path(
+            {"train": train, "val": val}, model, storage.local_dir("feature_cache"), num_workers=compute.num_workers
+        )
         result = train_model(
             model,
-            _make_dataset(train, model),
-            _make_dataset(val, model),
-            config,
-            checkpoint_dir,
+            data,
+            config=config,
+            checkpoint_dir=checkpoint_dir,
             stages=stages,
             on_log=on_log,
-            cache_dir=storage.local_dir("feature_cache"),
             recipe=recipe,
             log=context.log,  # a damaged or foreign checkpoint passed over is a warning in the run's log
         )
@@ -401,6 +390,7 @@ def model_predictions(
     context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
     from pipeline.training.checkpoint import latest_checkpoint, load_model
+    from pipeline.training.data import data_path
     from pipeline.training.inference import predict_embeddings
 
     backbone, recipe = _split_key(context)
@@ -409,18 +399,11 @@ def model_predictions(
         raise dg.Failure(f"no checkpoint for {backbone}/{recipe}: materialize trained_models first")
     model = load_model(checkpoint)
     splits = load_splits(storage)
+    data = data_path(splits, model, storage.local_dir("feature_cache"), num_workers=compute.num_workers)
     frames, metadata = [], {}
     for name, split in splits.items():
         run_metrics: dict = {}
-        predictions = predict_embeddings(
-            model,
-            _make_dataset(split, model),
-            TRAIN.batch_size,
-            compute.device,
-            num_workers=compute.num_workers,
-            cache_dir=storage.local_dir("feature_cache"),
-            metrics=run_metrics,
-        )
+        predictions = predict_embeddings(model, data, TRAIN.batch_size, compute.device, split=name, metrics=run_metrics)
         cache = run_metrics.get("feature_cache") or {}
         metadata[f"{name}_feature_cache"] = (
             "built" if cache.get("built") else ("reused" if cache.get("used") else "none")

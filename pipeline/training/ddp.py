@@ -55,7 +55,7 @@ from pipeline import storage
 from pipeline.constants import EMBED_DIM
 from pipeline.data.image_store import ImageColumn
 from pipeline.storage import write_text
-from pipeline.training.datasets import PairDataset
+from pipeline.training.data import data_path
 from pipeline.training.loop import TrainConfig, seed_everything, train_model
 
 DEFAULT_COLUMNS = {"image": "image", "target": "embedding", "labels": "label_indices"}
@@ -289,20 +289,23 @@ def exchange_spec(spec_text: str | None, timeout_s: float = 300.0) -> str:
 
 
 def run(spec: dict) -> dict:
-    """Build model and datasets from ``spec`` and train; returns TrainResult.to_dict()."""
+    """Build the model and its data path (pipeline.training.data) from ``spec`` and train; returns
+    TrainResult.to_dict()."""
     config = TrainConfig(**spec.get("config", {}))
     model_spec = spec.get("model", {})
     factory = load_factory(model_spec.get("factory", "pipeline.models:create_model"))
     seed_everything(config.seed)
     model = factory(**model_spec.get("kwargs", {}))
 
-    def dataset(path):
-        if not path:
-            return None
-        images, targets, labels = read_pairs(path, spec.get("columns"))
-        return PairDataset.for_model(images, targets, labels, model)
+    def pairs(path):
+        return read_pairs(path, spec.get("columns")) if path else None
 
-    train_set, val_set = dataset(spec["train"]), dataset(spec.get("val"))
+    data = data_path(
+        {"train": pairs(spec["train"]), "val": pairs(spec.get("val"))},
+        model,
+        spec.get("cache_dir"),
+        num_workers=config.num_workers,
+    )
 
     def on_log(record: dict) -> None:
         print(json.dumps(record, default=float), flush=True)
@@ -312,15 +315,13 @@ def run(spec: dict) -> dict:
         loss_fn = load_factory(spec["loss"]["factory"])(config.lambda_vocab, **spec["loss"].get("kwargs", {}))
     result = train_model(
         model,
-        train_set,
-        val_set,
-        config,
-        spec["checkpoint_dir"],
+        data,
+        config=config,
+        checkpoint_dir=spec["checkpoint_dir"],
         stages=read_stages(spec.get("stages")),
         on_log=on_log,
         resume=spec.get("resume", True),
         loss_fn=loss_fn,
-        cache_dir=spec.get("cache_dir"),
     )
     out = result.to_dict()
     rank = dist.get_rank() if dist.is_initialized() else 0

@@ -14,26 +14,27 @@ import torch.distributed as dist
 
 from pipeline.training.checkpoint import save_checkpoint
 from pipeline.training.config import TrainConfig
-from pipeline.training.datasets import StageSampler, epoch_seed, make_loader
+from pipeline.training.data import TrainingData, shard_loader
+from pipeline.training.datasets import StageSampler, epoch_seed
 from pipeline.training.device import autocast_dtype, init_distributed, resolve_device, seed_everything
-from pipeline.training.feature_cache import FeatureCache, feature_cache_for, feature_loader
 from pipeline.training.optim import _trainable, cosine_with_warmup, make_optimizer
-from pipeline.training.tasks import TrainTask, _is_cached, _loader
+from pipeline.training.tasks import TrainTask
 
 
 class _Loop:
     """One training run's moving parts; shared by train_model and preliminary_cosines."""
 
     def __init__(
-        self, model, train_set, config: TrainConfig, stages, epochs_per_stage, task: TrainTask, on_log, cache_dir=None
+        self, model, data: TrainingData, config: TrainConfig, stages, epochs_per_stage, task: TrainTask, on_log
     ):
         self.config = config
         self.task = task
+        self.data = data
         self.device = resolve_device(config.device)
         self.dist = init_distributed(self.device)
         self.amp = autocast_dtype(config.precision, self.device)
         self.unwrapped = model.to(self.device)
-        task.setup(self, train_set)
+        task.setup(self, data["train"])
         self.model = self.unwrapped
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -45,24 +46,23 @@ class _Loop:
             raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world} DDP ranks")
         self.rank_batch = config.batch_size // world
         self.accum = max(1, int(config.grad_accum_steps))
-        # The frozen prefix (CLIP tower, VAE) run once per dataset when a cache directory is given.
-        self.feature_cache: FeatureCache | None = feature_cache_for(
+        self.num_workers = data.workers(config.num_workers)
+        # The frozen prefix (CLIP tower, VAE) run once per dataset when the data has a cache directory.
+        data.open(
             self.unwrapped,
-            cache_dir,
             device=self.device,
             amp_dtype=self.amp,
             batch_size=config.eval_batch_size or self.rank_batch,
-            num_workers=config.num_workers,
+            num_workers=self.num_workers,
             dist=self.dist,
         )
-        train_set = self.prepare(train_set)
-        self.train_set = train_set
+        self.train_set = data.dataset("train")
         self.sampler = StageSampler(self.stages[0] if self.stages else [], True, config.seed, self.dist.rank, world)
-        self.loader = _loader(
-            train_set,
+        self.loader = data.loader(
+            "train",
             self.rank_batch,
             seed=config.seed,
-            num_workers=config.num_workers,
+            num_workers=self.num_workers,
             sampler=self.sampler,
             pin_memory=self.device.type == "cuda",
         )
@@ -75,13 +75,6 @@ class _Loop:
         self.embedding_dim: int | None = None
         self.identity: dict = {}  # backbone / recipe / settings_hash recorded in every checkpoint (train_model sets it)
         self._eval_loaders: dict[int, tuple[object, torch.utils.data.DataLoader]] = {}
-
-    def prepare(self, dataset):
-        """``dataset`` with the frozen prefix's cached output in place of pixels when a cache is in use."""
-        return self.feature_cache.wrap(dataset) if self.feature_cache is not None else dataset
-
-    def cache_summary(self) -> dict | None:
-        return self.feature_cache.summary() if self.feature_cache is not None else None
 
     def _rank_samples(self, n_stage: int) -> int:
         return -(-n_stage // self.dist.world_size) if n_stage else 0
@@ -191,17 +184,16 @@ class _Loop:
 
     def eval_loader(self, dataset):
         """This rank's shard of ``dataset`` in order; one loader per dataset, so its workers persist."""
-        cfg = self.config
         cached = self._eval_loaders.get(id(dataset))
         if cached is None or cached[0] is not dataset:
-            shard = np.arange(self.dist.rank, len(dataset), self.dist.world_size)
-            batch, pin = cfg.eval_batch_size or self.rank_batch, self.device.type == "cuda"
-            if _is_cached(dataset):
-                loader = feature_loader(dataset, batch, sampler=shard.tolist(), pin_memory=pin)
-            else:
-                loader = make_loader(
-                    torch.utils.data.Subset(dataset, shard.tolist()), batch, num_workers=cfg.num_workers, pin_memory=pin
-                )
+            loader = shard_loader(
+                dataset,
+                self.config.eval_batch_size or self.rank_batch,
+                rank=self.dist.rank,
+                world_size=self.dist.world_size,
+                num_workers=self.num_workers,
+                pin_memory=self.device.type == "cuda",
+            )
             self._eval_loaders[id(dataset)] = (dataset, loader)
         return self._eval_loaders[id(dataset)][1]
 

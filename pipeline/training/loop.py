@@ -11,7 +11,9 @@ Design choices that matter for results:
   (seed, stage, epoch), so resuming from the checkpoint of epoch k gives the same weights as never stopping.
 - Checkpoints carry a fingerprint of what changes results (training config, model config, data, stages); a
   checkpoint directory holding another run's checkpoints is cleared instead of resumed.
-- Frozen parts computed once: given a ``cache_dir``, a model with a frozen prefix (clip's tower, unet's VAE)
+- One data path: the splits, their datasets, the feature cache and the loaders are built in one place,
+  pipeline/training/data.py (``data_path``), and read by the loop, the preliminary epochs and prediction alike.
+- Frozen parts computed once: given a cache directory, a model with a frozen prefix (clip's tower, unet's VAE)
   has it run once per dataset (pipeline/training/feature_cache.py) and every epoch, evaluation and
   prediction runs only the trainable rest on the cached output; same sampler, seeds, stages and fingerprint,
   so the same model (up to the rounding of a kernel chosen by batch size) and interchangeable checkpoints.
@@ -21,7 +23,7 @@ Design choices that matter for results:
   and resume from this one loop.
 
 The trainer's parts live beside this module, one concern each: device.py (seeding, device, precision, the
-torchrun group), config.py (TrainConfig, TrainResult), optim.py (AdamW, the schedule), tasks.py (TrainTask,
+torchrun group), config.py (TrainConfig, TrainResult), data.py (the data path), optim.py (AdamW, the schedule), tasks.py (TrainTask,
 EmbeddingTask), epochs.py (the epoch loop), inference.py (preliminary cosines, predictions).  This module
 holds train_model with its resume and early stopping, and re-exports the public names, so callers import
 from one place.
@@ -51,6 +53,7 @@ from pipeline.training.checkpoint import (
     remove_checkpoints,
 )
 from pipeline.training.config import TrainConfig, TrainResult, run_figures, throughput_summary
+from pipeline.training.data import TrainingData, data_path
 from pipeline.training.device import (
     DistContext,
     autocast_dtype,
@@ -84,9 +87,11 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainTask",
+    "TrainingData",
     "autocast_dtype",
     "backbone_features",
     "cosine_with_warmup",
+    "data_path",
     "default_loss",
     "device_name",
     "init_distributed",
@@ -140,9 +145,9 @@ def _check_stages(stages, n: int) -> list[np.ndarray]:
 def train_model(
     model: torch.nn.Module,
     train_set,
-    val_set,
-    config: TrainConfig,
-    checkpoint_dir,
+    val_set=None,
+    config: TrainConfig | None = None,
+    checkpoint_dir=None,
     stages: list[np.ndarray] | None = None,
     on_log: Callable[[dict], None] | None = None,
     resume: bool = True,
@@ -155,15 +160,19 @@ def train_model(
 ) -> TrainResult:
     """Train ``model`` in place; a checkpoint after every epoch; resume from the latest matching checkpoint.
 
+    ``train_set``: the run's data path (pipeline.training.data.data_path: its "train" and "val" splits, its
+    feature cache directory and loader settings), or the training dataset, with ``val_set`` and ``cache_dir``
+    beside it (they then make the data path the same way).  ``config`` and ``checkpoint_dir`` are required.
     ``stages`` (curriculum index arrays, e.g. from curriculum_stages) are trained in order,
     ``config.stage_epochs`` epochs each; without them ``config.epochs`` epochs over everything.
     ``on_log`` gets every epoch's record (the history entries, plus "event": "epoch") and a progress record
     every ``config.log_every`` optimizer steps; under DDP only rank 0 logs and writes checkpoints.
     ``loss_fn`` defaults to pipeline.models.loss.ReverseSDLoss(config.lambda_vocab).
-    ``cache_dir``: when given and the model has a frozen prefix (``model.frozen_prefix()``: CLIP's tower,
-    the unet's VAE), the prefix runs once per dataset into a feature cache there
-    (pipeline.training.feature_cache) and training / validation run only the trainable rest on the cached
-    output: the same model, without recomputing the frozen part every epoch.  Without one, nothing changes.
+    A cache directory (the data path's, or ``cache_dir``): when the model has a frozen prefix
+    (``model.frozen_prefix()``: CLIP's tower, the unet's VAE), the prefix runs once per dataset into a feature
+    cache there (pipeline.training.feature_cache) and training / validation run only the trainable rest on
+    the cached output: the same model, without recomputing the frozen part every epoch.  Without one, nothing
+    changes.
     ``task`` says what the model is trained to do (default EmbeddingTask(loss_fn)); the history records
     its per-epoch figures and validation metric, and best-epoch selection follows that metric.
     ``on_batch(stage, epoch, indices, per-sample values)`` sees every training micro-batch.
@@ -177,10 +186,14 @@ def train_model(
         task = EmbeddingTask(loss_fn)
     elif loss_fn is not None:
         raise ValueError("give loss_fn to the task, not beside it")
+    if config is None or checkpoint_dir is None:
+        raise TypeError("train_model needs a config and a checkpoint_dir")
+    data = TrainingData.of(train_set, val_set, cache_dir)
+    train_set = data["train"]
     stage_list = _check_stages(stages, len(train_set))
     per_stage = config.stage_epochs if stages is not None else config.epochs
-    loop = _Loop(model, train_set, config, stage_list, per_stage, task, on_log, cache_dir)
-    val_set = loop.prepare(val_set)
+    loop = _Loop(model, data, config, stage_list, per_stage, task, on_log)
+    val_set = data.dataset("val")
     fingerprint = run_fingerprint(config, loop.unwrapped, train_set, stage_list, task)
 
     log = log or _log
@@ -301,7 +314,7 @@ def train_model(
         data_wait_fraction=speed["data_wait_fraction"],
         peak_gpu_memory_mb=speed["peak_gpu_memory_mb"],
         device=device_name(loop.device),
-        feature_cache=loop.cache_summary(),
+        feature_cache=data.summary(),
     )
 
 

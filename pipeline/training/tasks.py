@@ -2,8 +2,8 @@
 forward and loss, the per-epoch figures, the validation metric and what identifies the training data.
 
 The embedding regressors use ``EmbeddingTask``; the captioner subclasses TrainTask in
-pipeline.captioning.training.  The batch helpers here (unpack, forward under autocast, a loader over pixels
-or cached features) are shared by the tasks, the epoch loop and inference, so all see batches alike.
+pipeline.captioning.training.  The batch helpers here (unpack, forward under autocast) are shared by the tasks,
+the epoch loop and inference, so all see batches alike; their loaders come from pipeline.training.data.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.training.datasets import make_loader
-from pipeline.training.feature_cache import feature_loader
+from pipeline.training.data import is_cached
 
 
 class _Loop(Protocol):
@@ -65,18 +64,6 @@ def _forward(model, unwrapped, pixels, context, amp_dtype, device, prefix_featur
         else:
             embedding, logits = model(pixels, context=ctx)
     return embedding.float(), (logits.float() if logits is not None else None)
-
-
-def _is_cached(dataset) -> bool:
-    return bool(getattr(dataset, "prefix_features", False))
-
-
-def _loader(dataset, batch_size: int, *, num_workers: int, pin_memory: bool, sampler=None, seed: int = 0):
-    """make_loader, or for cached features (a gather from a mapped file, a whole batch at once in the main
-    process) feature_loader: the same batches either way."""
-    if _is_cached(dataset):
-        return feature_loader(dataset, batch_size, sampler=sampler, seed=seed, pin_memory=pin_memory)
-    return make_loader(dataset, batch_size, seed=seed, num_workers=num_workers, sampler=sampler, pin_memory=pin_memory)
 
 
 def _row_cosine(embedding: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -166,7 +153,7 @@ class EmbeddingTask(TrainTask):
     def train_step(self, loop: _Loop, batch) -> StepOutput:
         dev, cfg = loop.device, loop.config
         pixels, target, labels, index, context = _unpack(batch, dev, dev.type == "cuda")
-        cached = _is_cached(loop.train_set)
+        cached = is_cached(loop.train_set)
         embedding, logits = _forward(loop.model, loop.unwrapped, pixels, context, loop.amp, dev, cached)
         if labels.shape[-1] == 0:
             labels_arg, logits_arg = None, None
@@ -192,7 +179,7 @@ class EmbeddingTask(TrainTask):
             for batch in loader:
                 pixels, target, _, _, context = _unpack(batch, loop.device, loop.device.type == "cuda")
                 embedding, _ = _forward(
-                    loop.unwrapped, loop.unwrapped, pixels, context, loop.amp, loop.device, _is_cached(dataset)
+                    loop.unwrapped, loop.unwrapped, pixels, context, loop.amp, loop.device, is_cached(dataset)
                 )
                 total[0] += _row_cosine(embedding, target).double().sum()
                 total[1] += pixels.shape[0]

@@ -46,9 +46,9 @@ def _check_captioner(name: str | None) -> None:
     """--captioner is auto or a registered captioner."""
     if name is None:
         return
-    from pipeline.captioning import available_captioners
+    from pipeline.captioning import CAPTIONERS
 
-    valid = ["auto", *available_captioners()]
+    valid = ["auto", *CAPTIONERS.names()]
     if name not in valid:
         raise _UsageError(f"--captioner {name!r} is not a captioner; use one of: {', '.join(valid)}")
 

@@ -200,10 +200,10 @@ class PromptPredictor:
 
     def _load_captioner(self, name: str):
         """A trained captioner (trained_captioners/<name>); "auto" takes the first registered one found."""
-        from pipeline.captioning import available_captioners, load_captioner
+        from pipeline.captioning import CAPTIONERS, load_captioner
         from pipeline.training.checkpoint import latest_checkpoint
 
-        names = available_captioners() if name == "auto" else [name]
+        names = CAPTIONERS.names() if name == "auto" else [name]
         for candidate in names:
             directory = self._path("trained_captioners", candidate)
             if latest_checkpoint(directory) is not None:

@@ -15,7 +15,6 @@ from pipeline.models import (
     HEAD_MODES,
     ReverseSDHeads,
     ReverseSDLoss,
-    available_backbones,
     create_model,
     multi_hot,
 )
@@ -40,8 +39,8 @@ def tiny(request):
 
 
 def test_registry_lists_the_four_backbones():
-    assert available_backbones() == ["clip", "swin", "unet", "vit"]
-    assert set(BACKBONES) == set(available_backbones())
+    assert BACKBONES.names() == ["clip", "swin", "unet", "vit"]
+    assert set(BACKBONES) == set(BACKBONES.names()) and len(BACKBONES) == 4
 
 
 def test_tiny_forward_shapes_unit_norm_and_attributes(tiny):
@@ -189,7 +188,7 @@ def test_clip_mlp_head_sizes_follow_the_spec():
     model = create_model("clip", vocab_size=0)
     linears = [m for m in model.heads.embedding.modules() if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(64, 128), (128, 128), (128, 384)]
-    assert BACKBONES["clip"].head_hidden["full"] == (8192, 8192)
+    assert BACKBONES.get("clip").head_hidden["full"] == (8192, 8192)
 
 
 def test_loss_matches_a_hand_computation():

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from conftest import run_cli, sample_env, use_home
+from conftest import run_cli, use_home
+from environments import sample_env
 from PIL import Image
 
 from cli import main as cli

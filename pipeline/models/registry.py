@@ -119,10 +119,6 @@ class ReverseSDModel(nn.Module):
             "pretrained": False,
         }
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """The parameters the optimizer should see (frozen towers excluded)."""
-        return [p for p in self.parameters() if p.requires_grad]
-
 
 def create_model(
     backbone: str,

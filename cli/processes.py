@@ -45,9 +45,9 @@ def stop_process_group(process: subprocess.Popen | None, grace: float = 10) -> N
             continue
         # the leader is gone; give its children (a code server, a daemon) a moment, then make sure
         deadline = time.monotonic() + 3
-        while time.monotonic() < deadline and _group_alive(group):
+        while time.monotonic() < deadline and group_alive(group):
             time.sleep(0.1)
-        if not _group_alive(group):
+        if not group_alive(group):
             break
     else:
         with contextlib.suppress(ProcessLookupError):
@@ -55,7 +55,8 @@ def stop_process_group(process: subprocess.Popen | None, grace: float = 10) -> N
     process.poll()
 
 
-def _group_alive(group: int) -> bool:
+def group_alive(group: int) -> bool:
+    """Whether any process of ``group`` is left (one we may not signal counts as alive)."""
     try:
         os.killpg(group, 0)
     except ProcessLookupError:

@@ -7,15 +7,7 @@ import signal
 import subprocess
 import sys
 
-from cli.processes import parent_death_signal, stop_process_group
-
-
-def _group_alive(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    return True
+from cli.processes import group_alive, parent_death_signal, stop_process_group
 
 
 def test_the_whole_group_stops_and_a_gone_process_is_fine():
@@ -31,7 +23,7 @@ def test_the_whole_group_stops_and_a_gone_process_is_fine():
     assert process.stdout.readline().strip() == b"up"
     group = os.getpgid(process.pid)
     stop_process_group(process, grace=0.5)
-    assert process.returncode == -signal.SIGKILL and not _group_alive(group)
+    assert process.returncode == -signal.SIGKILL and not group_alive(group)
     stop_process_group(process)  # twice, and with nothing, is harmless
     stop_process_group(None)
     process.stdout.close()

@@ -22,15 +22,22 @@ ALL_CHECKS = [*DATA_CHECKS, *TRAINING_CHECKS]
 # observes the parts with the observe schedule's job).
 CLI_JOBS = [*stage_jobs(ALL_ASSETS), dg.define_asset_job("observe_settings", selection=[training_settings])]
 
+
+def build_definitions(executor: dg.ExecutorDefinition) -> dg.Definitions:
+    """The whole graph with ``executor``: the one place that lists what a code location holds, so a
+    deployment that only swaps the executor (deploy/k8s/definitions.py) cannot miss a piece."""
+    return dg.Definitions(
+        executor=executor,
+        assets=with_rebuild_conditions(ALL_ASSETS),
+        asset_checks=ALL_CHECKS,
+        resources=build_resources(SETTINGS),
+        jobs=[*AUTOMATION["jobs"], *CLI_JOBS],
+        schedules=AUTOMATION["schedules"],
+        sensors=[*AUTOMATION["sensors"], damaged_artifacts],
+    )
+
+
 # Each run executes its steps in its own process, one after another (the in-process executor): a run is one
 # process that imports the code once, instead of one more process (and import) per step.  Parallelism comes
 # from runs (the queue, `reverse-sd materialize`'s plan, backfills); deploy/k8s/ swaps in a step executor.
-defs = dg.Definitions(
-    executor=dg.in_process_executor,
-    assets=with_rebuild_conditions(ALL_ASSETS),
-    asset_checks=ALL_CHECKS,
-    resources=build_resources(SETTINGS),
-    jobs=[*AUTOMATION["jobs"], *CLI_JOBS],
-    schedules=AUTOMATION["schedules"],
-    sensors=[*AUTOMATION["sensors"], damaged_artifacts],
-)
+defs = build_definitions(dg.in_process_executor)

@@ -277,9 +277,9 @@ def bench_backbone(name: str, args, device: torch.device, images: list[bytes], p
 
 
 def bench_training(args, device: torch.device, peak: float | None) -> list[dict]:
-    from pipeline.models import available_backbones
+    from pipeline.models import BACKBONES
 
-    names = [b for b in available_backbones() if b in args.backbones]
+    names = [b for b in BACKBONES.names() if b in args.backbones]
     images = synthetic_jpegs(max(args.images.get(b, args.images.get("*")) for b in names))
     print(
         f"\n== Training: the trainer's epoch loop (preliminary_cosines), precision auto "

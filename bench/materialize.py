@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -27,18 +26,13 @@ from pathlib import Path
 PROJECT = Path(__file__).resolve().parents[1]
 
 
+sys.path.insert(0, str(PROJECT / "tests"))
+from environments import sample_env  # noqa: E402  (the tests' subprocess environment, so both measure the same)
+
+
 def _env(root: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REVERSE_SD_")}
-    env.update(
-        REVERSE_SD_PROFILE="sample",
-        REVERSE_SD_HOME=str(root / "data"),
-        DAGSTER_HOME=str(root / "dagster_home"),
-        HF_HUB_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONWARNINGS="ignore",
-    )
-    env.update(extra)
-    return env
+    """The tests' sample environment under ``root``, with Python's warnings kept out of the timed output."""
+    return sample_env(root, PYTHONWARNINGS="ignore", **extra)
 
 
 def _cli(checkout: Path, args: list[str], env: dict[str, str]) -> float:

@@ -24,6 +24,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from cli.processes import parent_death_signal, stop_process_group
+
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 LOCATION_NAME = "reverse-sd"  # workspace.yaml's location_name
 REPOSITORY_NAME = "__repository__"  # the repository a Definitions object is loaded as
@@ -67,16 +69,6 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """In the child: the kernel sends SIGTERM when the CLI dies (even by kill -9), so `dagster dev` stops too."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 class DagsterServer:
@@ -141,7 +133,7 @@ class DagsterServer:
                 stdout=log,
                 stderr=log,
                 start_new_session=True,  # its own process group: stopped as one, never by the terminal's Ctrl-C
-                preexec_fn=_die_with_parent,
+                preexec_fn=parent_death_signal(signal.SIGTERM),  # `dagster dev` stops with the CLI
             )
         self.started = True
         return f"http://127.0.0.1:{port}"
@@ -155,32 +147,10 @@ class DagsterServer:
         except ValueError:  # not the main thread
             previous = None
         try:
-            self._stop_group(grace)
+            stop_process_group(self.process, grace)
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
-
-    def _stop_group(self, grace: float) -> None:
-        group = os.getpgid(self.process.pid)
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(group, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.process.wait(timeout=wait)
-                # dagster dev is gone; give its children (code server, daemon) a moment, then make sure.
-                deadline = time.monotonic() + 3
-                while time.monotonic() < deadline and _group_alive(group):
-                    time.sleep(0.1)
-                if not _group_alive(group):
-                    return
-            except subprocess.TimeoutExpired:
-                continue
-        try:
-            os.killpg(group, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     def _wait_for_location(self) -> None:
         """Wait until the code location is loaded (a load error is one line naming it)."""
@@ -208,13 +178,3 @@ class DagsterServer:
             last = f"code location {LOCATION_NAME} is {entry['loadStatus'] if entry else 'not in the workspace'}"
             time.sleep(0.5)
         raise ServerError(f"the Dagster webserver at {self.url} was not ready in {self.start_timeout:.0f} s ({last})")
-
-
-def _group_alive(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

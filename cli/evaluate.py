@@ -111,7 +111,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from pipeline.data.embedding import PromptEncoder
     from pipeline.evaluation.own_images import image_cosines, summarise
-    from pipeline.predictor import NotTrainedError, PromptPredictor
+    from pipeline.predictor import NotTrainedError, PredictOptions, PromptPredictor
     from resources import profile_config
 
     try:
@@ -133,7 +133,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     cosines: dict[str, dict[int, float]] = {}
     for name, predictor in predictors.items():
         scored = {}
-        for i, result in enumerate(predictor.predict([r.path for r in known], top_k=0)):
+        for i, result in enumerate(predictor.predict([r.path for r in known], PredictOptions(top_k=0))):
             if result.error is None:
                 scored[i] = float(image_cosines(result.embedding[None, :], targets[i][None, :])[0])
             elif name == default.method:

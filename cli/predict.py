@@ -46,9 +46,9 @@ def _check_captioner(name: str | None) -> None:
     """--captioner is auto or a registered captioner."""
     if name is None:
         return
-    from pipeline.captioning import available_captioners
+    from pipeline.captioning import CAPTIONERS
 
-    valid = ["auto", *available_captioners()]
+    valid = ["auto", *CAPTIONERS.names()]
     if name not in valid:
         raise _UsageError(f"--captioner {name!r} is not a captioner; use one of: {', '.join(valid)}")
 
@@ -269,7 +269,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from pipeline.predictor import NotTrainedError, PromptPredictor
+    from pipeline.predictor import NotTrainedError, PredictOptions, PromptPredictor
 
     # a submission holds embeddings only
     generate = (args.generate or args.captioner is not None) and args.format != "kaggle"
@@ -315,7 +315,7 @@ def _predict(args: argparse.Namespace) -> int:
         try:
             if args.format == "kaggle":
                 emit("imgId_eId,val\n")
-            for result in predictor.predict(files, top_k=top_k, words=words, generate=generate):
+            for result in predictor.predict(files, PredictOptions(top_k=top_k, words=words, generate=generate)):
                 bar.update(1)
                 if result.error is not None:
                     skipped += 1

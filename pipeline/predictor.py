@@ -47,6 +47,21 @@ class Prediction:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class PredictOptions:
+    """What a caller asks of any Predictor, one object so that the predictors and their protocol cannot
+    drift apart: the ``top_k`` nearest bank prompts, the ``words`` most probable vocabulary words, the
+    captioner's prompt (``generate``), and the largest file read (``max_bytes``)."""
+
+    top_k: int = 5
+    words: int = 0
+    generate: bool = False
+    max_bytes: int = MAX_INPUT_BYTES
+
+
+DEFAULT_OPTIONS = PredictOptions()
+
+
 class Predictor(Protocol):
     """What `reverse-sd predict` and `reverse-sd evaluate` run: the trained models (PromptPredictor) and
     zero-shot CLIP retrieval (ZeroShotPredictor) both answer it, one Prediction per path in input order."""
@@ -54,12 +69,7 @@ class Predictor(Protocol):
     method: str
 
     def predict(
-        self,
-        paths: Iterable[str | os.PathLike],
-        top_k: int = 5,
-        words: int = 0,
-        generate: bool = False,
-        max_bytes: int = MAX_INPUT_BYTES,
+        self, paths: Iterable[str | os.PathLike], options: PredictOptions = DEFAULT_OPTIONS
     ) -> Iterator[Prediction]: ...
 
 
@@ -200,10 +210,10 @@ class PromptPredictor:
 
     def _load_captioner(self, name: str):
         """A trained captioner (trained_captioners/<name>); "auto" takes the first registered one found."""
-        from pipeline.captioning import available_captioners, load_captioner
+        from pipeline.captioning import CAPTIONERS, load_captioner
         from pipeline.training.checkpoint import latest_checkpoint
 
-        names = available_captioners() if name == "auto" else [name]
+        names = CAPTIONERS.names() if name == "auto" else [name]
         for candidate in names:
             directory = self._path("trained_captioners", candidate)
             if latest_checkpoint(directory) is not None:
@@ -315,29 +325,25 @@ class PromptPredictor:
         return reencode_image(read_input_file(path, max_bytes), size=256, name=str(path))
 
     def predict(
-        self,
-        paths: Iterable[str | os.PathLike],
-        top_k: int = 5,
-        words: int = 0,
-        generate: bool = False,
-        max_bytes: int = MAX_INPUT_BYTES,
+        self, paths: Iterable[str | os.PathLike], options: PredictOptions = DEFAULT_OPTIONS
     ) -> Iterator[Prediction]:
         """One Prediction per path, in input order, batch by batch (files read and decoded on the pool's
         threads); a file that cannot be used is a Prediction with ``error`` set, never an exception."""
+        top_k, words = options.top_k, options.words
 
         def predict_loaded(chunk: list[Path], stored: list[bytes]) -> list[Prediction]:
             probs: list[np.ndarray] = []
             embeddings = self.embed_stored(stored, probs if words > 0 else None)
             prompts = self.top_k(embeddings, top_k) if top_k > 0 else [[] for _ in stored]
             found = self.top_words(probs[0], words) if probs else [[] for _ in stored]
-            written = self.generate_stored(stored) if generate else [None] * len(stored)
+            written = self.generate_stored(stored) if options.generate else [None] * len(stored)
             return [Prediction(*fields) for fields in zip(chunk, embeddings, prompts, found, written)]
 
-        load = functools.partial(self.read_image, max_bytes=max_bytes)
+        load = functools.partial(self.read_image, max_bytes=options.max_bytes)
         return predict_in_batches(paths, self.batch_size, load, predict_loaded, self._pool().map)
 
     def predict_files(self, paths: Iterable[Path], generate: bool = False):
         """Yield (path, embedding or None, error or None) in input order, batch by batch; with ``generate``
         a fourth item, the captioner's prompt (None for a file that could not be read)."""
-        for result in self.predict(paths, top_k=0, generate=generate):
+        for result in self.predict(paths, PredictOptions(top_k=0, generate=generate)):
             yield (result.path, result.embedding, result.error, *((result.generated,) if generate else ()))

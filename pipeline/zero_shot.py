@@ -29,6 +29,7 @@ import numpy as np
 
 from pipeline import storage as store
 from pipeline.metrics import normalise_rows
+from pipeline.predictor import DEFAULT_OPTIONS, Prediction, PredictOptions, predict_in_batches
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 ZERO_SHOT_DIR = "zero_shot"  # under the storage root: cache/ (bank text embeddings), tiny_clip/ (the twin)
@@ -339,22 +340,16 @@ class ZeroShotRetriever:
         return np.concatenate(indices), np.concatenate(scores)
 
     def predict(
-        self,
-        paths: Iterable[str | os.PathLike],
-        top_k: int = 5,
-        words: int = 0,
-        generate: bool = False,
-        max_bytes: int | None = None,
-    ) -> Iterator:
-        """One pipeline.predictor.Prediction per path, in input order: the top-k bank prompts with their CLIP
-        cosine, and as ``embedding`` the top-1 prompt's SBERT embedding; an unusable file is a Prediction
-        with ``error`` set. ``words`` and ``generate`` are accepted for the CLI and ignored (no head, no
+        self, paths: Iterable[str | os.PathLike], options: PredictOptions = DEFAULT_OPTIONS
+    ) -> Iterator[Prediction]:
+        """One Prediction per path, in input order: the top-k bank prompts with their CLIP cosine, and as
+        ``embedding`` the top-1 prompt's SBERT embedding; an unusable file is a Prediction with ``error``
+        set. ``options.words`` and ``options.generate`` are accepted for the CLI and ignored (no head, no
         captioner)."""
         from pipeline.data.images import open_image
-        from pipeline.inputs import MAX_INPUT_BYTES, read_input_file
-        from pipeline.predictor import Prediction, predict_in_batches
+        from pipeline.inputs import read_input_file
 
-        limit = MAX_INPUT_BYTES if max_bytes is None else max_bytes
+        top_k = options.top_k
 
         def predict_loaded(chunk: list[Path], images: list) -> list[Prediction]:
             best, scores = self.retrieve(images, max(top_k, 1))
@@ -365,7 +360,7 @@ class ZeroShotRetriever:
                 results.append(Prediction(path, embedding, prompts[:top_k] if top_k > 0 else []))
             return results
 
-        load = lambda path: open_image(read_input_file(path, limit), name=str(path))  # noqa: E731
+        load = lambda path: open_image(read_input_file(path, options.max_bytes), name=str(path))  # noqa: E731
         return predict_in_batches(paths, self.batch_size, load, predict_loaded)
 
 

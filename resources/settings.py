@@ -248,14 +248,14 @@ def _captioners(env: Mapping[str, str]) -> tuple[str, ...] | None:
     raw = _text(env, "REVERSE_SD_CAPTIONERS")
     if not raw:
         return None
-    from pipeline.captioning import available_captioners
+    from pipeline.captioning import CAPTIONERS
 
     names = tuple(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
-    unknown = [n for n in names if n not in available_captioners()]
+    unknown = [n for n in names if n not in CAPTIONERS]
     if unknown or not names:
         raise SettingsError(
             f"REVERSE_SD_CAPTIONERS={raw!r} names no registered captioner {unknown or ''}; "
-            f"use a comma-separated list of: {', '.join(available_captioners())}"
+            f"use a comma-separated list of: {', '.join(CAPTIONERS.names())}"
         )
     return names
 

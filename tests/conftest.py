@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from environments import sample_env
 
 PROJECT = Path(__file__).resolve().parents[1]
 E2E = Path(__file__).resolve().parent / "e2e"
@@ -71,22 +72,6 @@ def use_home(monkeypatch: pytest.MonkeyPatch, home: Path, **settings: str) -> Pa
     for key, value in settings.items():
         monkeypatch.setenv(key, value)
     return home
-
-
-def sample_env(root: Path, **settings: str) -> dict[str, str]:
-    """The environment of a CLI subprocess on the sample profile with its own storage root and Dagster
-    instance under ``root``: no REVERSE_SD_* setting or HF_TOKEN leaks in from the calling shell, then
-    ``settings`` (e.g. REVERSE_SD_SAMPLE_PARTS="1") on top."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REVERSE_SD_") and k != "HF_TOKEN"}
-    env.update(
-        REVERSE_SD_PROFILE="sample",
-        REVERSE_SD_HOME=str(root / "data"),
-        DAGSTER_HOME=str(root / "dagster_home"),
-        HF_HUB_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-    )
-    env.update(settings)
-    return env
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from cli.processes import parent_death_signal, stop_process_group
+
 PROJECT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -41,31 +43,6 @@ def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen |
     return False
 
 
-def stop_process(proc: subprocess.Popen | None, grace: float = 10) -> None:
-    """SIGTERM the process's group (it was started with start_new_session), then SIGKILL what is left."""
-    if proc is None:
-        return
-    try:
-        group = os.getpgid(proc.pid)
-    except ProcessLookupError:
-        proc.poll()
-        return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(group, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-        try:  # the leader is gone; its children may not be
-            os.killpg(group, 0)
-        except ProcessLookupError:
-            break
-    proc.poll()
-
-
 def spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
@@ -76,19 +53,9 @@ def spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None, cwd: Pat
             stdin=subprocess.DEVNULL,
             env=env,
             cwd=cwd,
-            start_new_session=True,  # its own process group: stop_process takes its children too
-            preexec_fn=_die_with_parent,
+            start_new_session=True,  # its own process group: stop_process_group takes its children too
+            preexec_fn=parent_death_signal(signal.SIGKILL),  # gone with the test process, even on kill -9
         )
-
-
-def _die_with_parent() -> None:
-    """In the child: SIGKILL from the kernel if the test process dies without its clean-up (kill -9)."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 # ---- PostgreSQL ----------------------------------------------------------------------------------------------
@@ -209,7 +176,7 @@ class Redis:
         return None
 
     def stop(self) -> None:
-        stop_process(self.proc)
+        stop_process_group(self.proc)
 
     def url(self, host: str, db: int) -> str:
         return f"redis://{host}:{self.port}/{db}"
@@ -245,7 +212,7 @@ class MotoS3:
         return None
 
     def stop(self) -> None:
-        stop_process(self.proc)
+        stop_process_group(self.proc)
 
     def client(self):
         import boto3

@@ -12,22 +12,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import dagster as dg
 import yaml
 from dagster_k8s import k8s_job_executor
 
-from assets.definitions import defs as project_defs
+from assets.definitions import build_definitions
 
 EXECUTOR_FILE = Path(__file__).with_name("executor.yaml")
 EXECUTOR_CONFIG = yaml.safe_load(EXECUTOR_FILE.read_text())["execution"]["config"]
 
-# The project's Definitions with its executor (in-process runs) replaced by the step-per-Job executor.
-defs = dg.Definitions(
-    assets=project_defs.assets,
-    asset_checks=project_defs.asset_checks,
-    resources=project_defs.resources,
-    jobs=project_defs.jobs,
-    schedules=project_defs.schedules,
-    sensors=project_defs.sensors,
-    executor=k8s_job_executor.configured(EXECUTOR_CONFIG, name="k8s_reverse_sd"),
-)
+# The project's graph with its executor (in-process runs) replaced by the step-per-Job executor.
+defs = build_definitions(k8s_job_executor.configured(EXECUTOR_CONFIG, name="k8s_reverse_sd"))

@@ -25,7 +25,6 @@ from pipeline.captioning.registry import (
     CAPTIONERS,
     VARIANTS,
     CaptionerArch,
-    available_captioners,
     create_captioner,
 )
 from pipeline.captioning.scoring import (
@@ -65,7 +64,6 @@ __all__ = [
     "Captioner",
     "CaptionerArch",
     "ClipScorer",
-    "available_captioners",
     "caption_loss",
     "caption_table",
     "clip_s",

@@ -130,6 +130,3 @@ class Captioner(nn.Module):
             "generation": self.generation,
             "blip_config": self.model.config.to_json_string(use_diff=False),
         }
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]

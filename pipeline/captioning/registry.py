@@ -1,5 +1,5 @@
-"""The captioner registry: CAPTIONERS maps a name to how its two variants are built, as
-pipeline/models/registry.py does for the backbones (whose VARIANTS and variant check it shares).
+"""The captioner registry: CAPTIONERS (a pipeline.registry.Registry, as BACKBONES is) maps a name to how its
+two variants are built; the variants and their check are the backbones' (pipeline.models.backbones).
 
 "full" is the hub checkpoint (``from_pretrained``: real code, not run offline); "tiny" is the same classes
 at toy width, random init, with the offline WordPiece tokenizer (pipeline/captioning/tokenizer.py).
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -19,8 +18,8 @@ from torch import nn
 
 from pipeline.captioning.model import Captioner
 from pipeline.captioning.tokenizer import IMAGE_TOKEN, tiny_tokenizer, with_image_token
-from pipeline.models.backbones import TINY_TRANSFORMER, VARIANTS
-from pipeline.models.backbones import _check_pretrained as check_variant
+from pipeline.models.backbones import TINY_TRANSFORMER, VARIANTS, check_pretrained
+from pipeline.registry import Registry
 
 BLIP_HUB_ID = "Salesforce/blip-image-captioning-base"
 BLIP2_HUB_ID = "Salesforce/blip2-opt-2.7b"
@@ -51,7 +50,7 @@ def build_blip(variant: str, pretrained: bool, weights: str, corpus: Sequence[st
     """BlipForConditionalGeneration + its tokenizer.  full: hub checkpoint (or random base-size); tiny: toy."""
     from transformers import AutoTokenizer, BlipConfig, BlipForConditionalGeneration
 
-    check_variant(variant, pretrained)
+    check_pretrained(variant, pretrained)
     if variant == "full":
         tokenizer = AutoTokenizer.from_pretrained(weights)
         if pretrained:
@@ -67,7 +66,7 @@ def build_blip2(variant: str, pretrained: bool, weights: str, corpus: Sequence[s
     size; tiny: toy vision tower, Q-Former and OPT with the offline WordPiece tokenizer."""
     from transformers import AutoTokenizer, Blip2Config, Blip2ForConditionalGeneration
 
-    check_variant(variant, pretrained)
+    check_pretrained(variant, pretrained)
     if variant == "full":
         tokenizer = with_image_token(AutoTokenizer.from_pretrained(weights))
         if pretrained:
@@ -112,16 +111,17 @@ class CaptionerArch:
     max_length: dict[str, int]
 
 
-CAPTIONERS: MappingProxyType[str, CaptionerArch] = MappingProxyType(
-    {
-        "blip": CaptionerArch(
+CAPTIONERS: Registry[CaptionerArch] = Registry(
+    "captioner",
+    [
+        CaptionerArch(
             "blip",
             "BLIP ViT-B captioner (BlipForConditionalGeneration) + vocabulary head on the image [CLS] token",
             build_blip,
             BLIP_HUB_ID,
             {"tiny": TINY_MAX_LENGTH, "full": FULL_MAX_LENGTH},
         ),
-        "blip2": CaptionerArch(
+        CaptionerArch(
             "blip2",
             "BLIP-2 OPT-2.7b captioner (Blip2ForConditionalGeneration), frozen OPT, + vocabulary head on the "
             "mean Q-Former query output",
@@ -129,12 +129,8 @@ CAPTIONERS: MappingProxyType[str, CaptionerArch] = MappingProxyType(
             BLIP2_HUB_ID,
             {"tiny": TINY_MAX_LENGTH, "full": FULL_MAX_LENGTH},
         ),
-    }
+    ],
 )
-
-
-def available_captioners() -> list[str]:
-    return sorted(CAPTIONERS)
 
 
 def create_captioner(
@@ -148,12 +144,10 @@ def create_captioner(
 ) -> Captioner:
     """Build a registered captioner; ``corpus`` (training prompts) restricts the tiny tokenizer's vocabulary;
     ``weights`` replaces the registry's hub id for "full" (a local save_pretrained directory works too)."""
-    if name not in CAPTIONERS:
-        raise ValueError(f"unknown captioner {name!r}; valid captioners: {', '.join(available_captioners())}")
-    check_variant(variant, pretrained)
+    arch = CAPTIONERS.get(name)
+    check_pretrained(variant, pretrained)
     if vocab_size < 0:
         raise ValueError(f"need vocab_size >= 0, got {vocab_size}")
-    arch = CAPTIONERS[name]
     model, tokenizer = arch.build(variant, pretrained, weights or arch.weights, corpus)
     return Captioner(
         model,
@@ -166,4 +160,4 @@ def create_captioner(
     )
 
 
-__all__ = ["CAPTIONERS", "VARIANTS", "CaptionerArch", "available_captioners", "create_captioner"]
+__all__ = ["CAPTIONERS", "VARIANTS", "CaptionerArch", "create_captioner"]

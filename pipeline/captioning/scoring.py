@@ -12,8 +12,7 @@ import torch
 
 from pipeline.captioning.tokenizer import minilm_tokenizer
 from pipeline.metrics import normalise_rows
-from pipeline.models.backbones import CLIP_MEAN, CLIP_STD
-from pipeline.models.backbones import _check_variant as check_variant
+from pipeline.models.backbones import CLIP_MEAN, CLIP_STD, check_variant
 from pipeline.models.tiny_clip import tiny_clip_model
 from pipeline.training.datasets import image_tensor
 

@@ -11,7 +11,6 @@ from pipeline.models.registry import (
     BACKBONES,
     BackboneSpec,
     ReverseSDModel,
-    available_backbones,
     create_model,
 )
 
@@ -24,7 +23,6 @@ __all__ = [
     "ReverseSDLoss",
     "ReverseSDModel",
     "VocabularyHead",
-    "available_backbones",
     "create_model",
     "multi_hot",
 ]

@@ -102,13 +102,15 @@ class FrozenPrefix(nn.Module):
         return super().train(False)  # frozen: always eval mode
 
 
-def _check_variant(variant: str) -> None:
+def check_variant(variant: str) -> None:
+    """Every model family (backbones, captioners) has the same two variants, checked here once."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
 
 
-def _check_pretrained(variant: str, pretrained: bool) -> None:
-    _check_variant(variant)
+def check_pretrained(variant: str, pretrained: bool) -> None:
+    """A known variant, and pretrained weights asked for only where the hub has them."""
+    check_variant(variant)
     if pretrained and variant != "full":
         raise ValueError("pretrained weights exist only for variant 'full'; tiny variants are random-init")
 
@@ -150,7 +152,7 @@ SWIN_NAME = "swinv2_large_window12to16_192to256"
 
 def build_vit(variant: str = "tiny", pretrained: bool = False, weights: str = VIT_NAME) -> TimmBackbone:
     """ViT-B/16 at 224 px (timm); tiny: the same VisionTransformer class at 64 px, patch 8, width 64, depth 2."""
-    _check_pretrained(variant, pretrained)
+    check_pretrained(variant, pretrained)
     if variant == "full":
         local = weights if os.path.isfile(weights) else None
         model = load_timm(VIT_NAME if local else weights, pretrained, local)
@@ -163,7 +165,7 @@ def build_vit(variant: str = "tiny", pretrained: bool = False, weights: str = VI
 
 def build_swin(variant: str = "tiny", pretrained: bool = False, weights: str = SWIN_NAME) -> TimmBackbone:
     """SwinV2-Large at 256 px (timm) with gradient checkpointing; tiny: SwinTransformerV2 at 64 px, 2 stages."""
-    _check_pretrained(variant, pretrained)
+    check_pretrained(variant, pretrained)
     if variant == "full":
         local = weights if os.path.isfile(weights) else None
         model = load_timm(SWIN_NAME if local else weights, pretrained, local)
@@ -244,7 +246,7 @@ class ClipBackbone(Backbone):
 
 
 def build_clip(variant: str = "tiny", pretrained: bool = False, weights: str = CLIP_HUB_ID) -> ClipBackbone:
-    _check_pretrained(variant, pretrained)
+    check_pretrained(variant, pretrained)
     if pretrained:
         tower = load_clip_tower(weights)
     else:
@@ -403,7 +405,7 @@ class UNetBackbone(Backbone):
 def build_unet(variant: str = "tiny", pretrained: bool = False, weights: str = SD2_HUB_ID) -> UNetBackbone:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    _check_pretrained(variant, pretrained)
+    check_pretrained(variant, pretrained)
     if pretrained:
         unet, vae = load_sd_unet(weights)
     elif variant == "full":
@@ -429,4 +431,6 @@ __all__ = [
     "load_clip_tower",
     "load_sd_unet",
     "VARIANTS",
+    "check_pretrained",
+    "check_variant",
 ]

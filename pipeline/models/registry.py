@@ -9,7 +9,6 @@ weight, frozen towers included, so rebuilding never needs the hub).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from types import MappingProxyType
 
 import torch
 from torch import nn
@@ -17,6 +16,7 @@ from torch import nn
 from pipeline.constants import BACKBONE_NAMES, EMBED_DIM
 from pipeline.models import backbones as bb
 from pipeline.models.heads import HEAD_MODES, ReverseSDHeads, check_head_mode
+from pipeline.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -30,42 +30,33 @@ class BackboneSpec:
     head_hidden: dict[str, tuple[int, ...]] = field(default_factory=lambda: {"tiny": (), "full": ()})
 
 
-BACKBONES: MappingProxyType[str, BackboneSpec] = MappingProxyType(
-    {
-        "vit": BackboneSpec("vit", "timm ViT-B/16, 224 px; linear embedding head", bb.build_vit, bb.VIT_NAME),
-        "swin": BackboneSpec(
+BACKBONES: Registry[BackboneSpec] = Registry(
+    "backbone",
+    [
+        BackboneSpec("vit", "timm ViT-B/16, 224 px; linear embedding head", bb.build_vit, bb.VIT_NAME),
+        BackboneSpec(
             "swin",
             "timm SwinV2-Large, 256 px, gradient checkpointing; linear embedding head",
             bb.build_swin,
             bb.SWIN_NAME,
         ),
-        "clip": BackboneSpec(
+        BackboneSpec(
             "clip",
             "CLIP ViT-H/14 image tower (frozen), 224 px; MLP head 1024-8192-8192-384",
             bb.build_clip,
             bb.CLIP_HUB_ID,
             {"tiny": (128, 128), "full": (8192, 8192)},
         ),
-        "unet": BackboneSpec(
+        BackboneSpec(
             "unet",
             "Stable Diffusion 2 U-Net encoder + mid block on frozen VAE latents, t=0, caption context; "
             "pooled, linear projection",
             bb.build_unet,
             bb.SD2_HUB_ID,
         ),
-    }
+    ],
 )
 assert tuple(BACKBONES) == BACKBONE_NAMES, "pipeline.constants.BACKBONE_NAMES lists the registry's backbones"
-
-
-def available_backbones() -> list[str]:
-    return sorted(BACKBONES)
-
-
-def _spec(name: str) -> BackboneSpec:
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; valid backbones: {', '.join(available_backbones())}")
-    return BACKBONES[name]
 
 
 class ReverseSDModel(nn.Module):
@@ -128,10 +119,6 @@ class ReverseSDModel(nn.Module):
             "pretrained": False,
         }
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """The parameters the optimizer should see (frozen towers excluded)."""
-        return [p for p in self.parameters() if p.requires_grad]
-
 
 def create_model(
     backbone: str,
@@ -143,9 +130,8 @@ def create_model(
     pretrained: bool = False,
 ) -> ReverseSDModel:
     """Build a backbone from BACKBONES with its heads.  Raises ValueError on unknown names."""
-    spec = _spec(backbone)
-    if variant not in bb.VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; valid variants: {', '.join(bb.VARIANTS)}")
+    spec = BACKBONES.get(backbone)
+    bb.check_variant(variant)
     check_head_mode(head_mode)
     if vocab_size < 0 or embed_dim <= 0:
         raise ValueError(f"need vocab_size >= 0 and embed_dim > 0, got {vocab_size}, {embed_dim}")
@@ -154,4 +140,4 @@ def create_model(
     return ReverseSDModel(body, heads, backbone_name=backbone, variant=variant, embed_dim=embed_dim)
 
 
-__all__ = ["BACKBONES", "BackboneSpec", "HEAD_MODES", "ReverseSDModel", "available_backbones", "create_model"]
+__all__ = ["BACKBONES", "BackboneSpec", "HEAD_MODES", "ReverseSDModel", "create_model"]

@@ -17,7 +17,7 @@ from pipeline.training.config import TrainConfig
 from pipeline.training.data import TrainingData, shard_loader
 from pipeline.training.datasets import StageSampler, epoch_seed
 from pipeline.training.device import autocast_dtype, init_distributed, resolve_device, seed_everything
-from pipeline.training.optim import _trainable, cosine_with_warmup, make_optimizer
+from pipeline.training.optim import cosine_with_warmup, make_optimizer, trainable_parameters
 from pipeline.training.tasks import TrainTask
 
 
@@ -123,7 +123,7 @@ class _Loop:
                 on_batch(out.index, out.per_sample)
             if last_in_group:
                 if cfg.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(_trainable(self.unwrapped), cfg.max_grad_norm)
+                    torch.nn.utils.clip_grad_norm_(trainable_parameters(self.unwrapped), cfg.max_grad_norm)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)

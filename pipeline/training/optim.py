@@ -10,14 +10,15 @@ import torch
 from pipeline.training.config import TrainConfig
 
 
-def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    params = model.trainable_parameters() if hasattr(model, "trainable_parameters") else model.parameters()
-    return [p for p in params if p.requires_grad]
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """What the optimizer sees: frozen towers (CLIP's, the unet's VAE, BLIP-2's OPT) are left out by their
+    requires_grad, so one rule serves every model instead of a method per model class."""
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW on the trainable parameters; no weight decay on biases and norm scales (1-d tensors)."""
-    params = _trainable(model)
+    params = trainable_parameters(model)
     if not params:
         raise ValueError("model has no trainable parameters")
     decay = [p for p in params if p.ndim >= 2]

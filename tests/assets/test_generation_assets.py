@@ -20,6 +20,7 @@ from PIL import Image
 from assets.data import DATA_ASSETS, register_parts
 from assets.generation import GENERATION_ASSETS, caption_report_rows
 from assets.training import difficulty_scores
+from pipeline.captioning import CAPTIONERS
 from pipeline.data.sample_data import generate_sample_mirror
 from resources import ComputeResource, DiffusionDBResource, SentenceEncoderResource, StorageResource
 
@@ -173,6 +174,6 @@ def test_predict_generate_prints_the_captioners_prompt(materialized, tmp_path, m
     assert cli.main(["predict", str(paths[0]), "--model", "vit", "--generate", "--format", "json", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["generated"] == predictions["generated"][0]
     # nothing trained to write prompts: one line naming the asset, exit 2
-    monkeypatch.setattr("pipeline.captioning.available_captioners", lambda: ["nothing"])
+    monkeypatch.setattr(CAPTIONERS, "names", lambda: ["nothing"])
     assert cli.main(["predict", str(paths[0]), "--model", "vit", "--generate", "--quiet"]) == 2
     assert "materialize the asset trained_captioners" in capsys.readouterr().err

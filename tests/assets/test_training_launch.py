@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TRAINED_MODELS_DRIVER as DRIVER
-from conftest import sample_env
+from environments import sample_env
 
 PROJECT = Path(__file__).resolve().parents[2]
 

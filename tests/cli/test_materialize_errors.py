@@ -37,7 +37,8 @@ def test_any_other_failure_is_its_innermost_cause_in_one_line():
 
 def test_a_dry_run_on_a_fresh_root_writes_nothing_there(tmp_path):
     """Its help says it writes nothing: no sample mirror, no lock file, not even the root (issue 27 item 14)."""
-    from conftest import run_cli, sample_env
+    from conftest import run_cli
+    from environments import sample_env
 
     env = sample_env(tmp_path, REVERSE_SD_SAMPLE_PARTS="2", REVERSE_SD_SAMPLE_IMAGES_PER_PART="10")
     result = run_cli(["materialize", "--dry-run"], env, timeout=300)

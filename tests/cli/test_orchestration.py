@@ -14,7 +14,8 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-from conftest import popen_cli, run_cli, sample_env
+from conftest import popen_cli, run_cli
+from environments import sample_env
 
 from assets.jobs import RANGE_END_TAG, RANGE_START_TAG
 from cli import runs as orch

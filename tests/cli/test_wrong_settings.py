@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from conftest import sample_env
+from environments import sample_env
 
 from pipeline.training.checkpoint import CheckpointError, load_model_weights, save_checkpoint
 from pipeline.training.resume import load_checkpoint

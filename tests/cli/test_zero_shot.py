@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from conftest import run_cli, sample_env, use_home
+from conftest import run_cli, use_home
+from environments import sample_env
 from PIL import Image
 
 from cli import main as cli
@@ -19,6 +20,7 @@ from cli import predict as cli_predict
 from pipeline import storage as store
 from pipeline import zero_shot as zs
 from pipeline.evaluation.report import ZERO_SHOT_KEY, Report
+from pipeline.predictor import PredictOptions
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.timeout(300)]
 
@@ -88,7 +90,7 @@ def test_ranking_is_clip_cosine_and_the_bank_cache_is_reused(twin_home, twin, im
     # the ranking is the matrix product of unit CLIP image and text embeddings, best first
     pil = [Image.open(p).convert("RGB") for p in images]
     expected = zs.image_embeddings(first.model, first.processor, pil) @ first.text.T
-    results = list(first.predict([*images, tmp_path / "missing.png"], top_k=3))
+    results = list(first.predict([*images, tmp_path / "missing.png"], PredictOptions(top_k=3)))
     assert [r.path for r in results] == [*images, tmp_path / "missing.png"]
     assert results[-1].error and not results[-1].prompts
     for row, result in zip(expected, results):

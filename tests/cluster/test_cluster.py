@@ -39,7 +39,9 @@ import time
 from pathlib import Path
 
 import pytest
-from servers import BIN, PROJECT, Hosts, MotoS3, Postgres, Redis, free_port, http_ok, spawn, stop_process
+from servers import BIN, PROJECT, Hosts, MotoS3, Postgres, Redis, free_port, http_ok, spawn
+
+from cli.processes import stop_process_group
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(900)]
 
@@ -299,7 +301,7 @@ def test_celery_workers_postgres_and_s3_on_loopback():
         assert keys and not [k for k in keys if ".tmp" in k], keys  # no half-written object from the dead run
 
         # the worker comes back (as a service manager would restart it); --stale finishes the graph
-        stop_process(procs[name], grace=2)
+        stop_process_group(procs[name], grace=2)
         start_worker(WORKERS.index(name), name)
         _wait(f"{name} to restart", 120, lambda: _worker_ready(logs / f"{name}.log", restarts=1), every=2)
         t0 = time.monotonic()
@@ -366,7 +368,7 @@ def test_celery_workers_postgres_and_s3_on_loopback():
         )
     finally:
         for name in ("materialize", *WORKERS, "daemon", "webserver", "code-server"):
-            stop_process(procs.get(name), grace=5)
+            stop_process_group(procs.get(name), grace=5)
         for server in reversed(servers):
             server.stop()
         hosts.stop()

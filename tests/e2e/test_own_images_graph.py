@@ -9,7 +9,8 @@ import os
 
 import polars as pl
 import pytest
-from conftest import run_cli, sample_env
+from conftest import run_cli
+from environments import sample_env
 from own_images import make_folder
 
 

@@ -18,7 +18,6 @@ from pipeline.captioning import (
     CaptionDataset,
     Captioner,
     CaptionTrainConfig,
-    available_captioners,
     caption_loss,
     caption_table,
     clip_s,
@@ -77,7 +76,7 @@ def _captioner(prompts, vocab_size: int = K, seed: int = 0, name: str = "blip"):
 
 
 def test_registry_and_variants():
-    assert available_captioners() == ["blip", "blip2"] == sorted(CAPTIONERS)
+    assert CAPTIONERS.names() == ["blip", "blip2"] == sorted(CAPTIONERS)
     with pytest.raises(ValueError, match="unknown captioner"):
         create_captioner("pez")
     with pytest.raises(ValueError, match="only for variant 'full'"):

@@ -172,7 +172,7 @@ def test_trained_models_trains_on_two_nodes_from_the_settings(tmp_path):
     plays the second machine with the documented join command, in its retry loop, started before the step.
     Both ranks report a world of 2, the model's metadata too, and the run's spec files are gone afterwards."""
     from conftest import TRAINED_MODELS_DRIVER as DRIVER
-    from conftest import sample_env
+    from environments import sample_env
 
     endpoint = f"127.0.0.1:{_free_port()}"
     settings = {

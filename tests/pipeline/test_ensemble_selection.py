@@ -36,16 +36,9 @@ def _models(rng, n=30, d=8, missing=()):
 
 
 def _old_ensemble_asset(per_model, val_mask, val_targets):
-    """assets/evaluation.py's ensemble_predictions before the move into pipeline/, verbatim but for I/O."""
-    best_recipe = {}
-    for backbone in BACKBONES:
-        scored = {
-            r: float(row_cosines(per_model[(backbone, r)][val_mask], val_targets).mean())
-            for r in RECIPES
-            if (backbone, r) in per_model
-        }
-        if scored:
-            best_recipe[backbone] = max(scored, key=scored.get)
+    """assets/evaluation.py's ensemble_predictions before the move into pipeline/, verbatim but for I/O and
+    the recipe choice: that loop moved unchanged into best_recipes, which the known-answer tests below check."""
+    best_recipe = best_recipes(per_model, val_mask, val_targets, BACKBONES, RECIPES)
     columns, metadata = {}, {}
     groups = {r: [per_model[(b, r)] for b in BACKBONES if (b, r) in per_model] for r in RECIPES}
     groups["best"] = [per_model[(b, r)] for b, r in best_recipe.items()]

@@ -15,11 +15,11 @@ from pipeline.models import (
     HEAD_MODES,
     ReverseSDHeads,
     ReverseSDLoss,
-    available_backbones,
     create_model,
     multi_hot,
 )
 from pipeline.models import backbones as bb
+from pipeline.training.optim import trainable_parameters
 
 K = 50
 B = 3
@@ -40,8 +40,8 @@ def tiny(request):
 
 
 def test_registry_lists_the_four_backbones():
-    assert available_backbones() == ["clip", "swin", "unet", "vit"]
-    assert set(BACKBONES) == set(available_backbones())
+    assert BACKBONES.names() == ["clip", "swin", "unet", "vit"]
+    assert set(BACKBONES) == set(BACKBONES.names()) and len(BACKBONES) == 4
 
 
 def test_tiny_forward_shapes_unit_norm_and_attributes(tiny):
@@ -65,7 +65,7 @@ def test_backward_reaches_every_trainable_parameter_and_no_frozen_one(tiny):
     labels = (torch.rand(B, K) > 0.8).float()
     loss, _ = ReverseSDLoss(0.1)(embedding, target, logits, labels)
     loss.backward()
-    trainable = tiny.trainable_parameters()
+    trainable = trainable_parameters(tiny)
     assert trainable
     missing = [n for n, p in tiny.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, f"no gradient reaches {missing[:5]}"  # DDP needs every trainable parameter used
@@ -87,7 +87,7 @@ def test_frozen_parts_stay_frozen_through_an_optimizer_step(name, frozen):
     assert model.training and not part.training  # eval mode kept even under train()
     before = {k: v.clone() for k, v in part.state_dict().items()}
     head_before = [p.detach().clone() for p in model.heads.parameters()]
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-2)
     embedding, logits = model(_pixels(model))
     loss, _ = ReverseSDLoss(0.1)(embedding, F.normalize(torch.randn(B, 384), dim=-1), logits, torch.ones(B, K))
     loss.backward()
@@ -96,7 +96,7 @@ def test_frozen_parts_stay_frozen_through_an_optimizer_step(name, frozen):
     assert any(not torch.equal(a, b) for a, b in zip(head_before, model.heads.parameters()))
     n_frozen = sum(p.numel() for p in part.parameters())
     n_all = sum(p.numel() for p in model.parameters())
-    assert sum(p.numel() for p in model.trainable_parameters()) == n_all - n_frozen
+    assert sum(p.numel() for p in trainable_parameters(model)) == n_all - n_frozen
 
 
 def test_unet_context_none_tensor_and_bad_shape():
@@ -189,7 +189,7 @@ def test_clip_mlp_head_sizes_follow_the_spec():
     model = create_model("clip", vocab_size=0)
     linears = [m for m in model.heads.embedding.modules() if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(64, 128), (128, 128), (128, 384)]
-    assert BACKBONES["clip"].head_hidden["full"] == (8192, 8192)
+    assert BACKBONES.get("clip").head_hidden["full"] == (8192, 8192)
 
 
 def test_loss_matches_a_hand_computation():
@@ -285,7 +285,7 @@ def test_full_architectures_on_the_meta_device(name, size, feature_dim, backbone
     n_backbone = sum(p.numel() for p in model.backbone.parameters())
     assert n_backbone == pytest.approx(backbone_params, rel=0.02)
     if name == "clip":  # the tower is frozen: exactly the heads train
-        n_train = sum(p.numel() for p in model.trainable_parameters())
+        n_train = sum(p.numel() for p in trainable_parameters(model))
         assert n_train == sum(p.numel() for p in model.heads.parameters())
         mlp = 1024 * 8192 + 8192 + 8192 * 8192 + 8192 + 8192 * 384 + 384
         assert n_train == mlp + (1024 + 384) * K + K

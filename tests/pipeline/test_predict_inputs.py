@@ -27,7 +27,7 @@ from pipeline.inputs import (
     read_input_file,
     scan_inputs,
 )
-from pipeline.predictor import PromptPredictor
+from pipeline.predictor import PredictOptions, PromptPredictor
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.timeout(120)]
 
@@ -224,7 +224,7 @@ def test_predictor_skips_hostile_inputs_and_keeps_the_good_one(tiny_home, hostil
     bad = hostile["good"].with_name("bad.png")
     bad.write_bytes(b"not an image")
     started = time.perf_counter()
-    results = list(predictor.predict([*hostile.values(), bad], top_k=3, words=4))
+    results = list(predictor.predict([*hostile.values(), bad], PredictOptions(top_k=3, words=4)))
     assert time.perf_counter() - started < 30
     assert [r.path for r in results] == [*hostile.values(), bad]
     good = results[0]

@@ -29,7 +29,8 @@ import boto3
 import polars as pl
 import pytest
 import s3fs
-from conftest import PROJECT, sample_env
+from conftest import PROJECT
+from environments import sample_env
 from moto.server import ThreadedMotoServer
 
 from pipeline import storage

@@ -1,8 +1,8 @@
 """Trainer, dataset and checkpoint tests on a tiny stand-in model with 32 px images (CPU, seconds).
 
 The stand-in follows the model interface of pipeline.models (forward(pixels, context) -> (unit embedding,
-vocab logits or None), image_size / mean / std / uses_context / config_dict / trainable_parameters); one
-test runs the real tiny ViT when pipeline.models is present.
+vocab logits or None), image_size / mean / std / uses_context / config_dict; the optimizer takes the
+parameters that require grad); one test runs the real tiny ViT when pipeline.models is present.
 """
 
 from __future__ import annotations
@@ -67,9 +67,6 @@ class TinyModel(nn.Module):
 
     def config_dict(self) -> dict:
         return {"vocab_size": self.vocab_size, "embedding_dim": self.embedding_dim, "dropout": self.dropout_p}
-
-    def trainable_parameters(self):
-        return [p for p in self.parameters() if p.requires_grad]
 
 
 def make_loss(lambda_vocab: float = 0.1) -> ReverseSDLoss:

@@ -1,0 +1,66 @@
+"""Child processes in a session of their own (start_new_session=True): stopped as a whole group, and told
+by the kernel when their parent dies.  The embedded `dagster dev` and the tests' throw-away servers both
+start children of their own, which a signal to the leader alone would leave running."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+
+
+def parent_death_signal(sig: int) -> Callable[[], None]:
+    """A preexec_fn: the kernel sends ``sig`` to the child when its parent dies, even by kill -9."""
+
+    def preexec() -> None:
+        import ctypes
+
+        with contextlib.suppress(OSError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+
+    return preexec
+
+
+def stop_process_group(process: subprocess.Popen | None, grace: float = 10) -> None:
+    """SIGTERM the process's group, SIGKILL it after ``grace`` seconds or when the leader's children
+    linger after it; safe on a process that is gone or None."""
+    if process is None:
+        return
+    try:
+        group = os.getpgid(process.pid)
+    except ProcessLookupError:
+        process.poll()
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(group, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        # the leader is gone; give its children (a code server, a daemon) a moment, then make sure
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and group_alive(group):
+            time.sleep(0.1)
+        if not group_alive(group):
+            break
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+    process.poll()
+
+
+def group_alive(group: int) -> bool:
+    """Whether any process of ``group`` is left (one we may not signal counts as alive)."""
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

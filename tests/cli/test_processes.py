@@ -1,0 +1,29 @@
+"""cli.processes: a child started in its own session is stopped with everything it started."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+from cli.processes import group_alive, parent_death_signal, stop_process_group
+
+
+def test_the_whole_group_stops_and_a_gone_process_is_fine():
+    # the leader ignores SIGTERM and its child outlives it: only the group SIGKILL ends both
+    script = "import signal, subprocess, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    script += "subprocess.Popen(['sleep', '60']); print('up', flush=True); time.sleep(60)"
+    process = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=parent_death_signal(signal.SIGKILL),
+    )
+    assert process.stdout.readline().strip() == b"up"
+    group = os.getpgid(process.pid)
+    stop_process_group(process, grace=0.5)
+    assert process.returncode == -signal.SIGKILL and not group_alive(group)
+    stop_process_group(process)  # twice, and with nothing, is harmless
+    stop_process_group(None)
+    process.stdout.close()

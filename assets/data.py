@@ -21,13 +21,12 @@ from assets.common import (
     transient_retry,
 )
 from assets.listed_partitions import ListedPartitions
-from assets.own_images import TABLE as IMAGES_TABLE
-from assets.own_images import image_folders, materialized_folders
+from assets.own_images import image_folders
 from pipeline.constants import EMBED_DIM
 from pipeline.data import filtering
-from pipeline.data import vocabulary as vocab
+from pipeline.data import vocabulary as vocab_words
 from pipeline.data.embedding import embed_incremental
-from resources import DiffusionDBResource, SentenceEncoderResource, StorageResource
+from resources import DiffusionDBResource, SentenceEncoderResource, StorageResource, Table, Tables, table_in
 
 DATA_GROUP = "data"
 parts_partitions = dg.DynamicPartitionsDefinition(name="diffusiondb_part")
@@ -124,44 +123,39 @@ def _ingest_part(context: dg.AssetExecutionContext, part: str, zip_path, storage
     }
 
 
-def materialized_parts(context: dg.AssetExecutionContext, storage: StorageResource, required: bool = True) -> list[str]:
-    """The registered parts that have a table, in part order (input order = filter priority); none is a
-    Failure when ``required`` (no image folder has a table either)."""
-    parts = sorted(context.instance.get_dynamic_partitions(parts_partitions.name))
-    present = [p for p in parts if storage.has_table("diffusiondb_parts", p)]
-    missing = sorted(set(parts) - set(present))
-    if missing:
-        context.log.warning(f"{len(missing)} registered parts have no table yet and are left out: {missing[:10]}")
-    if not present and required:
+def _present_parts(context: dg.AssetExecutionContext, parts: Tables, folders: Tables) -> None:
+    """Log the registered parts and image folders that have no table yet (they are left out); none of either
+    is a Failure."""
+    if parts.missing:
+        context.log.warning(
+            f"{len(parts.missing)} registered parts have no table yet and are left out: {parts.missing[:10]}"
+        )
+    if folders.missing:
+        context.log.warning(f"{len(folders.missing)} registered image folders have no table yet and are left out")
+    if not parts and not folders:
         raise dg.Failure(
             "No diffusiondb_parts or image_folders table exists: materialize diffusiondb_parts (or set "
             "REVERSE_SD_IMAGES and materialize image_folders) first."
         )
-    return present
 
 
 @dg.asset(
-    deps=[diffusiondb_parts, image_folders],
+    ins={"parts": table_in(diffusiondb_parts), "folders": table_in(image_folders)},
     group_name=DATA_GROUP,
     kinds={"polars", "parquet"},
     code_version=code_version("filtered_pairs", ratios=PROFILE_CONFIG.split_ratios, seed=PROFILE_CONFIG.split_seed),
     description="The paper's prompt filter over all parts (DiffusionDB's, then the image folders'), and a "
     "deterministic train/val/test split; source is diffusiondb or images, part the DiffusionDB part or subfolder.",
 )
-def filtered_pairs(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-    folders = materialized_folders(context, storage)
-    parts = materialized_parts(context, storage, required=not folders)
+def filtered_pairs(
+    context: dg.AssetExecutionContext, parts: Tables, folders: Tables, storage: StorageResource
+) -> dg.MaterializeResult:
+    _present_parts(context, parts, folders)
     columns = ["image_id", "part", "prompt"]
     frame = pl.concat(
         [
-            *(
-                storage.read_table("diffusiondb_parts", p, columns=columns).with_columns(source=pl.lit("diffusiondb"))
-                for p in parts
-            ),
-            *(
-                storage.read_table(IMAGES_TABLE, f, columns=columns).with_columns(source=pl.lit("images"))
-                for f in folders
-            ),
+            *(t.read(columns).with_columns(source=pl.lit("diffusiondb")) for t in parts.values()),
+            *(t.read(columns).with_columns(source=pl.lit("images")) for t in folders.values()),
         ]
     )
     by_source_in = dict(frame.group_by("source").len().iter_rows())
@@ -189,16 +183,20 @@ def filtered_pairs(context: dg.AssetExecutionContext, storage: StorageResource) 
 
 
 @dg.asset(
-    deps=[filtered_pairs],
+    ins={"pairs": table_in(filtered_pairs)},
     group_name=DATA_GROUP,
     kinds={"pytorch", "parquet"},
     code_version=code_version("prompt_embeddings", model=PROFILE_CONFIG.encoder_model),
     description="all-MiniLM-L6-v2 embedding of every kept prompt; only prompts not embedded before are encoded.",
 )
 def prompt_embeddings(
-    context: dg.AssetExecutionContext, storage: StorageResource, sentence_encoder: SentenceEncoderResource
+    context: dg.AssetExecutionContext,
+    pairs: Table,
+    storage: StorageResource,
+    sentence_encoder: SentenceEncoderResource,
 ) -> dg.MaterializeResult:
-    prompts = storage.read_table("filtered_pairs", columns=["prompt"])["prompt"]
+    prompts = pairs.read(["prompt"])["prompt"]
+    # its own previous output, the cache of prompts embedded before (not lineage: read by name)
     cache = storage.read_table("prompt_embeddings") if storage.has_table("prompt_embeddings") else None
     encoder = sentence_encoder.encoder()
     started = time.perf_counter()
@@ -220,16 +218,15 @@ def prompt_embeddings(
 
 
 @dg.asset(
-    deps=[filtered_pairs],
+    ins={"pairs": table_in(filtered_pairs)},
     group_name=DATA_GROUP,
     kinds={"scikitlearn", "parquet"},
     code_version=code_version("vocabulary", k=PROFILE_CONFIG.vocabulary_size),
     description="The top-K content words of the training prompts (the MLC head's classes).",
 )
-def vocabulary(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-    pairs = storage.read_table("filtered_pairs", columns=["prompt", "split"])
-    train_prompts = pairs.filter(pl.col("split") == "train")["prompt"]
-    words = vocab.build_vocabulary(train_prompts, k=PROFILE_CONFIG.vocabulary_size)
+def vocabulary(context: dg.AssetExecutionContext, pairs: Table, storage: StorageResource) -> dg.MaterializeResult:
+    train_prompts = pairs.read(["prompt", "split"]).filter(pl.col("split") == "train")["prompt"]
+    words = vocab_words.build_vocabulary(train_prompts, k=PROFILE_CONFIG.vocabulary_size)
     target = storage.write_table(words, "vocabulary")
     return dg.MaterializeResult(
         metadata={
@@ -243,16 +240,17 @@ def vocabulary(context: dg.AssetExecutionContext, storage: StorageResource) -> d
 
 
 @dg.asset(
-    deps=[filtered_pairs, vocabulary],
+    ins={"pairs": table_in(filtered_pairs), "vocab": table_in(vocabulary)},
     group_name=DATA_GROUP,
     kinds={"scikitlearn", "parquet"},
     code_version=code_version("vocabulary_labels"),
     description="Sparse multi-hot vocabulary labels (sorted word indices) for every kept pair.",
 )
-def vocabulary_labels(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-    pairs = storage.read_table("filtered_pairs", columns=["image_id", "prompt"])
-    words = storage.read_table("vocabulary")
-    table = pairs.select("image_id").with_columns(vocab.label_series(pairs["prompt"], words))
+def vocabulary_labels(
+    context: dg.AssetExecutionContext, pairs: Table, vocab: Table, storage: StorageResource
+) -> dg.MaterializeResult:
+    frame, words = pairs.read(["image_id", "prompt"]), vocab.read()
+    table = frame.select("image_id").with_columns(vocab_words.label_series(frame["prompt"], words))
     target = storage.write_table(table, "vocabulary_labels")
     sizes = table["label_indices"].list.len()
     return dg.MaterializeResult(
@@ -327,10 +325,15 @@ def has_test_pairs(storage: StorageResource) -> dg.AssetCheckResult:
     return _splits_hold_pairs(storage, ("test",))
 
 
-@dg.asset_check(asset=vocabulary_labels, blocking=True, description="Every label index is a vocabulary word.")
-def labels_within_vocabulary(storage: StorageResource) -> dg.AssetCheckResult:
+@dg.asset_check(
+    asset=vocabulary_labels,
+    additional_ins={"vocab": table_in(vocabulary)},
+    blocking=True,
+    description="Every label index is a vocabulary word.",
+)
+def labels_within_vocabulary(storage: StorageResource, vocab: Table) -> dg.AssetCheckResult:
     labels = storage.read_table("vocabulary_labels", columns=["label_indices"])["label_indices"].explode().drop_nulls()
-    size = storage.read_table("vocabulary", columns=["word"]).height
+    size = vocab.read(["word"]).height
     bad = int(((labels < 0) | (labels >= size)).sum())
     return dg.AssetCheckResult(passed=bad == 0, metadata={"out_of_range": bad, "vocabulary_size": size})
 

@@ -14,7 +14,7 @@ from assets.generation import GENERATION_ASSETS
 from assets.jobs import stage_jobs
 from assets.own_images import IMAGES_ASSETS
 from assets.training import TRAINING_ASSETS, TRAINING_CHECKS, training_settings
-from resources import build_resources
+from resources import build_resources, with_tables
 
 ALL_ASSETS = [*IMAGES_ASSETS, *DATA_ASSETS, *TRAINING_ASSETS, *ENSEMBLE_ASSETS, *EVALUATION_ASSETS, *GENERATION_ASSETS]
 ALL_CHECKS = [*DATA_CHECKS, *TRAINING_CHECKS]
@@ -30,7 +30,7 @@ def build_definitions(executor: dg.ExecutorDefinition) -> dg.Definitions:
         executor=executor,
         assets=with_rebuild_conditions(ALL_ASSETS),
         asset_checks=ALL_CHECKS,
-        resources=build_resources(SETTINGS),
+        resources=with_tables(build_resources(SETTINGS)),
         jobs=[*AUTOMATION["jobs"], *CLI_JOBS],
         schedules=AUTOMATION["schedules"],
         sensors=[*AUTOMATION["sensors"], damaged_artifacts],

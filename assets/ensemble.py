@@ -25,32 +25,36 @@ from pipeline.ensemble.ensemble import DAKL_INPUT, build_ensembles
 from pipeline.ensemble.selection import DAKL_ALPHAS, DAKL_GAMMAS, select_dakl
 from pipeline.metrics import row_cosines
 from pipeline.training.pairs import embedding_series, join_pairs
-from resources import StorageResource
+from resources import StorageResource, Table, Tables, table_in
 
 EVAL_GROUP = "evaluation"
 
 
-def target_embeddings(storage: StorageResource) -> pl.DataFrame:
-    joined = join_pairs(storage.read_table("filtered_pairs"), storage.read_table("prompt_embeddings"), None)
+def target_embeddings(pairs: Table, embeddings: Table) -> pl.DataFrame:
+    """Every kept pair's split, prompt and target embedding, from the filtered_pairs and prompt_embeddings tables."""
+    joined = join_pairs(pairs.read(), embeddings.read(), None)
     return joined.select("image_id", "split", "prompt", pl.col("embedding").alias("target"))
+
+
+def undeclared_targets(storage: StorageResource) -> pl.DataFrame:
+    """target_embeddings for the ensemble stages, which do not declare filtered_pairs and prompt_embeddings as
+    parents (they reach them through model_predictions): read by name, the graph left as it is."""
+    return target_embeddings(Table(storage, "filtered_pairs"), Table(storage, "prompt_embeddings"))
 
 
 def as_matrix(frame: pl.DataFrame, column: str) -> np.ndarray:
     return frame[column].to_numpy().astype(np.float32, copy=False)
 
 
-def read_predictions(storage: StorageResource, backbone: str, recipe: str) -> pl.DataFrame:
-    return storage.read_table("model_predictions", f"{backbone}|{recipe}").sort("image_id")
-
-
-def predictions_by_model(storage: StorageResource, rows: pl.DataFrame) -> dict[tuple[str, str], np.ndarray]:
+def predictions_by_model(predictions: Tables, rows: pl.DataFrame) -> dict[tuple[str, str], np.ndarray]:
     """(backbone, recipe) -> that model's predictions for ``rows`` (by image_id, in their order), for every
-    model with predictions; a model that misses one of the rows fails the run."""
+    model with predictions (``predictions``: the model_predictions tables present); a model that misses one of
+    the rows fails the run."""
     out = {}
     for backbone in BACKBONES:
         for recipe in RECIPES:
-            if storage.has_table("model_predictions", f"{backbone}|{recipe}"):
-                preds = read_predictions(storage, backbone, recipe).select("image_id", "embedding")
+            if f"{backbone}|{recipe}" in predictions:
+                preds = predictions[f"{backbone}|{recipe}"].read().sort("image_id").select("image_id", "embedding")
                 aligned = rows.select("image_id").join(preds, on="image_id", how="left")
                 if aligned["embedding"].null_count():
                     raise dg.Failure(
@@ -61,15 +65,17 @@ def predictions_by_model(storage: StorageResource, rows: pl.DataFrame) -> dict[t
 
 
 @dg.asset(
-    deps=[model_predictions],
+    ins={"predictions": table_in(model_predictions)},
     group_name=EVAL_GROUP,
     kinds={"numpy", "parquet"},
     code_version=code_version("ensemble_predictions"),
     description="Element-wise median and mean over backbones: per recipe, and over each backbone's best recipe on val.",
 )
-def ensemble_predictions(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-    ids = target_embeddings(storage).sort("image_id")
-    per_model = predictions_by_model(storage, ids)
+def ensemble_predictions(
+    context: dg.AssetExecutionContext, predictions: Tables, storage: StorageResource
+) -> dg.MaterializeResult:
+    ids = undeclared_targets(storage).sort("image_id")
+    per_model = predictions_by_model(predictions, ids)
     if not per_model:
         raise dg.Failure("no model_predictions: materialize trained_models and model_predictions first")
     val_mask = (ids["split"] == "val").to_numpy()
@@ -99,21 +105,23 @@ def ensemble_predictions(context: dg.AssetExecutionContext, storage: StorageReso
 
 
 @dg.asset(
-    deps=[ensemble_predictions],
+    ins={"ensemble": table_in(ensemble_predictions)},
     group_name=EVAL_GROUP,
     kinds={"faiss", "parquet"},
     code_version=code_version("kmeans_centroids", k=PROFILE_CONFIG.kmeans_k),
     description="k-means on the ensemble's training predictions; each centroid labelled with the true "
     "embedding of the training sample whose prediction is nearest.",
 )
-def kmeans_centroids(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+def kmeans_centroids(
+    context: dg.AssetExecutionContext, ensemble: Table, storage: StorageResource
+) -> dg.MaterializeResult:
     from pipeline.ensemble.clustering import inertia, label_centroids
     from pipeline.ensemble.clustering import kmeans_centroids as fit_kmeans
 
     column = DAKL_INPUT
-    ensemble = storage.read_table("ensemble_predictions").filter(pl.col("split") == "train").sort("image_id")
-    targets = ensemble.select("image_id").join(target_embeddings(storage), on="image_id", how="left")
-    train_preds = as_matrix(ensemble, column)
+    train = ensemble.read().filter(pl.col("split") == "train").sort("image_id")
+    targets = train.select("image_id").join(undeclared_targets(storage), on="image_id", how="left")
+    train_preds = as_matrix(train, column)
     train_targets = as_matrix(targets, "target")
     k = min(PROFILE_CONFIG.kmeans_k, len(train_preds))
     started = time.perf_counter()
@@ -124,7 +132,7 @@ def kmeans_centroids(context: dg.AssetExecutionContext, storage: StorageResource
         {
             "centroid": embedding_series("centroid", centroids),
             "label": embedding_series("label", labels),
-            "nearest_image_id": [ensemble["image_id"][int(i)] for i in nearest],
+            "nearest_image_id": [train["image_id"][int(i)] for i in nearest],
         }
     )
     target = storage.write_table(table, "kmeans_centroids")
@@ -142,23 +150,24 @@ def kmeans_centroids(context: dg.AssetExecutionContext, storage: StorageResource
 
 
 @dg.asset(
-    deps=[kmeans_centroids, ensemble_predictions],
+    ins={"centroids": table_in(kmeans_centroids), "ensemble": table_in(ensemble_predictions)},
     group_name=EVAL_GROUP,
     kinds={"scikitlearn", "parquet"},
     code_version=code_version("dakl_predictions", gammas=DAKL_GAMMAS, alphas=DAKL_ALPHAS),
     description="Domain-adaptive kernel regression of the ensemble: gamma and alpha chosen on val "
     "(val as the unlabeled target), then refit with test as the unlabeled target.",
 )
-def dakl_predictions(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-    centroids = storage.read_table("kmeans_centroids")
-    ensemble = storage.read_table("ensemble_predictions").sort("image_id")
-    targets = ensemble.select("image_id").join(target_embeddings(storage), on="image_id", how="left")
-    frames = {s: ensemble.filter(pl.col("split") == s) for s in ("val", "test")}
+def dakl_predictions(
+    context: dg.AssetExecutionContext, centroids: Table, ensemble: Table, storage: StorageResource
+) -> dg.MaterializeResult:
+    centroid_table, predictions = centroids.read(), ensemble.read().sort("image_id")
+    targets = predictions.select("image_id").join(undeclared_targets(storage), on="image_id", how="left")
+    frames = {s: predictions.filter(pl.col("split") == s) for s in ("val", "test")}
     val_x = as_matrix(frames["val"], DAKL_INPUT)
     val_y = as_matrix(targets.filter(pl.col("split") == "val"), "target")
     result = select_dakl(
-        as_matrix(centroids, "centroid"),
-        as_matrix(centroids, "label"),
+        as_matrix(centroid_table, "centroid"),
+        as_matrix(centroid_table, "label"),
         val_x,
         val_y,
         {s: as_matrix(frame, DAKL_INPUT) for s, frame in frames.items()},

@@ -10,6 +10,7 @@ import numpy as np
 import polars as pl
 
 from assets.common import (
+    PROFILE_CONFIG,
     SETTINGS,
     artifact_metadata,
     code_version,
@@ -25,10 +26,9 @@ from assets.ensemble import (
     dakl_sweep_png,
     ensemble_predictions,
     predictions_by_model,
-    read_predictions,
     target_embeddings,
 )
-from assets.generation import caption_report_rows
+from assets.generation import caption_predictions
 from assets.jobs import GPU_POOL
 from assets.own_images import table_of
 from assets.plots import bar_plot_png, data_uri, gallery_png, grouped_bars_png, histogram_png, md_image
@@ -47,10 +47,12 @@ from pipeline.evaluation.report import (
     score_test_split,
 )
 from pipeline.metrics import knn_baseline, row_cosines
-from resources import ComputeResource, StorageResource
+from resources import ComputeResource, StorageResource, Table, Tables, table_in
 
 
-def _knn_baseline(storage: StorageResource, compute: ComputeResource) -> tuple[pl.DataFrame | None, str]:
+def _knn_baseline(
+    storage: StorageResource, compute: ComputeResource, split_tables: dict[str, Table]
+) -> tuple[pl.DataFrame | None, str]:
     """The paper's k-NN baseline: 5 nearest training images by CLIP image features, their prompts' mean; per
     test image (image_id, cosine), or None when there is no clip model.
 
@@ -67,7 +69,7 @@ def _knn_baseline(storage: StorageResource, compute: ComputeResource) -> tuple[p
     if checkpoint is None:
         return None, "k-NN baseline: not computed (no trained clip model to take CLIP image features from)."
     model = load_model(checkpoint)
-    splits = load_splits(storage, ("train", "test"))
+    splits = load_splits(storage, ("train", "test"), **split_tables)
     train, test = splits["train"], splits["test"]
     features = {
         name: backbone_features(
@@ -84,7 +86,7 @@ def _knn_baseline(storage: StorageResource, compute: ComputeResource) -> tuple[p
 
 
 def _zero_shot_baseline(
-    storage: StorageResource, compute: ComputeResource, source_of: dict[str, str]
+    storage: StorageResource, compute: ComputeResource, source_of: dict[str, str], split_tables: dict[str, Table]
 ) -> tuple[float | None, dict[str, float], str, str, bool]:
     """(mean test cosine, the same per data source, CLIP model, note, whether the model is the random-init twin) of
     zero-shot CLIP retrieval, the baseline with no training: each test image's top-1 prompt-bank prompt by CLIP
@@ -106,7 +108,7 @@ def _zero_shot_baseline(
         retriever = ZeroShotRetriever(storage.root, clip, device=compute.device)
     except ZeroShotError as exc:
         return None, {}, "", f"zero-shot CLIP retrieval: not computed ({exc}).", False
-    test = load_splits(storage, ("test",))["test"]
+    test = load_splits(storage, ("test",), **split_tables)["test"]
     sources = np.array([source_of.get(i, "diffusiondb") for i in test.image_ids], dtype=object)
     values, counts = {}, {}
     for source in sorted(set(sources.tolist())):
@@ -119,22 +121,52 @@ def _zero_shot_baseline(
     return pooled_mean(values, counts), values, retriever.description, note + ".", retriever.toy_models
 
 
+@dg.asset(
+    ins={"pairs": table_in(filtered_pairs), "embeddings": table_in(prompt_embeddings)},
+    group_name=EVAL_GROUP,
+    kinds={"parquet"},
+    code_version=code_version("prompt_bank"),
+    description="Training prompts and their embeddings: the retrieval bank of `reverse-sd predict`.",
+)
+def prompt_bank(
+    context: dg.AssetExecutionContext, pairs: Table, embeddings: Table, storage: StorageResource
+) -> dg.MaterializeResult:
+    targets = target_embeddings(pairs, embeddings).filter(pl.col("split") == "train")
+    bank = targets.select("prompt", pl.col("target").alias("embedding")).unique("prompt", maintain_order=True)
+    target = storage.write_table(bank, "prompt_bank")
+    return dg.MaterializeResult(metadata={"prompts": bank.height, **table_metadata(bank), **artifact_metadata(target)})
+
+
+def caption_report_rows(captions: Tables) -> list[dict]:
+    """Rows for the evaluation report, one per captioner whose caption_predictions exist (``captions``: its
+    tables present): captioner, variant, sbert_cosine (mean, test split: the Kaggle metric), refclip_score,
+    clip_s, test_images, kaggle_first_place."""
+    from pipeline.captioning import report_rows
+
+    frames = {
+        name: captions[name].read(["sbert_cosine", "clip_s", "refclip_s"])
+        for name in PROFILE_CONFIG.captioning.captioners
+        if name in captions
+    }
+    return report_rows(frames, {name: SETTINGS.backbone_variant for name in frames})
+
+
 # Bump when the report's layout changes (not its figures), so the UI marks the page stale.
 # 2: Table 1 and the baselines as UI tables, plots and gallery as UI images; 3: zero-shot row; 4: per source
 REPORT_LAYOUT = 4
 
 
 @dg.asset(
-    deps=[
-        ensemble_predictions,
-        dakl_predictions,
-        difficulty_scores,
-        model_predictions,
-        filtered_pairs,
-        prompt_embeddings,
-        "prompt_bank",
-        "caption_predictions",
-    ],
+    ins={
+        "ensemble": table_in(ensemble_predictions),
+        "dakl": table_in(dakl_predictions),
+        "difficulty": table_in(difficulty_scores),
+        "predictions": table_in(model_predictions),
+        "pairs": table_in(filtered_pairs),
+        "embeddings": table_in(prompt_embeddings),
+        "bank": table_in(prompt_bank),
+        "captions": table_in(caption_predictions),
+    },
     group_name=EVAL_GROUP,
     kinds={"markdown", "html"},
     pool=GPU_POOL,  # the k-NN baseline runs the clip backbone over the train and test images
@@ -143,18 +175,30 @@ REPORT_LAYOUT = 4
     "reports/evaluation.{md,html,json} under the storage root.",
 )
 def evaluation_report(
-    context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource
+    context: dg.AssetExecutionContext,
+    ensemble: Table,
+    dakl: Table,
+    difficulty: Tables,
+    predictions: Tables,
+    pairs: Table,
+    embeddings: Table,
+    bank: Table,
+    captions: Tables,
+    storage: StorageResource,
+    compute: ComputeResource,
 ) -> dg.MaterializeResult:
-    pairs = storage.read_table("filtered_pairs", columns=["image_id", "part", "split", "source"])
-    targets = target_embeddings(storage).sort("image_id")
+    # The baselines' splits (with images): vocabulary_labels is no declared parent, read by name.
+    split_tables = {"pairs": pairs, "embeddings": embeddings, "labels": Table(storage, "vocabulary_labels")}
+    targets = target_embeddings(pairs, embeddings).sort("image_id")
+    pairs = pairs.read(["image_id", "part", "split", "source"])
     source_of = dict(zip(pairs["image_id"], pairs["source"]))
     test, train = targets.filter(pl.col("split") == "test"), targets.filter(pl.col("split") == "train")
-    ensemble = test.select("image_id").join(storage.read_table("ensemble_predictions"), on="image_id", how="left")
-    dakl = test.select("image_id").join(storage.read_table("dakl_predictions"), on="image_id", how="left")
+    ensemble = test.select("image_id").join(ensemble.read(), on="image_id", how="left")
+    dakl = test.select("image_id").join(dakl.read(), on="image_id", how="left")
     inputs = (
         as_matrix(test, "target"),
         as_matrix(train, "target"),
-        {f"{b}/{r}": preds for (b, r), preds in predictions_by_model(storage, test).items()},
+        {f"{b}/{r}": preds for (b, r), preds in predictions_by_model(predictions, test).items()},
         {
             (method, group): as_matrix(ensemble, ensemble_column(method, group))
             for method in ENSEMBLE_METHODS
@@ -165,24 +209,24 @@ def evaluation_report(
     )
     scores = score_test_split(*inputs)
     cosine = scores.cosine
-    knn_rows, knn_note = _knn_baseline(storage, compute)
+    knn_rows, knn_note = _knn_baseline(storage, compute, split_tables)
     extra_rows = {}
     if knn_rows is not None:
         cosine["baseline/knn"] = float(knn_rows["cosine"].mean())
         extra_rows["baseline/knn"] = (knn_rows["cosine"].to_numpy(), [source_of[i] for i in knn_rows["image_id"]])
     by_source = score_by_source([source_of[i] for i in test["image_id"]], *inputs, extra_rows=extra_rows)
     zero_shot_cosine, zero_shot_by_source, zero_shot_model, zero_shot_note, zero_shot_toy = _zero_shot_baseline(
-        storage, compute, source_of
+        storage, compute, source_of, split_tables
     )
     for source, value in zero_shot_by_source.items():
         by_source.setdefault(source, {})[ZERO_SHOT_KEY] = value
     if zero_shot_cosine is not None and not zero_shot_toy:
         cosine[ZERO_SHOT_KEY] = zero_shot_cosine
-    generation = caption_report_rows(storage)
+    generation = caption_report_rows(captions)
     cosine.update({f"caption/{row['captioner']}": row["sbert_cosine"] for row in generation})
     sources = pairs["source"] if "source" in pairs.columns else ["diffusiondb"] * pairs.height
     id_parts = {i: table_of(s, p) for i, p, s in zip(pairs["image_id"], pairs["part"], sources)}
-    figures = _figures(storage, scores, train, test, dakl, id_parts)
+    figures = _figures(storage, scores, train, test, dakl, id_parts, difficulty, predictions, bank)
     if zero_shot_cosine is not None and zero_shot_toy:  # in the tables, not the plot: it would stretch its axis
         cosine[ZERO_SHOT_KEY] = zero_shot_cosine
     report = Report(
@@ -255,6 +299,9 @@ def _figures(
     test: pl.DataFrame,
     dakl: pl.DataFrame,
     id_parts: dict,
+    difficulty: Tables,
+    predictions: Tables,
+    bank: Table,
 ) -> dict[str, tuple[str, bytes]]:
     """The report's figures as title -> (metadata key, PNG), in page order."""
     cosine = scores.cosine
@@ -274,7 +321,7 @@ def _figures(
         subset = {k: v for k, v in scores.per_row.items() if k.startswith(backbone + "/")}
         if subset:
             figures[f"Cosine histogram: {backbone}"] = (f"plot_histogram_{backbone}", histogram_png(subset, backbone))
-    bucket_cosines = _bucket_cosines(storage, train)
+    bucket_cosines = _bucket_cosines(difficulty, predictions, train)
     if bucket_cosines:
         figures["Train cosine by difficulty bucket (mlc_cl models)"] = (
             "plot_difficulty_buckets",
@@ -285,24 +332,24 @@ def _figures(
         figures["DAKL sweep on val"] = ("plot_dakl_sweep", dakl_sweep_png(sweep))
     figures["Test images: true prompt and top-3 retrieved (ensemble + DAKL)"] = (
         "gallery",
-        _gallery(storage, test, dakl, id_parts, n=4),
+        _gallery(storage, bank, test, dakl, id_parts, n=4),
     )
     return figures
 
 
-def _bucket_cosines(storage: StorageResource, train: pl.DataFrame) -> dict[str, dict[str, float]]:
+def _bucket_cosines(difficulty: Tables, predictions: Tables, train: pl.DataFrame) -> dict[str, dict[str, float]]:
     """Per backbone: the mlc_cl model's mean train cosine in each difficulty bucket."""
     out = {}
     for backbone in BACKBONES:
-        if not (
-            storage.has_table("difficulty_scores", backbone)
-            and storage.has_table("model_predictions", f"{backbone}|mlc_cl")
-        ):
+        if not (backbone in difficulty and f"{backbone}|mlc_cl" in predictions):
             continue
         frame = (
             train.select("image_id", "target")
-            .join(storage.read_table("difficulty_scores", backbone).select("image_id", "bucket"), on="image_id")
-            .join(read_predictions(storage, backbone, "mlc_cl").select("image_id", "embedding"), on="image_id")
+            .join(difficulty[backbone].read().select("image_id", "bucket"), on="image_id")
+            .join(
+                predictions[f"{backbone}|mlc_cl"].read().sort("image_id").select("image_id", "embedding"),
+                on="image_id",
+            )
         )
         cos = row_cosines(as_matrix(frame, "embedding"), as_matrix(frame, "target"))
         buckets = frame["bucket"].to_numpy()
@@ -310,9 +357,12 @@ def _bucket_cosines(storage: StorageResource, train: pl.DataFrame) -> dict[str, 
     return out
 
 
-def _gallery(storage: StorageResource, test: pl.DataFrame, predictions: pl.DataFrame, id_parts: dict, n: int) -> bytes:
-    """The first n test images with their true prompt and the top-3 prompt-bank prompts for the prediction."""
-    bank = storage.read_table("prompt_bank")
+def _gallery(
+    storage: StorageResource, prompts: Table, test: pl.DataFrame, predictions: pl.DataFrame, id_parts: dict, n: int
+) -> bytes:
+    """The first n test images with their true prompt and the top-3 prompt-bank prompts for the prediction; the
+    images from the parts' and image folders' tables (``id_parts``: image id -> table, partition)."""
+    bank = prompts.read()
     bank_matrix = as_matrix(bank, "embedding")
     rows = test.head(n)
     preds = rows.select("image_id").join(predictions.select("image_id", "embedding"), on="image_id", how="left")
@@ -327,20 +377,6 @@ def _gallery(storage: StorageResource, test: pl.DataFrame, predictions: pl.DataF
         ]
         captions.append("\n".join(lines))
     return gallery_png(images, captions)
-
-
-@dg.asset(
-    deps=[filtered_pairs, prompt_embeddings],
-    group_name=EVAL_GROUP,
-    kinds={"parquet"},
-    code_version=code_version("prompt_bank"),
-    description="Training prompts and their embeddings: the retrieval bank of `reverse-sd predict`.",
-)
-def prompt_bank(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
-    targets = target_embeddings(storage).filter(pl.col("split") == "train")
-    bank = targets.select("prompt", pl.col("target").alias("embedding")).unique("prompt", maintain_order=True)
-    target = storage.write_table(bank, "prompt_bank")
-    return dg.MaterializeResult(metadata={"prompts": bank.height, **table_metadata(bank), **artifact_metadata(target)})
 
 
 EVALUATION_ASSETS = [evaluation_report, prompt_bank]

@@ -30,7 +30,7 @@ from pipeline.training.pairs import (
     load_split,
     split_rows,
 )
-from resources import ComputeResource, StorageResource
+from resources import ComputeResource, StorageResource, Table, Tables, directory_in, table_in
 from resources.settings import PROJECT_DIR
 
 TRAIN_GROUP = "training"
@@ -70,17 +70,17 @@ def training_settings_versions() -> dict[str, str]:
 _BY_BACKBONE = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="backbone")
 
 
-def load_splits(storage: StorageResource, splits=("train", "val", "test")) -> dict[str, SplitData]:
+def load_splits(
+    storage: StorageResource, splits=("train", "val", "test"), *, pairs: Table, embeddings: Table, labels: Table
+) -> dict[str, SplitData]:
     """The pairs of ``splits`` with their images: each split's images a memory-mapped file under the storage
     root's local cache (pipeline.data.image_store), the missing ones built together in one pass over the parts
-    and reused while the parts and the splits are unchanged."""
+    and reused while the parts and the splits are unchanged.  ``pairs``, ``embeddings``, ``labels``: the
+    filtered_pairs, prompt_embeddings and vocabulary_labels tables (the caller's ins); the images are read
+    from the parts' and image folders' tables the pairs name."""
     from pipeline.data.image_store import split_images_many
 
-    joined = join_pairs(
-        storage.read_table("filtered_pairs"),
-        storage.read_table("prompt_embeddings"),
-        storage.read_table("vocabulary_labels"),
-    )
+    joined = join_pairs(pairs.read(), embeddings.read(), labels.read())
     rows = {s: split_rows(joined, s) for s in splits}
 
     # An image folder's pairs are read from its own table: their part key here is "images/<subfolder>" (a
@@ -109,8 +109,8 @@ def load_splits(storage: StorageResource, splits=("train", "val", "test")) -> di
     return {s: load_split(rows[s], *images[s]) for s in splits}
 
 
-def _vocab_size(storage: StorageResource) -> int:
-    return storage.read_table("vocabulary", columns=["word"]).height
+def vocab_size(vocab: Table) -> int:
+    return vocab.read(["word"]).height
 
 
 def _train_config(compute: ComputeResource, backbone: str, recipe: str, **overrides):
@@ -142,7 +142,12 @@ def _create(backbone: str, compute: ComputeResource, vocab_size: int):
 
 @dg.asset(
     partitions_def=backbone_partitions,
-    deps=[training_settings, filtered_pairs, prompt_embeddings, vocabulary_labels],
+    deps=[training_settings],
+    ins={
+        "pairs": table_in(filtered_pairs),
+        "embeddings": table_in(prompt_embeddings),
+        "labels": table_in(vocabulary_labels),
+    },
     group_name=TRAIN_GROUP,
     kinds={"pytorch", "parquet"},
     pool="gpu",
@@ -150,15 +155,21 @@ def _create(backbone: str, compute: ComputeResource, vocab_size: int):
     description="Preliminary epochs recording each training sample's cosine; difficulty = mean (higher = easier).",
 )
 def difficulty_scores(
-    context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource
+    context: dg.AssetExecutionContext,
+    pairs: Table,
+    embeddings: Table,
+    labels: Table,
+    storage: StorageResource,
+    compute: ComputeResource,
 ) -> dg.MaterializeResult:
     from pipeline.training.curriculum import bucket_by_difficulty, difficulty_from_history
     from pipeline.training.loop import data_path, preliminary_cosines, run_figures
 
     backbone = context.partition_key
-    splits = load_splits(storage, ("train",))
+    splits = load_splits(storage, ("train",), pairs=pairs, embeddings=embeddings, labels=labels)
     train = splits["train"]
-    model = _create(backbone, compute, _vocab_size(storage))
+    # the vocabulary's size (not a declared parent: vocabulary_labels, which is, is built from it)
+    model = _create(backbone, compute, vocab_size(Table(storage, "vocabulary")))
     preliminary_epochs = training_spec(backbone).preliminary_epochs
     config = _train_config(compute, backbone, "mlc", epochs=preliminary_epochs)
     started = time.perf_counter()
@@ -197,14 +208,14 @@ def _split_key(context) -> tuple[str, str]:
 
 @dg.asset(
     partitions_def=model_partitions,
-    deps=[
-        dg.AssetDep(training_settings, partition_mapping=_BY_BACKBONE),
-        filtered_pairs,
-        prompt_embeddings,
-        vocabulary,
-        vocabulary_labels,
-        dg.AssetDep(difficulty_scores, partition_mapping=_BY_BACKBONE),
-    ],
+    deps=[dg.AssetDep(training_settings, partition_mapping=_BY_BACKBONE)],
+    ins={
+        "pairs": table_in(filtered_pairs),
+        "embeddings": table_in(prompt_embeddings),
+        "vocab": table_in(vocabulary),
+        "labels": table_in(vocabulary_labels),
+        "difficulty": table_in(difficulty_scores, _BY_BACKBONE),
+    },
     group_name=TRAIN_GROUP,
     kinds={"pytorch", "safetensors"},
     pool="gpu",
@@ -214,6 +225,11 @@ def _split_key(context) -> tuple[str, str]:
 )
 def trained_models(
     context: dg.AssetExecutionContext,
+    pairs: Table,
+    embeddings: Table,
+    vocab: Table,
+    labels: Table,
+    difficulty: Tables,
     storage: StorageResource,
     compute: ComputeResource,
     pipes: dg.PipesSubprocessClient,
@@ -222,12 +238,12 @@ def trained_models(
     from pipeline.training.loop import data_path, run_figures, train_model
 
     backbone, recipe = _split_key(context)
-    splits = load_splits(storage, ("train", "val"))
+    splits = load_splits(storage, ("train", "val"), pairs=pairs, embeddings=embeddings, labels=labels)
     train, val = splits["train"], splits["val"]
-    vocab_size = 0 if recipe == "baseline" else _vocab_size(storage)
+    n_words = 0 if recipe == "baseline" else vocab_size(vocab)
     stages = None
     if recipe == "mlc_cl":
-        scores = storage.read_table("difficulty_scores", backbone, columns=["image_id", "bucket"])
+        scores = difficulty.partition(backbone).read(["image_id", "bucket"])
         stages = aligned_stages(train.image_ids, scores["image_id"].to_list(), scores["bucket"].to_list())
     config = _train_config(compute, backbone, recipe)
     checkpoint_dir = storage.path("trained_models", backbone, recipe)
@@ -238,7 +254,7 @@ def trained_models(
     nodes = rendezvous(SETTINGS)
     if compute.nproc_per_node > 1 or nodes:
         model_kwargs = dict(
-            backbone=backbone, variant=compute.backbone_variant, vocab_size=vocab_size, pretrained=compute.pretrained
+            backbone=backbone, variant=compute.backbone_variant, vocab_size=n_words, pretrained=compute.pretrained
         )
         # several nodes: no one local directory every rank sees, so each rank runs the frozen prefix itself
         cache = None if nodes else storage.local_dir("feature_cache")
@@ -247,7 +263,7 @@ def trained_models(
             context, pipes, compute, model_kwargs, train, val, config, checkpoint_dir, stages, cache, nodes, shared
         )
     else:
-        model = _create(backbone, compute, vocab_size)
+        model = _create(backbone, compute, n_words)
         data = data_path(
             {"train": train, "val": val}, model, storage.local_dir("feature_cache"), num_workers=compute.num_workers
         )
@@ -379,7 +395,7 @@ def _remove_tree(url: str) -> None:
 
 @dg.asset(
     partitions_def=model_partitions,
-    deps=[dg.AssetDep(trained_models)],
+    ins={"checkpoints": directory_in(trained_models)},
     group_name=TRAIN_GROUP,
     kinds={"pytorch", "parquet"},
     pool="gpu",  # a full backbone over every pair: at DiffusionDB scale this is GPU work
@@ -387,14 +403,14 @@ def _remove_tree(url: str) -> None:
     description="Predicted embeddings of a trained model for every train / val / test pair.",
 )
 def model_predictions(
-    context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource
+    context: dg.AssetExecutionContext, checkpoints: Tables, storage: StorageResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
     from pipeline.training.checkpoint import latest_checkpoint, load_model
     from pipeline.training.data import data_path
     from pipeline.training.inference import predict_embeddings
 
     backbone, recipe = _split_key(context)
-    checkpoint = latest_checkpoint(storage.path("trained_models", backbone, recipe))
+    checkpoint = latest_checkpoint(checkpoints.partition(f"{backbone}|{recipe}").directory)
     if checkpoint is None:
         raise dg.Failure(f"no checkpoint for {backbone}/{recipe}: materialize trained_models first")
     model = load_model(checkpoint)

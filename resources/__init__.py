@@ -10,6 +10,7 @@ from resources.core import (
 )
 from resources.profiles import ProfileConfig, profile_config
 from resources.settings import Settings, SettingsError, load_settings
+from resources.tables import Table, TableInputManager, Tables, directory_in, table_in, with_tables
 
 __all__ = [
     "ComputeResource",
@@ -20,7 +21,13 @@ __all__ = [
     "Settings",
     "SettingsError",
     "StorageResource",
+    "Table",
+    "TableInputManager",
+    "Tables",
     "build_resources",
+    "directory_in",
     "load_settings",
     "profile_config",
+    "table_in",
+    "with_tables",
 ]

@@ -267,3 +267,77 @@ __all__ = [
     "swap_grid",
     "tiny_sd_pipeline",
 ]
+
+
+# ---- the unet_swap_report stage: the first trained encoder, swapped in, scored side by side --------------------
+
+
+def first_checkpoint(directories: Sequence[tuple[str, str]]):
+    """(recipe, checkpoint) of the first (recipe, checkpoint directory) that holds a checkpoint, or None."""
+    from pipeline.training.checkpoint import latest_checkpoint
+
+    for recipe, directory in directories:
+        checkpoint = latest_checkpoint(directory)
+        if checkpoint is not None:
+            return recipe, checkpoint
+    return None
+
+
+def swap_report(checkpoint, encoder_name: str, spec, *, variant: str, device: str, tiny_seed: int) -> dict:
+    """Stable Diffusion with and without the fine-tuned encoder in ``checkpoint`` for the first spec.swap_prompts
+    DEFAULT_PROMPTS, CLIP prompt alignment of both: the summary (pipeline, encoder, clip_model, clip_score_sd,
+    clip_score_swap, mean_abs_pixel_change, settings, prompts: per-prompt rows) and, under "grid", the PNG grid.
+    A "full" encoder runs in SD 2 from the hub; a tiny one in the tiny twin drawn from ``tiny_seed``."""
+    from pipeline.captioning.scoring import load_clip_scorer
+
+    encoder, config = load_finetuned_encoder(checkpoint)
+    if config.get("variant") == "full":
+        pipe, pipeline_name = load_sd_pipeline(SD_HUB_ID, device), SD_HUB_ID
+    else:
+        pipe, pipeline_name = tiny_sd_pipeline(tiny_seed).to(device), "tiny Stable Diffusion twin"
+    prompts = list(DEFAULT_PROMPTS[: spec.swap_prompts])
+    settings = dict(
+        seed=spec.seed,
+        steps=spec.swap_steps,
+        height=spec.swap_size,
+        width=spec.swap_size,
+        guidance_scale=spec.swap_guidance,
+    )
+    plain = generate_images(pipe, prompts, None, **settings)
+    swapped = generate_images(pipe, prompts, encoder, **settings)
+    scorer = load_clip_scorer(variant, spec.clip_model, device, seed=spec.seed)
+    columns = {"SD": plain, "SD + fine-tuned encoder": swapped}
+    scores = {name: clip_scores(scorer, images, prompts) for name, images in columns.items()}
+    pixel_change = float(np.mean([np.abs(np.subtract(a, b, dtype=np.float32)).mean() for a, b in zip(plain, swapped)]))
+    rows = [
+        {"prompt": p, "clip_sd": float(scores["SD"][i]), "clip_swap": float(scores["SD + fine-tuned encoder"][i])}
+        for i, p in enumerate(prompts)
+    ]
+    return {
+        "pipeline": pipeline_name,
+        "encoder": encoder_name,
+        "clip_model": scorer.description if variant == "tiny" else spec.clip_model,
+        "clip_score_sd": float(np.mean(scores["SD"])),
+        "clip_score_swap": float(np.mean(scores["SD + fine-tuned encoder"])),
+        "mean_abs_pixel_change": pixel_change,
+        "settings": settings,
+        "prompts": rows,
+        "grid": swap_grid(prompts, columns, scores),
+    }
+
+
+def write_swap_report(reports: str, summary: dict, grid: bytes, table_md: str) -> None:
+    """reports/unet_swap.png (the grid), .json (the summary) and .md (``table_md``, the per-prompt table, and the
+    grid), each written atomically under the storage root's reports directory."""
+    import json
+
+    from pipeline import storage
+
+    storage.write_bytes(grid, f"{reports}/unet_swap.png")
+    storage.write_text(json.dumps(summary, indent=2), f"{reports}/unet_swap.json")
+    storage.write_text(
+        "# Stable Diffusion with the fine-tuned U-Net encoder after step 1\n\n"
+        f"pipeline: {summary['pipeline']}; encoder: {summary['encoder']}; CLIP score = 100 * max(cos, 0)\n\n"
+        f"{table_md}\n\n![grid](unet_swap.png)\n",
+        f"{reports}/unet_swap.md",
+    )

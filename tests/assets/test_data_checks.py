@@ -12,7 +12,8 @@ from assets.data import (
     parts_partitions,
     train_and_val_hold_pairs,
 )
-from resources import DiffusionDBResource, StorageResource
+from assets.own_images import image_folders
+from resources import DiffusionDBResource, ImagesResource, StorageResource, with_tables
 
 
 def _materialize_pairs(tmp_path, images: int):
@@ -20,15 +21,19 @@ def _materialize_pairs(tmp_path, images: int):
 
     mirror = tmp_path / "mirror"
     generate_sample_mirror(mirror, n_parts=1, images_per_part=images, seed=3)
-    resources = {
-        "storage": StorageResource(root=str(tmp_path / "data")),
-        "diffusiondb": DiffusionDBResource(location=str(mirror)),
-    }
+    resources = with_tables(
+        {
+            "storage": StorageResource(root=str(tmp_path / "data")),
+            "diffusiondb": DiffusionDBResource(location=str(mirror)),
+            "images": ImagesResource(),  # image_folders, a parent of filtered_pairs (not run)
+        }
+    )
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(parts_partitions.name, ["part-000001"])
         assert dg.materialize([diffusiondb_parts], partition_key="part-000001", instance=instance, resources=resources)
         result = dg.materialize(
-            [filtered_pairs, train_and_val_hold_pairs, has_test_pairs],
+            [diffusiondb_parts, image_folders, filtered_pairs, train_and_val_hold_pairs, has_test_pairs],
+            selection=[filtered_pairs, train_and_val_hold_pairs, has_test_pairs],
             instance=instance,
             resources=resources,
             raise_on_error=False,

@@ -18,11 +18,22 @@ import torch
 from PIL import Image
 
 from assets.data import DATA_ASSETS, register_parts
-from assets.generation import GENERATION_ASSETS, caption_report_rows
-from assets.training import difficulty_scores
+from assets.evaluation import caption_report_rows
+from assets.generation import GENERATION_ASSETS
+from assets.own_images import IMAGES_ASSETS
+from assets.training import TRAINING_ASSETS, difficulty_scores
 from pipeline.captioning import CAPTIONERS
 from pipeline.data.sample_data import generate_sample_mirror
-from resources import ComputeResource, DiffusionDBResource, SentenceEncoderResource, StorageResource
+from resources import (
+    ComputeResource,
+    DiffusionDBResource,
+    ImagesResource,
+    SentenceEncoderResource,
+    StorageResource,
+    Table,
+    Tables,
+    with_tables,
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +43,21 @@ def materialized(tmp_path_factory):
     root = tmp_path_factory.mktemp("generation")
     mirror, home = root / "mirror", root / "home"
     generate_sample_mirror(mirror, n_parts=1, images_per_part=100, seed=0)
-    resources = {
-        "storage": StorageResource(root=str(home)),
-        "diffusiondb": DiffusionDBResource(location=str(mirror)),
-        "sentence_encoder": SentenceEncoderResource(),
-        "compute": ComputeResource(device="cpu"),
-    }
+    resources = with_tables(
+        {
+            "storage": StorageResource(root=str(home)),
+            "diffusiondb": DiffusionDBResource(location=str(mirror)),
+            "sentence_encoder": SentenceEncoderResource(),
+            "compute": ComputeResource(device="cpu"),
+            "images": ImagesResource(),  # for the parents not run here (image_folders, trained_models)
+            "pipes": dg.PipesSubprocessClient(),
+        }
+    )
+    graph = [*IMAGES_ASSETS, *DATA_ASSETS, *TRAINING_ASSETS, *GENERATION_ASSETS]  # what the selected assets read
     with dg.instance_for_test() as instance:
         (part,) = register_parts(instance, resources["diffusiondb"])
         run = lambda assets, key=None: dg.materialize(  # noqa: E731
-            assets, resources=resources, instance=instance, partition_key=key, raise_on_error=True
+            graph, selection=assets, resources=resources, instance=instance, partition_key=key, raise_on_error=True
         )
         run([a for a in DATA_ASSETS if a.key.to_user_string() == "diffusiondb_parts"], part)
         run([a for a in DATA_ASSETS if a.key.to_user_string() not in ("diffusiondb_source", "diffusiondb_parts")])
@@ -109,7 +125,7 @@ def test_caption_predictions_table_scores_and_check(materialized):
     assert meta["kaggle_first_place"] == 0.66316 and "measure nothing" in meta["note"]
     checks = captions.get_asset_check_evaluations()
     assert [(c.check_name, c.passed) for c in checks] == [("generated_prompt_per_test_image", True)]
-    rows = caption_report_rows(storage)
+    rows = caption_report_rows(Tables("caption_predictions", [Table(storage, "caption_predictions", "blip")]))
     assert len(rows) == 1 and rows[0]["captioner"] == "blip" and rows[0]["test_images"] == table.height
     assert rows[0]["sbert_cosine"] == pytest.approx(meta["sbert_cosine"], abs=1e-6)
     assert rows[0]["refclip_score"] == pytest.approx(float(table["refclip_s"].mean()), abs=1e-6)

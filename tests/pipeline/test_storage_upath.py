@@ -152,16 +152,26 @@ def tiny_mirror(tmp_path_factory) -> Path:
 
 def test_materialize_data_assets_into_memory_root(tiny_mirror, memory_root):
     from assets.data import diffusiondb_parts, filtered_pairs, no_prompt_in_two_splits, parts_partitions
+    from assets.own_images import image_folders
+    from resources import ImagesResource, with_tables
 
-    resources = {
-        "storage": StorageResource(root=memory_root),
-        "diffusiondb": DiffusionDBResource(location=str(tiny_mirror)),
-    }
+    resources = with_tables(
+        {
+            "storage": StorageResource(root=memory_root),
+            "diffusiondb": DiffusionDBResource(location=str(tiny_mirror)),
+            "images": ImagesResource(),  # image_folders, a parent of filtered_pairs (not run)
+        }
+    )
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(parts_partitions.name, ["part-000001"])
         parts = dg.materialize([diffusiondb_parts], partition_key="part-000001", instance=instance, resources=resources)
         assert parts.success
-        pairs = dg.materialize([filtered_pairs, no_prompt_in_two_splits], instance=instance, resources=resources)
+        pairs = dg.materialize(
+            [diffusiondb_parts, image_folders, filtered_pairs, no_prompt_in_two_splits],
+            selection=[filtered_pairs, no_prompt_in_two_splits],
+            instance=instance,
+            resources=resources,
+        )
         assert pairs.success
         checks = pairs.get_asset_check_evaluations()
         assert [c.passed for c in checks] == [True]

@@ -414,7 +414,14 @@ def model_predictions(
     if checkpoint is None:
         raise dg.Failure(f"no checkpoint for {backbone}/{recipe}: materialize trained_models first")
     model = load_model(checkpoint)
-    splits = load_splits(storage)
+    # the pairs, targets and labels of every split: not declared parents (trained_models, which is, reads them)
+    tables = {name: Table(storage, name) for name in ("filtered_pairs", "prompt_embeddings", "vocabulary_labels")}
+    splits = load_splits(
+        storage,
+        pairs=tables["filtered_pairs"],
+        embeddings=tables["prompt_embeddings"],
+        labels=tables["vocabulary_labels"],
+    )
     data = data_path(splits, model, storage.local_dir("feature_cache"), num_workers=compute.num_workers)
     frames, metadata = [], {}
     for name, split in splits.items():

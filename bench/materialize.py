@@ -37,11 +37,11 @@ def _env(root: Path, **extra: str) -> dict[str, str]:
 
 def _cli(checkout: Path, args: list[str], env: dict[str, str]) -> float:
     """Seconds of one `reverse-sd materialize` run of ``checkout``'s code (fails loudly)."""
+    module = "cli.main" if (checkout / "cli" / "main.py").exists() else "assets.cli"  # before cli/ existed
     started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "cli.main", *args], cwd=checkout, env=env, capture_output=True, text=True
-    )
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=checkout, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started
+    print(f"  {checkout.name}: {' '.join(args)}: {seconds:.1f} s", file=sys.stderr, flush=True)
     if done.returncode != 0:
         raise SystemExit(f"{checkout}: {' '.join(args)} failed:\n{done.stderr[-3000:]}")
     return seconds
@@ -78,7 +78,11 @@ warnings.filterwarnings("ignore")
 import dagster as dg
 from resources.settings import ensure_dagster_home, load_settings
 ensure_dagster_home(load_settings())
-from cli.planning import plan_units
+import os
+if os.path.exists("cli/planning.py"):
+    from cli.planning import plan_units
+else:  # a checkout from before cli/ existed
+    from assets.planning import plan_units
 from assets.definitions import defs
 instance = dg.DagsterInstance.get()
 instance.add_dynamic_partitions("diffusiondb_part", [f"part-{i:06d}" for i in range(1, 2001)])

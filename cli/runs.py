@@ -288,14 +288,14 @@ def run_plan(
     return progress
 
 
-GPU_RUNS_AHEAD = 2  # GPU runs in flight beyond --workers: one started and waiting at its step, one queued
+GPU_RUNS_AHEAD = 2  # GPU runs in flight beyond --workers: queued, so one is dequeued the moment the slot frees
 
 
 def _admit(plan: Plan, ready: list[int], progress: Progress, max_active: int) -> list[int]:
     """The ready units to submit now: at most ``max_active`` runs in flight that use no GPU, and GPU runs up to
-    ``max_active + GPU_RUNS_AHEAD``.  GPU runs wait for the instance's "gpu" pool, not for a core, so a few
-    more are kept in flight: the next one is already started (dagster.yaml's op_granularity_run_buffer) when
-    the slot frees, rather than submitted only once a whole earlier run has ended."""
+    ``max_active + GPU_RUNS_AHEAD``.  GPU runs wait in the queue for the instance's "gpu" pool, not for a
+    core, so the next one is already queued when the slot frees rather than submitted once a whole earlier
+    run has ended and the command has seen it."""
     active = [plan.units[i] for i in progress.active.values()]
     room = {
         False: max_active - sum(not u.gpu for u in active),

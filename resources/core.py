@@ -224,16 +224,6 @@ class ComputeResource(dg.ConfigurableResource):
     num_workers: int = 0
     nproc_per_node: int = 1
 
-    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        """Load the tensor libraries (torch, timm, the training loop: about 3.7 s on a 2-core machine) now.
-
-        A run's resources are set up before its first step asks for a "gpu" pool slot, and dagster.yaml lets
-        one run more than the pool admits start ahead (``op_granularity_run_buffer``), so the next GPU run
-        pays its process start and these imports while the previous one still holds the slot."""
-        from pipeline.training import warm_up
-
-        warm_up()
-
 
 def build_resources(settings: Settings | None = None) -> dict[str, dg.ConfigurableResource]:
     settings = settings or load_settings()

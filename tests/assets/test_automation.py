@@ -354,6 +354,17 @@ def test_stale_and_the_sensor_agree_after_a_code_version_bump():
         assert "vocabulary" in requested and "vocabulary" in planned, (requested, planned)
 
 
+def _report_built_file(instance, graph, name: str, path) -> None:
+    """A run of ``name`` (as _report_run records it) that wrote ``path``: its materialization names the file."""
+    _report_run(instance, graph, name, None)
+    latest = instance.fetch_materializations(dg.AssetKey(name), limit=1).records[0]
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization(
+            asset_key=name, tags=latest.asset_materialization.tags, metadata={"path": dg.MetadataValue.path(str(path))}
+        )
+    )
+
+
 def test_stale_and_the_sensors_agree_after_a_garbled_artifact(tmp_path):
     """A truncated file: --stale rebuilds its partition and what reads it; the damaged_artifacts sensor requests
     that partition (once per damaged materialization), and once it is rebuilt the automation sensor goes on
@@ -371,15 +382,7 @@ def test_stale_and_the_sensors_agree_after_a_garbled_artifact(tmp_path):
         _build_everything(instance, graph)
         target = tmp_path / "vocabulary.parquet"
         storage.write_parquet(pl.DataFrame({"word": ["cat", "dog"] * 200}), target)
-        _report_run(instance, graph, "vocabulary", None)  # rebuilt, recording its file as a real run does
-        latest = instance.fetch_materializations(dg.AssetKey("vocabulary"), limit=1).records[0]
-        instance.report_runless_asset_event(
-            dg.AssetMaterialization(
-                asset_key="vocabulary",
-                tags=latest.asset_materialization.tags,
-                metadata={"path": dg.MetadataValue.path(str(target))},
-            )
-        )
+        _report_built_file(instance, graph, "vocabulary", target)
         for name in ("vocabulary_labels", "trained_models"):  # what reads it, rebuilt after it
             pdef = graph.get(dg.AssetKey(name)).partitions_def
             for partition in pdef.get_partition_keys() if pdef else [None]:
@@ -411,15 +414,7 @@ def test_stale_and_the_sensors_agree_after_a_garbled_artifact(tmp_path):
         assert {"vocabulary", "vocabulary_labels"} <= planned
 
         storage.write_parquet(pl.DataFrame({"word": ["cat", "dog"] * 200}), target)  # the requested rebuild
-        _report_run(instance, graph, "vocabulary", None)
-        latest = instance.fetch_materializations(dg.AssetKey("vocabulary"), limit=1).records[0]
-        instance.report_runless_asset_event(
-            dg.AssetMaterialization(
-                asset_key="vocabulary",
-                tags=latest.asset_materialization.tags,
-                metadata={"path": dg.MetadataValue.path(str(target))},
-            )
-        )
+        _report_built_file(instance, graph, "vocabulary", target)
         assert isinstance(sensor(), dg.SkipReason)
         after = _requested(dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=first.cursor))
         assert "vocabulary_labels" in after and "vocabulary_labels" in planned

@@ -61,27 +61,32 @@ def artifact_problem(key: dg.AssetKey, metadata: dict, root: str | None) -> str 
     return None
 
 
-def latest_materializations(instance: dg.DagsterInstance, key: dg.AssetKey) -> dict[str | None, dg.EventLogRecord]:
-    """partition (None when unpartitioned) -> its newest materialization record, a page of 1,000 at a time."""
+def latest_materializations(
+    instance: dg.DagsterInstance, key: dg.AssetKey, partitioned: bool = True
+) -> dict[str | None, dg.EventLogRecord]:
+    """partition (None when unpartitioned) -> its newest materialization record, a page of 1,000 at a time (one
+    record when the asset is not ``partitioned``: its newest is the only one that counts)."""
     latest: dict[str | None, dg.EventLogRecord] = {}
     cursor = None
     while True:
-        page = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key), limit=1000, cursor=cursor)
+        limit = 1000 if partitioned else 1
+        page = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key), limit=limit, cursor=cursor)
         for record in page.records:
             latest.setdefault(record.asset_materialization.partition, record)
-        if not page.has_more:
+        if not page.has_more or not partitioned:
             return latest
         cursor = page.cursor
 
 
 def damaged_partitions(
-    instance: dg.DagsterInstance, keys: list[dg.AssetKey], root: str | None
+    instance: dg.DagsterInstance, graph, keys: list[dg.AssetKey], root: str | None
 ) -> list[tuple[dg.AssetKey, str | None, str, int]]:
     """(asset, partition, why, storage id of the damaged materialization) for every latest materialization
-    of ``keys`` whose artifacts are missing or damaged."""
+    of ``keys`` (assets of ``graph``) whose artifacts are missing or damaged."""
     found = []
     for key in keys:
-        for partition, record in latest_materializations(instance, key).items():
+        partitioned = graph.get(key).partitions_def is not None
+        for partition, record in latest_materializations(instance, key, partitioned).items():
             why = artifact_problem(key, record.asset_materialization.metadata, root)
             if why:
                 found.append((key, partition, why, record.storage_id))
@@ -101,7 +106,7 @@ def damaged_artifacts(context: dg.SensorEvaluationContext, storage: StorageResou
     graph = context.repository_def.asset_graph
     keys = sorted(graph.materializable_asset_keys)
     root = storage.root if "://" not in storage.root else None
-    found = damaged_partitions(context.instance, keys, root)
+    found = damaged_partitions(context.instance, graph, keys, root)
     if not found:
         return dg.SkipReason(f"every latest artifact of {len(keys)} assets is intact")
     for key, partition, why, _ in found[:20]:

@@ -83,13 +83,9 @@ def diffusiondb_parts(
         context.add_asset_metadata(metadata, partition_key=part)
         versions.append((part, metadata["source_sha256"]))
         records, skipped = records + metadata["records"], skipped + metadata["skipped"]
-        if len(context.partition_keys) == 1:
-            context.log.info(f"{part}: {records} records kept, {skipped} skipped, {metadata['seconds']:.1f} s")
-    if len(versions) > 1:  # one line per run, not per part: each event is a database write (README, Scale on paper)
-        context.log.info(
-            f"{versions[0][0]} .. {versions[-1][0]} ({len(versions)} parts): {records} records kept, {skipped} skipped, "
-            f"{time.perf_counter() - started:.1f} s; per-part figures in each partition's metadata"
-        )
+    # One line per run, not per part (each event is a database write); each part's figures are in its metadata.
+    span = versions[0][0] if len(versions) == 1 else f"{versions[0][0]} .. {versions[-1][0]} ({len(versions)} parts)"
+    context.log.info(f"{span}: {records} records kept, {skipped} skipped, {time.perf_counter() - started:.1f} s")
     # A run of one part keeps the zip's sha256 as its data version; a range shares one version (Dagster records
     # one per run), the hash of its parts' hashes.  Each part's own hash is in its metadata (source_sha256).
     version = versions[0][1] if len(versions) == 1 else hashlib.sha256(repr(versions).encode()).hexdigest()

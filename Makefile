@@ -50,7 +50,7 @@ ui: install $(DAGSTER_HOME)/dagster.yaml
 	  PYTHONWARNINGS='ignore:Function `dev_command` is superseded' \
 	  $(CURDIR)/$(BIN)/dagster dev -w $(CURDIR)/workspace.yaml -h $${HOST:-127.0.0.1} -p $${PORT:-3000}
 
-# The three automations (STOPPED on a fresh instance): start, stop or list them in this project's instance
+# The four automations (a schedule, three sensors; STOPPED on a fresh instance): start, stop or list them in this project's instance
 # (DAGSTER_HOME is set above, which a bare `dagster schedule start` in a fresh shell lacks).  `make ui` runs
 # the daemon that executes them.
 AUTOMATIONS_SCHEDULES := observe_diffusiondb

@@ -16,11 +16,12 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import timm
 import torch
 from torch import nn
 
-if TYPE_CHECKING:  # transformers / diffusers cost seconds to import: only the clip / unet builders need them
+# timm (1.7 s with torchvision), transformers and diffusers cost seconds to import, and each run is a fresh
+# process: each builder imports only its own library, so a clip or unet run never loads timm.
+if TYPE_CHECKING:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPVisionModelWithProjection
 
@@ -133,12 +134,16 @@ class TimmBackbone(Backbone):
 
 def load_timm(name: str, pretrained: bool, weights_file: str | None = None, **kwargs) -> nn.Module:
     """``timm.create_model(name, num_classes=0)``; pretrained from the hub, or from a local weights file."""
+    import timm
+
     overlay = {"file": weights_file} if weights_file else None
     return timm.create_model(name, pretrained=pretrained, num_classes=0, pretrained_cfg_overlay=overlay, **kwargs)
 
 
 def _timm_backbone(model: nn.Module, full_name: str, variant: str) -> TimmBackbone:
     """Wrap with the normalisation of the pretrained weights; tiny twins use the same at 64 px."""
+    import timm
+
     if variant == "full":
         cfg = timm.data.resolve_model_data_config(model)
         return TimmBackbone(model, cfg["input_size"][-1], cfg["mean"], cfg["std"])
@@ -152,6 +157,8 @@ SWIN_NAME = "swinv2_large_window12to16_192to256"
 
 def build_vit(variant: str = "tiny", pretrained: bool = False, weights: str = VIT_NAME) -> TimmBackbone:
     """ViT-B/16 at 224 px (timm); tiny: the same VisionTransformer class at 64 px, patch 8, width 64, depth 2."""
+    import timm
+
     check_pretrained(variant, pretrained)
     if variant == "full":
         local = weights if os.path.isfile(weights) else None
@@ -165,6 +172,8 @@ def build_vit(variant: str = "tiny", pretrained: bool = False, weights: str = VI
 
 def build_swin(variant: str = "tiny", pretrained: bool = False, weights: str = SWIN_NAME) -> TimmBackbone:
     """SwinV2-Large at 256 px (timm) with gradient checkpointing; tiny: SwinTransformerV2 at 64 px, 2 stages."""
+    import timm
+
     check_pretrained(variant, pretrained)
     if variant == "full":
         local = weights if os.path.isfile(weights) else None

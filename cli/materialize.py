@@ -107,6 +107,7 @@ def _materialize_locked(args, settings, workers: int) -> int:
     # The instance's storage is created here first: `dagster dev` creating it at the same moment races this
     # process on a fresh DAGSTER_HOME ("table alembic_version already exists").
     instance = dg.DagsterInstance.get()
+    orch.apply_default_pool_limits(instance)  # the "gpu" limit holds from the first queued run (its docstring)
     # The webserver (found, or `dagster dev` started now) loads the code while this process plans.
     with DagsterServer(settings.dagster_home, logs / f"dagster-dev-{invocation}.log") as server:
         from assets.data import sync_parts

@@ -3,8 +3,9 @@
 Every run is submitted through the webserver's GraphQL API (``launchMultipleRuns``), so it goes through the
 instance's run coordinator (the queue in dagster.yaml, its ``max_concurrent_runs``) and its run launcher
 (a subprocess per run on one machine; Celery or Kubernetes when dagster.yaml says so).  The "gpu" pool is
-Dagster's (``concurrency.pools`` in dagster.yaml, or ``dagster instance concurrency set gpu N``); a run
-worker that dies is marked failed by the code server that launched it, and run monitoring frees its slots.
+Dagster's (``concurrency.pools`` in dagster.yaml, or ``dagster instance concurrency set gpu N``); a
+run that uses it waits in the queue (``granularity: run``), and one whose worker dies is marked failed by the
+code server that launched it, which gives its place in the pool back.
 
 The CLI only decides *which* runs and *when*: a unit is submitted once every unit it reads from
 succeeded, a failure stops only what depends on it, and a failed ranged run is re-submitted one partition
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 
 import dagster as dg
 
-from assets.jobs import RANGE_END_TAG, RANGE_START_TAG
+from assets.jobs import GPU_POOL, RANGE_END_TAG, RANGE_START_TAG
 from cli.dagster_server import LOCATION_NAME, REPOSITORY_NAME, ServerError, graphql
 from cli.plan import Plan, Unit
 
@@ -56,6 +57,25 @@ def orphaned_queued_runs(instance: dg.DagsterInstance, storage_root: str) -> lis
         )
     )
     return [r.run_id for r in runs]
+
+
+def apply_default_pool_limits(instance: dg.DagsterInstance, pools=(GPU_POOL,)) -> list[str]:
+    """Give each of ``pools`` that has no limit row yet the instance's configured ``default_limit``, before any
+    run that uses it is queued; returns the pools initialized.
+
+    Dagster writes this row itself, but only in the queue's first pass over a run that uses the pool, and that
+    pass has already read the (empty) list of limited pools: on a fresh instance every run queued at that
+    moment is dequeued unchecked (measured: the four difficulty_scores runs started together with a limit of
+    1).  Writing the configured default first is what Dagster would write; a limit an operator set (dagster.yaml
+    or `dagster instance concurrency set`) is never touched."""
+    storage = instance.event_log_storage
+    if not storage.supports_global_concurrency_limits or instance.global_op_concurrency_default_limit is None:
+        return []
+    limited = set(storage.get_concurrency_keys())
+    initialized = [pool for pool in pools if pool not in limited]
+    for pool in initialized:
+        storage.initialize_concurrency_limit_to_default(pool)
+    return initialized
 
 
 # ---- failures in one line -------------------------------------------------------------------------------

@@ -71,6 +71,21 @@ def test_gpu_runs_wait_for_the_pool_not_for_workers_so_a_few_more_are_kept_in_fl
     assert first == [True, True, True, True, False, False]
 
 
+def test_the_gpu_pool_gets_its_configured_default_before_any_run_and_an_operators_limit_is_kept(tmp_path):
+    """On a fresh instance Dagster's queue writes a pool's default limit only while it looks at the first run
+    that uses it, too late for that pass: the command writes it first.  A limit set by the operator stays."""
+    (tmp_path / "dagster.yaml").write_text((PROJECT / "dagster.yaml").read_text())
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        storage = instance.event_log_storage
+        assert "gpu" not in storage.get_concurrency_keys()
+        assert orch.apply_default_pool_limits(instance) == ["gpu"]
+        assert "gpu" in storage.get_concurrency_keys()
+        assert storage.get_concurrency_info("gpu").slot_count == instance.global_op_concurrency_default_limit == 1
+        storage.set_concurrency_slots("gpu", 3)  # `dagster instance concurrency set gpu 3`
+        assert orch.apply_default_pool_limits(instance) == []
+        assert storage.get_concurrency_info("gpu").slot_count == 3
+
+
 def test_runs_are_submitted_with_the_invocation_and_partition_tags_and_at_most_max_active_at_once():
     runs = _FakeRuns()
     plan = _fake_plan(10, gpu=False)
@@ -173,7 +188,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.extended
 def test_kill_minus_nine_of_a_run_worker_or_the_cli_and_sigterm_then_stale_completes(tmp_path):
     """Runs go through the instance's queue and launcher.  kill -9 of a run worker inside a gpu step: the code
-    server marks its run failed (one line from the CLI, exit 1) and run monitoring frees the gpu slot it held,
+    server marks its run failed (one line from the CLI, exit 1), which gives its place in the gpu pool back,
     so the next --stale is not stuck behind it.  SIGTERM: the invocation's runs are terminated, exit 130
     within seconds.  kill -9 of the CLI: its `dagster dev` goes with it.  The gpu pool limit is never changed."""
     env = sample_env(
@@ -198,7 +213,8 @@ def test_kill_minus_nine_of_a_run_worker_or_the_cli_and_sigterm_then_stale_compl
         run = _wait_for(gpu_run, 300, "a gpu run")
         instance = dg.DagsterInstance.get()
         limit_before = instance.event_log_storage.get_concurrency_info("gpu").slot_count
-        _wait_for(lambda: instance.event_log_storage.get_concurrency_info("gpu").claimed_slots, 120, "the gpu slot")
+        in_step = lambda: instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_START)  # noqa: E731
+        _wait_for(in_step, 120, "the gpu step")  # the run holds the pool (granularity: run) from its launch
         pid = _wait_for(lambda: _worker_pid(instance, run.run_id), 30, "the run worker's pid")
         os.kill(pid, signal.SIGKILL)
         out, err = proc.communicate(timeout=300)

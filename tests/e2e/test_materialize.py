@@ -91,6 +91,31 @@ def test_every_run_went_through_the_instance_queue_and_launcher_and_can_be_re_ex
             assert run.tags.get("reverse-sd/invocation"), run.job_name
 
 
+def test_gpu_runs_never_overlap_with_a_gpu_limit_of_one(sample_run):
+    """The "gpu" pool (limit 1 in dagster.yaml) holds at the queue from the very first run on a fresh instance:
+    each run that uses it is launched (RUN_STARTING) only after the previous one ended."""
+    import dagster as dg
+
+    _, env, _ = sample_run
+    spans = []
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        for run in instance.get_runs():
+            if run.run_op_concurrency and "gpu" in (run.run_op_concurrency.all_pools or ()):
+                times = {
+                    e.dagster_event.event_type_value: e.timestamp
+                    for e in instance.all_logs(run.run_id)
+                    if e.dagster_event and e.dagster_event.is_job_event
+                }
+                ended = times.get("PIPELINE_SUCCESS") or times.get("PIPELINE_FAILURE")
+                spans.append(
+                    (times["PIPELINE_STARTING"], ended, f"{run.job_name}[{run.tags.get('dagster/partition')}]")
+                )
+    spans.sort()
+    assert len(spans) >= 17  # 4 difficulty scores, 12 models, the captioner (and the report's run)
+    for (_, ended, name), (started, _, after) in zip(spans, spans[1:]):
+        assert started >= ended, f"{after} started before {name} ended"
+
+
 def test_no_run_is_executed_in_process_by_product_code():
     offenders = [
         str(path.relative_to(PROJECT))

@@ -17,7 +17,7 @@ import pytest
 from conftest import popen_cli, run_cli
 from environments import sample_env
 
-from assets.jobs import RANGE_END_TAG, RANGE_START_TAG
+from assets.jobs import GPU_POOL, RANGE_END_TAG, RANGE_START_TAG
 from cli import runs as orch
 from cli.plan import Plan, Unit
 from cli.planning import group_ranges, plan_units
@@ -77,13 +77,13 @@ def test_the_gpu_pool_gets_its_configured_default_before_any_run_and_an_operator
     (tmp_path / "dagster.yaml").write_text((PROJECT / "dagster.yaml").read_text())
     with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
         storage = instance.event_log_storage
-        assert "gpu" not in storage.get_concurrency_keys()
-        assert orch.apply_default_pool_limits(instance) == ["gpu"]
-        assert "gpu" in storage.get_concurrency_keys()
-        assert storage.get_concurrency_info("gpu").slot_count == instance.global_op_concurrency_default_limit == 1
-        storage.set_concurrency_slots("gpu", 3)  # `dagster instance concurrency set gpu 3`
+        assert GPU_POOL not in storage.get_concurrency_keys()
+        assert orch.apply_default_pool_limits(instance) == [GPU_POOL]
+        assert GPU_POOL in storage.get_concurrency_keys()
+        assert storage.get_concurrency_info(GPU_POOL).slot_count == instance.global_op_concurrency_default_limit == 1
+        storage.set_concurrency_slots(GPU_POOL, 3)  # `dagster instance concurrency set gpu 3`
         assert orch.apply_default_pool_limits(instance) == []
-        assert storage.get_concurrency_info("gpu").slot_count == 3
+        assert storage.get_concurrency_info(GPU_POOL).slot_count == 3
 
 
 def test_runs_are_submitted_with_the_invocation_and_partition_tags_and_at_most_max_active_at_once():

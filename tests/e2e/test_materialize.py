@@ -96,17 +96,23 @@ def test_gpu_runs_never_overlap_with_a_gpu_limit_of_one(sample_run):
     each run that uses it is launched (RUN_STARTING) only after the previous one ended."""
     import dagster as dg
 
+    from assets.jobs import GPU_POOL
+
     _, env, _ = sample_run
     spans = []
     with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
         for run in instance.get_runs():
-            if run.run_op_concurrency and "gpu" in (run.run_op_concurrency.all_pools or ()):
+            if run.run_op_concurrency and GPU_POOL in (run.run_op_concurrency.all_pools or ()):
                 times = {
                     e.dagster_event.event_type_value: e.timestamp
                     for e in instance.all_logs(run.run_id)
                     if e.dagster_event and e.dagster_event.is_job_event
                 }
-                ended = times.get("PIPELINE_SUCCESS") or times.get("PIPELINE_FAILURE")
+                ended = next(
+                    (times[k] for k in ("PIPELINE_SUCCESS", "PIPELINE_FAILURE", "PIPELINE_CANCELED") if k in times),
+                    None,
+                )
+                assert ended is not None, f"{run.job_name} has not ended"
                 spans.append(
                     (times["PIPELINE_STARTING"], ended, f"{run.job_name}[{run.tags.get('dagster/partition')}]")
                 )

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -90,6 +91,11 @@ class DagsterServer:
             local = f"http://127.0.0.1:{os.environ.get('PORT', '3000')}"
             self.url = local if _serves_this_instance(local, self.dagster_home) else self._start()
         return self
+
+    @property
+    def on_this_machine(self) -> bool:
+        """Whether the webserver (and so, under the DefaultRunLauncher, every run worker) is on this machine."""
+        return urllib.parse.urlsplit(self.url or "").hostname in ("127.0.0.1", "localhost", "::1")
 
     def ready(self) -> DagsterServer:
         """Wait until the webserver serves the loaded code location."""

@@ -149,6 +149,14 @@ def _materialize_locked(args, settings, workers: int) -> int:
         if orphans:
             orch.stop_runs(runs, orphans)
             print(f"canceled {_count(len(orphans), 'queued run')} of an earlier materialize that was killed")
+        lost = orch.runs_whose_worker_is_gone(instance) if server.on_this_machine else []
+        if lost:
+            runs.force_cancel([r.run_id for r in lost])
+            print(
+                f"marked {_count(len(lost), 'run')} canceled whose worker process is gone (killed, or the machine "
+                f"restarted), so no pool stays held by it: "
+                + ", ".join(f"{r.label} (run {r.run_id[:8]}, pid {r.pid})" for r in lost[:10])
+            )
         try:
             orch.observe_sources(runs, tags)
         except KeyboardInterrupt:  # stop the observation runs too: no run is left behind as STARTED

@@ -1,6 +1,7 @@
 """Child processes in a session of their own (start_new_session=True): stopped as a whole group, and told
 by the kernel when their parent dies.  The embedded `dagster dev` and the tests' throw-away servers both
-start children of their own, which a signal to the leader alone would leave running."""
+start children of their own, which a signal to the leader alone would leave running.  And whether a run
+worker recorded by Dagster is still the live process it was (``process_started_at``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def parent_death_signal(sig: int) -> Callable[[], None]:
@@ -64,3 +66,30 @@ def group_alive(group: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def process_started_at(pid: int) -> float | None:
+    """When the process ``pid`` started (seconds since the epoch), or None when there is no such process (or
+    only its zombie).
+
+    Linux only reads a start time (/proc): elsewhere a live pid gives 0.0, "alive, start unknown".  The start
+    time tells a process from a later one that was given the same pid (after a restart, say)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # it exists, and belongs to another user
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # from field 3, the state
+        if fields[0] in ("Z", "X"):  # a zombie no one reaped: the process itself has ended
+            return None
+        ticks = int(fields[19])  # field 22, starttime: clock ticks after boot
+        boot = next(
+            int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime")
+        )
+    except FileNotFoundError:
+        return None if Path("/proc/self/stat").exists() else 0.0  # it ended in between / no /proc here
+    except (OSError, ValueError, IndexError, StopIteration):
+        return 0.0
+    return boot + ticks / os.sysconf("SC_CLK_TCK")

@@ -5,7 +5,8 @@ instance's run coordinator (the queue in dagster.yaml, its ``max_concurrent_runs
 (a subprocess per run on one machine; Celery or Kubernetes when dagster.yaml says so).  The "gpu" pool is
 Dagster's (``concurrency.pools`` in dagster.yaml, or ``dagster instance concurrency set gpu N``); a
 run that uses it waits in the queue (``granularity: run``), and one whose worker dies is marked failed by the
-code server that launched it, which gives its place in the pool back.
+code server that launched it, which gives its place in the pool back; one whose worker died with that code
+server (a power loss) is found at the next start (``runs_whose_worker_is_gone``) and canceled.
 
 The CLI only decides *which* runs and *when*: a unit is submitted once every unit it reads from
 succeeded, a failure stops only what depends on it, and a failed ranged run is re-submitted one partition
@@ -25,6 +26,7 @@ import dagster as dg
 from assets.jobs import GPU_POOL, RANGE_END_TAG, RANGE_START_TAG
 from cli.dagster_server import LOCATION_NAME, REPOSITORY_NAME, ServerError, graphql
 from cli.plan import Plan, Unit
+from cli.processes import process_started_at
 
 LAUNCHED_BY_TAG = "reverse-sd/launched-by"
 INVOCATION_TAG = "reverse-sd/invocation"
@@ -57,6 +59,56 @@ def orphaned_queued_runs(instance: dg.DagsterInstance, storage_root: str) -> lis
         )
     )
     return [r.run_id for r in runs]
+
+
+@dataclass(frozen=True)
+class LostRun:
+    run_id: str
+    label: str  # what it materializes, e.g. "difficulty_scores[vit]"
+    pid: int  # its run worker, as Dagster recorded it
+
+
+def runs_whose_worker_is_gone(instance: dg.DagsterInstance) -> list[LostRun]:
+    """Runs the instance still shows as starting, running or canceling whose run worker process is gone: a
+    power loss, a reboot or a kill of the whole process tree.  Such a run never ends by itself, and one that
+    uses the gpu pool holds it for good (``granularity: run``), so every later GPU run would wait forever.
+
+    Only for the DefaultRunLauncher, whose runs are subprocesses of a code server on this machine: it has no
+    run worker health check, so Dagster's run monitoring only times out runs that never started.  (The Celery
+    and Kubernetes launchers have one, and their workers live elsewhere.)  The worker's pid is Dagster's own
+    record ("Started process for run (pid: N)"); a live process with that pid that started after the run did
+    is another process (pids are reused), and counts as gone."""
+    if not isinstance(instance.run_launcher, dg.DefaultRunLauncher):
+        return []
+    statuses = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
+    lost = []
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=statuses)):
+        worker = _run_worker(instance, run.run_id)
+        if worker is None:  # not started yet: run monitoring's start timeout covers it
+            continue
+        pid, since = worker
+        started = process_started_at(pid)
+        if started is None or started > since + 2:  # /proc's boot time is whole seconds
+            lost.append(LostRun(run.run_id, _run_label(run), pid))
+    return lost
+
+
+def _run_worker(instance: dg.DagsterInstance, run_id: str) -> tuple[int, float] | None:
+    """(pid, when it was recorded) of the run's worker, from its first engine event that names a pid."""
+    for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):
+        data = entry.dagster_event.event_specific_data if entry.dagster_event else None
+        pid = getattr(data, "metadata", {}).get("pid") if data is not None else None
+        if pid is not None and str(pid.value).isdigit():
+            return int(pid.value), entry.timestamp
+    return None
+
+
+def _run_label(run: dg.DagsterRun) -> str:
+    assets = ",".join(sorted(k.to_user_string() for k in run.asset_selection or ())) or run.job_name
+    partition = run.tags.get(PARTITION_TAG) or (
+        f"{run.tags[RANGE_START_TAG]}..{run.tags[RANGE_END_TAG]}" if RANGE_START_TAG in run.tags else None
+    )
+    return f"{assets}[{partition}]" if partition else assets
 
 
 def apply_default_pool_limits(instance: dg.DagsterInstance, pools=(GPU_POOL,)) -> list[str]:
@@ -142,6 +194,9 @@ _LAUNCH = """mutation($params: [ExecutionParams!]!) { launchMultipleRuns(executi
     __typename ... on LaunchRunSuccess { run { runId } } ... on Error { message } } }
   ... on PythonError { message } } }"""
 _TERMINATE = """mutation($ids: [String!]!) { terminateRuns(runIds: $ids) { __typename } }"""
+# The UI's "force termination": marks the runs canceled without asking a run worker (there is none left to ask).
+_FORCE_CANCEL = """mutation($ids: [String!]!) {
+  terminateRuns(runIds: $ids, terminatePolicy: MARK_AS_CANCELED_IMMEDIATELY) { __typename } }"""
 
 
 def run_tags(unit: Unit, tags: dict[str, str]) -> dict[str, str]:
@@ -203,6 +258,10 @@ class InstanceRuns:
     def terminate(self, run_ids: list[str]) -> None:
         if run_ids:
             graphql(self.url, _TERMINATE, {"ids": run_ids}, timeout=30)
+
+    def force_cancel(self, run_ids: list[str]) -> None:
+        if run_ids:
+            graphql(self.url, _FORCE_CANCEL, {"ids": run_ids}, timeout=30)
 
 
 def observe_sources(runs: InstanceRuns, tags: dict[str, str], timeout: float = 600) -> None:

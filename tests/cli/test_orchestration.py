@@ -11,6 +11,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import dagster as dg
 import pytest
@@ -21,6 +22,7 @@ from assets.jobs import GPU_POOL, RANGE_END_TAG, RANGE_START_TAG
 from cli import runs as orch
 from cli.plan import Plan, Unit
 from cli.planning import group_ranges, plan_units
+from cli.processes import process_started_at
 from pipeline import storage
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -84,6 +86,59 @@ def test_the_gpu_pool_gets_its_configured_default_before_any_run_and_an_operator
         storage.set_concurrency_slots(GPU_POOL, 3)  # `dagster instance concurrency set gpu 3`
         assert orch.apply_default_pool_limits(instance) == []
         assert storage.get_concurrency_info(GPU_POOL).slot_count == 3
+
+
+class _InstanceWithRuns:
+    """What runs_whose_worker_is_gone reads of an instance: its launcher, its unfinished runs, and each run's
+    engine event naming its worker pid (run id -> (pid, recorded at), or None before the worker started)."""
+
+    def __init__(self, launcher, workers: dict[str, tuple[int, float] | None]):
+        self.run_launcher, self.workers = launcher, workers
+
+    def get_runs(self, filters):
+        assert set(filters.statuses) == {
+            dg.DagsterRunStatus.STARTING,
+            dg.DagsterRunStatus.STARTED,
+            dg.DagsterRunStatus.CANCELING,
+        }
+        return [
+            SimpleNamespace(
+                run_id=run_id,
+                job_name="materialize_difficulty_scores",
+                asset_selection={dg.AssetKey("difficulty_scores")},
+                tags={"dagster/partition": run_id},
+            )
+            for run_id in self.workers
+        ]
+
+    def all_logs(self, run_id, of_type):
+        assert of_type == dg.DagsterEventType.ENGINE_EVENT
+        if self.workers[run_id] is None:
+            return []
+        pid, since = self.workers[run_id]
+        data = SimpleNamespace(metadata={"pid": dg.MetadataValue.text(str(pid))})
+        return [SimpleNamespace(dagster_event=SimpleNamespace(event_specific_data=data), timestamp=since)]
+
+
+def test_a_run_whose_worker_is_gone_or_replaced_by_a_reused_pid_is_found_and_a_live_one_is_not():
+    """A power loss leaves runs STARTED that no process will ever finish; under the DefaultRunLauncher
+    nothing in Dagster notices.  A live worker, or one not started yet, is left alone."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    me, now = os.getpid(), time.time()
+    workers = {
+        "alive": (me, now),
+        "gone": (dead.pid, now),
+        "reused": (me, process_started_at(me) - 60),  # the pid now belongs to a process born after the run
+        "starting": None,
+    }
+    lost = orch.runs_whose_worker_is_gone(_InstanceWithRuns(dg.DefaultRunLauncher(), workers))
+    assert [(r.run_id, r.pid, r.label) for r in lost] == [
+        ("gone", dead.pid, "difficulty_scores[gone]"),
+        ("reused", me, "difficulty_scores[reused]"),
+    ]
+    # other launchers check their workers' health themselves (run monitoring), on other machines
+    assert orch.runs_whose_worker_is_gone(_InstanceWithRuns(object(), workers)) == []
 
 
 def test_runs_are_submitted_with_the_invocation_and_partition_tags_and_at_most_max_active_at_once():
@@ -190,7 +245,9 @@ def test_kill_minus_nine_of_a_run_worker_or_the_cli_and_sigterm_then_stale_compl
     """Runs go through the instance's queue and launcher.  kill -9 of a run worker inside a gpu step: the code
     server marks its run failed (one line from the CLI, exit 1), which gives its place in the gpu pool back,
     so the next --stale is not stuck behind it.  SIGTERM: the invocation's runs are terminated, exit 130
-    within seconds.  kill -9 of the CLI: its `dagster dev` goes with it.  The gpu pool limit is never changed."""
+    within seconds.  kill -9 of the CLI: its `dagster dev` goes with it; and when its run worker dies too (a
+    power loss), the next --stale marks that lost run canceled instead of waiting behind it for ever.  The gpu
+    pool limit is never changed."""
     env = sample_env(
         tmp_path,
         REVERSE_SD_SAMPLE_PARTS="1",
@@ -225,7 +282,11 @@ def test_kill_minus_nine_of_a_run_worker_or_the_cli_and_sigterm_then_stale_compl
         assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
         assert _wait_for(lambda: not _alive(proc.pid), 5, "the CLI to exit")
 
-        # 2. SIGTERM a --stale run during the gpu stage: its runs are terminated, exit 130 within seconds
+        # 2. SIGTERM a --stale run during the gpu stage: its runs are terminated, exit 130 within seconds.  The
+        # four difficulty tables are removed first, so that three of its gpu runs wait in the queue behind the
+        # running one (a lone run of a few seconds may end before the signal reaches it).
+        for table in (tmp_path / "data" / "difficulty_scores").glob("*.parquet"):
+            table.unlink()
         proc = _cli(["materialize", "--stale", *selection], env)
         second = _wait_for(lambda: (r := gpu_run()) and r.run_id != run.run_id and r, 300, "the re-run's gpu run")
         stopped_at = time.monotonic()
@@ -234,25 +295,50 @@ def test_kill_minus_nine_of_a_run_worker_or_the_cli_and_sigterm_then_stale_compl
         assert time.monotonic() - stopped_at < 20
         assert proc.returncode == 130, err[-2000:]
         assert "Traceback" not in err and "stopped:" in err
-        assert instance.get_run_by_id(second.run_id).status in (
+        invocation = instance.get_runs(
+            filters=dg.RunsFilter(tags={orch.INVOCATION_TAG: second.tags[orch.INVOCATION_TAG]})
+        )
+        statuses = [r.status for r in invocation if r.job_name == "materialize_difficulty_scores"]
+        assert len(statuses) == 4 and statuses.count(dg.DagsterRunStatus.CANCELED) >= 2, statuses
+        assert set(statuses) <= {
             dg.DagsterRunStatus.CANCELED,
             dg.DagsterRunStatus.CANCELING,
-        )
+            dg.DagsterRunStatus.SUCCESS,
+        }
 
-        # 3. kill -9 the CLI itself: the `dagster dev` it started is stopped by the kernel's parent-death signal
+        # 3. kill -9 the CLI itself: the `dagster dev` it started is stopped by the kernel's parent-death signal.
+        # Its run worker, held still meanwhile, is then killed too, as a power loss or a reboot would: the run
+        # is left STARTED with no process behind it, holding the gpu pool.
         proc = _cli(["materialize", "--stale", *selection], env)
-        _wait_for(lambda: (r := gpu_run()) and r.run_id not in (run.run_id, second.run_id) and r, 300, "a gpu run")
+        third = _wait_for(
+            lambda: (r := gpu_run()) and r.run_id not in (run.run_id, second.run_id) and r, 300, "a gpu run"
+        )
+        worker = _wait_for(lambda: _worker_pid(instance, third.run_id), 120, "the third gpu run's worker pid")
+        os.kill(worker, signal.SIGSTOP)
+        group = os.getpgid(worker)  # the embedded `dagster dev`'s, which its code server and run workers share
         children = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "dagster dev"], capture_output=True, text=True)
         dev_pids = [int(p) for p in children.stdout.split()]
         assert dev_pids, "the CLI started no `dagster dev`"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         _wait_for(lambda: not any(_alive(p) for p in dev_pids), 60, "its `dagster dev` to stop")
+        # What is left of that process group (its code server, which waits for its run to end, and the worker)
+        # goes down at once, as in a power loss: no process is left to record the run's end.
+        assert group not in (os.getpgrp(), proc.pid)
+        os.killpg(group, signal.SIGKILL)
+        _wait_for(lambda: process_started_at(worker) is None, 10, "the run worker to die")
+        assert instance.get_run_by_id(third.run_id).status in (
+            dg.DagsterRunStatus.STARTING,
+            dg.DagsterRunStatus.STARTED,
+        )
 
-        # 4. the next --stale finishes with no manual step: no slot leaked, nothing left queued
+        # 4. the next --stale finishes with no manual step: the lost run is marked canceled and says so, no slot
+        # leaked, nothing left queued
         final = run_cli(["materialize", "--stale", *selection], env, timeout=900)
         assert final.returncode == 0, final.stderr[-3000:]
         assert "Traceback" not in final.stderr
+        assert f"(run {third.run_id[:8]}, pid {worker})" in final.stdout, final.stdout[-2000:]
+        assert instance.get_run_by_id(third.run_id).status == dg.DagsterRunStatus.CANCELED
         assert len(list((tmp_path / "data" / "difficulty_scores").glob("*.parquet"))) == 4
         assert instance.event_log_storage.get_concurrency_info("gpu").slot_count == limit_before
         assert not instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.QUEUED]))

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -182,6 +183,9 @@ def _materialize_locked(args, settings, workers: int) -> int:
             f"({where}); UI: Runs, tag {orch.INVOCATION_TAG}={invocation}"
         )
         view = _ProgressView(plan, verbose=args.verbose, log_path=logs / f"materialize-{invocation}.log")
+        graph = defs.resolve_asset_graph()
+        gpu_assets = {k for k in graph.materializable_asset_keys if orch.GPU_POOL in (graph.get(k).pools or ())}
+        view.pool_note = lambda: _pool_note(instance, invocation, gpu_assets)
         progress = orch.Progress()
         try:
             orch.run_plan(
@@ -209,6 +213,17 @@ def _materialize_locked(args, settings, workers: int) -> int:
             return 130
         view.close()
     return _summary(args, settings, plan, progress, view, time.perf_counter() - started)
+
+
+def _pool_note(instance, invocation: str, gpu_assets) -> str:
+    """'; the gpu pool is held by ...' when runs of others hold it (this invocation's GPU runs wait for them)."""
+    from assets.jobs import GPU_POOL
+    from cli import runs as orch
+
+    holders = orch.pool_holders(instance, invocation, gpu_assets)
+    if not holders:
+        return ""
+    return f"; the {GPU_POOL} pool is held by {', '.join(holders[:3])}, not this command's"
 
 
 def _plan(defs, instance, args, workers: int, **what_is_new):
@@ -299,12 +314,14 @@ class _ProgressView:
     one line per finished run, and a line at least every 15 s while runs are going."""
 
     HEARTBEAT = 15.0
+    pool_note: Callable[[], str] = staticmethod(lambda: "")  # why queued runs wait, asked once a heartbeat
 
     def __init__(self, plan, verbose: bool, log_path: Path):
         self.live = sys.stderr.isatty() and not verbose
         self.verbose, self.log_path = verbose, log_path
         self.started = self.last_line = time.monotonic()
         self.drawn = 0
+        self.note, self.last_note = "", float("-inf")
         self.totals: dict[str, int] = {}
         self.done_count: dict[str, int] = {}
         self.failed: dict[str, int] = {}
@@ -357,14 +374,18 @@ class _ProgressView:
                 if running.count(name):
                     state += f", {running.count(name)} in flight"
                 lines.append(f"  {name[:48]:<48} {state:<34}" + (f" ETA {eta:4.0f} s" if eta else ""))
-            lines.append(f"  {len(progress.active)} run(s) queued or running, {now - self.started:.0f} s elapsed")
+            if now - self.last_note >= self.HEARTBEAT:
+                self.note, self.last_note = self.pool_note(), now
+            lines.append(
+                f"  {len(progress.active)} run(s) queued or running, {now - self.started:.0f} s elapsed{self.note}"
+            )
             sys.stderr.write("\n".join(lines) + "\n")
             sys.stderr.flush()
             self.drawn = len(lines)
         elif now - self.last_line >= self.HEARTBEAT:
             print(
                 f"... {len(progress.active)} run(s) queued or running, {sum(self.done_count.values())} partitions "
-                f"done, {now - self.started:.0f} s elapsed",
+                f"done, {now - self.started:.0f} s elapsed{self.pool_note()}",
                 file=sys.stderr,
                 flush=True,
             )

@@ -93,6 +93,17 @@ def runs_whose_worker_is_gone(instance: dg.DagsterInstance) -> list[LostRun]:
     return lost
 
 
+def pool_holders(instance: dg.DagsterInstance, invocation: str, pool_assets: set[dg.AssetKey]) -> list[str]:
+    """The runs of others (the UI, a sensor, another command) now starting or running that materialize an
+    asset of the pool, as "label (run id)": what this invocation's queued runs of that pool wait for."""
+    statuses = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
+    return [
+        f"{_run_label(run)} (run {run.run_id[:8]})"
+        for run in instance.get_runs(filters=dg.RunsFilter(statuses=statuses))
+        if run.tags.get(INVOCATION_TAG) != invocation and set(run.asset_selection or ()) & pool_assets
+    ]
+
+
 def _run_worker(instance: dg.DagsterInstance, run_id: str) -> tuple[int, float] | None:
     """(pid, when it was recorded) of the run's worker, from its first engine event that names a pid."""
     for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):

@@ -141,6 +141,31 @@ def test_a_run_whose_worker_is_gone_or_replaced_by_a_reused_pid_is_found_and_a_l
     assert orch.runs_whose_worker_is_gone(_InstanceWithRuns(object(), workers)) == []
 
 
+def test_queued_gpu_runs_say_which_run_of_others_holds_the_pool():
+    """A GPU run started from the UI (or a sensor) holds the pool: the command's heartbeat names it, so a
+    wait of hours is explained; its own runs and runs of other pools are not named."""
+    from cli.materialize import _pool_note
+
+    def run(run_id, asset, invocation=None):
+        tags = {"dagster/partition": "vit"} | ({orch.INVOCATION_TAG: invocation} if invocation else {})
+        return SimpleNamespace(
+            run_id=run_id, job_name="j", asset_selection={dg.AssetKey(asset)}, tags=tags, status=None
+        )
+
+    started = [
+        run("ui-gpu-run", "difficulty_scores"),
+        run("own-gpu-run", "difficulty_scores", invocation="me"),
+        run("ui-cpu-run", "filtered_pairs"),
+    ]
+    instance = SimpleNamespace(get_runs=lambda filters: started)
+    gpu_assets = {dg.AssetKey("difficulty_scores"), dg.AssetKey("trained_models")}
+    assert orch.pool_holders(instance, "me", gpu_assets) == ["difficulty_scores[vit] (run ui-gpu-r)"]
+    assert _pool_note(instance, "me", gpu_assets) == (
+        f"; the {GPU_POOL} pool is held by difficulty_scores[vit] (run ui-gpu-r), not this command's"
+    )
+    assert _pool_note(SimpleNamespace(get_runs=lambda filters: started[1:]), "me", gpu_assets) == ""
+
+
 def test_runs_are_submitted_with_the_invocation_and_partition_tags_and_at_most_max_active_at_once():
     runs = _FakeRuns()
     plan = _fake_plan(10, gpu=False)

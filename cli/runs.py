@@ -73,12 +73,13 @@ def runs_whose_worker_is_gone(instance: dg.DagsterInstance) -> list[LostRun]:
     power loss, a reboot or a kill of the whole process tree.  Such a run never ends by itself, and one that
     uses the gpu pool holds it for good (``granularity: run``), so every later GPU run would wait forever.
 
-    Only for the DefaultRunLauncher, whose runs are subprocesses of a code server on this machine: it has no
-    run worker health check, so Dagster's run monitoring only times out runs that never started.  (The Celery
-    and Kubernetes launchers have one, and their workers live elsewhere.)  The worker's pid is Dagster's own
-    record ("Started process for run (pid: N)"); a live process with that pid that started after the run did
-    is another process (pids are reused), and counts as gone."""
-    if not isinstance(instance.run_launcher, dg.DefaultRunLauncher):
+    Only for the DefaultRunLauncher, whose runs are subprocesses of a code server, on an instance in SQLite,
+    which only this machine writes: so every run worker it records ran here.  The DefaultRunLauncher has no run
+    worker health check, so Dagster's run monitoring only times out runs that never started.  (The Celery and
+    Kubernetes launchers have one; on a PostgreSQL instance other machines launch runs too, and a pid of theirs
+    means nothing here.)  The worker's pid is Dagster's own record ("Started process for run (pid: N)"); a live
+    process with that pid that started after the run did is another process (pids are reused): gone."""
+    if not isinstance(instance.run_launcher, dg.DefaultRunLauncher) or not _on_sqlite(instance):
         return []
     statuses = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
     lost = []
@@ -102,6 +103,12 @@ def pool_holders(instance: dg.DagsterInstance, invocation: str, pool_assets: set
         for run in instance.get_runs(filters=dg.RunsFilter(statuses=statuses))
         if run.tags.get(INVOCATION_TAG) != invocation and set(run.asset_selection or ()) & pool_assets
     ]
+
+
+def _on_sqlite(instance: dg.DagsterInstance) -> bool:
+    """Whether the instance keeps its runs in SQLite files under DAGSTER_HOME (Dagster's default storage; its
+    classes are not exported, hence the name)."""
+    return type(instance.run_storage).__name__.startswith("Sqlite")
 
 
 def _run_worker(instance: dg.DagsterInstance, run_id: str) -> tuple[int, float] | None:

@@ -92,8 +92,9 @@ class _InstanceWithRuns:
     """What runs_whose_worker_is_gone reads of an instance: its launcher, its unfinished runs, and each run's
     engine event naming its worker pid (run id -> (pid, recorded at), or None before the worker started)."""
 
-    def __init__(self, launcher, workers: dict[str, tuple[int, float] | None]):
+    def __init__(self, launcher, workers: dict[str, tuple[int, float] | None], storage=None):
         self.run_launcher, self.workers = launcher, workers
+        self.run_storage = storage or type("SqliteRunStorage", (), {})()
 
     def get_runs(self, filters):
         assert set(filters.statuses) == {
@@ -139,6 +140,9 @@ def test_a_run_whose_worker_is_gone_or_replaced_by_a_reused_pid_is_found_and_a_l
     ]
     # other launchers check their workers' health themselves (run monitoring), on other machines
     assert orch.runs_whose_worker_is_gone(_InstanceWithRuns(object(), workers)) == []
+    # on a PostgreSQL instance, other machines' code servers launch runs too: their pids mean nothing here
+    postgres = type("PostgresRunStorage", (), {})()
+    assert orch.runs_whose_worker_is_gone(_InstanceWithRuns(dg.DefaultRunLauncher(), workers, postgres)) == []
 
 
 def test_queued_gpu_runs_say_which_run_of_others_holds_the_pool():

@@ -44,8 +44,9 @@ test-cluster: install
 # copied there); relative paths in the settings are made absolute first, so they mean what they meant here.
 # Its one SupersessionWarning ("use 'dg dev'": the dg CLI is a separate package) is not shown.
 ui: install $(DAGSTER_HOME)/dagster.yaml
-	# The "gpu" pool's default limit is written before the first run is queued (cli/runs.py says why).
-	$(BIN)/python -c 'import dagster as dg; from cli.runs import apply_default_pool_limits as a; a(dg.DagsterInstance.get())'
+	# The "gpu" pool's default limit is written before the first run is queued, and runs left running by a
+	# power loss are named (cli/runs.py says why).
+	$(BIN)/python -c 'import dagster as dg; from cli.runs import apply_default_pool_limits as a, warn_of_lost_runs as w; i = dg.DagsterInstance.get(); a(i); w(i)'
 	cd $(DAGSTER_HOME) && \
 	  REVERSE_SD_HOME='$(if $(findstring ://,$(REVERSE_SD_HOME)),$(REVERSE_SD_HOME),$(abspath $(REVERSE_SD_HOME)))' \
 	  $(if $(wildcard $(REVERSE_SD_DIFFUSIONDB)),REVERSE_SD_DIFFUSIONDB='$(abspath $(REVERSE_SD_DIFFUSIONDB))') \

@@ -16,6 +16,7 @@ tag (the UI's run filter groups by it).
 
 from __future__ import annotations
 
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -91,6 +92,20 @@ def runs_whose_worker_is_gone(instance: dg.DagsterInstance) -> list[LostRun]:
         started = process_started_at(pid)
         if started is None or started > since + 2:  # /proc's boot time is whole seconds
             lost.append(LostRun(run.run_id, _run_label(run), pid))
+    return lost
+
+
+def warn_of_lost_runs(instance: dg.DagsterInstance) -> list[LostRun]:
+    """Before `make ui` serves the instance: name each lost run (``runs_whose_worker_is_gone``) and how to end
+    it, since the UI shows it as running for ever and its pool's runs wait behind it."""
+    lost = runs_whose_worker_is_gone(instance)
+    for run in lost:
+        print(
+            f"warning: run {run.run_id[:8]} ({run.label}) shows as running, but its worker (pid {run.pid}) is gone; "
+            "until it ends, runs of its pool wait: Terminate it in the UI (Runs, the run), or run "
+            "`reverse-sd materialize --stale`, which cancels it and rebuilds what it was building",
+            file=sys.stderr,
+        )
     return lost
 
 

@@ -121,7 +121,7 @@ class _InstanceWithRuns:
         return [SimpleNamespace(dagster_event=SimpleNamespace(event_specific_data=data), timestamp=since)]
 
 
-def test_a_run_whose_worker_is_gone_or_replaced_by_a_reused_pid_is_found_and_a_live_one_is_not():
+def test_a_run_whose_worker_is_gone_or_replaced_by_a_reused_pid_is_found_and_a_live_one_is_not(capsys):
     """A power loss leaves runs STARTED that no process will ever finish; under the DefaultRunLauncher
     nothing in Dagster notices.  A live worker, or one not started yet, is left alone."""
     dead = subprocess.Popen(["true"])
@@ -140,6 +140,11 @@ def test_a_run_whose_worker_is_gone_or_replaced_by_a_reused_pid_is_found_and_a_l
     ]
     # other launchers check their workers' health themselves (run monitoring), on other machines
     assert orch.runs_whose_worker_is_gone(_InstanceWithRuns(object(), workers)) == []
+    # `make ui` names them before it serves the instance, with the two ways out
+    orch.warn_of_lost_runs(_InstanceWithRuns(dg.DefaultRunLauncher(), {"gone": (dead.pid, now)}))
+    warning = capsys.readouterr().err
+    assert f"run gone (difficulty_scores[gone]) shows as running, but its worker (pid {dead.pid}) is gone" in warning
+    assert "Terminate it in the UI" in warning and "reverse-sd materialize --stale" in warning
     # on a PostgreSQL instance, other machines' code servers launch runs too: their pids mean nothing here
     postgres = type("PostgresRunStorage", (), {})()
     assert orch.runs_whose_worker_is_gone(_InstanceWithRuns(dg.DefaultRunLauncher(), workers, postgres)) == []

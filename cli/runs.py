@@ -90,7 +90,10 @@ def runs_whose_worker_is_gone(instance: dg.DagsterInstance) -> list[LostRun]:
             continue
         pid, since = worker
         started = process_started_at(pid)
-        if started is None or started > since + 2:  # /proc's boot time is whole seconds
+        # A reused pid belongs to a process born after the run's worker: after a reboot, at least the boot's time
+        # later.  The 30 s allow for the wall clock being stepped forward meanwhile (NTP), which shifts /proc's
+        # start times, so that a live worker is never taken for gone.
+        if started is None or started > since + 30:
             lost.append(LostRun(run.run_id, _run_label(run), pid))
     return lost
 
@@ -131,7 +134,7 @@ def _run_worker(instance: dg.DagsterInstance, run_id: str) -> tuple[int, float] 
     for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ENGINE_EVENT):
         data = entry.dagster_event.event_specific_data if entry.dagster_event else None
         pid = getattr(data, "metadata", {}).get("pid") if data is not None else None
-        if pid is not None and str(pid.value).isdigit():
+        if pid is not None and str(pid.value).isdigit() and int(pid.value) > 0:
             return int(pid.value), entry.timestamp
     return None
 

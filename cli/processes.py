@@ -93,3 +93,62 @@ def process_started_at(pid: int) -> float | None:
     except (OSError, ValueError, IndexError, StopIteration):
         return 0.0
     return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def stop_leader_then_group(process: subprocess.Popen | None, grace: float = 10, linger: float = 3) -> None:
+    """SIGTERM the leader alone and let it stop its children in its own order; what is left of its group after
+    it (or after ``grace`` s) gets ``linger`` s, then SIGTERM, then SIGKILL: no orphan survives.
+
+    For `dagster dev`: a SIGTERM to its whole group also reaches the code server's gRPC subprocess, which the
+    code server then starts again, only to stop it (measured: 6-9 s of shutdown in 3 of 8 invocations)."""
+    if process is None:
+        return
+    try:
+        group = os.getpgid(process.pid)
+    except ProcessLookupError:
+        process.poll()
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=grace)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if _group_ends_within(group, linger):
+            break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, sig)
+    else:
+        _group_ends_within(group, linger)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=5)
+
+
+def _group_ends_within(group: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` s for every process of ``group`` to end (a zombie has ended: only its parent or
+    init still has to reap it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        live = _live_members(group)
+        if not (live if live is not None else group_alive(group)):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
+def _live_members(group: int) -> list[int] | None:
+    """The pids of ``group`` that have not ended, from /proc (None where there is no /proc)."""
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        return None
+    members = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()  # from field 3, the state
+        except OSError:
+            continue  # it ended meanwhile
+        if int(fields[2]) == group and fields[0] not in ("Z", "X"):  # field 5: its process group
+            members.append(int(entry.name))
+    return members

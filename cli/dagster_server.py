@@ -25,7 +25,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from cli.processes import parent_death_signal, stop_leader_then_group
+from cli.processes import parent_death_signal, stop_process_group
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 LOCATION_NAME = "reverse-sd"  # workspace.yaml's location_name
@@ -153,7 +153,7 @@ class DagsterServer:
         except ValueError:  # not the main thread
             previous = None
         try:
-            stop_leader_then_group(self.process, grace)
+            stop_process_group(self.process, grace, leader_first=True)
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)

@@ -217,13 +217,12 @@ def _materialize_locked(args, settings, workers: int) -> int:
 
 def _pool_note(instance, invocation: str, gpu_assets) -> str:
     """'; the gpu pool is held by ...' when runs of others hold it (this invocation's GPU runs wait for them)."""
-    from assets.jobs import GPU_POOL
     from cli import runs as orch
 
     holders = orch.pool_holders(instance, invocation, gpu_assets)
     if not holders:
         return ""
-    return f"; the {GPU_POOL} pool is held by {', '.join(holders[:3])}, not this command's"
+    return f"; the {orch.GPU_POOL} pool is held by {', '.join(holders[:3])}, not this command's"
 
 
 def _plan(defs, instance, args, workers: int, **what_is_new):

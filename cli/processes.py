@@ -26,9 +26,17 @@ def parent_death_signal(sig: int) -> Callable[[], None]:
     return preexec
 
 
-def stop_process_group(process: subprocess.Popen | None, grace: float = 10) -> None:
+def stop_process_group(
+    process: subprocess.Popen | None, grace: float = 10, leader_first: bool = False, linger: float = 3
+) -> None:
     """SIGTERM the process's group, SIGKILL it after ``grace`` seconds or when the leader's children
-    linger after it; safe on a process that is gone or None."""
+    linger ``linger`` s after it; safe on a process that is gone or None.
+
+    ``leader_first``: the SIGTERM goes to the leader alone, which stops its children in its own order, and what
+    is left of the group after it gets a SIGTERM of its own before the SIGKILL.  For `dagster dev`: a SIGTERM
+    to its whole group also reaches the code server's gRPC subprocess, which the code server then starts again,
+    only to stop it (measured from a no-op command's last line to its exit: 4 of 13 took 8-11.5 s that way,
+    median 4.2 s; 2.7-4.6 s, median 3.1 s, leader first)."""
     if process is None:
         return
     try:
@@ -36,25 +44,25 @@ def stop_process_group(process: subprocess.Popen | None, grace: float = 10) -> N
     except ProcessLookupError:
         process.poll()
         return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(group, sig)
-        except ProcessLookupError:
-            break
-        try:
-            process.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-        # the leader is gone; give its children (a code server, a daemon) a moment, then make sure
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline and group_alive(group):
-            time.sleep(0.1)
-        if not group_alive(group):
-            break
-    else:
+    with contextlib.suppress(ProcessLookupError):
+        if leader_first:
+            os.kill(process.pid, signal.SIGTERM)
+        else:
+            os.killpg(group, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+        leader_gone = True
+    except subprocess.TimeoutExpired:
+        leader_gone = False
+    if leader_gone and leader_first and not _group_ends_within(group, linger):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGTERM)  # what the leader left behind
+    if not (leader_gone and _group_ends_within(group, linger)):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGKILL)
-    process.poll()
+        _group_ends_within(group, 5)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=5)
 
 
 def group_alive(group: int) -> bool:
@@ -80,48 +88,28 @@ def process_started_at(pid: int) -> float | None:
         return None
     except PermissionError:
         pass  # it exists, and belongs to another user
+    fields = _stat_fields(pid)
+    if fields is None:
+        return None if Path("/proc/self/stat").exists() else 0.0  # it ended in between / no /proc here
+    if fields[0] in ("Z", "X"):  # a zombie no one reaped: the process itself has ended
+        return None
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # from field 3, the state
-        if fields[0] in ("Z", "X"):  # a zombie no one reaped: the process itself has ended
-            return None
         ticks = int(fields[19])  # field 22, starttime: clock ticks after boot
         boot = next(
             int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime")
         )
-    except FileNotFoundError:
-        return None if Path("/proc/self/stat").exists() else 0.0  # it ended in between / no /proc here
     except (OSError, ValueError, IndexError, StopIteration):
         return 0.0
     return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
-def stop_leader_then_group(process: subprocess.Popen | None, grace: float = 10, linger: float = 3) -> None:
-    """SIGTERM the leader alone and let it stop its children in its own order; what is left of its group after
-    it (or after ``grace`` s) gets ``linger`` s, then SIGTERM, then SIGKILL: no orphan survives.
-
-    For `dagster dev`: a SIGTERM to its whole group also reaches the code server's gRPC subprocess, which the
-    code server then starts again, only to stop it (measured from a no-op command's last line to its exit: 3 of 12
-    took 8-11.5 s that way, median 4.2 s; 2.7-4.6 s, median 3.1 s, leader first)."""
-    if process is None:
-        return
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat from field 3 (the state) on, past the command name (which may hold spaces and
+    parentheses); None when it cannot be read (the process ended, or no /proc)."""
     try:
-        group = os.getpgid(process.pid)
-    except ProcessLookupError:
-        process.poll()
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(process.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=grace)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if _group_ends_within(group, linger):
-            break
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(group, sig)
-    else:
-        _group_ends_within(group, linger)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=5)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
 
 
 def _group_ends_within(group: int, timeout: float) -> bool:
@@ -144,12 +132,7 @@ def _live_members(group: int) -> list[int] | None:
         return None
     members = []
     for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()  # from field 3, the state
-        except (OSError, IndexError):
-            continue  # it ended meanwhile
-        if int(fields[2]) == group and fields[0] not in ("Z", "X"):  # field 5: its process group
+        fields = _stat_fields(int(entry.name)) if entry.name.isdigit() else None  # None: it ended meanwhile
+        if fields is not None and int(fields[2]) == group and fields[0] not in ("Z", "X"):  # field 5: its group
             members.append(int(entry.name))
     return members

@@ -34,6 +34,8 @@ INVOCATION_TAG = "reverse-sd/invocation"
 PARTITION_TAG = "dagster/partition"
 OBSERVE_JOBS = ("observe_diffusiondb_source", "observe_images_source", "observe_settings")
 FINISHED = {dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
+# Launched and not ended: what holds a place in a pool (``granularity: run``) and has a worker, or had one.
+LAUNCHED_NOT_ENDED = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
 
 
 STORAGE_TAG = "reverse-sd/storage"
@@ -82,9 +84,8 @@ def runs_whose_worker_is_gone(instance: dg.DagsterInstance) -> list[LostRun]:
     process with that pid that started after the run did is another process (pids are reused): gone."""
     if not isinstance(instance.run_launcher, dg.DefaultRunLauncher) or not _on_sqlite(instance):
         return []
-    statuses = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
     lost = []
-    for run in instance.get_runs(filters=dg.RunsFilter(statuses=statuses)):
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=LAUNCHED_NOT_ENDED)):
         worker = _run_worker(instance, run.run_id)
         if worker is None:  # not started yet: run monitoring's start timeout covers it
             continue
@@ -115,10 +116,9 @@ def warn_of_lost_runs(instance: dg.DagsterInstance) -> list[LostRun]:
 def pool_holders(instance: dg.DagsterInstance, invocation: str, pool_assets: set[dg.AssetKey]) -> list[str]:
     """The runs of others (the UI, a sensor, another command) now starting or running that materialize an
     asset of the pool, as "label (run id)": what this invocation's queued runs of that pool wait for."""
-    statuses = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
     return [
         f"{_run_label(run)} (run {run.run_id[:8]})"
-        for run in instance.get_runs(filters=dg.RunsFilter(statuses=statuses))
+        for run in instance.get_runs(filters=dg.RunsFilter(statuses=LAUNCHED_NOT_ENDED))
         if run.tags.get(INVOCATION_TAG) != invocation and set(run.asset_selection or ()) & pool_assets
     ]
 

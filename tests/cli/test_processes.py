@@ -9,10 +9,8 @@ import sys
 import time
 
 from cli.processes import (
-    group_alive,
     parent_death_signal,
     process_started_at,
-    stop_leader_then_group,
     stop_process_group,
 )
 
@@ -30,7 +28,7 @@ def test_the_whole_group_stops_and_a_gone_process_is_fine():
     assert process.stdout.readline().strip() == b"up"
     group = os.getpgid(process.pid)
     stop_process_group(process, grace=0.5)
-    assert process.returncode == -signal.SIGKILL and not group_alive(group)
+    assert process.returncode == -signal.SIGKILL and not live_processes_in(group)  # zombies have ended
     stop_process_group(process)  # twice, and with nothing, is harmless
     stop_process_group(None)
     process.stdout.close()
@@ -79,9 +77,9 @@ def test_the_leader_is_asked_first_and_stops_its_children_itself_and_leftovers_a
         time.sleep(0.3)  # the polite child's handlers are set
         group = os.getpgid(process.pid)
         started = time.monotonic()
-        stop_leader_then_group(process, grace=10, linger=1)
+        stop_process_group(process, grace=10, leader_first=True, linger=1)
         took = time.monotonic() - started
-        assert process.returncode is not None and not group_alive_but_zombies(group)
+        assert process.returncode is not None and not live_processes_in(group)
         if script is polite:
             assert record.read_text() == "USR1" and took < 3, (record.read_text(), took)
         else:
@@ -89,6 +87,7 @@ def test_the_leader_is_asked_first_and_stops_its_children_itself_and_leftovers_a
         process.stdout.close()
 
 
-def group_alive_but_zombies(group: int) -> bool:
+def live_processes_in(group: int) -> bool:
+    """Whether ``group`` holds a process that has not ended (a zombie has: only init still has to reap it)."""
     out = subprocess.run(["ps", "-o", "stat=", "-g", str(group)], capture_output=True, text=True).stdout.split()
     return any(not state.startswith("Z") for state in out)

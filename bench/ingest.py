@@ -89,7 +89,13 @@ warnings.filterwarnings("ignore")
 import dagster as dg
 instance = dg.DagsterInstance.get()
 runs = [r for r in instance.get_run_records() if r.dagster_run.job_name.startswith("materialize_diffusiondb")]
-records = instance.fetch_materializations(dg.AssetKey("diffusiondb_parts"), limit=100000).records
+records, cursor = [], None
+while True:  # Dagster hands out at most 10,000 event records per call
+    page = instance.fetch_materializations(dg.AssetKey("diffusiondb_parts"), limit=10000, cursor=cursor)
+    records += page.records
+    if not page.has_more:
+        break
+    cursor = page.cursor
 print(json.dumps(dict(
     runs=len(runs), parts=len(records), ok=len(records),
     work=sum(r.asset_materialization.metadata["seconds"].value for r in records),

@@ -3,10 +3,11 @@ replaced (a git worktree of an earlier commit), side by side on this machine:
 
 - the sample graph, as `make run` builds it (wall time of the whole command, fresh root and instance each);
 - ingest of many small parts in ranged runs: wall time per part, and what one more part costs (the slope
-  between a third of the parts and all of them, so the command's fixed start is left out);
+  between a quarter of the parts and all of them, so the command's fixed start is left out; each repetition
+  gives its own slope, and the median is kept);
 - planning with 2,000 registered parts (`plan_units`, a full plan and a --stale plan).
 
-    python bench/materialize.py                         # sample 4 x 250, 200 tiny parts, baseline a9db728
+    python bench/materialize.py                         # sample 4 x 250, 400 tiny parts, baseline a9db728
     python bench/materialize.py --parts 2 --images 60 --tiny-parts 100 --baseline <commit>
 
 Each contender runs alone (one after the other), with the same environment; the printed ratio is
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -111,8 +113,9 @@ def main() -> None:
     parser.add_argument(
         "--tiny-parts",
         type=int,
-        default=200,
-        help="tiny parts for the per-part cost, also run with a third of them for the slope (default 200)",
+        default=400,
+        help="tiny parts for the per-part cost, also run with a quarter of them for the slope; up to 400 parts, "
+        "both sizes run in the same 8 ranges on 2 workers (default 400)",
     )
     parser.add_argument("--skip-graph", action="store_true", help="leave out the whole-graph run")
     parser.add_argument(
@@ -129,7 +132,7 @@ def main() -> None:
     if not args.skip_graph:
         graph = {name: sample_graph(where, args.parts, args.images) for name, where in contenders.items()}
         rows.append(("sample graph, whole command (s)", *graph.values()))
-    small, large = args.tiny_parts // 3, args.tiny_parts
+    small, large = args.tiny_parts // 4, args.tiny_parts
     # The contenders take turns in each repetition, so a slow spell of the machine does not hit one of them only.
     times: dict[str, list[list[float]]] = {name: [[], []] for name in contenders}
     for _ in range(0 if args.skip_tiny else args.repeat):
@@ -142,9 +145,13 @@ def main() -> None:
             (f"ingest, {large} tiny parts: s per part (best of {args.repeat})", *(t[1] / large for t in tiny.values()))
         )
         # What one more part costs, the command's fixed start (server, observation, planning) taken out: the
-        # difference between two sizes, as the same ranges (four runs per worker) cover both.
-        slope = ((t[1] - t[0]) / (large - small) for t in tiny.values())
-        rows.append((f"one more part ({small} -> {large}): s", *slope))
+        # difference between two sizes, as the same ranges (four runs per worker) cover both.  Each repetition
+        # gives one slope from its own pair of runs; the median of them is kept, and their spread printed, since
+        # one run varies by seconds.
+        slopes = {name: sorted((b - a) / (large - small) for a, b in zip(*t)) for name, t in times.items()}
+        rows.append((f"one more part ({small} -> {large}): s, median", *(median(s) for s in slopes.values())))
+        for name, s in slopes.items():
+            print(f"  {name}: one more part, each repetition: {', '.join(f'{x:.4f}' for x in s)} s", file=sys.stderr)
     plans = {name: planning(where) for name, where in contenders.items()}
     rows.append(("plan 2,000 parts (s)", *(p["plan"] for p in plans.values())))
     rows.append(("plan --stale 2,000 parts (s)", *(p["stale"] for p in plans.values())))

@@ -30,7 +30,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 # What the default run leaves out: tests/e2e (whole-graph runs, the browser) and the multi-process tests
-# (kill -9 recovery, torchrun, Postgres, bench dry run).
+# (kill -9 recovery, torchrun, Postgres), and tests/bench: every bench script on tiny sizes.
 test-extended: install
 	$(BIN)/python -m pytest -q -m extended
 

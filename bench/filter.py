@@ -12,7 +12,6 @@ loading the first-occurrence kernel from numba's on-disk cache (or compiling it,
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -21,7 +20,7 @@ import tempfile
 import time
 
 import numpy as np
-from options import add_options
+from options import INTERNAL, add_options, bench_parser
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -199,7 +198,15 @@ def child(which: str, path: str, repeat: int, out: str) -> None:
 
 
 def main() -> None:
-    parser = add_options(argparse.ArgumentParser(), n=2_000_000, repeat=5, seed=0, child=None, data=None, out=None)
+    parser = add_options(
+        bench_parser(__doc__),
+        n=(2_000_000, "DiffusionDB-like prompts (DiffusionDB 2M's size)"),
+        repeat=(5, "timed calls per contender, the best kept"),
+        seed=(0, "seed of the generated prompts"),
+        child=(None, INTERNAL),
+        data=(None, INTERNAL),
+        out=(None, INTERNAL),
+    )
     args = parser.parse_args()
     if args.child:
         child(args.child, args.data, args.repeat, args.out)

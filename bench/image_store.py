@@ -13,7 +13,6 @@ process and reclaimable, so they are printed apart.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -23,7 +22,7 @@ import time
 
 import numpy as np
 import polars as pl
-from options import add_options
+from options import INTERNAL, add_options, bench_parser
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -105,7 +104,15 @@ def child(which: str, directory: str, out: str) -> None:
 
 
 def main() -> None:
-    parser = add_options(argparse.ArgumentParser(), n=20_000, parts=20, kb=32, child=None, dir=None, out=None)
+    parser = add_options(
+        bench_parser(__doc__),
+        n=(20_000, "images of the split"),
+        parts=(20, "Parquet parts they are spread over"),
+        kb=(32, "KiB per image"),
+        child=(None, INTERNAL),
+        dir=(None, INTERNAL),
+        out=(None, INTERNAL),
+    )
     args = parser.parse_args()
     if args.child:
         child(args.child, args.dir, args.out)

@@ -14,7 +14,6 @@ k-means minimises), each as a ratio to scikit-learn KMeans. Timings on a shared 
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-from options import add_options  # noqa: E402
+from options import add_options, bench_parser  # noqa: E402
 
 from pipeline.ensemble.clustering import inertia, kmeans_centroids, label_centroids  # noqa: E402
 
@@ -105,9 +104,19 @@ def subsample_comparison(args) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_options(ap, n=670_000, k=10_000, d=384, n_iter=10, max_points_per_centroid=32, sub_n=20_000, sub_k=500)
-    add_options(ap, skip_full=False, skip_sub=False)
+    ap = bench_parser(__doc__)
+    add_options(
+        ap,
+        n=(670_000, "points of the full-scale run (the paper's train split)"),
+        k=(10_000, "centroids of the full-scale run (the paper's k)"),
+        d=(384, "embedding dimension (all-MiniLM-L6-v2's)"),
+        n_iter=(10, "k-means iterations"),
+        max_points_per_centroid=(32, "faiss trains on at most k x this many points"),
+        sub_n=(20_000, "points of the comparison with scikit-learn"),
+        sub_k=(500, "centroids of the comparison with scikit-learn"),
+        skip_full=(False, "leave out the full-scale run"),
+        skip_sub=(False, "leave out the comparison with scikit-learn"),
+    )
     args = ap.parse_args()
     if not args.skip_full:
         full_scale(args)

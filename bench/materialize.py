@@ -8,7 +8,10 @@ replaced (a git worktree of an earlier commit), side by side on this machine:
 - planning with 2,000 registered parts (`plan_units`, a full plan and a --stale plan).
 
     python bench/materialize.py                         # sample 4 x 250, 400 tiny parts, baseline a9db728
-    python bench/materialize.py --parts 2 --images 60 --tiny-parts 100 --baseline <commit>
+    python bench/materialize.py --skip-graph --tiny-parts 100 --baseline <commit>   # ingest and planning only
+
+A sample smaller than make run's (--parts, --images) fails the blocking check beats_mean_embedding_baseline
+(tiny models do not beat the mean training embedding on a few dozen images) and the graph stops there.
 
 Each contender runs alone (one after the other), with the same environment; the printed ratio is
 this checkout / baseline.

@@ -8,7 +8,6 @@ ratio (goal: batching at least 3x faster on CPU with the tiny models).
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import sys
@@ -19,7 +18,9 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from pipeline.predictor import PromptPredictor  # noqa: E402
+from options import bench_parser  # noqa: E402
+
+from pipeline.predictor import NotTrainedError, PromptPredictor  # noqa: E402
 from resources.settings import load_settings  # noqa: E402
 
 
@@ -35,15 +36,18 @@ def synthetic_images(n: int, size: int = 256, seed: int = 0) -> list[bytes]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--n", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--model", default="auto")
+    parser = bench_parser(__doc__)
+    parser.add_argument("--n", type=int, default=1000, help="synthetic 256-px PNGs to caption")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch of the batched contender")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N")
+    parser.add_argument("--model", default="auto", help="the predictor's model, as `reverse-sd predict --model`")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     settings = load_settings()
-    predictor = PromptPredictor(settings.home, model=args.model, device=args.device, batch_size=args.batch_size)
+    try:
+        predictor = PromptPredictor(settings.home, model=args.model, device=args.device, batch_size=args.batch_size)
+    except NotTrainedError as error:  # no artifacts under REVERSE_SD_HOME: say what to run, no traceback
+        sys.exit(f"bench/predict.py: {error}")
     images = synthetic_images(args.n)
     predictor.embed(images[:4])  # warm-up
 

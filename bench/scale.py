@@ -49,17 +49,32 @@ MB = 1e6
 # Quoted, not measured here (the README's Results rows).
 EARLIER = {
     "queue_wall_per_part": (
-        1.256,
+        0.098,
         "s wall per part",
-        "bench/materialize.py: `reverse-sd materialize`, 100 tiny parts in the default ranges (whole command)",
+        "bench/materialize.py: `reverse-sd materialize`, 400 tiny parts in the default ranges (whole command)",
+    ),
+    "queue_one_more_part": (
+        0.028,
+        "s wall per part",
+        "bench/materialize.py: one more tiny part in the default ranges (the slope from 100 to 400 parts, median of 3)",
     ),
     "run_overhead_single": (
-        0.306,
+        0.224,
         "s per run",
-        "bench/ingest.py (before the queued path): overhead inside a one-part run (run record, SQLite events)",
+        "bench/ingest.py: overhead inside a one-part run through the queue (run record, SQLite events)",
     ),
-    "run_overhead_ranged": (0.046, "s per part", "bench/ingest.py (before the queued path): ranges of 25 parts"),
-    "worker_start": (4.4, "s per invocation", "bench/ingest.py: `reverse-sd materialize`'s own start, once"),
+    "run_overhead_ranged": (0.025, "s per part", "bench/ingest.py: overhead inside ranged runs of 25 parts"),
+    "run_wall_single": (
+        1.757,
+        "s wall per part",
+        "bench/ingest.py: one run per part, 2 workers (each run a fresh process: start, imports, code load)",
+    ),
+    "run_wall_ranged": (0.084, "s wall per part", "bench/ingest.py: ranged runs of 25 parts, 2 workers"),
+    "worker_start": (
+        14.0,
+        "s per invocation",
+        "bench/ingest.py: `reverse-sd materialize`'s own start, once (`dagster dev`, three observation runs)",
+    ),
     "gpu_prompts": (31245, "prompts/s", "bench/gpu.py: PromptEncoder float16 on one NVIDIA H200"),
 }
 MAX_PARTS_PER_RUN = 50  # assets/data.py: diffusiondb_parts' backfill policy

@@ -21,9 +21,16 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.extended
 
 
+def _clean_environ() -> dict[str, str]:
+    """This process's environment without REVERSE_SD_* settings and HF_TOKEN, offline."""
+    kept = {k: v for k, v in os.environ.items() if not k.startswith("REVERSE_SD_") and k != "HF_TOKEN"}
+    return {**kept, "HF_HUB_OFFLINE": "1"}
+
+
 def run_bench(script: str, *args: str, env: dict[str, str] | None = None, timeout: int = 600) -> str:
-    """bench/``script`` with ``args``, offline on the CPU; it must exit 0.  Returns its stdout."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    """bench/``script`` with ``args``, offline on the CPU, no REVERSE_SD_* setting of the calling shell leaking in,
+    then ``env`` on top; it must exit 0.  Returns its stdout."""
+    env = {**_clean_environ(), "CUDA_VISIBLE_DEVICES": "", **(env or {})}
     command = [sys.executable, str(ROOT / "bench" / script), *args]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
@@ -67,7 +74,7 @@ def test_predict_bench_batched_agrees_with_one_by_one(tmp_path):
 
 
 def test_predict_bench_without_artifacts_names_what_to_run(tmp_path):
-    env = {**os.environ, "REVERSE_SD_HOME": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1"}
+    env = {**_clean_environ(), "REVERSE_SD_HOME": str(tmp_path / "empty")}
     command = [sys.executable, str(ROOT / "bench" / "predict.py"), "--n", "4"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 1 and "Traceback" not in done.stderr and "make run" in done.stderr, done.stderr

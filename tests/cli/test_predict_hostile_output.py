@@ -151,11 +151,12 @@ def _interrupt_midway(tiny_home: Path, folder: Path, target: Path, sig: int) -> 
     proc = popen_cli(["predict", str(folder), "--model", "vit", "--batch-size", "1", "--output", str(target)], env)
     try:
         deadline = time.monotonic() + 200
-        while not [p for p in target.parent.iterdir() if p.name.endswith(".tmp")]:
+        # Signal as soon as the temporary file holds records: a fixed delay after it appears raced the tiny
+        # model, which can write every prediction first on an idle machine.
+        while not [p for p in target.parent.iterdir() if p.name.endswith(".tmp") and p.stat().st_size > 0]:
             assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no temporary output file appeared"
+            assert time.monotonic() < deadline, "no temporary output file with records appeared"
             time.sleep(0.01)
-        time.sleep(0.3)  # some records written
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -166,7 +167,7 @@ def _interrupt_midway(tiny_home: Path, folder: Path, target: Path, sig: int) -> 
 
 def test_sigterm_or_ctrl_c_during_output_leaves_no_temporary_and_the_old_file(tiny_home, tmp_path):
     folder = tmp_path / "many"
-    _copies(folder, 400)
+    _copies(folder, 3000)  # seconds of work at batch size 1, so the signal lands while records are written
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     target = out_dir / "predictions.jsonl"

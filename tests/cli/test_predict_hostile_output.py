@@ -143,16 +143,26 @@ def _copies(folder: Path, n: int) -> None:
         (folder / f"img{i:04d}.png").write_bytes(data)
 
 
+def _ctrl_c_as_on_a_terminal() -> None:
+    """In the child, before exec: SIGINT at its default, as a command started from a terminal has it.  A test
+    suite started in the background of a non-interactive shell (`cmd &`, nohup) inherits SIGINT ignored, and
+    Python keeps an inherited SIG_IGN, rightly: such a command is meant to survive Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt_midway(tiny_home: Path, folder: Path, target: Path, sig: int) -> tuple[int, str]:
     """Start predict --output ``target`` on ``folder``, send ``sig`` once its temporary file is there and
     some records are written; (exit status, stderr)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("REVERSE_SD_")}
     env.update(REVERSE_SD_HOME=str(tiny_home), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = popen_cli(["predict", str(folder), "--model", "vit", "--batch-size", "1", "--output", str(target)], env)
+    proc = popen_cli(
+        ["predict", str(folder), "--model", "vit", "--batch-size", "1", "--output", str(target)],
+        env,
+        preexec_fn=_ctrl_c_as_on_a_terminal,
+    )
     try:
         deadline = time.monotonic() + 200
-        # Signal as soon as the temporary file holds records: a fixed delay after it appears raced the tiny
-        # model, which can write every prediction first on an idle machine.
+        # Signal as soon as the temporary file holds records, well before the last of the images is done.
         while not [p for p in target.parent.iterdir() if p.name.endswith(".tmp") and p.stat().st_size > 0]:
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "no temporary output file with records appeared"
@@ -167,7 +177,7 @@ def _interrupt_midway(tiny_home: Path, folder: Path, target: Path, sig: int) -> 
 
 def test_sigterm_or_ctrl_c_during_output_leaves_no_temporary_and_the_old_file(tiny_home, tmp_path):
     folder = tmp_path / "many"
-    _copies(folder, 3000)  # seconds of work at batch size 1, so the signal lands while records are written
+    _copies(folder, 3000)  # seconds of work at batch size 1: the signal lands while records are written
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     target = out_dir / "predictions.jsonl"

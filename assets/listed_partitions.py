@@ -14,6 +14,23 @@ import dagster as dg
 DATA_VERSION_TAG = "dagster/data_version"
 
 
+def latest_observed_versions(instance: dg.DagsterInstance, source_key: dg.AssetKey) -> dict[str, str]:
+    """partition -> the data version of the newest observation of the partitioned source ``source_key``."""
+    latest: dict[str, str] = {}
+    cursor = None
+    while True:
+        result = instance.fetch_observations(
+            dg.AssetRecordsFilter(asset_key=source_key), limit=1000, cursor=cursor, ascending=False
+        )
+        for record in result.records:
+            observation = record.asset_observation
+            if observation.partition is not None:
+                latest.setdefault(observation.partition, observation.tags.get(DATA_VERSION_TAG))
+        if not result.has_more:
+            return latest
+        cursor = result.cursor
+
+
 @dataclass(frozen=True)
 class ListedPartitions:
     partitions: dg.DynamicPartitionsDefinition
@@ -38,19 +55,7 @@ class ListedPartitions:
 
     def latest_versions(self, instance: dg.DagsterInstance) -> dict[str, str]:
         """name -> the data version of its newest observation."""
-        latest: dict[str, str] = {}
-        cursor = None
-        while True:
-            result = instance.fetch_observations(
-                dg.AssetRecordsFilter(asset_key=self.source_key), limit=1000, cursor=cursor, ascending=False
-            )
-            for record in result.records:
-                observation = record.asset_observation
-                if observation.partition is not None:
-                    latest.setdefault(observation.partition, observation.tags.get(DATA_VERSION_TAG))
-            if not result.has_more:
-                return latest
-            cursor = result.cursor
+        return latest_observed_versions(instance, self.source_key)
 
     def changed_versions(self, instance: dg.DagsterInstance, listed: Mapping[str, str]) -> dict[str, str]:
         """The registered names whose listed version differs from their last observed one (or never observed):

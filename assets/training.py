@@ -18,6 +18,7 @@ from assets.common import (
     table_metadata,
 )
 from assets.data import filtered_pairs, prompt_embeddings, vocabulary, vocabulary_labels
+from assets.listed_partitions import latest_observed_versions
 from assets.own_images import table_of
 from assets.plots import histogram_png, line_plot_png, md_image
 from pipeline.constants import BACKBONE_NAMES
@@ -65,6 +66,12 @@ def training_settings() -> dg.DataVersionsByPartition:
 def training_settings_versions() -> dict[str, str]:
     """backbone -> the data version training_settings reports now (a dry run compares it, observing nothing)."""
     return {b: code_version("training_settings", **training_spec(b).as_dict()) for b in BACKBONES}
+
+
+def changed_settings_versions(instance: dg.DagsterInstance) -> dict[str, str]:
+    """backbone -> its settings' version now, where that differs from the last one observed (or none was)."""
+    latest = latest_observed_versions(instance, training_settings.key)
+    return {b: v for b, v in training_settings_versions().items() if latest.get(b) != v}
 
 
 _BY_BACKBONE = dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name="backbone")

@@ -159,7 +159,7 @@ def _materialize_locked(args, settings, workers: int) -> int:
                 + ", ".join(f"{r.label} (run {r.run_id[:8]}, pid {r.pid})" for r in lost[:10])
             )
         try:
-            orch.observe_sources(runs, tags)
+            orch.observe_sources(runs, tags, orch.sources_to_observe(instance, listed, folders))
         except KeyboardInterrupt:  # stop the observation runs too: no run is left behind as STARTED
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             orch.stop_runs(runs, orch.active_runs(instance, invocation))

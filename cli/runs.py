@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import dagster as dg
@@ -300,11 +300,34 @@ class InstanceRuns:
             graphql(self.url, _FORCE_CANCEL, {"ids": run_ids}, timeout=30)
 
 
-def observe_sources(runs: InstanceRuns, tags: dict[str, str], timeout: float = 600) -> None:
+def sources_to_observe(
+    instance: dg.DagsterInstance, listed_parts: Mapping[str, str], folders: Mapping[str, str]
+) -> list[str]:
+    """The observe jobs whose run would record a version the instance does not hold yet: a new or changed
+    DiffusionDB part (``listed_parts``: part -> version) or image folder (``folders``), or a backbone's changed
+    training settings.  The others are not submitted: they would record nothing, and each is a run (a process,
+    3-4 s here), which made most of a `--stale` that finds nothing to do."""
+    from assets.data import changed_part_versions
+    from assets.own_images import changed_folder_versions
+    from assets.training import changed_settings_versions
+
+    changed = {
+        "observe_diffusiondb_source": lambda: changed_part_versions(instance, listed_parts),
+        "observe_images_source": lambda: changed_folder_versions(instance, folders),
+        "observe_settings": lambda: changed_settings_versions(instance),
+    }
+    return [job for job in OBSERVE_JOBS if changed[job]()]
+
+
+def observe_sources(
+    runs: InstanceRuns, tags: dict[str, str], jobs: Sequence[str] = OBSERVE_JOBS, timeout: float = 600
+) -> None:
     """Record the current data version of each source partition (every DiffusionDB part whose zip changed,
-    each backbone's training_settings) with a run of each observe job, so that changed data or settings show
-    up as stale before planning."""
-    units = [Unit(name, (), None, False) for name in OBSERVE_JOBS]
+    each backbone's training_settings) with a run of each of the observe ``jobs``, so that changed data or
+    settings show up as stale before planning."""
+    units = [Unit(name, (), None, False) for name in jobs]
+    if not units:
+        return
     ids = runs.submit(units, tags)
     deadline = time.monotonic() + timeout
     while True:

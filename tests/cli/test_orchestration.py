@@ -61,6 +61,26 @@ class _FakeRuns:
         return ["boom"], "Traceback: boom"
 
 
+def test_only_sources_whose_observation_would_record_something_new_are_observed():
+    """A `--stale` with nothing changed submits no observe run (each one is a process of its own); a new or
+    changed part, folder or settings version submits the one job that records it."""
+    from assets.definitions import defs
+    from assets.own_images import folders_partitions
+
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("diffusiondb_part", ["part-000001"])
+        parts = {"part-000001": "sha-a"}
+        assert orch.sources_to_observe(instance, parts, {}) == ["observe_diffusiondb_source", "observe_settings"]
+        assert defs.resolve_job_def("observe_settings").execute_in_process(instance=instance).success
+        instance.report_runless_asset_event(
+            dg.AssetObservation("diffusiondb_source", partition="part-000001", tags={"dagster/data_version": "sha-a"})
+        )
+        assert orch.sources_to_observe(instance, parts, {}) == []
+        assert orch.sources_to_observe(instance, {"part-000001": "sha-b"}, {}) == ["observe_diffusiondb_source"]
+        instance.add_dynamic_partitions(folders_partitions.name, ["mine"])
+        assert orch.sources_to_observe(instance, parts, {"mine": "v1"}) == ["observe_images_source"]
+
+
 def test_gpu_runs_wait_for_the_pool_not_for_workers_so_a_few_more_are_kept_in_flight():
     runs = _FakeRuns()
     orch.run_plan(_fake_plan(10, gpu=True), runs, {}, max_active=3, poll_seconds=0)
@@ -474,6 +494,8 @@ def test_parts_run_in_ranges_each_part_keeps_its_metadata_and_a_bad_part_fails_a
         ("part-000001", "part-000003"),
         ("part-000004", "part-000006"),
     ]
+    # Observed: the new parts and the settings; no image folder is set, so no observe run for it.
+    assert _observe_runs(instance) == ["observe_diffusiondb_source", "observe_settings"]
     events = _materializations(instance, "diffusiondb_parts")
     assert sorted(events) == [f"part-{i:06d}" for i in range(1, 7)]
     for part, (event, *_) in events.items():  # each part its own figures, not its range's
@@ -484,6 +506,10 @@ def test_parts_run_in_ranges_each_part_keeps_its_metadata_and_a_bad_part_fails_a
     # Each part's source version is observed on its own: a changed zip stales that part alone.
     dry = run_cli([*args, "--stale", "--dry-run"], env, timeout=300)
     assert "nothing to materialize" in dry.stdout, dry.stdout
+    # With nothing changed, no run at all: an observe run would record nothing new.
+    again = run_cli([*args, "--stale"], env, timeout=300)
+    assert again.returncode == 0 and "nothing to materialize" in again.stdout, again.stdout + again.stderr[-2000:]
+    assert len(instance.get_runs()) == len(runs)
     import zipfile
 
     with zipfile.ZipFile(mirror / "images" / "part-000002.zip", "a") as archive:
@@ -505,12 +531,18 @@ def test_parts_run_in_ranges_each_part_keeps_its_metadata_and_a_bad_part_fails_a
     assert "part-000005" in failed[0].split(": ", 2)[2]  # the cause names the archive
     events = _materializations(instance, "diffusiondb_parts")
     assert [len(events[f"part-{i:06d}"]) for i in range(1, 7)] == [1, 2, 1, 2, 1, 2]
+    # Only the changed source is observed again; the settings did not change.
+    assert _observe_runs(instance) == ["observe_diffusiondb_source", "observe_diffusiondb_source", "observe_settings"]
     observed = {
         r.asset_observation.partition
         for r in instance.fetch_observations(dg.AssetKey("diffusiondb_source"), limit=100).records
     }
     assert observed == {f"part-{i:06d}" for i in range(1, 7)}
     assert (tmp_path / "data" / "diffusiondb_parts" / "part-000006.parquet").exists()
+
+
+def _observe_runs(instance: dg.DagsterInstance) -> list[str]:
+    return sorted(r.job_name for r in instance.get_runs() if r.job_name.startswith("observe_"))
 
 
 def test_ranges_join_only_adjacent_partitions_and_readers_wait_for_every_range():

@@ -4,10 +4,12 @@ instance as they become ready, follow them, report in one line per failure."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -88,29 +90,42 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _materialize_locked(args, settings, workers: int) -> int:
+def _dagster():
+    """``import dagster``, without its Beta and Preview warnings (about its own APIs, not for our users)."""
     import warnings
 
     import dagster as dg
 
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
     warnings.filterwarnings("ignore", category=dg.PreviewWarning)
+    return dg
 
-    from cli import runs as orch
+
+def _materialize_locked(args, settings, workers: int) -> int:
     from cli.dagster_server import DagsterServer
 
-    tags = orch.new_invocation_tags(settings.home)
-    invocation = tags[orch.INVOCATION_TAG]
-    logs = Path(settings.dagster_home) / "logs"
     print(f"profile={settings.profile} source={settings.diffusiondb} storage={settings.home}")
     if args.dry_run:  # nothing is written to the instance: new parts are planned, not registered
+        _dagster()
         return _dry_run(args, settings, workers)
-    # The instance's storage is created here first: `dagster dev` creating it at the same moment races this
-    # process on a fresh DAGSTER_HOME ("table alembic_version already exists").
-    instance = dg.DagsterInstance.get()
-    orch.apply_default_pool_limits(instance)  # the "gpu" limit holds from the first queued run (its docstring)
-    # The webserver (found, or `dagster dev` started now) loads the code while this process plans.
-    with DagsterServer(settings.dagster_home, logs / f"dagster-dev-{invocation}.log") as server:
+    invocation = uuid.uuid4().hex[:12]
+    logs = Path(settings.dagster_home) / "logs"
+    server = DagsterServer(settings.dagster_home, logs / f"dagster-dev-{invocation}.log")
+    with contextlib.ExitStack() as stack:
+        # The webserver (found, or `dagster dev` started now) starts and loads the code while this process
+        # imports and plans.  On a fresh DAGSTER_HOME this process creates the instance's storage first:
+        # `dagster dev` creating it at the same moment races it ("table alembic_version already exists").
+        fresh = not (Path(settings.dagster_home) / "storage").is_dir()
+        if not fresh:  # started before this process's own imports (about 1.5 s here)
+            stack.enter_context(server)
+        dg = _dagster()
+        from cli import runs as orch
+
+        tags = orch.new_invocation_tags(settings.home, invocation)
+        instance = dg.DagsterInstance.get()
+        orch.apply_default_pool_limits(instance)  # the "gpu" limit holds from the first queued run (its docstring)
+        if fresh:
+            stack.enter_context(server)
         from assets.data import sync_parts
         from assets.definitions import defs
         from assets.own_images import sync_folders

@@ -41,8 +41,9 @@ LAUNCHED_NOT_ENDED = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED,
 STORAGE_TAG = "reverse-sd/storage"
 
 
-def new_invocation_tags(storage_root: str) -> dict[str, str]:
-    return {LAUNCHED_BY_TAG: "cli", INVOCATION_TAG: uuid.uuid4().hex[:12], STORAGE_TAG: storage_root}
+def new_invocation_tags(storage_root: str, invocation: str | None = None) -> dict[str, str]:
+    invocation = invocation or uuid.uuid4().hex[:12]
+    return {LAUNCHED_BY_TAG: "cli", INVOCATION_TAG: invocation, STORAGE_TAG: storage_root}
 
 
 def active_runs(instance: dg.DagsterInstance, invocation: str) -> list[str]:

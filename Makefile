@@ -42,7 +42,9 @@ test-cluster: install
 
 # `dagster dev` runs from DAGSTER_HOME (so it does not warn about the project's own dagster.yaml, which was
 # copied there); relative paths in the settings are made absolute first, so they mean what they meant here.
-# Its one SupersessionWarning ("use 'dg dev'": the dg CLI is a separate package) is not shown.
+# Its one SupersessionWarning ("use 'dg dev'": the dg CLI is a separate package) is not shown.  DAGSTER_DISABLE_TELEMETRY:
+# dagster.yaml's `telemetry: enabled: false` does not stop the webserver's and daemon's thread that uploads
+# DAGSTER_HOME/logs to Dagster's telemetry server (cli/dagster_server.py says more); this does.
 ui: install $(DAGSTER_HOME)/dagster.yaml
 	# The "gpu" pool's default limit is written before the first run is queued, and runs left running by a
 	# power loss are named (cli/runs.py says why).
@@ -51,6 +53,7 @@ ui: install $(DAGSTER_HOME)/dagster.yaml
 	  REVERSE_SD_HOME='$(if $(findstring ://,$(REVERSE_SD_HOME)),$(REVERSE_SD_HOME),$(abspath $(REVERSE_SD_HOME)))' \
 	  $(if $(wildcard $(REVERSE_SD_DIFFUSIONDB)),REVERSE_SD_DIFFUSIONDB='$(abspath $(REVERSE_SD_DIFFUSIONDB))') \
 	  PYTHONWARNINGS='ignore:Function `dev_command` is superseded' \
+	  DAGSTER_DISABLE_TELEMETRY=1 \
 	  $(CURDIR)/$(BIN)/dagster dev -w $(CURDIR)/workspace.yaml -h $${HOST:-127.0.0.1} -p $${PORT:-3000}
 
 # The four automations (a schedule, three sensors; STOPPED on a fresh instance): start, stop or list them in this project's instance

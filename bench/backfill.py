@@ -7,7 +7,7 @@ storage root and instance:
   ``launchPartitionBackfill`` (``assetSelection`` + ``allPartitions``), which the daemon's backfill loop
   walks stage by stage, each asset's BackfillPolicy applied.
 
-Both start the same way (`dagster dev` for the invocation, new parts registered, the three observation
+Both start the same way (the Dagster services for the invocation, new parts registered, the three observation
 runs), so the difference is the submission. Printed: whole-command seconds, seconds from submission to the
 last run's end, runs, and the ratio backfill / runs.
 
@@ -51,15 +51,14 @@ def as_one_backfill() -> dict:
     from assets.definitions import defs
     from assets.own_images import sync_folders
     from cli import runs as orch
-    from cli.dagster_server import DagsterServer, graphql
+    from cli.dagster_server import DagsterServer, graphql, logs_dir
     from resources.settings import ensure_dagster_home, load_settings
 
     settings = load_settings()
     ensure_dagster_home(settings)
     instance = dg.DagsterInstance.get()
     tags = orch.new_invocation_tags(settings.home)
-    logs = Path(settings.dagster_home) / "logs"
-    with DagsterServer(settings.dagster_home, logs / "dagster-dev-bench.log") as server:
+    with DagsterServer(settings.dagster_home, logs_dir(settings.dagster_home) / "dagster-bench.log") as server:
         runs = orch.InstanceRuns(server.ready().url, instance)
         sync_parts(instance, defs.resources["diffusiondb"].source().list_parts())
         sync_folders(instance, defs.resources["images"].list_folders())

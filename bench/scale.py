@@ -73,7 +73,7 @@ EARLIER = {
     "worker_start": (
         14.0,
         "s per invocation",
-        "bench/ingest.py: `reverse-sd materialize`'s own start, once (`dagster dev`, three observation runs)",
+        "bench/ingest.py: `reverse-sd materialize`'s own start, once (its Dagster services, the observation runs)",
     ),
     "gpu_prompts": (31245, "prompts/s", "bench/gpu.py: PromptEncoder float16 on one NVIDIA H200"),
 }

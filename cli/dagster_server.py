@@ -6,13 +6,20 @@ the same command drives a cluster when dagster.yaml says so.  Which server:
 1. REVERSE_SD_DAGSTER_URL (e.g. http://dagster.internal:3000): an operator's deployment; used as it is.
 2. a webserver already serving this DAGSTER_HOME on 127.0.0.1:$PORT (3000 by default): `make ui`, so the
    runs appear live in the open UI;
-3. otherwise `dagster dev` (webserver, daemon, code server), started for this invocation in its own process
-   group and stopped with it: no orphan survives, even a kill -9 of the CLI (the kernel's parent-death
-   signal).
+3. otherwise this invocation's own services (cli.dagster_services: a code server, then the webserver and the
+   daemon; what `dagster dev` starts, 2 s sooner), in their own process group and stopped with the command:
+   no orphan survives, even a kill -9 of the CLI (the kernel's parent-death signal).
+
+Their log, and the command's own, go to ``logs_dir(DAGSTER_HOME)``, never to DAGSTER_HOME/logs: Dagster's
+webserver and daemon treat that folder as telemetry (dagster/_core/telemetry_upload.py, whatever
+``telemetry.enabled`` says): they move it to .logs_queue, POST each file to Dagster's telemetry server, and
+empty .logs_queue the next time, so a log there is gone by the next invocation, or sent away.  The services
+also run with DAGSTER_DISABLE_TELEMETRY=1, which stops that thread (as `make ui` does).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -25,12 +32,17 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from cli.dagster_services import LOCATION_NAME, PROJECT_DIR
 from cli.processes import parent_death_signal, stop_process_group
 
-PROJECT_DIR = Path(__file__).resolve().parents[1]
-LOCATION_NAME = "reverse-sd"  # workspace.yaml's location_name
+LOGS_DIR_NAME = "reverse-sd-logs"  # not "logs": Dagster's telemetry folder (the module docstring)
 REPOSITORY_NAME = "__repository__"  # the repository a Definitions object is loaded as
 URL_SETTING = "REVERSE_SD_DAGSTER_URL"
+
+
+def logs_dir(dagster_home: str | Path) -> Path:
+    """Where `reverse-sd materialize` keeps its logs (one per invocation) and its services' logs."""
+    return Path(dagster_home) / LOGS_DIR_NAME
 
 
 class ServerError(RuntimeError):
@@ -79,10 +91,10 @@ class DagsterServer:
         self.dagster_home, self.log_path, self.start_timeout = dagster_home, log_path, start_timeout
         self.url: str | None = None
         self.process: subprocess.Popen | None = None
-        self.started = False  # True when this invocation started `dagster dev`
+        self.started = False  # True when this invocation started its own services
 
     def __enter__(self) -> DagsterServer:
-        """Find the webserver, or start `dagster dev` (not waiting: call ready() before the first query, so the
+        """Find the webserver, or start this invocation's services (not waiting: call ready() before the first query, so the
         server's start overlaps the caller's own imports and planning)."""
         configured = os.environ.get(URL_SETTING)
         if configured:
@@ -123,29 +135,36 @@ class DagsterServer:
                     return f"{resource}.{name} is {theirs!r} there and {value!r} here"
         return None
 
-    # ---- embedded `dagster dev` ------------------------------------------------------------------------
+    # ---- this invocation's own services -------------------------------------------------------------------
 
     def _start(self) -> str:
         port = _free_port()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "DAGSTER_HOME": str(Path(self.dagster_home).resolve()), "PYTHONWARNINGS": "ignore"}
+        env = {
+            **os.environ,
+            "DAGSTER_HOME": str(Path(self.dagster_home).resolve()),
+            "PYTHONWARNINGS": "ignore",
+            # dagster.yaml's `telemetry: enabled: false` does not stop the webserver's and the daemon's upload
+            # thread (the module docstring); this does.  Offline, its POST retries also held up each stop by 2 s.
+            "DAGSTER_DISABLE_TELEMETRY": "1",
+        }
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "dagster", "dev", "-w", str(PROJECT_DIR / "workspace.yaml")]
-                + ["-h", "127.0.0.1", "-p", str(port)],
+                [sys.executable, "-m", "cli.dagster_services", "--grpc-port", str(_free_port())]
+                + ["--port", str(port), "--workspace", str(self.log_path.with_suffix(".workspace.yaml"))],
                 cwd=PROJECT_DIR,
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
                 start_new_session=True,  # its own process group: stopped as one, never by the terminal's Ctrl-C
-                preexec_fn=parent_death_signal(signal.SIGTERM),  # `dagster dev` stops with the CLI
+                preexec_fn=parent_death_signal(signal.SIGTERM),  # the services stop with the CLI
             )
         self.started = True
         return f"http://127.0.0.1:{port}"
 
     def stop(self, grace: float = 10) -> None:
-        """Stop the embedded `dagster dev` and everything it started (the whole process group)."""
+        """Stop this invocation's services and everything they started (the whole process group)."""
         if self.process is None or self.process.poll() is not None:
             return
         try:  # a second Ctrl-C must not interrupt the clean-up (and print a traceback)
@@ -157,6 +176,8 @@ class DagsterServer:
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
+            with contextlib.suppress(OSError):
+                self.log_path.with_suffix(".workspace.yaml").unlink()
 
     def _wait_for_location(self) -> None:
         """Wait until the code location is loaded (a load error is one line naming it)."""
@@ -165,7 +186,7 @@ class DagsterServer:
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise ServerError(
-                    f"`dagster dev` exited with code {self.process.returncode} before serving; see {self.log_path}"
+                    f"the Dagster services exited before serving ({_last_error(self.log_path)}); see {self.log_path}"
                 )
             try:
                 workspace = graphql(self.url, _LOCATION_QUERY, timeout=5)["workspaceOrError"]
@@ -184,3 +205,15 @@ class DagsterServer:
             last = f"code location {LOCATION_NAME} is {entry['loadStatus'] if entry else 'not in the workspace'}"
             time.sleep(0.5)
         raise ServerError(f"the Dagster webserver at {self.url} was not ready in {self.start_timeout:.0f} s ({last})")
+
+
+def _last_error(log_path: Path) -> str:
+    """The last exception line of the services' log (a code server that failed to load names its error)."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "no log"
+    errors = [
+        line.strip() for line in lines if line.strip() and line.strip().split(":")[0].endswith(("Error", "Exception"))
+    ]
+    return errors[-1] if errors else (lines[-1].strip() if lines else "no output")

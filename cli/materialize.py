@@ -102,19 +102,19 @@ def _dagster():
 
 
 def _materialize_locked(args, settings, workers: int) -> int:
-    from cli.dagster_server import DagsterServer
+    from cli.dagster_server import DagsterServer, logs_dir
 
     print(f"profile={settings.profile} source={settings.diffusiondb} storage={settings.home}")
     if args.dry_run:  # nothing is written to the instance: new parts are planned, not registered
         _dagster()
         return _dry_run(args, settings, workers)
     invocation = uuid.uuid4().hex[:12]
-    logs = Path(settings.dagster_home) / "logs"
-    server = DagsterServer(settings.dagster_home, logs / f"dagster-dev-{invocation}.log")
+    logs = logs_dir(settings.dagster_home)
+    server = DagsterServer(settings.dagster_home, logs / f"dagster-{invocation}.log")
     with contextlib.ExitStack() as stack:
-        # The webserver (found, or `dagster dev` started now) starts and loads the code while this process
+        # The webserver (found, or this invocation's services started now) loads the code while this process
         # imports and plans.  On a fresh DAGSTER_HOME this process creates the instance's storage first:
-        # `dagster dev` creating it at the same moment races it ("table alembic_version already exists").
+        # the services creating it at the same moment race it ("table alembic_version already exists").
         fresh = not (Path(settings.dagster_home) / "storage").is_dir()
         if not fresh:  # started before this process's own imports (about 1.5 s here)
             stack.enter_context(server)
@@ -192,7 +192,7 @@ def _materialize_locked(args, settings, workers: int) -> int:
                 )
             )
             return 1 if plan.blocked else 0
-        where = "this invocation's `dagster dev`" if server.started else server.url
+        where = "this invocation's Dagster services" if server.started else server.url
         print(
             f"{_count(len(plan.units), 'run')} submitted to the Dagster instance as they become ready "
             f"({where}); UI: Runs, tag {orch.INVOCATION_TAG}={invocation}"

@@ -1,5 +1,5 @@
 """Child processes in a session of their own (start_new_session=True): stopped as a whole group, and told
-by the kernel when their parent dies.  The embedded `dagster dev` and the tests' throw-away servers both
+by the kernel when their parent dies.  The CLI's Dagster services and the tests' throw-away servers both
 start children of their own, which a signal to the leader alone would leave running.  And whether a run
 worker recorded by Dagster is still the live process it was (``process_started_at``)."""
 
@@ -33,7 +33,8 @@ def stop_process_group(
     linger ``linger`` s after it; safe on a process that is gone or None.
 
     ``leader_first``: the SIGTERM goes to the leader alone, which stops its children in its own order, and what
-    is left of the group after it gets a SIGTERM of its own before the SIGKILL.  For `dagster dev`: a SIGTERM
+    is left of the group after it gets a SIGTERM of its own before the SIGKILL.  The CLI's services
+    (cli.dagster_services) stop the webserver and daemon before the code server.  For `dagster dev`: a SIGTERM
     to its whole group also reaches the code server's gRPC subprocess, which the code server then starts again,
     only to stop it (measured from a no-op command's last line to its exit: 4 of 13 took 8-11.5 s that way,
     median 4.2 s; 2.7-4.6 s, median 3.1 s, leader first)."""

@@ -284,7 +284,7 @@ def _kill_run_worker_mid_write(args: list[str], env: dict[str, str], report: Pat
 def test_killed_part_write_leaves_no_partial_parquet_and_rerun_is_identical(tmp_path):
     hook = tmp_path / "hook"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(HOOK)  # in every process: the CLI, `dagster dev` and its run workers
+    (hook / "sitecustomize.py").write_text(HOOK)  # every process: CLI, services, run workers
     report = tmp_path / "report.txt"
     env = _env(tmp_path, REVERSE_SD_SAMPLE_PARTS="2", REVERSE_SD_SAMPLE_IMAGES_PER_PART="6")
     env["PYTHONPATH"] = f"{hook}{os.pathsep}{PROJECT}"

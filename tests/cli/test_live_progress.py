@@ -46,7 +46,7 @@ def _run_on_a_terminal(args: list[str], env: dict[str, str], timeout: float) -> 
         os.close(parent)
 
 
-@pytest.mark.extended  # a whole `dagster dev` and four runs
+@pytest.mark.extended  # the Dagster services and four runs
 def test_on_a_terminal_each_stage_is_one_live_line_redrawn_in_place(tmp_path):
     env = sample_env(tmp_path, REVERSE_SD_SAMPLE_PARTS="2", REVERSE_SD_SAMPLE_IMAGES_PER_PART="8")
     code, out = _run_on_a_terminal(["materialize", "--select", "diffusiondb_parts"], env, timeout=600)

@@ -1,7 +1,7 @@
 """`reverse-sd materialize` at scale: the plan, submission to the instance as parents finish, and recovery.
 
 The follow loop is tested with a fake instance; planning on the real Definitions; recovery with real
-processes (the CLI, `dagster dev`, run workers) killed by SIGKILL / stopped by SIGTERM.
+processes (the CLI, its Dagster services, run workers) killed by SIGKILL / stopped by SIGTERM.
 """
 
 from __future__ import annotations
@@ -299,7 +299,7 @@ def test_kill_minus_nine_of_a_run_worker_or_the_cli_and_sigterm_then_stale_compl
     """Runs go through the instance's queue and launcher.  kill -9 of a run worker inside a gpu step: the code
     server marks its run failed (one line from the CLI, exit 1), which gives its place in the gpu pool back,
     so the next --stale is not stuck behind it.  SIGTERM: the invocation's runs are terminated, exit 130
-    within seconds.  kill -9 of the CLI: its `dagster dev` goes with it; and when its run worker dies too (a
+    within seconds.  kill -9 of the CLI: its Dagster services go with it; and when its run worker dies too (a
     power loss), the next --stale marks that lost run canceled instead of waiting behind it for ever.  The gpu
     pool limit is never changed."""
     env = sample_env(
@@ -360,7 +360,7 @@ def test_kill_minus_nine_of_a_run_worker_or_the_cli_and_sigterm_then_stale_compl
             dg.DagsterRunStatus.SUCCESS,
         }
 
-        # 3. kill -9 the CLI itself: the `dagster dev` it started is stopped by the kernel's parent-death signal.
+        # 3. kill -9 the CLI itself: the services it started are stopped by the kernel's parent-death signal.
         # Its run worker, held still meanwhile, is then killed too, as a power loss or a reboot would: the run
         # is left STARTED with no process behind it, holding the gpu pool.
         proc = _cli(["materialize", "--stale", *selection], env)
@@ -369,13 +369,15 @@ def test_kill_minus_nine_of_a_run_worker_or_the_cli_and_sigterm_then_stale_compl
         )
         worker = _wait_for(lambda: _worker_pid(instance, third.run_id), 120, "the third gpu run's worker pid")
         os.kill(worker, signal.SIGSTOP)
-        group = os.getpgid(worker)  # the embedded `dagster dev`'s, which its code server and run workers share
-        children = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "dagster dev"], capture_output=True, text=True)
+        group = os.getpgid(worker)  # the services' group, which their code server and its run workers share
+        children = subprocess.run(
+            ["pgrep", "-P", str(proc.pid), "-f", "cli.dagster_services"], capture_output=True, text=True
+        )
         dev_pids = [int(p) for p in children.stdout.split()]
-        assert dev_pids, "the CLI started no `dagster dev`"
+        assert dev_pids, "the CLI started no Dagster services"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        _wait_for(lambda: not any(_alive(p) for p in dev_pids), 60, "its `dagster dev` to stop")
+        _wait_for(lambda: not any(_alive(p) for p in dev_pids), 60, "its services to stop")
         # What is left of that process group (its code server, which waits for its run to end, and the worker)
         # goes down at once, as in a power loss: no process is left to record the run's end.
         assert group not in (os.getpgrp(), proc.pid)
@@ -403,7 +405,7 @@ def test_kill_minus_nine_of_a_run_worker_or_the_cli_and_sigterm_then_stale_compl
             os.environ["DAGSTER_HOME"] = old_home
 
 
-@pytest.mark.extended  # several CLI invocations, each with its own `dagster dev`
+@pytest.mark.extended  # several CLI invocations, each with its own Dagster services
 def test_two_invocations_on_one_storage_root_and_a_failure_in_one_line(tmp_path, monkeypatch):
     """While another invocation holds the storage root (here the test holds its lock), a second one says so in
     one line and computes nothing; with --wait it queues behind it, then runs."""
@@ -469,7 +471,7 @@ def _materializations(instance, key: str) -> dict[str, list]:
     return by_part
 
 
-@pytest.mark.extended  # several CLI invocations, each with its own `dagster dev`
+@pytest.mark.extended  # several CLI invocations, each with its own Dagster services
 def test_parts_run_in_ranges_each_part_keeps_its_metadata_and_a_bad_part_fails_alone(tmp_path, monkeypatch):
     """Ranged runs pay Dagster's per-run cost once per range of parts; each part still gets its own metadata
     in the UI, and a range that fails is re-run part by part so only the bad part fails (in one line)."""

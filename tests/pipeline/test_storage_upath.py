@@ -188,7 +188,7 @@ def test_materialize_data_assets_into_memory_root(tiny_mirror, memory_root):
     assert not Path("memory:").exists()
 
 
-@pytest.mark.extended  # the CLI with its own `dagster dev` and runs
+@pytest.mark.extended  # the CLI with its own Dagster services and runs
 def test_cli_materializes_into_file_url_root(tiny_mirror, tmp_path):
     """A user's run: REVERSE_SD_HOME=file://..., the CLI in a subprocess, its own Dagster instance."""
     home = tmp_path / "artifacts"

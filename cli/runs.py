@@ -313,11 +313,11 @@ def sources_to_observe(
     from assets.training import changed_settings_versions
 
     changed = {
-        "observe_diffusiondb_source": lambda: changed_part_versions(instance, listed_parts),
-        "observe_images_source": lambda: changed_folder_versions(instance, folders),
-        "observe_settings": lambda: changed_settings_versions(instance),
+        "observe_diffusiondb_source": bool(changed_part_versions(instance, listed_parts)),
+        "observe_images_source": bool(changed_folder_versions(instance, folders)),
+        "observe_settings": bool(changed_settings_versions(instance)),
     }
-    return [job for job in OBSERVE_JOBS if changed[job]()]
+    return [job for job in OBSERVE_JOBS if changed[job]]
 
 
 def observe_sources(

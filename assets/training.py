@@ -181,7 +181,13 @@ def difficulty_scores(
     config = _train_config(compute, backbone, "mlc", epochs=preliminary_epochs)
     started = time.perf_counter()
     run_metrics: dict = {}
-    data = data_path({"train": train}, model, storage.local_dir("feature_cache"), num_workers=compute.num_workers)
+    data = data_path(
+        {"train": train},
+        model,
+        storage.local_dir("feature_cache"),
+        num_workers=compute.num_workers,
+        pixel_cache_bytes=compute.pixel_cache_bytes,
+    )
     history = preliminary_cosines(model, data, config, epochs=preliminary_epochs, metrics=run_metrics)
     difficulty = difficulty_from_history(history)
     buckets = bucket_by_difficulty(difficulty)
@@ -272,7 +278,11 @@ def trained_models(
     else:
         model = _create(backbone, compute, n_words)
         data = data_path(
-            {"train": train, "val": val}, model, storage.local_dir("feature_cache"), num_workers=compute.num_workers
+            {"train": train, "val": val},
+            model,
+            storage.local_dir("feature_cache"),
+            num_workers=compute.num_workers,
+            pixel_cache_bytes=compute.pixel_cache_bytes,
         )
         result = train_model(
             model,
@@ -362,6 +372,7 @@ def _train_with_torchrun(
             stages=stages,
             cache_dir=cache_dir,
             shared=nodes is not None,
+            pixel_cache_bytes=compute.pixel_cache_bytes,
         )
         command = torchrun_command(spec, compute.nproc_per_node, **(nodes or {}))
         context.log.info("launching " + " ".join(command))
@@ -429,15 +440,21 @@ def model_predictions(
         embeddings=tables["prompt_embeddings"],
         labels=tables["vocabulary_labels"],
     )
-    data = data_path(splits, model, storage.local_dir("feature_cache"), num_workers=compute.num_workers)
+    data = data_path(
+        splits,
+        model,
+        storage.local_dir("feature_cache"),
+        num_workers=compute.num_workers,
+        pixel_cache_bytes=compute.pixel_cache_bytes,
+    )
     frames, metadata = [], {}
     for name, split in splits.items():
         run_metrics: dict = {}
         predictions = predict_embeddings(model, data, TRAIN.batch_size, compute.device, split=name, metrics=run_metrics)
         cache = run_metrics.get("feature_cache") or {}
-        metadata[f"{name}_feature_cache"] = (
-            "built" if cache.get("built") else ("reused" if cache.get("used") else "none")
-        )
+        # "pixels built", "features reused", "none": what the split was read from
+        what = "built" if cache.get("built") else ("reused" if cache.get("used") else None)
+        metadata[f"{name}_feature_cache"] = f"{cache.get('kind', 'features')} {what}" if what else "none"
         metadata[f"{name}_cosine"] = mean_cosine(predictions, split.targets) if len(split) else float("nan")
         frames.append(
             pl.DataFrame({"image_id": split.image_ids, "split": [name] * len(split)}).with_columns(

@@ -216,13 +216,20 @@ class SentenceEncoderResource(dg.ConfigurableResource):
 
 
 class ComputeResource(dg.ConfigurableResource):
-    """Which device trains, with which backbone variant and how many data-loading workers."""
+    """Which device trains, with which backbone variant, how many data-loading workers and how much disk the
+    decoded-pixel cache may take."""
 
     device: str = "auto"
     backbone_variant: str = "tiny"
     pretrained: bool = False
     num_workers: int = 0
     nproc_per_node: int = 1
+    pixel_cache_gb: float = 32.0  # REVERSE_SD_PIXEL_CACHE_GB
+
+    @property
+    def pixel_cache_bytes(self) -> int:
+        """The pixel cache's budget per split file (pipeline.training.feature_cache.PixelCache)."""
+        return int(self.pixel_cache_gb * 2**30)
 
 
 def build_resources(settings: Settings | None = None) -> dict[str, dg.ConfigurableResource]:
@@ -251,6 +258,7 @@ def build_resources(settings: Settings | None = None) -> dict[str, dg.Configurab
             pretrained=not settings.is_sample,
             num_workers=_loader_workers(settings),
             nproc_per_node=_nproc_per_node(settings),
+            pixel_cache_gb=settings.pixel_cache_gb,
         ),
         # Launches torchrun for multi-process training (trained_models with nproc_per_node > 1).
         "pipes": dg.PipesSubprocessClient(),

@@ -27,6 +27,8 @@ REVERSE_SD_TRAIN_JOIN_TIMEOUT       seconds the step waits for the other nodes t
 REVERSE_SD_DEVICE                   auto | cpu | cuda | cuda:N: where models run (default auto: CUDA when present)
 REVERSE_SD_LOADER_WORKERS           DataLoader worker processes (default: the cores available, at most 8; at most
                                     the cores this process may use)
+REVERSE_SD_PIXEL_CACHE_GB           the most disk one split's decoded images may take in the pixel cache (vit, swin:
+                                    decoded and resized once, not every epoch; 0 to 100,000, default 32; 0: none)
 REVERSE_SD_BASELINE_CHECK           block | warn (default block): a model that does not beat the mean-embedding
                                     baseline stops the ensemble, DAKL and the report (block), or is only flagged
                                     (warn: a WARN-severity, non-blocking check, for samples too small to learn)
@@ -61,6 +63,8 @@ HUB_DATASET = "poloclub/diffusiondb"
 HUB_REVISION = "main"
 NO_DIFFUSIONDB = "none"  # REVERSE_SD_DIFFUSIONDB=none: no DiffusionDB parts, only REVERSE_SD_IMAGES
 DEFAULT_OBSERVE_CRON = "0 3 * * *"
+DEFAULT_PIXEL_CACHE_GB = 32.0  # a split of 220k images at 224 px; DiffusionDB 2M's (301 GB) decodes per epoch
+MAX_PIXEL_CACHE_GB = 100_000.0
 MAX_LOADER_WORKERS = 8  # beyond this, decoding 256-px JPEGs outpaces one GPU; more workers only cost memory
 # Bounds of the numeric settings (each error names its bound).
 MAX_SAMPLE_PARTS = 2_000  # DiffusionDB 2M's part count
@@ -108,6 +112,7 @@ class Settings:
     train_join_timeout_s: int = 600
     device: str = "auto"
     loader_workers: int | None = None  # None: cores available, at most MAX_LOADER_WORKERS
+    pixel_cache_gb: float = DEFAULT_PIXEL_CACHE_GB  # REVERSE_SD_PIXEL_CACHE_GB (0: no pixel cache)
     hf_token_set: bool = False
     hub_offline: bool = False  # HF_HUB_OFFLINE is set: the hub cannot be reached
     baseline_check: str = "block"  # REVERSE_SD_BASELINE_CHECK: block | warn
@@ -213,6 +218,20 @@ def _positive_float(env: Mapping[str, str], name: str, maximum: float = MAX_LR) 
         raise SettingsError(f"{name}={raw[:40]!r} is not a number") from None
     if not (math.isfinite(value) and 0 < value <= maximum):
         raise SettingsError(f"{name}={raw[:40]!r} must be a positive finite number, at most {maximum:g}")
+    return value
+
+
+def _pixel_cache_gb(env: Mapping[str, str]) -> float:
+    """REVERSE_SD_PIXEL_CACHE_GB: 0 (no pixel cache) up to MAX_PIXEL_CACHE_GB."""
+    name, raw = "REVERSE_SD_PIXEL_CACHE_GB", _text(env, "REVERSE_SD_PIXEL_CACHE_GB")
+    if not raw:
+        return DEFAULT_PIXEL_CACHE_GB
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw[:40]!r} is not a number of gigabytes") from None
+    if not (math.isfinite(value) and 0 <= value <= MAX_PIXEL_CACHE_GB):
+        raise SettingsError(f"{name}={raw[:40]!r} must be from 0 (no pixel cache) to {MAX_PIXEL_CACHE_GB:,.0f}")
     return value
 
 
@@ -490,6 +509,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         device=_device(env),
         baseline_check=_baseline_check(env),
         loader_workers=_loader_workers(env),
+        pixel_cache_gb=_pixel_cache_gb(env),
         hf_token_set=bool(_text(env, "HF_TOKEN")),
         hub_offline=_text(env, "HF_HUB_OFFLINE").upper() in _OFFLINE_VALUES,
     )

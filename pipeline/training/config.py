@@ -68,7 +68,7 @@ class TrainResult:
 def run_figures(metrics: dict) -> dict:
     """The figures of a run a person wants beside its results (asset metadata), from TrainResult.to_dict() or
     preliminary_cosines' ``metrics``: images/s, data-wait fraction, device, peak GPU memory (only when on a
-    GPU) and the feature cache (used, built, build seconds).  Plain numbers, strings and booleans."""
+    GPU) and the feature cache (kind, used, built, build seconds).  Plain numbers, strings and booleans."""
     out = {
         "images_per_s": round(float(metrics.get("images_per_s") or 0.0), 2),
         "data_wait_fraction": round(float(metrics.get("data_wait_fraction") or 0.0), 4),
@@ -77,6 +77,7 @@ def run_figures(metrics: dict) -> dict:
     if metrics.get("peak_gpu_memory_mb") is not None:
         out["peak_gpu_memory_mb"] = round(float(metrics["peak_gpu_memory_mb"]), 1)
     cache = metrics.get("feature_cache") or {}
+    out["feature_cache_kind"] = str(cache.get("kind") or "none")  # features (a frozen prefix's) | pixels | none
     out["feature_cache_used"] = bool(cache.get("used"))
     out["feature_cache_built"] = bool(cache.get("built"))
     out["feature_cache_build_s"] = round(float(cache.get("build_seconds") or 0.0), 2)

@@ -20,18 +20,19 @@ import numpy as np
 from torch.utils.data import Dataset, Subset
 
 from pipeline.training.datasets import PairDataset, make_loader
-from pipeline.training.feature_cache import FeatureCache, feature_cache_for, feature_loader
+from pipeline.training.feature_cache import FeatureCache, FeatureDataset, feature_cache_for, feature_loader
 
 
 def is_cached(dataset) -> bool:
-    """Whether ``dataset`` yields the frozen prefix's cached output in place of pixels (a FeatureDataset)."""
+    """Whether ``dataset`` yields the frozen prefix's cached output in place of pixels (a FeatureDataset, not
+    a PixelDataset, whose cached pixels the whole model reads)."""
     return bool(getattr(dataset, "prefix_features", False))
 
 
 def loader_for(dataset, batch_size: int, *, num_workers: int, pin_memory: bool, sampler=None, seed: int = 0):
-    """make_loader, or for cached features (a gather from a mapped file, a whole batch at once in the main
-    process) feature_loader: the same batches either way."""
-    if is_cached(dataset):
+    """make_loader, or for a cache file (features or pixels: a gather from a mapped file, a whole batch at once
+    in the main process) feature_loader: the same batches either way."""
+    if isinstance(dataset, FeatureDataset):
         return feature_loader(dataset, batch_size, sampler=sampler, seed=seed, pin_memory=pin_memory)
     return make_loader(dataset, batch_size, seed=seed, num_workers=num_workers, sampler=sampler, pin_memory=pin_memory)
 
@@ -39,7 +40,7 @@ def loader_for(dataset, batch_size: int, *, num_workers: int, pin_memory: bool, 
 def shard_loader(dataset, batch_size: int, *, rank: int, world_size: int, num_workers: int, pin_memory: bool):
     """This rank's shard of ``dataset`` (rows rank, rank + world_size, ...) in order, for evaluation."""
     shard = np.arange(rank, len(dataset), world_size).tolist()
-    if is_cached(dataset):
+    if isinstance(dataset, FeatureDataset):
         return feature_loader(dataset, batch_size, sampler=shard, pin_memory=pin_memory)
     return make_loader(Subset(dataset, shard), batch_size, num_workers=num_workers, pin_memory=pin_memory)
 
@@ -64,9 +65,11 @@ class TrainingData:
         cache_dir: str | os.PathLike | None = None,
         *,
         num_workers: int | None = None,
+        pixel_cache_bytes: int | None = None,
     ) -> None:
         self.datasets = dict(datasets)
         self.cache_dir = cache_dir
+        self.pixel_cache_bytes = pixel_cache_bytes  # None: the default budget (feature_cache.PixelCache)
         self.num_workers = num_workers  # None: the run's (TrainConfig.num_workers, predict_embeddings' argument)
         self.cache: FeatureCache | None = None
         self._opened_for: tuple | None = None
@@ -113,6 +116,7 @@ class TrainingData:
                 batch_size=batch_size,
                 num_workers=num_workers,
                 dist=dist,
+                pixel_cache_bytes=self.pixel_cache_bytes,
             )
             self._opened_for, self._read, self._events = key, {}, {}
         return self
@@ -165,13 +169,18 @@ def data_path(
     cache_dir: str | os.PathLike | None = None,
     *,
     num_workers: int | None = None,
+    pixel_cache_bytes: int | None = None,
 ) -> TrainingData:
     """The data path of a run: each split's pairs (SplitData, an (images, targets, labels) triple, a dataset,
     or None) as a dataset in ``model``'s preprocessing (its image size, mean, std; labels only when it has a
-    vocabulary head), the frozen prefix's features cached under ``cache_dir`` once the run opens it on its
-    device, and loaders with ``num_workers`` workers (None: the run's setting)."""
+    vocabulary head), the frozen prefix's features (or, without one, the decoded pixels, up to
+    ``pixel_cache_bytes`` a file) cached under ``cache_dir`` once the run opens it on its device, and loaders
+    with ``num_workers`` workers (None: the run's setting)."""
     return TrainingData(
-        {name: _pair_dataset(p, model) for name, p in splits.items()}, cache_dir, num_workers=num_workers
+        {name: _pair_dataset(p, model) for name, p in splits.items()},
+        cache_dir,
+        num_workers=num_workers,
+        pixel_cache_bytes=pixel_cache_bytes,
     )
 
 

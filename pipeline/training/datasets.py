@@ -78,8 +78,9 @@ def multi_hot(labels: LabelLists | None, index: int, size: int) -> torch.Tensor:
     return out
 
 
-def image_tensor(data: bytes, image_size: int | tuple[int, int], mean, std, name: str | None = None) -> torch.Tensor:
-    """Encoded image -> normalised float tensor [3, H, W] in the backbone's preprocessing.
+def image_pixels(data: bytes, image_size: int | tuple[int, int], name: str | None = None) -> np.ndarray:
+    """Encoded image -> uint8 [H, W, 3] at ``image_size``: the deterministic half of the preprocessing, what a
+    pixel cache (pipeline.training.feature_cache.PixelCache) stores.
 
     Opened by pipeline.data.images.open_image like every image (pixel limit, EXIF orientation, RGB); an
     image it refuses is an ImageError naming ``name``.
@@ -89,11 +90,22 @@ def image_tensor(data: bytes, image_size: int | tuple[int, int], mean, std, name
     if rgb.size != (size[1], size[0]):
         # PIL's resize filters the whole footprint when shrinking (antialiased).
         rgb = rgb.resize((size[1], size[0]), Image.Resampling.BICUBIC)
-    array = np.asarray(rgb, dtype=np.uint8)
-    pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+    return np.array(rgb, dtype=np.uint8)  # writable: torch.from_numpy takes it as it is
+
+
+def normalise_pixels(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 [..., H, W, 3] -> float [..., 3, H, W] scaled to [0, 1] and normalised with ``mean`` / ``std``:
+    the same arithmetic for one image and for a batch gathered from a pixel cache, so both give equal bits."""
+    out = pixels.movedim(-1, -3).float().div_(255.0)
     m = torch.as_tensor(mean, dtype=torch.float32).view(3, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return pixels.sub_(m).div_(s)
+    return out.sub_(m).div_(s)
+
+
+def image_tensor(data: bytes, image_size: int | tuple[int, int], mean, std, name: str | None = None) -> torch.Tensor:
+    """Encoded image -> normalised float tensor [3, H, W] in the backbone's preprocessing (image_pixels, then
+    normalise_pixels)."""
+    return normalise_pixels(torch.from_numpy(image_pixels(data, image_size, name)), mean, std)
 
 
 class PairDataset(Dataset):
@@ -157,12 +169,17 @@ class PairDataset(Dataset):
         item = self.images[index]
         return item.as_py() if hasattr(item, "as_py") else item
 
-    def __getitem__(self, index: int):
+    def raw_pixels(self, index: int) -> np.ndarray:
+        """Row ``index``'s image as uint8 [H, W, 3] at the dataset's image size (before normalisation)."""
         index = int(index)
         try:
-            pixels = image_tensor(self._bytes(index), self.image_size, self.mean, self.std)
+            return image_pixels(self._bytes(index), self.image_size)
         except Exception as exc:  # name the offending row; a silent skip would misalign the indices
             raise ValueError(f"cannot decode image at row {index}: {exc}") from exc
+
+    def __getitem__(self, index: int):
+        index = int(index)
+        pixels = normalise_pixels(torch.from_numpy(self.raw_pixels(index)), self.mean, self.std)
         target = torch.tensor(self.targets[index])  # a copy: the table may be a read-only Arrow buffer
         labels = multi_hot(self.labels, index, self.vocab_size)
         if self.context is not None:

@@ -148,12 +148,15 @@ def write_spec(
     stages: list[np.ndarray] | None = None,
     cache_dir: str | None = None,
     shared: bool = False,
+    pixel_cache_bytes: int | None = None,
 ) -> str:
     """Write everything a launched run needs into ``directory`` (train/val Parquet, stages, spec.json).
 
     ``cache_dir``: where the frozen-prefix feature cache lives (pipeline.training.feature_cache), shared by
     the ranks (each computes its share of the rows) and by later single-process runs.  It must be one
-    directory every rank sees: leave it None for several nodes.
+    directory every rank sees: leave it None for several nodes.  ``pixel_cache_bytes``: the budget of the
+    decoded-pixel cache used there for a model without a frozen prefix (feature_cache.PixelCache; None: its
+    default).
 
     ``shared``: the run spans several nodes, so ``directory`` is on the shared storage root (a local path
     or an fsspec URL such as s3://...) and the images are written into the Parquet files instead of being
@@ -186,6 +189,7 @@ def write_spec(
         "metrics": at("metrics.json"),
         "resume": True,
         "cache_dir": cache_dir,
+        "pixel_cache_bytes": pixel_cache_bytes,
     }
     path = at("spec.json")
     write_text(json.dumps(spec, indent=2), path)
@@ -305,6 +309,7 @@ def run(spec: dict) -> dict:
         model,
         spec.get("cache_dir"),
         num_workers=config.num_workers,
+        pixel_cache_bytes=spec.get("pixel_cache_bytes"),
     )
 
     def on_log(record: dict) -> None:

@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Sequence
@@ -41,11 +42,14 @@ import torch
 import torch.distributed as torch_dist
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from pipeline.training.datasets import make_loader, multi_hot
+from pipeline.training.datasets import PairDataset, make_loader, multi_hot, normalise_pixels
 
 CACHE_VERSION = 1  # bump when the file layout or what a key covers changes
+PIXELS_VERSION = 1  # bump when datasets.image_pixels (decode, resize) changes what it returns
+DEFAULT_PIXEL_CACHE_BYTES = 32 * 2**30  # REVERSE_SD_PIXEL_CACHE_GB's default
 ABANDONED_AFTER_S = 3600  # a temporary file nobody has touched for this long belongs to a killed build
-_STORED = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16}  # bf16: raw bits in int16
+# bf16: raw bits in int16; uint8: a PixelCache's decoded images
+_STORED = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16, "uint8": np.uint8}
 
 
 # -- keys ------------------------------------------------------------------------------------------------
@@ -75,21 +79,20 @@ def _item_bytes(item) -> bytes:
     return item.as_py() if hasattr(item, "as_py") else bytes(item)
 
 
-def image_set_key(dataset) -> str:
+def image_set_key(dataset, *, normalised: bool = True) -> str:
     """The image set of a PairDataset-like dataset (``images``, ``image_size``, ``mean``, ``std``): its
-    images in row order and their preprocessing.
+    images in row order and their preprocessing (without mean and std when not ``normalised``: a pixel cache
+    holds the images before normalisation, one file for every backbone of that image size).
 
     A memory-mapped image column (pipeline.data.image_store.ImageColumn) is keyed by its file (name, size,
     modification time: the name is a hash of the image ids and their source parts) and row selection, which
     costs nothing; any other image sequence by a hash of every image's bytes."""
     images = dataset.images
     h = hashlib.sha256()
-    h.update(
-        json.dumps(
-            {"n": len(images), "size": dataset.image_size, "mean": list(dataset.mean), "std": list(dataset.std)},
-            default=str,
-        ).encode()
-    )
+    described = {"n": len(images), "size": dataset.image_size}
+    if normalised:
+        described.update(mean=list(dataset.mean), std=list(dataset.std))
+    h.update(json.dumps(described, default=str).encode())
     path = getattr(images, "path", None)
     if isinstance(path, str) and hasattr(images, "rows") and os.path.isfile(path):
         st = os.stat(path)
@@ -307,6 +310,7 @@ class FeatureCache:
 
     def summary(self) -> dict:
         return {
+            "kind": "features",
             "used": bool(self.built or self.reused),
             "built": len(self.built),
             "reused": len(self.reused),
@@ -316,6 +320,23 @@ class FeatureCache:
         }
 
     # building
+    def _probe(self, dataset) -> tuple[np.ndarray, str]:
+        """The first row's output (with its batch axis) and its stored dtype's name."""
+        self.prefix.to(self.device).eval()
+        return self._to_numpy(self._run(dataset[0][0][None].to(self.device)))
+
+    def _rows(self, dataset, rows: np.ndarray):
+        """The output for ``rows`` of ``dataset``, a batch (numpy) at a time, in order."""
+        loader = make_loader(
+            Subset(dataset, rows.tolist()),
+            self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        for batch in loader:
+            pixels = batch[0].to(self.device, non_blocking=self.device.type == "cuda")
+            yield self._to_numpy(self._run(pixels))[0]
+
     def _run(self, pixels: torch.Tensor) -> torch.Tensor:
         autocast = (
             torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else contextlib.nullcontext()
@@ -353,15 +374,13 @@ class FeatureCache:
         """Run the prefix over ``dataset`` (this rank's rows) into a temporary file; rank 0 renames it."""
         started = time.perf_counter()
         n = len(dataset)
-        self.prefix.to(self.device).eval()
         if self.rank == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._remove_abandoned()
         token = self._shared_token()
         tmp = self.directory / f".{path.stem}.{token}.tmp.npy"
         # Shape and dtype from one item: every rank creates nothing until rank 0 has made the file.
-        first = self._run(dataset[0][0][None].to(self.device))
-        probe, dtype = self._to_numpy(first)
+        probe, dtype = self._probe(dataset)
         try:
             if self.rank == 0:
                 out = np.lib.format.open_memmap(tmp, mode="w+", dtype=probe.dtype, shape=(n, *probe.shape[1:]))
@@ -370,16 +389,8 @@ class FeatureCache:
             rows = np.arange(self.rank, n, self.world)
             if rows.size:
                 store = np.load(tmp, mmap_mode="r+")
-                loader = make_loader(
-                    Subset(dataset, rows.tolist()),
-                    self.batch_size,
-                    num_workers=self.num_workers,
-                    pin_memory=self.device.type == "cuda",
-                )
                 position = 0
-                for batch in loader:
-                    pixels = batch[0].to(self.device, non_blocking=self.device.type == "cuda")
-                    values, _ = self._to_numpy(self._run(pixels))
+                for values in self._rows(dataset, rows):
                     store[rows[position : position + len(values)]] = values
                     position += len(values)
                 store.flush()
@@ -393,7 +404,7 @@ class FeatureCache:
                 "rows": n,
                 "shape": list(probe.shape[1:]),
                 "dtype": dtype,
-                "prefix_key": self.key,
+                "key": self.key,
                 "build_seconds": round(seconds, 3),
                 "device": str(self.device),
                 "world_size": self.world,
@@ -413,23 +424,147 @@ class FeatureCache:
         return meta
 
 
-def feature_cache_for(model: torch.nn.Module, cache_dir: str | os.PathLike | None, **kwargs) -> FeatureCache | None:
-    """A FeatureCache for ``model``'s frozen prefix, or None when there is no cache directory or the model
-    has no frozen prefix (vit, swin, a stand-in without ``frozen_prefix``).  kwargs go to FeatureCache."""
+class PixelDataset(FeatureDataset):
+    """A PairDataset read from its PixelCache file: the same items (normalised float pixels, target, labels,
+    index[, context]), bit for bit, with the decode and resize done once for good instead of per epoch.  Not
+    prefix features: the model still runs whole."""
+
+    prefix_features = False
+
+    def __init__(self, path: str | os.PathLike, base) -> None:
+        self.mean, self.std = tuple(base.mean), tuple(base.std)
+        super().__init__(path, "uint8", base)
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return normalise_pixels(torch.from_numpy(np.array(array)), self.mean, self.std)
+
+
+class _RawPixels(Dataset):
+    """Rows of a PairDataset as uint8 [H, W, 3] (what a PixelCache stores), decoded in loader workers."""
+
+    def __init__(self, dataset: PairDataset, rows: np.ndarray) -> None:
+        self.dataset, self.rows = dataset, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(self.dataset.raw_pixels(int(self.rows[index])))
+
+
+class PixelCache(FeatureCache):
+    """The decoded, resized images of a dataset, once, for a model with no frozen prefix (vit, swin).
+
+    There is no augmentation, so an image's pixels at a given size are a pure function of its bytes; decoding
+    and resizing them again every epoch, recipe and prediction was most of a tiny model's step on a CPU (the
+    sample's vit: 8.8 s of a 22.6 s profiled run).  The file holds uint8 [N, H, W, 3] before normalisation,
+    named by the image set and size (``image_set_key(normalised=False)``) and PIXELS_VERSION, so every
+    backbone of that size shares it; a PixelDataset normalises a gathered batch exactly as PairDataset does
+    one image.  Built, named, shared across DDP ranks and renamed into place as a FeatureCache is.
+
+    Only below ``max_bytes`` (REVERSE_SD_PIXEL_CACHE_GB) and half the cache directory's free space: 2M
+    images at 224 px would be 301 GB, where decoding in the loader workers keeps up with a GPU anyway.  A
+    dataset above either bound is read as before, decoded per item, and counted in ``over_budget``.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike,
+        *,
+        max_bytes: int,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        dist=None,
+        **_device_settings,  # device, amp_dtype: pixels are decoded on the CPU, the same for every device
+    ) -> None:
+        self.directory = Path(cache_dir)
+        self.device = torch.device("cpu")  # where the pixels are decoded
+        self.max_bytes = int(max_bytes)
+        self.batch_size = max(1, int(batch_size))
+        self.num_workers = int(num_workers)
+        self.rank = int(getattr(dist, "rank", 0))
+        self.world = int(getattr(dist, "world_size", 1))
+        self.label = "pixels"
+        self.key = f"v{PIXELS_VERSION}"
+        self.built, self.reused = [], []
+        self.skipped = self.over_budget = 0
+        self.build_seconds = 0.0
+
+    def path_for(self, dataset) -> Path:
+        return self.directory / f"{self.label}-{self.key}-{image_set_key(dataset, normalised=False)}.npy"
+
+    def nbytes(self, dataset) -> int:
+        height, width = (dataset.image_size,) * 2 if isinstance(dataset.image_size, int) else dataset.image_size
+        return len(dataset) * int(height) * int(width) * 3
+
+    def _decide(self, dataset, path: Path) -> str:
+        """ "reuse", "build" or "skip" (over budget), decided by rank 0 for every rank under DDP: ranks that
+        disagreed (a file renamed in between, free space at the edge) would wait for each other for ever."""
+        choice = ["skip"]
+        if self.rank == 0:
+            if self._read_meta(path, len(dataset)) is not None:
+                choice = ["reuse"]
+            else:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                if self.nbytes(dataset) <= shutil.disk_usage(self.directory).free // 2:
+                    choice = ["build"]
+        if self.world > 1:
+            torch_dist.broadcast_object_list(choice, src=0)
+        return choice[0]
+
+    def wrap(self, dataset):
+        if type(dataset) is not PairDataset or len(dataset) == 0:  # a captioner's or a test's own dataset
+            self.skipped += dataset is not None and not isinstance(dataset, FeatureDataset)
+            return dataset
+        if self.nbytes(dataset) > self.max_bytes:  # before the key, which may hash every image's bytes
+            self.over_budget += 1
+            return dataset
+        path = self.path_for(dataset)
+        choice = self._decide(dataset, path)
+        if choice == "skip":
+            self.over_budget += 1
+            return dataset
+        if choice == "build":
+            self._build(dataset, path)
+        (self.built if choice == "build" else self.reused).append(path.name)
+        return PixelDataset(path, dataset)
+
+    def summary(self) -> dict:
+        return {**super().summary(), "kind": "pixels", "over_budget": self.over_budget}
+
+    def _probe(self, dataset) -> tuple[np.ndarray, str]:
+        return dataset.raw_pixels(0)[None], "uint8"
+
+    def _rows(self, dataset, rows: np.ndarray):
+        loader = make_loader(_RawPixels(dataset, rows), self.batch_size, num_workers=self.num_workers, pin_memory=False)
+        for batch in loader:
+            yield batch.numpy()
+
+
+def feature_cache_for(
+    model: torch.nn.Module, cache_dir: str | os.PathLike | None, *, pixel_cache_bytes: int | None = None, **kwargs
+) -> FeatureCache | None:
+    """A FeatureCache for ``model``'s frozen prefix (clip, unet); for a model without one (vit, swin), a
+    PixelCache of at most ``pixel_cache_bytes`` per file (None: DEFAULT_PIXEL_CACHE_BYTES; 0: none).  None
+    without a cache directory.  kwargs (device, amp_dtype, batch_size, num_workers, dist) go to the cache."""
     if cache_dir is None:
         return None
     model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     make = getattr(model, "frozen_prefix", None)
     prefix = make() if callable(make) else None
     if prefix is None:
-        return None
+        budget = DEFAULT_PIXEL_CACHE_BYTES if pixel_cache_bytes is None else int(pixel_cache_bytes)
+        return PixelCache(cache_dir, max_bytes=budget, **kwargs) if budget > 0 else None
     kwargs.setdefault("label", str(getattr(model, "backbone_name", "") or ""))
     return FeatureCache(prefix, cache_dir, **kwargs)
 
 
 __all__ = [
+    "DEFAULT_PIXEL_CACHE_BYTES",
     "FeatureCache",
     "FeatureDataset",
+    "PixelCache",
+    "PixelDataset",
     "feature_cache_for",
     "feature_loader",
     "image_set_key",

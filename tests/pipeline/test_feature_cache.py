@@ -138,13 +138,6 @@ def test_cached_training_gives_the_same_model(name, tmp_path):
         assert all(k.startswith("backbone.") for k in w_plain if not k.startswith("heads."))
 
 
-def test_model_without_frozen_prefix_ignores_the_cache_directory(tmp_path):
-    model = _model("vit")
-    train, val = _sets(model, n_train=10, n_val=4)
-    result = train_model(model, train, val, _cfg(epochs=1), tmp_path / "ckpt", cache_dir=tmp_path / "features")
-    assert result.feature_cache is None and not (tmp_path / "features").exists()
-
-
 # -- keys: rebuilt when the images or the frozen weights change, reused otherwise --------------------------
 def _cache(model, directory, **kw) -> FeatureCache:
     return FeatureCache(model.frozen_prefix(), directory, batch_size=4, label=model.backbone_name, **kw)

@@ -1,0 +1,111 @@
+"""The decoded-pixel cache (pipeline/training/feature_cache.py, PixelCache): a model without a frozen prefix
+(vit, swin) reads its images decoded and resized once instead of every epoch, and trains, scores and predicts
+exactly as from the encoded images; the file is shared by every backbone of that image size, and a split above
+the budget (REVERSE_SD_PIXEL_CACHE_GB) is decoded per item as before."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from test_feature_cache import _cfg, _model, _sets
+
+from pipeline.captioning.dataset import CaptionDataset
+from pipeline.training.data import data_path, loader_for
+from pipeline.training.datasets import PairDataset
+from pipeline.training.feature_cache import PixelCache, PixelDataset, feature_cache_for
+from pipeline.training.loop import predict_embeddings, preliminary_cosines, train_model
+from resources.settings import SettingsError, load_settings
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_pixel_dataset_gives_the_pair_datasets_items_bit_for_bit(tmp_path):
+    model = _model("vit")
+    train, _ = _sets(model, n_train=10, n_val=0)
+    cache = PixelCache(tmp_path, max_bytes=2**30, batch_size=4)
+    cached = cache.wrap(train)
+    assert isinstance(cached, PixelDataset) and not cached.prefix_features  # the model still runs whole
+    assert cached.features.dtype == np.uint8 and cached.features.shape == (10, 64, 64, 3)
+    for i in range(10):
+        for a, b in zip(train[i], cached[i]):
+            assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    plain = list(loader_for(train, 4, num_workers=0, pin_memory=False))
+    gathered = list(loader_for(cached, 4, num_workers=0, pin_memory=False))
+    assert len(plain) == len(gathered) == 3
+    for a, b in zip(plain, gathered):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    again = pickle.loads(pickle.dumps(cached))  # how loader workers and launched ranks receive it
+    assert torch.equal(again[3][0], train[3][0])
+    assert cache.summary()["kind"] == "pixels" and cache.summary()["built"] == 1
+
+
+def test_vit_trains_scores_and_predicts_the_same_from_the_pixel_cache_and_swin_reuses_it(tmp_path):
+    results = {}
+    for cached in (False, True):
+        cache_dir = tmp_path / "cache" if cached else None
+        model = _model("vit")
+        train, val = _sets(model)
+        prelim_metrics: dict = {}
+        prelim = preliminary_cosines(model, train, _cfg(), epochs=2, metrics=prelim_metrics, cache_dir=cache_dir)
+        model = _model("vit")
+        result = train_model(model, train, val, _cfg(), tmp_path / f"ckpt-{cached}", cache_dir=cache_dir)
+        predict_metrics: dict = {}
+        predictions = predict_embeddings(model, val, 8, "cpu", cache_dir=cache_dir, metrics=predict_metrics)
+        results[cached] = (model.state_dict(), result, prelim, predictions)
+        if cached:
+            assert prelim_metrics["feature_cache"]["kind"] == "pixels" and prelim_metrics["feature_cache"]["built"] == 1
+            assert result.feature_cache["reused"] == 1 and result.feature_cache["built"] == 1  # train, then val
+            assert predict_metrics["feature_cache"]["reused"] == 1 and predict_metrics["feature_cache"]["built"] == 0
+    (w_plain, r_plain, p_plain, e_plain), (w_cached, r_cached, p_cached, e_cached) = results[False], results[True]
+    for key in w_plain:  # the same pixels in the same batches: the same training, bit for bit
+        assert torch.equal(w_plain[key], w_cached[key]), key
+    assert [h["val_cosine"] for h in r_cached.history] == [h["val_cosine"] for h in r_plain.history]
+    np.testing.assert_array_equal(p_cached, p_plain)
+    np.testing.assert_array_equal(e_cached, e_plain)
+
+    swin = _model("swin")  # another backbone of the same image size: the same files, whatever its mean / std
+    train, val = _sets(swin)
+    files = sorted(p.name for p in (tmp_path / "cache").glob("*.npy"))
+    result = train_model(swin, train, val, _cfg(epochs=1), tmp_path / "ckpt-swin", cache_dir=tmp_path / "cache")
+    assert result.feature_cache["reused"] == 2 and result.feature_cache["built"] == 0
+    assert sorted(p.name for p in (tmp_path / "cache").glob("*.npy")) == files
+
+
+def test_a_split_above_the_budget_is_decoded_per_item_and_a_zero_budget_means_no_cache(tmp_path):
+    model = _model("vit")
+    train, _ = _sets(model, n_train=10, n_val=0)
+    cache = PixelCache(tmp_path / "cache", max_bytes=10 * 64 * 64 * 3 - 1)  # one byte short of the split
+    assert cache.wrap(train) is train
+    assert cache.summary()["over_budget"] == 1 and not cache.summary()["used"]
+    assert not list((tmp_path / "cache").glob("*.npy"))
+    data = data_path({"train": train}, model, tmp_path / "cache", pixel_cache_bytes=10 * 64 * 64 * 3)
+    data.open(model, device="cpu", amp_dtype=None, batch_size=4, num_workers=0)
+    assert isinstance(data.dataset("train"), PixelDataset)  # exactly the split's size fits
+    assert feature_cache_for(model, tmp_path / "cache", pixel_cache_bytes=0) is None
+    assert feature_cache_for(model, None) is None
+
+
+def test_only_pair_datasets_are_cached(tmp_path):
+    """A captioner's dataset yields other items (token ids); the cache must not stand in for it."""
+    model = _model("vit")
+    train, _ = _sets(model, n_train=4, n_val=0)
+    captions = CaptionDataset.__new__(CaptionDataset)  # its type is what matters
+    cache = PixelCache(tmp_path, max_bytes=2**30)
+    assert cache.wrap(captions) is captions and cache.wrap(None) is None
+    assert isinstance(cache.wrap(train), PixelDataset) and type(train) is PairDataset
+
+
+@pytest.mark.parametrize(
+    "raw,expected",
+    [("", 32.0), ("0", 0.0), ("0.5", 0.5), ("100000", 100_000.0), ("-1", None), ("lots", None), ("inf", None)],
+)
+def test_pixel_cache_budget_setting(raw, expected):
+    env = {"REVERSE_SD_PIXEL_CACHE_GB": raw} if raw else {}
+    if expected is None:
+        with pytest.raises(SettingsError, match="REVERSE_SD_PIXEL_CACHE_GB"):
+            load_settings(env)
+    else:
+        assert load_settings(env).pixel_cache_gb == expected

@@ -1,4 +1,5 @@
-"""Frozen parts computed once: the output of a model's frozen prefix, per image, cached on disk.
+"""Frozen parts computed once: the output of a model's frozen prefix, per image, cached on disk; and, for a
+model without one (vit, swin), its decoded and resized pixels (PixelCache, at the end of this module).
 
 The CLIP backbone's image tower and the unet backbone's VAE are frozen, and training has no augmentation,
 so what they compute for an image is a pure function of the image (and of the frozen weights).  Running

@@ -85,3 +85,9 @@ def test_scale_bench_measures_and_projects():
     out = run_bench("scale.py", "--quick", timeout=900).stdout
     assert "| ingest, 1 core " in out and "| event writes, SQLite " in out, out
     assert "| DiffusionDB 2M " in out and "| DiffusionDB 14M " in out and "whole run" in out, out
+
+
+def test_pixel_cache_bench_checks_the_cached_pixels_equal_the_decoded_ones():
+    out = run_bench("pixel_cache.py", "--n", "40", "--workers", "1", "--sizes", "32").stdout
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] == ["32"]]
+    assert len(rows) == 2 and all(row[-4].endswith("x") for row in rows), out  # bench asserts equal pixels itself

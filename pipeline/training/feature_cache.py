@@ -21,7 +21,8 @@ Changing either builds a new file; an unchanged pair reuses it across runs, reci
 
 Files are written under a temporary name and renamed, with their small JSON description written first,
 so a killed build leaves nothing where a reader looks (its temporary file is removed by a later build
-once it is an hour old).  Under DDP every rank computes its share of the rows into the same temporary
+once it is an hour old).  Each file's description names the image file it was made from; after a build, the
+files of image files that are gone (the image store replaced them) are removed (``remove_orphans``).  Under DDP every rank computes its share of the rows into the same temporary
 file (one node, one local directory), then rank 0 renames it.  bfloat16 outputs (CUDA autocast) are
 stored as their raw 16 bits, so the cached values are bit for bit what the prefix produced.
 """
@@ -106,6 +107,34 @@ def image_set_key(dataset, *, normalised: bool = True) -> str:
             h.update(len(data).to_bytes(8, "little"))
             h.update(data)
     return h.hexdigest()[:20]
+
+
+def _image_file(dataset) -> str | None:
+    """The memory-mapped image file a dataset reads (pipeline.data.image_store.ImageColumn), else None."""
+    path = getattr(dataset.images, "path", None)
+    return os.path.abspath(path) if isinstance(path, str) else None
+
+
+def remove_orphans(directory: str | os.PathLike, keep: str | os.PathLike | None = None) -> int:
+    """Remove the cache files (and descriptions) made from an image file that is gone: the image store replaces a
+    split's file when its parts change, and nothing reads the old one's features or pixels again, so a growing
+    dataset would otherwise leave a split's worth of cache behind at every change.  ``keep``: a file just built
+    for a run whose image file was replaced meanwhile (it still maps the old one).  Returns how many went."""
+    removed = 0
+    for meta_path in Path(directory).glob("[!.]*.json"):
+        if keep is not None and meta_path.with_suffix(".npy") == Path(keep):
+            continue
+        try:
+            source = json.loads(meta_path.read_text()).get("images")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(source, str) and not os.path.exists(source):
+            with contextlib.suppress(OSError):
+                meta_path.with_suffix(".npy").unlink()
+                removed += 1
+            with contextlib.suppress(OSError):
+                meta_path.unlink()
+    return removed
 
 
 def supports(dataset) -> bool:
@@ -271,6 +300,7 @@ class FeatureCache:
         self.built: list[str] = []
         self.reused: list[str] = []
         self.skipped = 0
+        self.removed = 0  # files of image sets that are gone, removed after a build
         self.build_seconds = 0.0
 
     # paths
@@ -307,7 +337,7 @@ class FeatureCache:
             self.built.append(path.name)
         else:
             self.reused.append(path.name)
-        return FeatureDataset(path, meta["dtype"], dataset)
+        return _opened(lambda: FeatureDataset(path, meta["dtype"], dataset), dataset)
 
     def summary(self) -> dict:
         return {
@@ -317,6 +347,7 @@ class FeatureCache:
             "reused": len(self.reused),
             "build_seconds": round(self.build_seconds, 3),
             "files": self.built + self.reused,
+            "removed": self.removed,
             "directory": str(self.directory),
         }
 
@@ -365,6 +396,7 @@ class FeatureCache:
         return token[0]
 
     def _remove_abandoned(self) -> None:
+        """Temporary files of killed builds (untouched for ABANDONED_AFTER_S)."""
         now = time.time()
         for tmp in self.directory.glob(".*.tmp*"):
             with contextlib.suppress(OSError):
@@ -409,12 +441,14 @@ class FeatureCache:
                 "build_seconds": round(seconds, 3),
                 "device": str(self.device),
                 "world_size": self.world,
+                "images": _image_file(dataset),
             }
             if self.rank == 0:
                 meta_tmp = self.directory / f".{path.stem}.{token}.tmp.json"
                 meta_tmp.write_text(json.dumps(meta, indent=2))
                 os.replace(meta_tmp, self._meta_path(path))  # the description first: a reader looks for the .npy
                 os.replace(tmp, path)
+                self.removed += remove_orphans(self.directory, keep=path)
         finally:
             if self.rank == 0:
                 for leftover in (tmp, self.directory / f".{path.stem}.{token}.tmp.json"):
@@ -488,7 +522,7 @@ class PixelCache(FeatureCache):
         self.label = "pixels"
         self.key = f"v{PIXELS_VERSION}"
         self.built, self.reused = [], []
-        self.skipped = self.over_budget = 0
+        self.skipped = self.over_budget = self.removed = 0
         self.build_seconds = 0.0
 
     def path_for(self, dataset) -> Path:
@@ -528,7 +562,7 @@ class PixelCache(FeatureCache):
         if choice == "build":
             self._build(dataset, path)
         (self.built if choice == "build" else self.reused).append(path.name)
-        return PixelDataset(path, dataset)
+        return _opened(lambda: PixelDataset(path, dataset), dataset)
 
     def summary(self) -> dict:
         return {**super().summary(), "kind": "pixels", "over_budget": self.over_budget}
@@ -540,6 +574,15 @@ class PixelCache(FeatureCache):
         loader = make_loader(_RawPixels(dataset, rows), self.batch_size, num_workers=self.num_workers, pin_memory=False)
         for batch in loader:
             yield batch.numpy()
+
+
+def _opened(open_cache, dataset):
+    """The cache file's dataset, or ``dataset`` itself when the file went between its check and its opening (a
+    run with newer parts removed it with its image file): read as uncached, which gives the same items."""
+    try:
+        return open_cache()
+    except FileNotFoundError:
+        return dataset
 
 
 def feature_cache_for(
@@ -570,6 +613,7 @@ __all__ = [
     "feature_loader",
     "image_set_key",
     "prefix_key",
+    "remove_orphans",
     "supports",
     "weights_digest",
 ]

@@ -5,7 +5,9 @@ the budget (REVERSE_SD_PIXEL_CACHE_GB) is decoded per item as before."""
 
 from __future__ import annotations
 
+import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,3 +111,34 @@ def test_pixel_cache_budget_setting(raw, expected):
             load_settings(env)
     else:
         assert load_settings(env).pixel_cache_gb == expected
+
+
+def test_files_of_a_replaced_image_file_are_removed_after_the_next_build(tmp_path):
+    """The image store replaces a split's file when its parts change; the pixels (or features) cached from the
+    old file are garbage then, and a growing dataset must not leave a split's worth of them behind each time."""
+    from test_image_store import PartReader, _rows
+
+    from pipeline.data.image_store import split_images
+
+    cache_dir = tmp_path / "cache"
+    old_column, _ = split_images(_rows(["a0", "a1", "b0"]), PartReader(), lambda p: "v1", tmp_path / "images", "train")
+    old = PixelCache(cache_dir, max_bytes=2**30).wrap(
+        PairDataset(old_column, np.zeros((3, 4), np.float32), image_size=8)
+    )
+    assert isinstance(old, PixelDataset)
+    # New parts: the store writes the split's new file and removes the old one; a run still mapping it reads on.
+    new_column, _ = split_images(
+        _rows(["a0", "a1", "b0", "c0"]), PartReader(), lambda p: "v2", tmp_path / "images", "train"
+    )
+    assert not os.path.exists(old_column.path)
+    cache = PixelCache(cache_dir, max_bytes=2**30)
+    new = cache.wrap(PairDataset(new_column, np.zeros((4, 4), np.float32), image_size=8))
+    assert isinstance(new, PixelDataset) and cache.summary()["removed"] == 1
+    assert sorted(p.name for p in cache_dir.iterdir()) == sorted([Path(new.path).name, Path(new.path).stem + ".json"])
+    assert torch.equal(old[2][0], new[2][0])  # the old reader's mapping still reads
+
+    # A run that started on the old file and builds its cache only now keeps what it built.
+    late = PixelCache(cache_dir, max_bytes=2**30).wrap(
+        PairDataset(old_column, np.zeros((3, 4), np.float32), image_size=16)
+    )
+    assert isinstance(late, PixelDataset) and os.path.exists(late.path)

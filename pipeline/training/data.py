@@ -20,7 +20,13 @@ import numpy as np
 from torch.utils.data import Dataset, Subset
 
 from pipeline.training.datasets import PairDataset, make_loader
-from pipeline.training.feature_cache import FeatureCache, FeatureDataset, feature_cache_for, feature_loader
+from pipeline.training.feature_cache import (
+    FeatureCache,
+    FeatureDataset,
+    PixelDataset,
+    feature_cache_for,
+    feature_loader,
+)
 
 
 def is_cached(dataset) -> bool:
@@ -33,7 +39,10 @@ def loader_for(dataset, batch_size: int, *, num_workers: int, pin_memory: bool, 
     """make_loader, or for a cache file (features or pixels: a gather from a mapped file, a whole batch at once
     in the main process) feature_loader: the same batches either way."""
     if isinstance(dataset, FeatureDataset):
-        return feature_loader(dataset, batch_size, sampler=sampler, seed=seed, pin_memory=pin_memory)
+        workers = num_workers if isinstance(dataset, PixelDataset) else 0
+        return feature_loader(
+            dataset, batch_size, sampler=sampler, seed=seed, pin_memory=pin_memory, num_workers=workers
+        )
     return make_loader(dataset, batch_size, seed=seed, num_workers=num_workers, sampler=sampler, pin_memory=pin_memory)
 
 
@@ -41,7 +50,7 @@ def shard_loader(dataset, batch_size: int, *, rank: int, world_size: int, num_wo
     """This rank's shard of ``dataset`` (rows rank, rank + world_size, ...) in order, for evaluation."""
     shard = np.arange(rank, len(dataset), world_size).tolist()
     if isinstance(dataset, FeatureDataset):
-        return feature_loader(dataset, batch_size, sampler=shard, pin_memory=pin_memory)
+        return loader_for(dataset, batch_size, num_workers=num_workers, pin_memory=pin_memory, sampler=shard)
     return make_loader(Subset(dataset, shard), batch_size, num_workers=num_workers, pin_memory=pin_memory)
 
 

@@ -36,9 +36,10 @@ def test_pixel_dataset_gives_the_pair_datasets_items_bit_for_bit(tmp_path):
             assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
     plain = list(loader_for(train, 4, num_workers=0, pin_memory=False))
     gathered = list(loader_for(cached, 4, num_workers=0, pin_memory=False))
-    assert len(plain) == len(gathered) == 3
-    for a, b in zip(plain, gathered):
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    in_workers = list(loader_for(cached, 4, num_workers=2, pin_memory=False))  # batches gathered in parallel
+    assert len(plain) == len(gathered) == len(in_workers) == 3
+    for a, b, c in zip(plain, gathered, in_workers):
+        assert all(torch.equal(x, y) and torch.equal(x, z) for x, y, z in zip(a, b, c))
     again = pickle.loads(pickle.dumps(cached))  # how loader workers and launched ranks receive it
     assert torch.equal(again[3][0], train[3][0])
     assert cache.summary()["kind"] == "pixels" and cache.summary()["built"] == 1

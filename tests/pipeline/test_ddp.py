@@ -128,6 +128,27 @@ def test_two_process_ddp_matches_single_process(tmp_path):
 
 
 @pytest.mark.extended
+def test_two_process_ddp_from_the_pixel_cache_matches_single_process(tmp_path):
+    """With a cache directory, the ranks decode the split's images once into one pixel file (rank 0 decides
+    build or reuse for both, each rank decodes its share of the rows) and train on it as from the images."""
+    _toy_files(tmp_path)
+    spec_path = _spec(tmp_path, "ddp", curriculum=True)
+    spec = {**json.loads(spec_path.read_text()), "cache_dir": str(tmp_path / "cache")}
+    spec_path.write_text(json.dumps(spec))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "pipeline.training.ddp", "--spec", str(spec_path)]
+    done = subprocess.run(command, cwd=ROOT, env=_launch_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    cache = metrics["feature_cache"]
+    assert cache["kind"] == "pixels" and cache["built"] == 2 and cache["reused"] == 0, cache  # train, val
+    assert len(list((tmp_path / "cache").glob("pixels-*.npy"))) == 2
+    assert not list((tmp_path / "cache").glob(".*"))  # no temporary file left
+    _assert_matches_single(tmp_path, metrics)
+
+
+@pytest.mark.extended
 def test_two_node_rendezvous_matches_single_process(tmp_path):
     """Two torchrun agents (--nnodes 2, one process each, c10d rendezvous on 127.0.0.1, gloo over lo): the
     first holds the spec and hosts the rendezvous, the second joins with the spec-less command a second

@@ -1,5 +1,5 @@
 """bench/pixel_cache: one epoch over a split decoded per item (PairDataset, what vit and swin read before)
-against the same epoch from the decoded-pixel cache (pipeline.training.feature_cache.PixelCache), at two sizes
+against the same epoch from the decoded-pixel cache (pipeline.training.pixel_cache.PixelCache), at two sizes
 of the split so that the cost per image, and how it grows, shows.
 
 The images are synthetic 256-px JPEGs encoded as diffusiondb_parts stores them (quality 95, no chroma
@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from pipeline.training.data import loader_for  # noqa: E402
 from pipeline.training.datasets import PairDataset  # noqa: E402
-from pipeline.training.feature_cache import PixelCache, PixelDataset  # noqa: E402
+from pipeline.training.pixel_cache import PixelCache, PixelDataset  # noqa: E402
 
 BATCH = 64
 

@@ -228,7 +228,7 @@ class ComputeResource(dg.ConfigurableResource):
 
     @property
     def pixel_cache_bytes(self) -> int:
-        """The pixel cache's budget per split file (pipeline.training.feature_cache.PixelCache)."""
+        """The pixel cache's budget per split file (pipeline.training.pixel_cache.PixelCache)."""
         return int(self.pixel_cache_gb * 2**30)
 
 

@@ -19,14 +19,10 @@ from collections.abc import Mapping
 import numpy as np
 from torch.utils.data import Dataset, Subset
 
+from pipeline.training.cache_datasets import FeatureDataset, feature_loader
 from pipeline.training.datasets import PairDataset, make_loader
-from pipeline.training.feature_cache import (
-    FeatureCache,
-    FeatureDataset,
-    PixelDataset,
-    feature_cache_for,
-    feature_loader,
-)
+from pipeline.training.feature_cache import FeatureCache, feature_cache_for
+from pipeline.training.pixel_cache import PixelDataset, pixel_cache_for
 
 
 def is_cached(dataset) -> bool:
@@ -78,7 +74,7 @@ class TrainingData:
     ) -> None:
         self.datasets = dict(datasets)
         self.cache_dir = cache_dir
-        self.pixel_cache_bytes = pixel_cache_bytes  # None: the default budget (feature_cache.PixelCache)
+        self.pixel_cache_bytes = pixel_cache_bytes  # None: the default budget (pipeline.training.pixel_cache)
         self.num_workers = num_workers  # None: the run's (TrainConfig.num_workers, predict_embeddings' argument)
         self.cache: FeatureCache | None = None
         self._opened_for: tuple | None = None
@@ -117,15 +113,11 @@ class TrainingData:
             getattr(dist, "world_size", 1),
         )
         if key != self._opened_for:
-            self.cache = feature_cache_for(
-                model,
-                self.cache_dir,
-                device=device,
-                amp_dtype=amp_dtype,
-                batch_size=batch_size,
-                num_workers=num_workers,
-                dist=dist,
-                pixel_cache_bytes=self.pixel_cache_bytes,
+            settings = dict(
+                device=device, amp_dtype=amp_dtype, batch_size=batch_size, num_workers=num_workers, dist=dist
+            )
+            self.cache = feature_cache_for(model, self.cache_dir, **settings) or pixel_cache_for(
+                model, self.cache_dir, self.pixel_cache_bytes, **settings
             )
             self._opened_for, self._read, self._events = key, {}, {}
         return self

@@ -80,7 +80,7 @@ def multi_hot(labels: LabelLists | None, index: int, size: int) -> torch.Tensor:
 
 def image_pixels(data: bytes, image_size: int | tuple[int, int], name: str | None = None) -> np.ndarray:
     """Encoded image -> uint8 [H, W, 3] at ``image_size``: the deterministic half of the preprocessing, what a
-    pixel cache (pipeline.training.feature_cache.PixelCache) stores.
+    pixel cache (pipeline.training.pixel_cache.PixelCache) stores.
 
     Opened by pipeline.data.images.open_image like every image (pixel limit, EXIF orientation, RGB); an
     image it refuses is an ImageError naming ``name``.

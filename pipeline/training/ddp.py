@@ -155,7 +155,7 @@ def write_spec(
     ``cache_dir``: where the frozen-prefix feature cache lives (pipeline.training.feature_cache), shared by
     the ranks (each computes its share of the rows) and by later single-process runs.  It must be one
     directory every rank sees: leave it None for several nodes.  ``pixel_cache_bytes``: the budget of the
-    decoded-pixel cache used there for a model without a frozen prefix (feature_cache.PixelCache; None: its
+    decoded-pixel cache used there for a model without a frozen prefix (pipeline.training.pixel_cache; None: its
     default).
 
     ``shared``: the run spans several nodes, so ``directory`` is on the shared storage root (a local path

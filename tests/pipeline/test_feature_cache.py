@@ -17,14 +17,9 @@ from torch.utils.data import default_collate
 
 from pipeline.data.image_store import SCHEMA, ImageColumn
 from pipeline.models import create_model
+from pipeline.training.cache_datasets import FeatureDataset, feature_loader
 from pipeline.training.datasets import PairDataset
-from pipeline.training.feature_cache import (
-    ABANDONED_AFTER_S,
-    FeatureCache,
-    FeatureDataset,
-    feature_loader,
-    image_set_key,
-)
+from pipeline.training.feature_cache import ABANDONED_AFTER_S, FeatureCache, image_set_key
 from pipeline.training.loop import TrainConfig, predict_embeddings, preliminary_cosines, seed_everything, train_model
 
 K = 6

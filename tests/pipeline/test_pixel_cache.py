@@ -1,4 +1,4 @@
-"""The decoded-pixel cache (pipeline/training/feature_cache.py, PixelCache): a model without a frozen prefix
+"""The decoded-pixel cache (pipeline/training/pixel_cache.py): a model without a frozen prefix
 (vit, swin) reads its images decoded and resized once instead of every epoch, and trains, scores and predicts
 exactly as from the encoded images; the file is shared by every backbone of that image size, and a split above
 the budget (REVERSE_SD_PIXEL_CACHE_GB) is decoded per item as before."""
@@ -17,8 +17,8 @@ from test_feature_cache import _cfg, _model, _sets
 from pipeline.captioning.dataset import CaptionDataset
 from pipeline.training.data import data_path, loader_for
 from pipeline.training.datasets import PairDataset
-from pipeline.training.feature_cache import PixelCache, PixelDataset, feature_cache_for
 from pipeline.training.loop import predict_embeddings, preliminary_cosines, train_model
+from pipeline.training.pixel_cache import PixelCache, PixelDataset, pixel_cache_for
 from resources.settings import SettingsError, load_settings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -87,8 +87,9 @@ def test_a_split_above_the_budget_is_decoded_per_item_and_a_zero_budget_means_no
     data = data_path({"train": train}, model, tmp_path / "cache", pixel_cache_bytes=10 * 64 * 64 * 3)
     data.open(model, device="cpu", amp_dtype=None, batch_size=4, num_workers=0)
     assert isinstance(data.dataset("train"), PixelDataset)  # exactly the split's size fits
-    assert feature_cache_for(model, tmp_path / "cache", pixel_cache_bytes=0) is None
-    assert feature_cache_for(model, None) is None
+    assert pixel_cache_for(model, tmp_path / "cache", 0) is None
+    assert pixel_cache_for(model, None) is None
+    assert pixel_cache_for(_model("clip"), tmp_path / "cache") is None  # its frozen tower's features instead
 
 
 def test_only_pair_datasets_are_cached(tmp_path):

@@ -63,7 +63,7 @@ HUB_DATASET = "poloclub/diffusiondb"
 HUB_REVISION = "main"
 NO_DIFFUSIONDB = "none"  # REVERSE_SD_DIFFUSIONDB=none: no DiffusionDB parts, only REVERSE_SD_IMAGES
 DEFAULT_OBSERVE_CRON = "0 3 * * *"
-DEFAULT_PIXEL_CACHE_GB = 32.0  # a split of 220k images at 224 px; DiffusionDB 2M's (301 GB) decodes per epoch
+DEFAULT_PIXEL_CACHE_GB = 32.0  # 218k images at 224 px; DiffusionDB-2M's training split (670k, 100 GB) decodes
 MAX_PIXEL_CACHE_GB = 100_000.0
 MAX_LOADER_WORKERS = 8  # beyond this, decoding 256-px JPEGs outpaces one GPU; more workers only cost memory
 # Bounds of the numeric settings (each error names its bound).

@@ -32,8 +32,9 @@ def is_cached(dataset) -> bool:
 
 
 def loader_for(dataset, batch_size: int, *, num_workers: int, pin_memory: bool, sampler=None, seed: int = 0):
-    """make_loader, or for a cache file (features or pixels: a gather from a mapped file, a whole batch at once
-    in the main process) feature_loader: the same batches either way."""
+    """make_loader, or for a cache file (a gather from a mapped file, a whole batch at once: features in the main
+    process, pixels in ``num_workers`` workers, which normalise them) feature_loader: the same batches either
+    way."""
     if isinstance(dataset, FeatureDataset):
         workers = num_workers if isinstance(dataset, PixelDataset) else 0
         return feature_loader(

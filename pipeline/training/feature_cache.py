@@ -106,17 +106,28 @@ def image_set_key(dataset, *, normalised: bool = True) -> str:
     return h.hexdigest()[:20]
 
 
-def _image_file(dataset) -> str | None:
-    """The memory-mapped image file a dataset reads (pipeline.data.image_store.ImageColumn), else None."""
+def _image_file(dataset) -> dict | None:
+    """The memory-mapped image file a dataset reads (pipeline.data.image_store.ImageColumn) as {"path",
+    "mtime_ns"}, else None."""
     path = getattr(dataset.images, "path", None)
-    return os.path.abspath(path) if isinstance(path, str) else None
+    if not isinstance(path, str) or not os.path.isfile(path):
+        return None
+    return {"path": os.path.abspath(path), "mtime_ns": os.stat(path).st_mtime_ns}
+
+
+def _is_current(source: dict) -> bool:
+    try:
+        return os.stat(source["path"]).st_mtime_ns == source["mtime_ns"]
+    except (OSError, KeyError, TypeError):
+        return False
 
 
 def remove_orphans(directory: str | os.PathLike, keep: str | os.PathLike | None = None) -> int:
-    """Remove the cache files (and descriptions) made from an image file that is gone: the image store replaces a
-    split's file when its parts change, and nothing reads the old one's features or pixels again, so a growing
-    dataset would otherwise leave a split's worth of cache behind at every change.  ``keep``: a file just built
-    for a run whose image file was replaced meanwhile (it still maps the old one).  Returns how many went."""
+    """Remove the cache files (and descriptions) made from an image file that is gone or was written again: the
+    image store replaces a split's file when its parts change, and nothing reads the old one's features or pixels
+    again, so a growing dataset would otherwise leave a split's worth of cache behind at every change.  ``keep``:
+    a file just built for a run whose image file was replaced meanwhile (it still maps the old one).  Returns how
+    many went."""
     removed = 0
     for meta_path in Path(directory).glob("[!.]*.json"):
         if keep is not None and meta_path.with_suffix(".npy") == Path(keep):
@@ -125,7 +136,7 @@ def remove_orphans(directory: str | os.PathLike, keep: str | os.PathLike | None 
             source = json.loads(meta_path.read_text()).get("images")
         except (OSError, ValueError, AttributeError):
             continue
-        if isinstance(source, str) and not os.path.exists(source):
+        if isinstance(source, dict) and not _is_current(source):
             with contextlib.suppress(OSError):
                 meta_path.with_suffix(".npy").unlink()
                 removed += 1

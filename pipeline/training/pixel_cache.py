@@ -95,7 +95,7 @@ class PixelCache(FeatureCache):
         return len(dataset) * int(height) * int(width) * 3
 
     def _decide(self, dataset, path: Path) -> str:
-        """ "reuse", "build" or "skip" (over budget), decided by rank 0 for every rank under DDP: ranks that
+        """Whether to reuse, build or skip (over budget), decided by rank 0 for every rank under DDP: ranks that
         disagreed (a file renamed in between, free space at the edge) would wait for each other for ever."""
         choice = ["skip"]
         if self.rank == 0:

@@ -144,3 +144,19 @@ def test_files_of_a_replaced_image_file_are_removed_after_the_next_build(tmp_pat
         PairDataset(old_column, np.zeros((3, 4), np.float32), image_size=16)
     )
     assert isinstance(late, PixelDataset) and os.path.exists(late.path)
+
+
+def test_files_of_an_image_file_written_again_are_removed_after_the_next_build(tmp_path):
+    """The same split file name written anew (its image cache emptied and rebuilt): the old pixels go too."""
+    from test_image_store import PartReader, _rows
+
+    from pipeline.data.image_store import split_images
+
+    column, _ = split_images(_rows(["a0", "a1"]), PartReader(), lambda p: "v1", tmp_path / "images", "train")
+    first = PixelCache(tmp_path / "cache", max_bytes=2**30).wrap(PairDataset(column, np.zeros((2, 4)), image_size=8))
+    stat = os.stat(column.path)
+    os.utime(column.path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # as a rewrite leaves it
+    cache = PixelCache(tmp_path / "cache", max_bytes=2**30)
+    second = cache.wrap(PairDataset(column, np.zeros((2, 4)), image_size=8))
+    assert second.path != first.path and cache.summary()["removed"] == 1
+    assert [p.name for p in (tmp_path / "cache").glob("*.npy")] == [Path(second.path).name]

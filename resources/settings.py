@@ -208,30 +208,20 @@ def _int(
     return value
 
 
-def _positive_float(env: Mapping[str, str], name: str, maximum: float = MAX_LR) -> float | None:
+def _float(
+    env: Mapping[str, str], name: str, default: float | None, *, maximum: float, zero: str | None = None
+) -> float | None:
+    """A finite number up to ``maximum``: positive, or from 0 when ``zero`` says what 0 means."""
     raw = _text(env, name)
     if not raw:
-        return None
+        return default
     try:
         value = float(raw)
     except ValueError:
         raise SettingsError(f"{name}={raw[:40]!r} is not a number") from None
-    if not (math.isfinite(value) and 0 < value <= maximum):
-        raise SettingsError(f"{name}={raw[:40]!r} must be a positive finite number, at most {maximum:g}")
-    return value
-
-
-def _pixel_cache_gb(env: Mapping[str, str]) -> float:
-    """REVERSE_SD_PIXEL_CACHE_GB: 0 (no pixel cache) up to MAX_PIXEL_CACHE_GB."""
-    name, raw = "REVERSE_SD_PIXEL_CACHE_GB", _text(env, "REVERSE_SD_PIXEL_CACHE_GB")
-    if not raw:
-        return DEFAULT_PIXEL_CACHE_GB
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name}={raw[:40]!r} is not a number of gigabytes") from None
-    if not (math.isfinite(value) and 0 <= value <= MAX_PIXEL_CACHE_GB):
-        raise SettingsError(f"{name}={raw[:40]!r} must be from 0 (no pixel cache) to {MAX_PIXEL_CACHE_GB:,.0f}")
+    if not (math.isfinite(value) and (0 <= value if zero else 0 < value) and value <= maximum):
+        bounds = f"from 0 ({zero}) to {maximum:,g}" if zero else f"a positive finite number, at most {maximum:g}"
+        raise SettingsError(f"{name}={raw[:40]!r} must be {bounds}")
     return value
 
 
@@ -256,7 +246,9 @@ def _train_overrides(env: Mapping[str, str]) -> dict[str, dict[str, float]]:
         backbone, what = match.group(1).lower(), match.group(2)
         if backbone not in BACKBONES:
             raise SettingsError(f"{name}: {backbone!r} is not a backbone; use one of: {', '.join(BACKBONES)}")
-        value = _int(env, name, None, maximum=MAX_EPOCHS) if what == "EPOCHS" else _positive_float(env, name)
+        value = (
+            _int(env, name, None, maximum=MAX_EPOCHS) if what == "EPOCHS" else _float(env, name, None, maximum=MAX_LR)
+        )
         if value is not None:
             overrides.setdefault(backbone, {})[what.lower()] = value
     return overrides
@@ -509,7 +501,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         device=_device(env),
         baseline_check=_baseline_check(env),
         loader_workers=_loader_workers(env),
-        pixel_cache_gb=_pixel_cache_gb(env),
+        pixel_cache_gb=_float(
+            env, "REVERSE_SD_PIXEL_CACHE_GB", DEFAULT_PIXEL_CACHE_GB, maximum=MAX_PIXEL_CACHE_GB, zero="no pixel cache"
+        ),
         hf_token_set=bool(_text(env, "HF_TOKEN")),
         hub_offline=_text(env, "HF_HUB_OFFLINE").upper() in _OFFLINE_VALUES,
     )

@@ -172,15 +172,19 @@ class FeatureCache:
         label: str = "",
     ) -> None:
         self.prefix = prefix
+        self.amp = amp_dtype
+        self._start(cache_dir, device, batch_size, num_workers, dist, label, prefix_key(prefix, amp_dtype, device))
+
+    def _start(self, cache_dir, device, batch_size: int, num_workers: int, dist, label: str, key: str) -> None:
+        """Where and how files are built, and the counters summary() reports (shared with PixelCache)."""
         self.directory = Path(cache_dir)
         self.device = torch.device(device)
-        self.amp = amp_dtype
         self.batch_size = max(1, int(batch_size))
         self.num_workers = int(num_workers)
         self.rank = int(getattr(dist, "rank", 0))
         self.world = int(getattr(dist, "world_size", 1))
         self.label = label
-        self.key = prefix_key(prefix, amp_dtype, self.device)
+        self.key = key
         self.built: list[str] = []
         self.reused: list[str] = []
         self.skipped = 0
@@ -352,17 +356,20 @@ def opened(open_cache, dataset):
         return dataset
 
 
-def feature_cache_for(model: torch.nn.Module, cache_dir: str | os.PathLike | None, **kwargs) -> FeatureCache | None:
-    """A FeatureCache for ``model``'s frozen prefix, or None when there is no cache directory or the model
-    has no frozen prefix (vit, swin: see pipeline.training.pixel_cache; a stand-in without ``frozen_prefix``).
-    kwargs go to FeatureCache."""
-    if cache_dir is None:
-        return None
+def frozen_prefix_of(model: torch.nn.Module) -> torch.nn.Module | None:
+    """``model``'s frozen prefix (unwrapped from DDP), or None: vit, swin, a stand-in without ``frozen_prefix``."""
     model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     make = getattr(model, "frozen_prefix", None)
-    prefix = make() if callable(make) else None
+    return make() if callable(make) else None
+
+
+def feature_cache_for(model: torch.nn.Module, cache_dir: str | os.PathLike | None, **kwargs) -> FeatureCache | None:
+    """A FeatureCache for ``model``'s frozen prefix, or None when there is no cache directory or the model
+    has no frozen prefix (vit, swin: see pipeline.training.pixel_cache).  kwargs go to FeatureCache."""
+    prefix = frozen_prefix_of(model) if cache_dir is not None else None
     if prefix is None:
         return None
+    model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     kwargs.setdefault("label", str(getattr(model, "backbone_name", "") or ""))
     return FeatureCache(prefix, cache_dir, **kwargs)
 
@@ -370,6 +377,7 @@ def feature_cache_for(model: torch.nn.Module, cache_dir: str | os.PathLike | Non
 __all__ = [
     "FeatureCache",
     "feature_cache_for",
+    "frozen_prefix_of",
     "image_set_key",
     "opened",
     "prefix_key",

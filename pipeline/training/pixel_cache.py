@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from pipeline.training.cache_datasets import FeatureDataset
 from pipeline.training.datasets import PairDataset, make_loader, normalise_pixels
-from pipeline.training.feature_cache import FeatureCache, image_set_key, opened
+from pipeline.training.feature_cache import FeatureCache, frozen_prefix_of, image_set_key, opened
 
 PIXELS_VERSION = 1  # bump when datasets.image_pixels (decode, resize) changes what it returns
 DEFAULT_PIXEL_CACHE_BYTES = 32 * 2**30  # REVERSE_SD_PIXEL_CACHE_GB's default
@@ -74,18 +74,10 @@ class PixelCache(FeatureCache):
         dist=None,
         **_device_settings,  # device, amp_dtype: pixels are decoded on the CPU, the same for every device
     ) -> None:
-        self.directory = Path(cache_dir)
-        self.device = torch.device("cpu")  # where the pixels are decoded
+        # decoded on the CPU: the same pixels for every device
+        self._start(cache_dir, "cpu", batch_size, num_workers, dist, "pixels", f"v{PIXELS_VERSION}")
         self.max_bytes = int(max_bytes)
-        self.batch_size = max(1, int(batch_size))
-        self.num_workers = int(num_workers)
-        self.rank = int(getattr(dist, "rank", 0))
-        self.world = int(getattr(dist, "world_size", 1))
-        self.label = "pixels"
-        self.key = f"v{PIXELS_VERSION}"
-        self.built, self.reused = [], []
-        self.skipped = self.over_budget = self.removed = 0
-        self.build_seconds = 0.0
+        self.over_budget = 0
 
     def path_for(self, dataset) -> Path:
         return self.directory / f"{self.label}-{self.key}-{image_set_key(dataset, normalised=False)}.npy"
@@ -144,10 +136,8 @@ def pixel_cache_for(
     """A PixelCache of at most ``max_bytes`` per file (None: DEFAULT_PIXEL_CACHE_BYTES) for a model without a
     frozen prefix; None with a frozen prefix (its features are cached instead), without a cache directory or with
     a zero budget.  kwargs (batch_size, num_workers, dist; device and amp_dtype are ignored) go to the cache."""
-    model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    make = getattr(model, "frozen_prefix", None)
     budget = DEFAULT_PIXEL_CACHE_BYTES if max_bytes is None else int(max_bytes)
-    if cache_dir is None or budget <= 0 or (callable(make) and make() is not None):
+    if cache_dir is None or budget <= 0 or frozen_prefix_of(model) is not None:
         return None
     return PixelCache(cache_dir, max_bytes=budget, **kwargs)
 

@@ -160,3 +160,19 @@ def test_files_of_an_image_file_written_again_are_removed_after_the_next_build(t
     second = cache.wrap(PairDataset(column, np.zeros((2, 4)), image_size=8))
     assert second.path != first.path and cache.summary()["removed"] == 1
     assert [p.name for p in (tmp_path / "cache").glob("*.npy")] == [Path(second.path).name]
+
+
+def test_a_file_removed_between_its_check_and_its_opening_is_read_uncached(tmp_path):
+    """Another run's sweep may remove a file this run has just decided to reuse: it reads the images instead."""
+    model = _model("vit")
+    train, _ = _sets(model, n_train=4, n_val=0)
+    assert isinstance(PixelCache(tmp_path, max_bytes=2**30).wrap(train), PixelDataset)
+
+    class SweptMeanwhile(PixelCache):
+        def _decide(self, dataset, path):
+            choice = super()._decide(dataset, path)
+            path.unlink()  # after the check said "reuse"
+            return choice
+
+    cache = SweptMeanwhile(tmp_path, max_bytes=2**30)
+    assert cache.wrap(train) is train and cache.summary()["reused"] == 1

@@ -165,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         metavar="N",
-        help="DiffusionDB parts per run (default: enough runs for four per worker, at most 50 parts each); "
-        "1 gives one run per part",
+        help="DiffusionDB parts per run (default: four runs per worker, at least four and at most 50 parts "
+        "each, or one run per worker when there are fewer parts); 1 gives one run per part",
     )
     mat.add_argument(
         "--wait",

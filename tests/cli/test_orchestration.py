@@ -21,7 +21,7 @@ from environments import sample_env
 from assets.jobs import GPU_POOL, RANGE_END_TAG, RANGE_START_TAG
 from cli import runs as orch
 from cli.plan import Plan, Unit
-from cli.planning import group_ranges, plan_units
+from cli.planning import default_range_size, group_ranges, plan_units
 from cli.processes import process_started_at
 from pipeline import storage
 
@@ -237,7 +237,7 @@ def test_plan_is_runs_of_named_jobs_in_dependency_order_and_a_dry_plan_writes_no
 
     instance = dg.DagsterInstance.ephemeral()
     parts = [f"part-{i:06d}" for i in range(1, 4)]
-    plan = plan_units(defs, instance, extra_partitions={parts_partitions.name: parts})
+    plan = plan_units(defs, instance, extra_partitions={parts_partitions.name: parts}, partitions_per_run=1)
     assert instance.get_dynamic_partitions(parts_partitions.name) == []  # nothing registered
     jobs = {job.name for job in defs.jobs}
     assert {u.job for u in plan.units} <= jobs
@@ -250,6 +250,9 @@ def test_plan_is_runs_of_named_jobs_in_dependency_order_and_a_dry_plan_writes_no
     models = [u for u in plan.units if dg.AssetKey("trained_models") in u.asset_keys]
     assert len(models) == 12 and all(u.gpu for u in models)
     assert not any(u.gpu for u in plan.units[:3])
+    # By default the three parts of a one-worker plan share one ranged run, which filtered_pairs waits for.
+    ranged = plan_units(defs, instance, extra_partitions={parts_partitions.name: parts}, workers=1)
+    assert ranged.units[0].partition_keys == tuple(parts) and ranged.units[1].job != ranged.units[0].job
 
 
 # ---- recovery, with real processes -----------------------------------------------------------------------
@@ -571,5 +574,23 @@ def test_ranges_join_only_adjacent_partitions_and_readers_wait_for_every_range()
         ("vit|b",),
     ]
     assert plan.depends_on[3] == {0, 1, 2} and plan.depends_on[0] == set()
-    # The default: four runs per worker, so small plans keep one run per part.
-    assert group_ranges(Plan(units, depends_on), graph, order, 2, None).units == units
+    # The default on 2 workers: one range per worker (5 parts: 3, then 2 across the gap).
+    by_default = group_ranges(Plan(units, depends_on), graph, order, 2, None)
+    assert [u.partition_keys for u in by_default.units][:2] == [("p0", "p1", "p2"), ("p4", "p5")]
+
+
+@pytest.mark.parametrize(
+    ("parts", "workers", "size"),
+    [
+        (4, 2, 2),  # the sample: two ranges of two, both at once (not four runs in two waves)
+        (2, 2, 1),  # one part per worker
+        (1, 8, 1),
+        (20, 16, 2),  # ten ranges on 16 workers finish as soon as twenty runs would
+        (40, 2, 5),  # enough parts: four runs per worker
+        (16, 2, 4),
+        (2000, 16, 32),
+        (0, 4, 1),
+    ],
+)
+def test_default_range_size_is_four_runs_per_worker_but_never_needlessly_short(parts, workers, size):
+    assert default_range_size(parts, workers) == size

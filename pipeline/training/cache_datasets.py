@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.training.datasets import multi_hot
+from pipeline.training.datasets import make_loader, multi_hot
 
 
 class FeatureDataset(Dataset):
@@ -135,16 +135,15 @@ def feature_loader(
     ``num_workers``, which gather and normalise whole batches in parallel (a 224-px batch is float work: one
     process manages about 1,600 images/s).  ``sampler``: an index order (e.g. a StageSampler, or this rank's
     shard); default: in order."""
-    kwargs = {"persistent_workers": True, "prefetch_factor": 2} if num_workers > 0 else {}
-    return DataLoader(
+    return make_loader(
         _Batches(dataset),
-        batch_size=batch_size,
-        sampler=sampler,
+        batch_size,
+        seed=seed,
         num_workers=num_workers,
-        collate_fn=_keep_batch,
+        sampler=sampler,
         pin_memory=pin_memory,
-        generator=torch.Generator().manual_seed(int(seed)),
-        **kwargs,
+        prefetch_factor=2,
+        collate_fn=_keep_batch,
     )
 
 

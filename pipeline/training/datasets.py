@@ -268,13 +268,14 @@ def make_loader(
     drop_last: bool = False,
     pin_memory: bool | None = None,
     prefetch_factor: int | None = None,
+    collate_fn=None,
 ) -> DataLoader:
     """A DataLoader with a seeded generator, seeded workers, persistent workers and pinned memory on CUDA.
 
     ``pin_memory`` None: pinned when CUDA is available (the trainer passes it for its device).  With workers,
     they persist across epochs (no re-fork per epoch) and each keeps ``prefetch_factor`` batches ready
     (default: 4 per worker with up to 4 workers, 2 per worker beyond: enough batches in flight to hide a
-    slow one, without pinning gigabytes of host memory).
+    slow one, without pinning gigabytes of host memory).  ``collate_fn`` None: the default collate.
     """
     if sampler is not None and shuffle:
         raise ValueError("pass either sampler or shuffle=True, not both")
@@ -292,5 +293,6 @@ def make_loader(
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         generator=generator,
         worker_init_fn=_seed_worker,
+        collate_fn=collate_fn,
         **kwargs,
     )

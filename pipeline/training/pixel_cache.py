@@ -74,7 +74,6 @@ class PixelCache(FeatureCache):
         dist=None,
         **_device_settings,  # device, amp_dtype: pixels are decoded on the CPU, the same for every device
     ) -> None:
-        # decoded on the CPU: the same pixels for every device
         self._start(cache_dir, "cpu", batch_size, num_workers, dist, "pixels", f"v{PIXELS_VERSION}")
         self.max_bytes = int(max_bytes)
         self.over_budget = 0
